@@ -1,0 +1,65 @@
+# Scratch filesystems on loop devices, for the tests and the demo.
+# Source this file; call scratch_init DIR first, scratch_cleanup at exit.
+#
+#   scratch_init DIR          where images and mountpoints go
+#   scratch_fs NAME TYPE SIZE makes a TYPE filesystem of SIZE (e.g. 2G) on a
+#                             loop device and mounts it at DIR/mnt/NAME;
+#                             prints the mountpoint
+#   scratch_cleanup           unmounts FUSE mounts and filesystems under DIR,
+#                             detaches every loop device backed by a file
+#                             under DIR, removes DIR
+
+SCRATCH_DIR=
+
+scratch_init() {
+    SCRATCH_DIR=$1
+    mkdir -p "$SCRATCH_DIR/img" "$SCRATCH_DIR/mnt"
+}
+
+scratch_fs() {
+    local name=$1 type=$2 size=$3
+    local img="$SCRATCH_DIR/img/$name.img" mnt="$SCRATCH_DIR/mnt/$name"
+    truncate -s "$size" "$img"
+    case $type in
+        xfs) mkfs.xfs -q -f -m reflink=1 "$img" ;;
+        btrfs) mkfs.btrfs -q -f "$img" >/dev/null ;;
+        ext4) mkfs.ext4 -q -F -E nodiscard "$img" ;;
+        *) echo "scratch_fs: unknown type $type" >&2; return 1 ;;
+    esac
+    mkdir -p "$mnt"
+    mount -o loop "$img" "$mnt"
+    echo "$mnt"
+}
+
+scratch_cleanup() {
+    [ -n "$SCRATCH_DIR" ] && [ -d "$SCRATCH_DIR" ] || return 0
+    local m dev
+    # Innermost mounts first: FUSE mounts and loop-mounted images made by
+    # the tests on top of the scratch filesystems, then the filesystems.
+    for _ in 1 2 3; do
+        for m in $(awk -v d="$SCRATCH_DIR" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r); do
+            umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
+        done
+    done
+    # Loop devices whose backing file lives under the scratch directory
+    # (including ones a test attached to an image inside a mount).
+    for dev in $(losetup -nl -O NAME,BACK-FILE 2>/dev/null | awk -v d="$SCRATCH_DIR" 'index($2, d) == 1 { print $1 }'); do
+        losetup -d "$dev" 2>/dev/null || true
+    done
+    rm -rf "$SCRATCH_DIR"
+    SCRATCH_DIR=
+}
+
+# Installs the packages the tests and the demo need, when missing (always
+# in CI, which starts on a fresh machine).
+install_packages() {
+    local need=0 tool
+    for tool in mkfs.xfs mkfs.btrfs mkfs.ext4 losetup fusermount3 fio fsck.ext4 setfattr; do
+        command -v "$tool" >/dev/null 2>&1 || need=1
+    done
+    if [ "$need" = 1 ] || [ "${CI:-}" = true ]; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq xfsprogs btrfs-progs e2fsprogs util-linux fuse3 fio attr >/dev/null
+    fi
+}

@@ -1,0 +1,585 @@
+//! The command-line front end: parses arguments, calls the engine, prints
+//! human or `--json` output, and turns errors into one line on stderr and
+//! the exit status of their class.
+
+mod output;
+
+use crate::engine::admin::check_revisions_to_keep;
+use crate::engine::{parse_size, CreateOptions, InitOptions, NewKind, Pool, Property, ValidVid};
+use crate::error::{Error, ErrorClass, Result};
+use clap::{Args, Parser, Subcommand};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+fn exit_status_help() -> String {
+    let mut s = String::from(
+        "Exit status:\n  0   success\n  2   usage error (unknown command or option)\n",
+    );
+    for (_, code, what) in ErrorClass::ALL {
+        s.push_str(&format!("  {code:<3} {what}\n"));
+    }
+    s.push_str("\nThe pool defaults to $REFLINKFS_POOL. Sizes take K, M, G and T suffixes (powers of 1024).\nLogs go to stderr: -v shows every copy, reflink, rename and remove; RUST_LOG overrides.");
+    s
+}
+
+/// reflinkfs: VM disk volumes as image files in a pool, snapshotted by
+/// reflink on start and committed on stop.
+#[derive(Debug, Parser)]
+#[command(name = "reflinkfs", version, after_help = exit_status_help(), propagate_version = true)]
+pub struct Cli {
+    /// More log output on stderr (-v: every file operation, -vv: debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create, inspect and check pools.
+    #[command(subcommand, after_help = exit_status_help())]
+    Pool(PoolCommand),
+    /// Create, inspect and change volumes.
+    #[command(subcommand, after_help = exit_status_help())]
+    Volume(VolumeCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct PoolArg {
+    /// The pool directory.
+    #[arg(long, env = "REFLINKFS_POOL", value_name = "PATH")]
+    pub pool: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct JsonArg {
+    /// Print stable, machine-readable JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PoolCommand {
+    /// Make a directory a pool. Checks that the filesystem makes reflinks
+    /// (XFS with reflink=1, btrfs); elsewhere give --setup-check=no for a
+    /// copy-mode pool, where every snapshot is a full sparse copy.
+    #[command(after_help = exit_status_help())]
+    Init {
+        #[command(flatten)]
+        pool: PoolArg,
+        /// `no` skips the reflink check and records the pool as copy mode.
+        #[arg(long, value_name = "yes|no", default_value = "yes", value_parser = ["yes", "no"])]
+        setup_check: String,
+        /// Default revisions_to_keep of new origin volumes (-1 disables snapshots).
+        #[arg(long, value_name = "N", allow_negative_numbers = true)]
+        revisions_to_keep: Option<String>,
+        /// Kernel-pool mode: every volume is rw=false with revisions_to_keep=0.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Show the pool's mode, defaults and usage.
+    #[command(after_help = exit_status_help())]
+    Info {
+        #[command(flatten)]
+        pool: PoolArg,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Check the pool's consistency and report every problem found (exit
+    /// status 8 when there is one).
+    #[command(after_help = exit_status_help())]
+    Check {
+        #[command(flatten)]
+        pool: PoolArg,
+        /// Check only this volume.
+        #[arg(long, value_name = "VID")]
+        volume: Option<String>,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Create a volume: an origin (default), a snapshot of another volume,
+    /// or a volatile one. VID is CLASS/VM/NAME, e.g. appvms/work/private.
+    #[command(after_help = exit_status_help())]
+    Create {
+        #[command(flatten)]
+        pool: PoolArg,
+        vid: String,
+        /// Size in bytes, with an optional K, M, G or T suffix.
+        #[arg(long)]
+        size: String,
+        /// Make a snapshot volume whose every start copies SRC_VID's
+        /// committed image and whose stop discards its writes.
+        #[arg(long, value_name = "SRC_VID", conflicts_with = "volatile")]
+        snapshot_of: Option<String>,
+        /// Make a volatile volume: empty at every start, discarded at stop.
+        #[arg(long)]
+        volatile: bool,
+        /// Revisions to keep (origin volumes; -1 disables snapshots).
+        #[arg(long, value_name = "N", allow_negative_numbers = true)]
+        revisions_to_keep: Option<String>,
+        /// Create it with rw=false.
+        #[arg(long)]
+        read_only: bool,
+        /// The image may be missing (e.g. a kernel's modules.img).
+        #[arg(long)]
+        optional: bool,
+    },
+    /// List the volumes.
+    #[command(after_help = exit_status_help())]
+    List {
+        #[command(flatten)]
+        pool: PoolArg,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Show all properties, derived values and usage of a volume.
+    #[command(after_help = exit_status_help())]
+    Info {
+        #[command(flatten)]
+        pool: PoolArg,
+        vid: String,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// List a volume's revisions, oldest first.
+    #[command(after_help = exit_status_help())]
+    Revisions {
+        #[command(flatten)]
+        pool: PoolArg,
+        vid: String,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Change a volume's size. Shrinking needs --allow-shrink.
+    #[command(after_help = exit_status_help())]
+    Resize {
+        #[command(flatten)]
+        pool: PoolArg,
+        vid: String,
+        size: String,
+        /// Allow a smaller size (data past the new end is lost).
+        #[arg(long)]
+        allow_shrink: bool,
+    },
+    /// Go back to a revision (default: the newest). The current image is
+    /// kept as a new revision first.
+    #[command(after_help = exit_status_help())]
+    Revert {
+        #[command(flatten)]
+        pool: PoolArg,
+        vid: String,
+        /// A revision number K, or a timestamp for a legacy revision.
+        revision: Option<String>,
+    },
+    /// Set a property: revisions_to_keep (an integer >= -1) or rw (true or
+    /// false). Lowering revisions_to_keep prunes at once.
+    #[command(after_help = exit_status_help())]
+    Set {
+        #[command(flatten)]
+        pool: PoolArg,
+        vid: String,
+        property: String,
+        #[arg(allow_negative_numbers = true)]
+        value: String,
+    },
+    /// Replace a stopped origin volume's data with FILE (`-` for stdin).
+    /// The data must be exactly the size, or nothing changes; the previous
+    /// image becomes a revision.
+    #[command(after_help = exit_status_help())]
+    Import {
+        #[command(flatten)]
+        pool: PoolArg,
+        vid: String,
+        file: PathBuf,
+        /// The size the data must have (default: the volume's size).
+        #[arg(long)]
+        size: Option<String>,
+    },
+    /// Copy a volume's committed image (or a revision) to FILE (`-` for
+    /// stdout). FILE must not exist.
+    #[command(after_help = exit_status_help())]
+    Export {
+        #[command(flatten)]
+        pool: PoolArg,
+        vid: String,
+        file: PathBuf,
+        /// Export revision K instead of the committed image.
+        #[arg(long, value_name = "K")]
+        revision: Option<String>,
+    },
+    /// Copy a volume's committed image into another volume, creating it
+    /// if needed, in this pool or in --to-pool.
+    #[command(after_help = exit_status_help())]
+    Clone {
+        #[command(flatten)]
+        pool: PoolArg,
+        src_vid: String,
+        dst_vid: String,
+        /// The pool of DST_VID (default: the same pool).
+        #[arg(long, value_name = "PATH")]
+        to_pool: Option<PathBuf>,
+    },
+    /// Delete a volume with its images and revisions.
+    #[command(after_help = exit_status_help())]
+    Remove {
+        #[command(flatten)]
+        pool: PoolArg,
+        vid: String,
+    },
+}
+
+/// Parses an optional `revisions_to_keep` given as text.
+fn parse_revisions(v: &Option<String>) -> Result<Option<i64>> {
+    v.as_ref()
+        .map(|s| {
+            let n: i64 = s.trim().parse().map_err(|_| Error::InvalidValue {
+                property: "revisions_to_keep".into(),
+                reason: format!("{s:?} is not an integer"),
+            })?;
+            check_revisions_to_keep(n)
+        })
+        .transpose()
+}
+
+/// Runs the CLI and returns the process exit status.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            log::debug!("{e:?}");
+            eprintln!("reflinkfs: error: {e}");
+            ExitCode::from(e.class().exit_code())
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_timestamp(None)
+        .format_target(false)
+        .init();
+}
+
+fn open_pool(p: &PoolArg) -> Result<Pool> {
+    Pool::open(&p.pool)
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Pool(cmd) => run_pool(cmd),
+        Command::Volume(cmd) => run_volume(cmd),
+    }
+}
+
+fn run_pool(cmd: PoolCommand) -> Result<ExitCode> {
+    match cmd {
+        PoolCommand::Init {
+            pool,
+            setup_check,
+            revisions_to_keep,
+            read_only,
+        } => {
+            let mut opts = InitOptions {
+                setup_check: setup_check == "yes",
+                read_only,
+                ..InitOptions::default()
+            };
+            if let Some(n) = parse_revisions(&revisions_to_keep)? {
+                if read_only && n != 0 {
+                    return Err(Error::InvalidValue {
+                        property: "revisions_to_keep".into(),
+                        reason: "a read-only pool keeps no revisions; it must be 0".into(),
+                    });
+                }
+                opts.revisions_to_keep = n;
+            }
+            let p = Pool::init(&pool.pool, &opts)?;
+            println!(
+                "initialised pool {} ({})",
+                p.path().display(),
+                if p.config().copy_mode {
+                    "copy mode"
+                } else {
+                    "reflink"
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        PoolCommand::Info { pool, json } => {
+            let p = open_pool(&pool)?;
+            let info = p.pool_info()?;
+            output::print(json.json, &info, output::pool_info)
+        }
+        PoolCommand::Check { pool, volume, json } => {
+            let p = open_pool(&pool)?;
+            let only = volume.as_deref().map(|v| p.resolve_vid(v)).transpose()?;
+            let problems = p.check(only.as_ref())?;
+            output::print(json.json, &problems, output::problems)?;
+            Ok(if problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(ErrorClass::Corrupt.exit_code())
+            })
+        }
+    }
+}
+
+fn run_volume(cmd: VolumeCommand) -> Result<ExitCode> {
+    match cmd {
+        VolumeCommand::Create {
+            pool,
+            vid,
+            size,
+            snapshot_of,
+            volatile,
+            revisions_to_keep,
+            read_only,
+            optional,
+        } => {
+            // Validate all input before the pool is touched.
+            let size = parse_size(&size)?;
+            let rtk = parse_revisions(&revisions_to_keep)?;
+            let vid_full = vid
+                .contains('/')
+                .then(|| vid.parse::<ValidVid>())
+                .transpose()?;
+            let p = open_pool(&pool)?;
+            let vid = match vid_full {
+                Some(v) => v,
+                None => p
+                    .resolve_vid(&vid)
+                    .or_else(|_| create_vid_from_short(&p, &vid))?,
+            };
+            let kind = match (snapshot_of, volatile) {
+                (Some(src), _) => NewKind::SnapshotOf(p.resolve_vid(&src)?),
+                (None, true) => NewKind::Volatile,
+                (None, false) => NewKind::Origin,
+            };
+            let opts = CreateOptions {
+                size,
+                kind,
+                rw: read_only.then_some(false),
+                revisions_to_keep: rtk,
+                optional,
+            };
+            p.create(&vid, &opts)?;
+            println!("created {vid}");
+            Ok(ExitCode::SUCCESS)
+        }
+        VolumeCommand::List { pool, json } => {
+            let p = open_pool(&pool)?;
+            output::print(json.json, &p.list()?, output::volume_list)
+        }
+        VolumeCommand::Info { pool, vid, json } => {
+            let p = open_pool(&pool)?;
+            let vid = p.resolve_vid(&vid)?;
+            output::print(json.json, &p.info(&vid)?, output::volume_info)
+        }
+        VolumeCommand::Revisions { pool, vid, json } => {
+            let p = open_pool(&pool)?;
+            let vid = p.resolve_vid(&vid)?;
+            output::print(json.json, &p.revisions(&vid)?, output::revisions)
+        }
+        VolumeCommand::Resize {
+            pool,
+            vid,
+            size,
+            allow_shrink,
+        } => {
+            let size = parse_size(&size)?;
+            let p = open_pool(&pool)?;
+            let vid = p.resolve_vid(&vid)?;
+            let outcome = p.resize(&vid, size, allow_shrink)?;
+            println!("{vid}: {}", output::resize_outcome(outcome, size));
+            Ok(ExitCode::SUCCESS)
+        }
+        VolumeCommand::Revert {
+            pool,
+            vid,
+            revision,
+        } => {
+            let p = open_pool(&pool)?;
+            let vid = p.resolve_vid(&vid)?;
+            let saved = p.revert(&vid, revision.as_deref())?;
+            match saved {
+                Some(k) => println!(
+                    "{vid}: reverted to revision {}; the previous image is revision {k}",
+                    revision.as_deref().unwrap_or("(newest)")
+                ),
+                None => println!(
+                    "{vid}: reverted to revision {}",
+                    revision.as_deref().unwrap_or("(newest)")
+                ),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        VolumeCommand::Set {
+            pool,
+            vid,
+            property,
+            value,
+        } => {
+            let prop = Property::parse(&property, &value)?;
+            let p = open_pool(&pool)?;
+            let vid = p.resolve_vid(&vid)?;
+            p.set(&vid, prop)?;
+            println!("{vid}: {property} = {value}");
+            Ok(ExitCode::SUCCESS)
+        }
+        VolumeCommand::Import {
+            pool,
+            vid,
+            file,
+            size,
+        } => {
+            let size = size.as_deref().map(parse_size).transpose()?;
+            let source = open_input(&file)?;
+            let p = open_pool(&pool)?;
+            let vid = p.resolve_vid(&vid)?;
+            let saved = p.import(&vid, &source, size)?;
+            println!(
+                "{vid}: imported {}{}",
+                file.display(),
+                saved
+                    .map(|k| format!("; the previous image is revision {k}"))
+                    .unwrap_or_default()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        VolumeCommand::Export {
+            pool,
+            vid,
+            file,
+            revision,
+        } => {
+            let p = open_pool(&pool)?;
+            let vid = p.resolve_vid(&vid)?;
+            let to_stdout = file == Path::new("-");
+            let dest = open_output(&file)?;
+            let result = p.export(&vid, &dest, revision.as_deref());
+            if result.is_err() && !to_stdout {
+                let _ = std::fs::remove_file(&file);
+            }
+            let bytes = result?;
+            if !to_stdout {
+                println!("{vid}: exported {bytes} bytes to {}", file.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        VolumeCommand::Clone {
+            pool,
+            src_vid,
+            dst_vid,
+            to_pool,
+        } => {
+            let p = open_pool(&pool)?;
+            let src = p.resolve_vid(&src_vid)?;
+            let other = match &to_pool {
+                Some(tp) if !same_dir(tp, &pool.pool) => Some(Pool::open(tp)?),
+                _ => None,
+            };
+            let dst_pool = other.as_ref().unwrap_or(&p);
+            let dst = dst_pool
+                .resolve_vid(&dst_vid)
+                .or_else(|_| dst_vid.parse::<ValidVid>())?;
+            p.clone_volume(&src, dst_pool, &dst)?;
+            println!("cloned {src} to {dst} in {}", dst_pool.path().display());
+            Ok(ExitCode::SUCCESS)
+        }
+        VolumeCommand::Remove { pool, vid } => {
+            let p = open_pool(&pool)?;
+            let vid = p.resolve_vid(&vid)?;
+            p.remove(&vid)?;
+            println!("removed {vid}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `VM:NAME` for a new volume: the class of that VM's existing volumes.
+fn create_vid_from_short(p: &Pool, input: &str) -> Result<ValidVid> {
+    let bad = |reason: &str| Error::InvalidVid {
+        input: input.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let (vm, name) = input.split_once(':').ok_or_else(|| {
+        bad("expected CLASS/VM/NAME (for example appvms/work/private) or VM:NAME")
+    })?;
+    let mut classes: Vec<String> = p
+        .vids()
+        .into_iter()
+        .filter(|v| v.vm() == vm)
+        .map(|v| v.class().to_owned())
+        .collect();
+    classes.dedup();
+    match classes.as_slice() {
+        [class] => ValidVid::new(class, vm, name),
+        [] => Err(bad(
+            "the VM has no volumes yet, so its class is unknown; give CLASS/VM/NAME",
+        )),
+        _ => Err(bad(
+            "the VM name is used in several classes; give CLASS/VM/NAME",
+        )),
+    }
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+fn open_input(path: &Path) -> Result<File> {
+    use std::os::fd::AsFd;
+    if path == Path::new("-") {
+        let fd = std::io::stdin()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| Error::io("reading standard input", e))?;
+        return Ok(File::from(fd));
+    }
+    File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))
+}
+
+fn open_output(path: &Path) -> Result<File> {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    if path == Path::new("-") {
+        let fd = std::io::stdout()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| Error::io("writing standard output", e))?;
+        return Ok(File::from(fd));
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                Error::Refused {
+                    vid: "export".into(),
+                    reason: format!(
+                        "{} already exists; remove it or choose another name",
+                        path.display()
+                    ),
+                }
+            } else {
+                Error::io(format!("creating {}", path.display()), e)
+            }
+        })
+}

@@ -1,0 +1,883 @@
+//! The administration operations of SPEC §5: create, remove, resize,
+//! revert, set, import, export and clone.
+
+use super::config::{check_pool_constraints, VolumeConfig, VolumeKind, FORMAT_VERSION};
+use super::failpoint;
+use super::fsops::{copy_into, write_all_at, CopyKind, CopyStrategy, Dir};
+use super::lifecycle::{io_ctx, open_image, regular_entry};
+use super::pool::{Names, Pool, VolumeState};
+use super::revision::Revision;
+use super::size::check_size;
+use super::vid::ValidVid;
+use crate::error::{Error, Result};
+use crate::sys;
+use parking_lot::Mutex;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// The type of a new volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NewKind {
+    Origin,
+    SnapshotOf(ValidVid),
+    Volatile,
+}
+
+/// Options of `volume create`.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    pub size: u64,
+    pub kind: NewKind,
+    /// `None`: true, or false in a read-only pool.
+    pub rw: Option<bool>,
+    /// `None`: the pool's default for origin volumes, 0 for the others.
+    pub revisions_to_keep: Option<i64>,
+    pub optional: bool,
+}
+
+impl CreateOptions {
+    pub fn origin(size: u64) -> CreateOptions {
+        CreateOptions {
+            size,
+            kind: NewKind::Origin,
+            rw: None,
+            revisions_to_keep: None,
+            optional: false,
+        }
+    }
+}
+
+/// A property `volume set` can change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Property {
+    RevisionsToKeep(i64),
+    Rw(bool),
+}
+
+impl Property {
+    /// Parses `PROPERTY VALUE` as typed on the command line.
+    pub fn parse(name: &str, value: &str) -> Result<Property> {
+        let invalid = |reason: String| Error::InvalidValue {
+            property: name.to_owned(),
+            reason,
+        };
+        match name {
+            "revisions_to_keep" | "revisions-to-keep" => {
+                let n: i64 = value
+                    .trim()
+                    .parse()
+                    .map_err(|_| invalid(format!("{value:?} is not an integer")))?;
+                check_revisions_to_keep(n)?;
+                Ok(Property::RevisionsToKeep(n))
+            }
+            "rw" => match value.trim().to_ascii_lowercase().as_str() {
+                "true" | "yes" | "on" | "1" => Ok(Property::Rw(true)),
+                "false" | "no" | "off" | "0" => Ok(Property::Rw(false)),
+                _ => Err(invalid(format!(
+                    "{value:?} is not a boolean (true or false)"
+                ))),
+            },
+            "size" => Err(invalid("use `volume resize` to change the size".into())),
+            _ => Err(invalid(
+                "unknown property; the settable properties are revisions_to_keep and rw".into(),
+            )),
+        }
+    }
+}
+
+/// Validates a `revisions_to_keep` value (SPEC §2.2).
+pub fn check_revisions_to_keep(n: i64) -> Result<i64> {
+    if n < -1 {
+        return Err(Error::InvalidValue {
+            property: "revisions_to_keep".into(),
+            reason: format!(
+                "{n} is below the minimum of -1 (-1 disables snapshots, 0 keeps no revisions)"
+            ),
+        });
+    }
+    Ok(n)
+}
+
+/// What a resize did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResizeOutcome {
+    Unchanged,
+    /// The dirty image of a running volume was resized.
+    Running,
+    /// The committed image of a stopped origin volume was replaced.
+    Committed,
+    /// Only the nominal size of a stopped snapshot or volatile volume.
+    Nominal,
+}
+
+fn busy(vid: &ValidVid, reason: impl Into<String>) -> Error {
+    Error::Busy {
+        vid: vid.to_string(),
+        reason: reason.into(),
+    }
+}
+
+fn refused(vid: &ValidVid, reason: impl Into<String>) -> Error {
+    Error::Refused {
+        vid: vid.to_string(),
+        reason: reason.into(),
+    }
+}
+
+impl Pool {
+    /// Refuses when the volume runs, or when it has a dirty image waiting
+    /// to be committed (a stop that failed).
+    fn check_stopped_and_clean(
+        &self,
+        st: &VolumeState,
+        dir: Option<&Dir>,
+        what: &str,
+    ) -> Result<()> {
+        let vid = &st.config.vid;
+        if st.run.is_some() {
+            return Err(busy(vid, format!("it is running; stop it before {what}")));
+        }
+        if let Some(dir) = dir {
+            if regular_entry(dir, vid, &Names::of(vid).dirty())?.is_some() {
+                return Err(busy(
+                    vid,
+                    format!("it has a dirty image waiting to be committed; start and stop it (or reopen the pool) before {what}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates a volume (SPEC §5). An origin volume gets a sparse image, or
+    /// a copy of `initial` (used by clone).
+    pub fn create(&self, vid: &ValidVid, opts: &CreateOptions) -> Result<()> {
+        self.create_with(vid, opts, None)
+    }
+
+    pub(crate) fn create_with(
+        &self,
+        vid: &ValidVid,
+        opts: &CreateOptions,
+        initial: Option<(&File, &std::path::Path)>,
+    ) -> Result<()> {
+        let size = check_size(opts.size, &opts.size.to_string())?;
+        let (kind, source) = match &opts.kind {
+            NewKind::Origin => (VolumeKind::Origin, None),
+            NewKind::SnapshotOf(s) => (VolumeKind::Snapshot, Some(s.clone())),
+            NewKind::Volatile => (VolumeKind::Volatile, None),
+        };
+        let revisions_to_keep = match (kind, opts.revisions_to_keep) {
+            (VolumeKind::Origin, Some(n)) => check_revisions_to_keep(n)?,
+            (VolumeKind::Origin, None) => self.config.revisions_to_keep,
+            (_, None | Some(0)) => 0,
+            (_, Some(n)) => {
+                return Err(Error::InvalidValue {
+                    property: "revisions_to_keep".into(),
+                    reason: format!(
+                        "a {} volume keeps no revisions; {n} is not allowed",
+                        kind.as_str()
+                    ),
+                })
+            }
+        };
+        let rw = opts.rw.unwrap_or(!self.config.read_only);
+        check_pool_constraints(&self.config, rw, revisions_to_keep).map_err(|r| refused(vid, r))?;
+        let (snap_on_start, save_on_stop) = kind.flags();
+        let config = VolumeConfig {
+            format: FORMAT_VERSION,
+            vid: vid.clone(),
+            snap_on_start,
+            save_on_stop,
+            size,
+            rw,
+            revisions_to_keep,
+            source: source.clone(),
+            optional: opts.optional,
+            next_revision: 1,
+            generation: 0,
+        };
+        config.validate(&self.config).map_err(|r| refused(vid, r))?;
+
+        let volumes = self.volumes.read();
+        if volumes.contains_key(vid) || self.corrupt.read().contains_key(vid) {
+            return Err(Error::VolumeExists(vid.to_string()));
+        }
+        if let Some(src) = &source {
+            if !volumes.contains_key(src) {
+                return Err(Error::NoSuchVolume(format!("{src} (the source of {vid})")));
+            }
+        }
+        drop(volumes);
+        if source.is_some() {
+            // The chain must end at an origin volume.
+            self.resolve_source(&config)?;
+        }
+        let mut volumes = self.volumes.write();
+        if volumes.contains_key(vid) {
+            return Err(Error::VolumeExists(vid.to_string()));
+        }
+
+        let dir = self.vm_dir(vid, true)?;
+        let n = Names::of(vid);
+        let v = vid.to_string();
+        for f in dir.names().map_err(io_ctx(&dir, "listing", ""))? {
+            if n.owns(&f) {
+                log::warn!(
+                    "{vid}: removing stale {} of an earlier volume",
+                    dir.shown(&f).display()
+                );
+                dir.remove(&v, &f).map_err(io_ctx(&dir, "removing", &f))?;
+            }
+        }
+        if kind == VolumeKind::Origin {
+            let tmp = n.img_tmp("create");
+            let made = match initial {
+                Some((src, shown)) => dir
+                    .copy_from(&v, src, shown, &tmp, self.copy_strategy())
+                    .map(|(f, _)| f),
+                None => dir.create_sparse(&v, &tmp, size),
+            };
+            let f = made.map_err(io_ctx(&dir, "creating", &tmp))?;
+            let actual = sys::fstat(f.as_fd())
+                .map_err(io_ctx(&dir, "examining", &tmp))?
+                .st_size as u64;
+            let config_size = actual;
+            sys::fsync(f.as_fd()).map_err(io_ctx(&dir, "syncing", &tmp))?;
+            dir.rename(&v, &tmp, &n.img())
+                .map_err(io_ctx(&dir, "renaming", &tmp))?;
+            dir.sync().map_err(io_ctx(&dir, "syncing", ""))?;
+            failpoint::hit("create.image");
+            let mut config = config;
+            config.size = config_size;
+            self.store_volume(&config)?;
+            volumes.insert(
+                vid.clone(),
+                Arc::new(Mutex::new(VolumeState { config, run: None })),
+            );
+        } else {
+            dir.sync().map_err(io_ctx(&dir, "syncing", ""))?;
+            self.store_volume(&config)?;
+            volumes.insert(
+                vid.clone(),
+                Arc::new(Mutex::new(VolumeState { config, run: None })),
+            );
+        }
+        log::info!("{vid}: created ({}, {size} bytes)", kind.as_str());
+        Ok(())
+    }
+
+    /// Removes a volume: images, revisions, config, and the VM directories
+    /// once empty. Refused while it runs.
+    pub fn remove(&self, vid: &ValidVid) -> Result<()> {
+        // Dependants are looked up before this volume is locked: a snapshot
+        // is always locked before its source, never after.
+        let others: Vec<_> = self.volumes.read().values().cloned().collect();
+        let dependants: Vec<String> = others
+            .iter()
+            .filter_map(|s| {
+                let s = s.lock();
+                (s.config.source.as_ref() == Some(vid)).then(|| s.config.vid.to_string())
+            })
+            .collect();
+        if !dependants.is_empty() {
+            return Err(refused(
+                vid,
+                format!(
+                    "it is the source of {}; remove those first",
+                    dependants.join(", ")
+                ),
+            ));
+        }
+        let slot = self.slot(vid)?;
+        let st = slot.lock();
+        if st.run.is_some() {
+            return Err(busy(vid, "it is running; stop it before removing it"));
+        }
+        let v = vid.to_string();
+        let n = Names::of(vid);
+        if let Some(dir) = self.vm_dir_if_exists(vid)? {
+            for f in dir.names().map_err(io_ctx(&dir, "listing", ""))? {
+                if n.owns(&f) {
+                    dir.remove(&v, &f).map_err(io_ctx(&dir, "removing", &f))?;
+                }
+            }
+            dir.sync().map_err(io_ctx(&dir, "syncing", ""))?;
+            self.remove_dir_if_empty(vid.class(), vid.vm(), false);
+        }
+        let mdir = self.vm_meta_dir(vid, false)?;
+        let file = format!("{}.json", vid.name());
+        mdir.remove(&v, &file)
+            .map_err(io_ctx(&mdir, "removing", &file))?;
+        mdir.sync().map_err(io_ctx(&mdir, "syncing", ""))?;
+        self.remove_dir_if_empty(vid.class(), vid.vm(), true);
+        drop(st);
+        self.volumes.write().remove(vid);
+        log::info!("{vid}: removed");
+        Ok(())
+    }
+
+    fn remove_dir_if_empty(&self, class: &str, vm: &str, meta: bool) {
+        let base = if meta { &self.volmeta } else { &self.root };
+        if let Ok(cdir) = base.subdir(class, false) {
+            match sys::rmdirat(cdir.fd(), vm) {
+                Ok(()) => {
+                    log::info!("removed empty directory {}", cdir.shown(vm).display());
+                    let _ = cdir.sync();
+                }
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ENOTEMPTY | libc::EEXIST | libc::ENOENT)
+                    ) => {}
+                Err(e) => log::warn!("could not remove {}: {e}", cdir.shown(vm).display()),
+            }
+        }
+    }
+
+    /// Resizes a volume (SPEC §5).
+    pub fn resize(&self, vid: &ValidVid, size: u64, allow_shrink: bool) -> Result<ResizeOutcome> {
+        let size = check_size(size, &size.to_string())?;
+        let slot = self.slot(vid)?;
+        let mut st = slot.lock();
+        if !st.config.rw {
+            return Err(refused(
+                vid,
+                "it is read-only (rw=false); resizing is refused",
+            ));
+        }
+        let n = Names::of(vid);
+        let v = vid.to_string();
+        let dir = self.vm_dir(vid, true)?;
+        let kind = st.config.kind();
+        let current = if st.run.is_some() {
+            regular_entry(&dir, vid, &n.dirty())?
+                .ok_or_else(|| Error::MissingImage {
+                    vid: v.clone(),
+                    path: dir.shown(&n.dirty()),
+                })?
+                .size
+        } else {
+            self.check_stopped_and_clean(&st, Some(&dir), "resizing it")?;
+            self.nominal_size(&st.config)
+        };
+        if size == current {
+            return Ok(ResizeOutcome::Unchanged);
+        }
+        if size < current && !allow_shrink {
+            return Err(refused(
+                vid,
+                format!("shrinking from {current} to {size} bytes loses data; give --allow-shrink to do it anyway"),
+            ));
+        }
+        if st.run.is_some() {
+            let f = open_image(&dir, vid, &n.dirty(), libc::O_RDWR)?;
+            sys::ftruncate(f.as_fd(), size).map_err(io_ctx(&dir, "resizing", &n.dirty()))?;
+            sys::fsync(f.as_fd()).map_err(io_ctx(&dir, "syncing", &n.dirty()))?;
+            log::info!(
+                "{vid}: resized the running image {} from {current} to {size} bytes",
+                dir.shown(&n.dirty()).display()
+            );
+            if kind == VolumeKind::Volatile {
+                let mut cfg = st.config.clone();
+                cfg.size = size;
+                self.store_volume(&cfg)?;
+                st.config = cfg;
+            }
+            return Ok(ResizeOutcome::Running);
+        }
+        if kind != VolumeKind::Origin {
+            let mut cfg = st.config.clone();
+            cfg.size = size;
+            self.store_volume(&cfg)?;
+            st.config = cfg;
+            log::info!("{vid}: nominal size changed from {current} to {size} bytes");
+            return Ok(ResizeOutcome::Nominal);
+        }
+        // A stopped origin: a copy of the image, resized, renamed into
+        // place, so a reader of the old image keeps reading the old bytes.
+        let src = open_image(&dir, vid, &n.img(), libc::O_RDONLY)?;
+        let tmp = n.img_tmp("resize");
+        let (f, _) = dir
+            .copy_from(&v, &src, &dir.shown(&n.img()), &tmp, self.copy_strategy())
+            .map_err(io_ctx(&dir, "copying to", &tmp))?;
+        failpoint::hit("resize.copied");
+        let done = sys::ftruncate(f.as_fd(), size)
+            .and_then(|()| sys::fsync(f.as_fd()))
+            .map_err(io_ctx(&dir, "resizing", &tmp));
+        if let Err(e) = done {
+            let _ = dir.remove(&v, &tmp);
+            return Err(e);
+        }
+        failpoint::hit("resize.truncated");
+        let mut cfg = st.config.clone();
+        cfg.size = size;
+        cfg.generation += 1;
+        if let Err(e) = self.store_volume(&cfg) {
+            let _ = dir.remove(&v, &tmp);
+            return Err(e);
+        }
+        st.config = cfg;
+        failpoint::hit("resize.config");
+        dir.rename(&v, &tmp, &n.img())
+            .map_err(io_ctx(&dir, "renaming", &tmp))?;
+        failpoint::hit("resize.renamed");
+        dir.sync().map_err(io_ctx(&dir, "syncing", ""))?;
+        log::info!("{vid}: resized from {current} to {size} bytes");
+        Ok(ResizeOutcome::Committed)
+    }
+
+    /// The size a stopped volume shows: an origin's committed size; for a
+    /// snapshot the larger of its nominal size and its source's.
+    pub(crate) fn nominal_size(&self, cfg: &VolumeConfig) -> u64 {
+        match cfg.kind() {
+            VolumeKind::Snapshot => {
+                let src = self
+                    .resolve_source(cfg)
+                    .ok()
+                    .and_then(|s| self.slot(&s).ok())
+                    .map(|s| s.lock().config.size)
+                    .unwrap_or(0);
+                src.max(cfg.size)
+            }
+            _ => cfg.size,
+        }
+    }
+
+    /// Reverts an origin volume to revision `which` (default: the newest).
+    /// The current image is saved as a new revision first, and revision
+    /// `which` stays in the list. Returns the K the current image was
+    /// saved as.
+    pub fn revert(&self, vid: &ValidVid, which: Option<&str>) -> Result<Option<u64>> {
+        let slot = self.slot(vid)?;
+        let mut st = slot.lock();
+        let dir = self.vm_dir(vid, true)?;
+        self.check_stopped_and_clean(&st, Some(&dir), "reverting it")?;
+        if st.config.kind() != VolumeKind::Origin {
+            return Err(refused(
+                vid,
+                format!(
+                    "a {} volume has no revisions to revert to",
+                    st.config.kind().as_str()
+                ),
+            ));
+        }
+        if st.config.revisions_to_keep == -1 {
+            return Err(refused(
+                vid,
+                "snapshots are disabled (revisions_to_keep=-1), so there is nothing to revert to",
+            ));
+        }
+        let revs = self.list_revisions(vid, Some(&dir))?;
+        let rev = pick_revision(vid, &revs, which)?;
+        let v = vid.to_string();
+        let n = Names::of(vid);
+        let src = open_image(&dir, vid, &rev.file_name, libc::O_RDONLY)?;
+        let tmp = n.img_tmp("revert");
+        let (f, _) = dir
+            .copy_from(
+                &v,
+                &src,
+                &dir.shown(&rev.file_name),
+                &tmp,
+                self.copy_strategy(),
+            )
+            .map_err(io_ctx(&dir, "copying to", &tmp))?;
+        failpoint::hit("revert.copied");
+        let saved = self
+            .replace_committed(&mut st, &dir, &f, &tmp, "revert", false)
+            .inspect_err(|_| {
+                let _ = dir.remove(&v, &tmp);
+            })?;
+        log::info!("{vid}: reverted to revision {}", rev.id);
+        Ok(saved)
+    }
+
+    /// Sets a property (SPEC §5). Lowering `revisions_to_keep` prunes at once.
+    pub fn set(&self, vid: &ValidVid, prop: Property) -> Result<()> {
+        let slot = self.slot(vid)?;
+        let mut st = slot.lock();
+        let mut cfg = st.config.clone();
+        let running = st.run.is_some();
+        match prop {
+            Property::Rw(rw) => {
+                if running {
+                    return Err(busy(vid, "rw cannot change while it is running"));
+                }
+                cfg.rw = rw;
+            }
+            Property::RevisionsToKeep(n) => {
+                check_revisions_to_keep(n)?;
+                if cfg.kind() != VolumeKind::Origin && n != 0 {
+                    return Err(refused(
+                        vid,
+                        format!("a {} volume keeps no revisions", cfg.kind().as_str()),
+                    ));
+                }
+                if running && (n == -1) != (cfg.revisions_to_keep == -1) {
+                    return Err(busy(
+                        vid,
+                        "revisions_to_keep cannot change to or from -1 while it is running",
+                    ));
+                }
+                cfg.revisions_to_keep = n;
+            }
+        }
+        check_pool_constraints(&self.config, cfg.rw, cfg.revisions_to_keep)
+            .map_err(|r| refused(vid, r))?;
+        let lowered = cfg.revisions_to_keep < st.config.revisions_to_keep;
+        self.store_volume(&cfg)?;
+        st.config = cfg;
+        failpoint::hit("set.stored");
+        log::info!("{vid}: set {prop:?}");
+        if lowered {
+            if let Some(dir) = self.vm_dir_if_exists(vid)? {
+                self.prune_revisions(&st.config, &dir)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Imports `source` (a file or a stream) as the new committed image of
+    /// a stopped origin volume (SPEC §5). The data must be exactly `size`
+    /// bytes (default: the current size), or nothing changes. A regular
+    /// file on the pool's filesystem is imported by reflink. Returns the K
+    /// the previous image was saved as.
+    pub fn import(&self, vid: &ValidVid, source: &File, size: Option<u64>) -> Result<Option<u64>> {
+        let slot = self.slot(vid)?;
+        let mut st = slot.lock();
+        let dir = self.vm_dir(vid, true)?;
+        self.check_stopped_and_clean(&st, Some(&dir), "importing into it")?;
+        if st.config.kind() != VolumeKind::Origin {
+            return Err(refused(
+                vid,
+                format!(
+                    "data can only be imported into an origin volume, not a {} one",
+                    st.config.kind().as_str()
+                ),
+            ));
+        }
+        if !st.config.rw {
+            return Err(refused(
+                vid,
+                "it is read-only (rw=false); importing is refused",
+            ));
+        }
+        let size = match size {
+            Some(s) => check_size(s, &s.to_string())?,
+            None => st.config.size,
+        };
+        let v = vid.to_string();
+        let n = Names::of(vid);
+        let tmp = n.import();
+        dir.remove_if_exists(&v, &tmp)
+            .map_err(io_ctx(&dir, "removing", &tmp))?;
+        let f = dir
+            .create_new(&tmp)
+            .map_err(io_ctx(&dir, "creating", &tmp))?;
+        let filled = fill_import(&f, source, size, self.copy_strategy()).map_err(|e| match e {
+            FillError::Io(e) => Error::io(
+                format!("{vid}: importing into {}", dir.shown(&tmp).display()),
+                e,
+            ),
+            FillError::Length(reason) => Error::InvalidSize {
+                input: size.to_string(),
+                reason,
+            },
+        });
+        let kind = match filled {
+            Ok(k) => k,
+            Err(e) => {
+                drop(f);
+                let _ = dir.remove(&v, &tmp);
+                let _ = dir.sync();
+                return Err(e);
+            }
+        };
+        log::info!(
+            "{vid}: imported {size} bytes into {} ({})",
+            dir.shown(&tmp).display(),
+            kind.as_str()
+        );
+        failpoint::hit("import.copied");
+        self.replace_committed(&mut st, &dir, &f, &tmp, "import", true)
+            .inspect_err(|_| {
+                let _ = dir.remove(&v, &tmp);
+            })
+    }
+
+    /// Opens what `export` reads: the committed image of an origin volume
+    /// (of the resolved source for a snapshot), or one of its revisions.
+    /// The file never changes while open, since images are only replaced by
+    /// rename.
+    pub fn open_export_source(
+        &self,
+        vid: &ValidVid,
+        revision: Option<&str>,
+    ) -> Result<(File, PathBuf)> {
+        let slot = self.slot(vid)?;
+        let st = slot.lock();
+        match (st.config.kind(), revision) {
+            (VolumeKind::Volatile, _) => {
+                Err(refused(vid, "a volatile volume has no committed data"))
+            }
+            (VolumeKind::Snapshot, Some(_)) => {
+                Err(refused(vid, "a snapshot volume has no revisions"))
+            }
+            (VolumeKind::Snapshot, None) => {
+                let cfg = st.config.clone();
+                drop(st);
+                let (origin, _, dir, file) = self.open_source_image(vid, &cfg)?;
+                Ok((file, dir.shown(&Names::of(&origin).img())))
+            }
+            (VolumeKind::Origin, which) => {
+                let dir = self.vm_dir(vid, false)?;
+                let name = match which {
+                    None => {
+                        if st.run.is_some() && st.config.revisions_to_keep == -1 {
+                            return Err(busy(vid, "it runs with revisions_to_keep=-1, so it has no committed image now"));
+                        }
+                        Names::of(vid).img()
+                    }
+                    Some(w) => {
+                        let revs = self.list_revisions(vid, Some(&dir))?;
+                        pick_revision(vid, &revs, Some(w))?.file_name.clone()
+                    }
+                };
+                let f = open_image(&dir, vid, &name, libc::O_RDONLY)?;
+                Ok((f, dir.shown(&name)))
+            }
+        }
+    }
+
+    /// Exports the committed image (or revision) to `dest`, sparse-aware:
+    /// a regular file gets a reflink or a copy of the data regions, a pipe
+    /// gets every byte. Returns the bytes exported.
+    pub fn export(&self, vid: &ValidVid, dest: &File, revision: Option<&str>) -> Result<u64> {
+        let (src, shown) = self.open_export_source(vid, revision)?;
+        let len = sys::fstat(src.as_fd())
+            .map_err(|e| Error::io(format!("examining {}", shown.display()), e))?
+            .st_size as u64;
+        let dst_st = sys::fstat(dest.as_fd())
+            .map_err(|e| Error::io("examining the export destination", e))?;
+        let res = if dst_st.st_mode & libc::S_IFMT == libc::S_IFREG {
+            sys::ftruncate(dest.as_fd(), 0)
+                .and_then(|()| copy_into(&src, dest, CopyStrategy::Reflink))
+                .map(|k| log::info!("{vid}: exported {} ({})", shown.display(), k.as_str()))
+        } else {
+            stream_out(&src, dest, len)
+        };
+        res.map_err(|e| Error::io(format!("{vid}: exporting {}", shown.display()), e))?;
+        Ok(len)
+    }
+
+    /// Clones `src` (of this pool) into `dst` of `dst_pool` (this pool or
+    /// another): a reflink when possible, else a sparse copy. A missing
+    /// `dst` is created as an origin volume; an existing one gets the data
+    /// as an import. Either way `dst` gets the source's size.
+    pub fn clone_volume(&self, src: &ValidVid, dst_pool: &Pool, dst: &ValidVid) -> Result<()> {
+        if std::ptr::eq(self, dst_pool) && src == dst {
+            return Err(refused(dst, "a volume cannot be cloned onto itself"));
+        }
+        let (file, shown) = self.open_export_source(src, None)?;
+        let src_rw = self.slot(src)?.lock().config.rw;
+        let exists =
+            dst_pool.volumes.read().contains_key(dst) || dst_pool.corrupt.read().contains_key(dst);
+        if !exists {
+            let size = sys::fstat(file.as_fd())
+                .map_err(|e| Error::io(format!("examining {}", shown.display()), e))?
+                .st_size as u64;
+            let mut opts = CreateOptions::origin(size);
+            if !dst_pool.config.read_only {
+                opts.rw = Some(src_rw);
+            }
+            dst_pool.create_with(dst, &opts, Some((&file, &shown)))?;
+            log::info!("{dst}: cloned from {src}");
+            return Ok(());
+        }
+        let slot = dst_pool.slot(dst)?;
+        let mut st = slot.lock();
+        let dir = dst_pool.vm_dir(dst, true)?;
+        dst_pool.check_stopped_and_clean(&st, Some(&dir), "cloning into it")?;
+        if st.config.kind() != VolumeKind::Origin {
+            return Err(refused(
+                dst,
+                format!(
+                    "a clone can only go into an origin volume, not a {} one",
+                    st.config.kind().as_str()
+                ),
+            ));
+        }
+        let v = dst.to_string();
+        let tmp = Names::of(dst).import();
+        dir.remove_if_exists(&v, &tmp)
+            .map_err(io_ctx(&dir, "removing", &tmp))?;
+        let (f, _) = dir
+            .copy_from(&v, &file, &shown, &tmp, dst_pool.copy_strategy())
+            .map_err(io_ctx(&dir, "copying to", &tmp))?;
+        failpoint::hit("clone.copied");
+        dst_pool
+            .replace_committed(&mut st, &dir, &f, &tmp, "clone", true)
+            .inspect_err(|_| {
+                let _ = dir.remove(&v, &tmp);
+            })?;
+        log::info!("{dst}: cloned from {src}");
+        Ok(())
+    }
+
+    /// The revisions of a volume, oldest first.
+    pub fn revisions(&self, vid: &ValidVid) -> Result<Vec<Revision>> {
+        self.slot(vid)?;
+        let dir = self.vm_dir_if_exists(vid)?;
+        self.list_revisions(vid, dir.as_ref())
+    }
+
+    /// Deletes one revision (the FUSE layer's unlink of a revision).
+    pub fn remove_revision(&self, vid: &ValidVid, which: &str) -> Result<()> {
+        let slot = self.slot(vid)?;
+        let _st = slot.lock();
+        let dir = self.vm_dir(vid, false)?;
+        let revs = self.list_revisions(vid, Some(&dir))?;
+        let rev = pick_revision(vid, &revs, Some(which))?;
+        dir.remove(&vid.to_string(), &rev.file_name)
+            .map_err(io_ctx(&dir, "removing", &rev.file_name))?;
+        dir.sync().map_err(io_ctx(&dir, "syncing", ""))?;
+        Ok(())
+    }
+}
+
+/// Finds a revision by what a person typed, or says which ones exist. A
+/// timestamp shared by several revisions is refused as ambiguous.
+fn pick_revision<'a>(
+    vid: &ValidVid,
+    revs: &'a [Revision],
+    which: Option<&str>,
+) -> Result<&'a Revision> {
+    let valid = || {
+        if revs.is_empty() {
+            "none".to_owned()
+        } else {
+            revs.iter()
+                .map(|r| r.id.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    };
+    let Some(w) = which else {
+        return revs.last().ok_or_else(|| Error::UnknownRevision {
+            vid: vid.to_string(),
+            wanted: "newest".to_owned(),
+            valid: valid(),
+        });
+    };
+    let found: Vec<&Revision> = revs.iter().filter(|r| r.matches(w)).collect();
+    match found.as_slice() {
+        [one] => Ok(one),
+        [] => Err(Error::UnknownRevision {
+            vid: vid.to_string(),
+            wanted: w.to_owned(),
+            valid: valid(),
+        }),
+        many => Err(Error::InvalidValue {
+            property: "revision".into(),
+            reason: format!(
+                "{w:?} matches revisions {} of {vid}; give the revision number",
+                many.iter()
+                    .map(|r| r.id.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }),
+    }
+}
+
+enum FillError {
+    Io(std::io::Error),
+    Length(String),
+}
+
+impl From<std::io::Error> for FillError {
+    fn from(e: std::io::Error) -> Self {
+        FillError::Io(e)
+    }
+}
+
+/// Fills the new file `out` with exactly `size` bytes from `source`.
+fn fill_import(
+    out: &File,
+    source: &File,
+    size: u64,
+    strategy: CopyStrategy,
+) -> Result<CopyKind, FillError> {
+    let st = sys::fstat(source.as_fd())?;
+    if st.st_mode & libc::S_IFMT == libc::S_IFREG {
+        let len = st.st_size as u64;
+        if len != size {
+            return Err(FillError::Length(format!("the source file is {len} bytes long, but the volume is to be {size} bytes; nothing was changed")));
+        }
+        failpoint::hit("import.partial");
+        return Ok(copy_into(source, out, strategy)?);
+    }
+    // A stream: copy every byte, leaving all-zero blocks as holes.
+    const CHUNK: usize = 1 << 20;
+    let mut buf = vec![0u8; CHUNK];
+    let mut src = source;
+    let mut off = 0u64;
+    while off < size {
+        let want = (size - off).min(CHUNK as u64) as usize;
+        let mut got = 0;
+        while got < want {
+            match src.read(&mut buf[got..want]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if got < want {
+            return Err(FillError::Length(format!("the input ended after {} bytes, but the volume is to be {size} bytes; nothing was changed", off + got as u64)));
+        }
+        if buf[..got].iter().any(|&b| b != 0) {
+            write_all_at(out, &buf[..got], off)?;
+        }
+        off += got as u64;
+        failpoint::hit("import.partial");
+    }
+    let mut extra = [0u8; 1];
+    loop {
+        match src.read(&mut extra) {
+            Ok(0) => break,
+            Ok(_) => {
+                return Err(FillError::Length(format!(
+                    "the input is longer than {size} bytes; nothing was changed"
+                )))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    sys::ftruncate(out.as_fd(), size)?;
+    Ok(CopyKind::SparseCopy)
+}
+
+/// Writes all `len` bytes of `src` to a stream.
+fn stream_out(src: &File, dest: &File, len: u64) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut out = dest;
+    let mut off = 0u64;
+    while off < len {
+        let want = (len - off).min(buf.len() as u64) as usize;
+        let n = sys::pread(src.as_fd(), &mut buf[..want], off)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the image shrank during export",
+            ));
+        }
+        out.write_all(&buf[..n])?;
+        off += n as u64;
+    }
+    out.flush()
+}

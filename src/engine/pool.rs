@@ -1,0 +1,598 @@
+//! A pool (SPEC §1): init with the reflink check, open with the lock and
+//! recovery, and the in-memory table of volumes.
+
+use super::config::{parse_json, store_json, PoolConfig, VolumeConfig, FORMAT_VERSION};
+use super::fsops::{read_small_file, CopyStrategy, Dir, Entry};
+use super::revision::{now_utc, parse_revision_name, Parsed, Revision};
+use super::vid::{check_component, ValidVid};
+use crate::error::{Error, Result};
+use crate::sys;
+use parking_lot::{Mutex, RwLock};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub const META_DIR: &str = ".reflinkfs";
+pub const POOL_JSON: &str = "pool.json";
+pub const VOLUMES_DIR: &str = "volumes";
+pub const LOCK_FILE: &str = "lock";
+pub const CONTROL_SOCKET: &str = "control.sock";
+
+/// Options of `pool init`.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    /// Clone a test file with FICLONE and refuse a filesystem without
+    /// reflinks. `false` records the pool as copy mode.
+    pub setup_check: bool,
+    pub revisions_to_keep: i64,
+    pub read_only: bool,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            setup_check: true,
+            revisions_to_keep: 1,
+            read_only: false,
+        }
+    }
+}
+
+/// In-memory state of a running volume.
+#[derive(Debug, Clone)]
+pub(crate) struct RunState {
+    /// Signature of the dirty image right after start, to tell whether it
+    /// was modified.
+    pub started_sig: super::fsops::FileSig,
+    /// For snapshot volumes: the origin and the generation of its committed
+    /// image that this start copied.
+    pub started_from: Option<(ValidVid, u64)>,
+}
+
+#[derive(Debug)]
+pub(crate) struct VolumeState {
+    pub config: VolumeConfig,
+    pub run: Option<RunState>,
+}
+
+pub(crate) type VolumeSlot = Arc<Mutex<VolumeState>>;
+
+/// File names of one volume's backing files (SPEC §3).
+#[derive(Debug, Clone)]
+pub struct Names<'a> {
+    pub name: &'a str,
+}
+
+impl<'a> Names<'a> {
+    pub fn of(vid: &'a ValidVid) -> Names<'a> {
+        Names { name: vid.name() }
+    }
+    pub fn img(&self) -> String {
+        format!("{}.img", self.name)
+    }
+    pub fn dirty(&self) -> String {
+        format!("{}-dirty.img", self.name)
+    }
+    pub fn import(&self) -> String {
+        format!("{}-import.img", self.name)
+    }
+    /// `N-dirty.img~tmp`: a start's copy before it is renamed into place.
+    pub fn dirty_tmp(&self) -> String {
+        format!("{}-dirty.img~tmp", self.name)
+    }
+    /// `N.img~OP`: the new committed image of a resize or revert.
+    pub fn img_tmp(&self, op: &str) -> String {
+        format!("{}.img~{op}", self.name)
+    }
+    /// Whether `file` is one of this volume's temporary files. The stem must
+    /// match exactly, so `priv` never claims `private.img~tmp`.
+    pub fn is_temp(&self, file: &str) -> bool {
+        let dirty_stem = format!("{}-dirty.img~", self.name);
+        let img_stem = format!("{}.img~", self.name);
+        file.starts_with(&dirty_stem) || file.starts_with(&img_stem)
+    }
+    /// Whether `file` belongs to this volume at all.
+    pub fn owns(&self, file: &str) -> bool {
+        file == self.img()
+            || file == self.dirty()
+            || file == self.import()
+            || self.is_temp(file)
+            || !matches!(parse_revision_name(self.name, file), Parsed::NotOurs)
+    }
+}
+
+/// An open pool. Holds the pool's lock for as long as it lives.
+pub struct Pool {
+    pub(crate) root: Dir,
+    pub(crate) meta: Dir,
+    pub(crate) volmeta: Dir,
+    _lock: File,
+    pub(crate) config: PoolConfig,
+    pub(crate) volumes: RwLock<BTreeMap<ValidVid, VolumeSlot>>,
+    /// Volumes whose config file could not be read: path and reason. They
+    /// are listed, and every operation on them fails with the reason.
+    pub(crate) corrupt: RwLock<BTreeMap<ValidVid, (PathBuf, String)>>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("root", &self.root.path())
+            .finish()
+    }
+}
+
+fn io_at(path: &Path, what: &str) -> impl FnOnce(io::Error) -> Error {
+    let context = format!("{what} {}", path.display());
+    move |e| Error::io(context, e)
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
+}
+
+impl Pool {
+    /// Creates a new pool in `path` (created if missing) and opens it.
+    pub fn init(path: &Path, opts: &InitOptions) -> Result<Pool> {
+        if opts.revisions_to_keep < -1 {
+            return Err(Error::InvalidValue {
+                property: "revisions_to_keep".into(),
+                reason: format!("{} is below the minimum of -1", opts.revisions_to_keep),
+            });
+        }
+        let path = absolute(path);
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(Error::NotRegular {
+                    what: "pool directory".into(),
+                    path,
+                })
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                std::fs::create_dir(&path).map_err(io_at(&path, "creating pool directory"))?;
+                log::info!("created pool directory {}", path.display());
+            }
+            Err(e) => return Err(Error::io(format!("examining {}", path.display()), e)),
+        }
+        let root = Dir::open_path(&path).map_err(io_at(&path, "opening pool directory"))?;
+        if root.entry(META_DIR).map_err(io_at(&path, "examining"))? != Entry::Missing {
+            return Err(Error::PoolExists { path });
+        }
+        let copy_mode = if opts.setup_check {
+            check_reflink(&root)?;
+            false
+        } else {
+            log::warn!(
+                "pool {}: setup check skipped; copy mode: every snapshot is a full sparse copy",
+                path.display()
+            );
+            true
+        };
+        let config = PoolConfig {
+            format: FORMAT_VERSION,
+            copy_mode,
+            revisions_to_keep: if opts.read_only {
+                0
+            } else {
+                opts.revisions_to_keep
+            },
+            read_only: opts.read_only,
+            created: now_utc(),
+        };
+        let meta = root
+            .subdir(META_DIR, true)
+            .map_err(io_at(&path, "creating metadata directory in"))?;
+        meta.subdir(VOLUMES_DIR, true)
+            .map_err(io_at(meta.path(), "creating"))?;
+        store_json(meta.fd(), POOL_JSON, &config, &meta.shown(POOL_JSON))?;
+        log::info!(
+            "initialised pool {} ({}, revisions_to_keep={}{})",
+            path.display(),
+            if copy_mode { "copy mode" } else { "reflink" },
+            config.revisions_to_keep,
+            if config.read_only { ", read-only" } else { "" }
+        );
+        Pool::open(&path)
+    }
+
+    /// Opens a pool: takes its lock, loads every volume and runs recovery
+    /// (SPEC §1.4, §4.4).
+    pub fn open(path: &Path) -> Result<Pool> {
+        let path = absolute(path);
+        let root = match Dir::open_path(&path) {
+            Ok(d) => d,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                return Err(Error::NotAPool { path })
+            }
+            Err(e) => return Err(Error::io(format!("opening pool {}", path.display()), e)),
+        };
+        let meta = match root.subdir(META_DIR, false) {
+            Ok(d) => d,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                return Err(Error::NotAPool { path })
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(Error::NotRegular {
+                    what: "metadata directory".into(),
+                    path: root.shown(META_DIR),
+                })
+            }
+            Err(e) => {
+                return Err(Error::io(
+                    format!("opening {}", root.shown(META_DIR).display()),
+                    e,
+                ))
+            }
+        };
+        let lock = take_lock(&path, &meta)?;
+        let bytes = match read_small_file(&meta, POOL_JSON) {
+            Ok(b) => b,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                return Err(Error::NotAPool { path })
+            }
+            Err(e) => {
+                return Err(Error::io(
+                    format!("reading {}", meta.shown(POOL_JSON).display()),
+                    e,
+                ))
+            }
+        };
+        let config: PoolConfig = parse_json(&bytes, &meta.shown(POOL_JSON))?;
+        let volmeta = meta
+            .subdir(VOLUMES_DIR, true)
+            .map_err(io_at(&meta.shown(VOLUMES_DIR), "opening"))?;
+        let pool = Pool {
+            root,
+            meta,
+            volmeta,
+            _lock: lock,
+            config,
+            volumes: RwLock::new(BTreeMap::new()),
+            corrupt: RwLock::new(BTreeMap::new()),
+        };
+        pool.load_volumes()?;
+        pool.recover_all()?;
+        log::debug!("opened pool {}", path.display());
+        Ok(pool)
+    }
+
+    pub fn path(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// Where a mounted pool's daemon listens for administration requests.
+    pub fn control_socket_path(&self) -> PathBuf {
+        self.meta.shown(CONTROL_SOCKET)
+    }
+
+    pub fn config(&self) -> &PoolConfig {
+        &self.config
+    }
+
+    pub(crate) fn copy_strategy(&self) -> CopyStrategy {
+        if self.config.copy_mode {
+            CopyStrategy::Sparse
+        } else {
+            CopyStrategy::Reflink
+        }
+    }
+
+    /// Reads every `.reflinkfs/volumes/CLASS/VM/NAME.json`.
+    fn load_volumes(&self) -> Result<()> {
+        let mut volumes = BTreeMap::new();
+        let mut corrupt = BTreeMap::new();
+        let ctx = |p: &Path| format!("reading {}", p.display());
+        for class in self
+            .volmeta
+            .names()
+            .map_err(|e| Error::io(ctx(self.volmeta.path()), e))?
+        {
+            if check_component(&class, "class", &class).is_err() {
+                log::warn!(
+                    "ignoring {}: not a valid class name",
+                    self.volmeta.shown(&class).display()
+                );
+                continue;
+            }
+            let cdir = self
+                .volmeta
+                .subdir(&class, false)
+                .map_err(|e| Error::io(ctx(&self.volmeta.shown(&class)), e))?;
+            for vm in cdir.names().map_err(|e| Error::io(ctx(cdir.path()), e))? {
+                if check_component(&vm, "VM name", &vm).is_err() {
+                    log::warn!(
+                        "ignoring {}: not a valid VM name",
+                        cdir.shown(&vm).display()
+                    );
+                    continue;
+                }
+                let vdir = cdir
+                    .subdir(&vm, false)
+                    .map_err(|e| Error::io(ctx(&cdir.shown(&vm)), e))?;
+                for file in vdir.names().map_err(|e| Error::io(ctx(vdir.path()), e))? {
+                    if file.ends_with(".json~tmp") {
+                        log::warn!(
+                            "recovery: removing unfinished metadata write {}",
+                            vdir.shown(&file).display()
+                        );
+                        sys::unlinkat(vdir.fd(), &file).map_err(|e| {
+                            Error::io(format!("removing {}", vdir.shown(&file).display()), e)
+                        })?;
+                        continue;
+                    }
+                    let Some(name) = file.strip_suffix(".json") else {
+                        log::warn!("ignoring unexpected file {}", vdir.shown(&file).display());
+                        continue;
+                    };
+                    let Ok(vid) = ValidVid::new(&class, &vm, name) else {
+                        log::warn!(
+                            "ignoring {}: not a valid volume name",
+                            vdir.shown(&file).display()
+                        );
+                        continue;
+                    };
+                    let shown = vdir.shown(&file);
+                    let parsed = read_small_file(&vdir, &file)
+                        .map_err(|e| Error::CorruptMetadata {
+                            path: shown.clone(),
+                            reason: format!("cannot be read: {e}"),
+                        })
+                        .and_then(|b| parse_json::<VolumeConfig>(&b, &shown))
+                        .and_then(|c| {
+                            if c.vid != vid {
+                                return Err(Error::CorruptMetadata {
+                                    path: shown.clone(),
+                                    reason: format!(
+                                        "it names volume {} but lies at the place of {vid}",
+                                        c.vid
+                                    ),
+                                });
+                            }
+                            c.validate(&self.config)
+                                .map_err(|reason| Error::CorruptMetadata {
+                                    path: shown.clone(),
+                                    reason,
+                                })?;
+                            Ok(c)
+                        });
+                    match parsed {
+                        Ok(config) => {
+                            volumes.insert(
+                                vid,
+                                Arc::new(Mutex::new(VolumeState { config, run: None })),
+                            );
+                        }
+                        Err(e) => {
+                            log::error!(
+                                "{vid}: {e}; the volume is unavailable until the file is fixed"
+                            );
+                            let reason = match e {
+                                Error::CorruptMetadata { reason, .. } => reason,
+                                other => other.to_string(),
+                            };
+                            corrupt.insert(vid, (shown, reason));
+                        }
+                    }
+                }
+            }
+        }
+        *self.volumes.write() = volumes;
+        *self.corrupt.write() = corrupt;
+        Ok(())
+    }
+
+    /// The slot of a volume, or the error that says why there is none.
+    pub(crate) fn slot(&self, vid: &ValidVid) -> Result<VolumeSlot> {
+        if let Some(s) = self.volumes.read().get(vid) {
+            return Ok(s.clone());
+        }
+        if let Some((path, reason)) = self.corrupt.read().get(vid) {
+            return Err(Error::CorruptMetadata {
+                path: path.clone(),
+                reason: reason.clone(),
+            });
+        }
+        Err(Error::NoSuchVolume(vid.to_string()))
+    }
+
+    /// Every known volume id, including corrupt ones, sorted.
+    pub fn vids(&self) -> Vec<ValidVid> {
+        let mut v: Vec<ValidVid> = self.volumes.read().keys().cloned().collect();
+        v.extend(self.corrupt.read().keys().cloned());
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Resolves what a person typed: `CLASS/VM/NAME`, or `VM:NAME` when
+    /// exactly one known volume matches.
+    pub fn resolve_vid(&self, input: &str) -> Result<ValidVid> {
+        if let Some((vm, name)) = input.split_once(':') {
+            check_component(input, "VM name", vm)?;
+            check_component(input, "volume name", name)?;
+            let matches: Vec<ValidVid> = self
+                .vids()
+                .into_iter()
+                .filter(|v| v.vm() == vm && v.name() == name)
+                .collect();
+            return match matches.len() {
+                1 => Ok(matches.into_iter().next().expect("one")),
+                0 => Err(Error::NoSuchVolume(input.to_owned())),
+                _ => Err(Error::InvalidVid {
+                    input: input.to_owned(),
+                    reason: format!(
+                        "ambiguous: {}; give CLASS/VM/NAME",
+                        matches
+                            .iter()
+                            .map(|v| v.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                }),
+            };
+        }
+        input.parse()
+    }
+
+    /// Opens the image directory of a VM (`POOL/CLASS/VM`), never through a
+    /// symlink. With `create`, makes missing directories.
+    pub(crate) fn vm_dir(&self, vid: &ValidVid, create: bool) -> Result<Dir> {
+        let map = |d: &Path, e: io::Error| -> Error {
+            if e.raw_os_error() == Some(libc::ELOOP) || e.raw_os_error() == Some(libc::ENOTDIR) {
+                Error::NotRegular {
+                    what: "VM directory".into(),
+                    path: d.to_owned(),
+                }
+            } else {
+                Error::io(format!("opening {}", d.display()), e)
+            }
+        };
+        let class = self
+            .root
+            .subdir(vid.class(), create)
+            .map_err(|e| map(&self.root.shown(vid.class()), e))?;
+        class
+            .subdir(vid.vm(), create)
+            .map_err(|e| map(&class.shown(vid.vm()), e))
+    }
+
+    /// Like `vm_dir`, but `None` when the directory does not exist.
+    pub(crate) fn vm_dir_if_exists(&self, vid: &ValidVid) -> Result<Option<Dir>> {
+        match self.vm_dir(vid, false) {
+            Ok(d) => Ok(Some(d)),
+            Err(Error::Io { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The metadata directory of a VM, `.reflinkfs/volumes/CLASS/VM`.
+    pub(crate) fn vm_meta_dir(&self, vid: &ValidVid, create: bool) -> Result<Dir> {
+        let class = self
+            .volmeta
+            .subdir(vid.class(), create)
+            .map_err(io_at(&self.volmeta.shown(vid.class()), "opening"))?;
+        class
+            .subdir(vid.vm(), create)
+            .map_err(io_at(&class.shown(vid.vm()), "opening"))
+    }
+
+    /// Writes a volume's config atomically, after validating it.
+    pub(crate) fn store_volume(&self, config: &VolumeConfig) -> Result<()> {
+        config
+            .validate(&self.config)
+            .map_err(|reason| Error::Refused {
+                vid: config.vid.to_string(),
+                reason,
+            })?;
+        let dir = self.vm_meta_dir(&config.vid, true)?;
+        let file = format!("{}.json", config.vid.name());
+        store_json(dir.fd(), &file, config, &dir.shown(&file))
+    }
+
+    /// The revisions of a volume found on disk, oldest first. Names that
+    /// look like ours but do not parse are logged and ignored.
+    pub(crate) fn list_revisions(
+        &self,
+        vid: &ValidVid,
+        dir: Option<&Dir>,
+    ) -> Result<Vec<Revision>> {
+        let Some(dir) = dir else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for file in dir
+            .names()
+            .map_err(|e| Error::io(format!("listing {}", dir.path().display()), e))?
+        {
+            match parse_revision_name(vid.name(), &file) {
+                Parsed::Revision(r) => out.push(r),
+                Parsed::Malformed => log::warn!(
+                    "{vid}: ignoring {}: it looks like a revision but its name does not parse",
+                    dir.shown(&file).display()
+                ),
+                Parsed::NotOurs => {}
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+}
+
+/// Clones a small non-empty file with FICLONE and compares the content
+/// (SPEC §1.2). Leaves nothing behind.
+fn check_reflink(root: &Dir) -> Result<()> {
+    let src_name = ".reflinkfs-setup-check~src";
+    let dst_name = ".reflinkfs-setup-check~dst";
+    let _ = sys::unlinkat(root.fd(), src_name);
+    let _ = sys::unlinkat(root.fd(), dst_name);
+    let content: Vec<u8> = (0..65536u32).map(|i| (i * 7 + 3) as u8).collect();
+    let result = (|| -> io::Result<()> {
+        let src = root.create_new(src_name)?;
+        super::fsops::write_all_at(&src, &content, 0)?;
+        sys::fsync(src.as_fd())?;
+        let dst = root.create_new(dst_name)?;
+        sys::ficlone(dst.as_fd(), src.as_fd())?;
+        let mut back = vec![0u8; content.len()];
+        let n = sys::pread(dst.as_fd(), &mut back, 0)?;
+        if n != content.len() || back != content {
+            return Err(io::Error::other(
+                "the clone's content differs from the source",
+            ));
+        }
+        Ok(())
+    })();
+    let _ = sys::unlinkat(root.fd(), src_name);
+    let _ = sys::unlinkat(root.fd(), dst_name);
+    match result {
+        Ok(()) => Ok(()),
+        Err(e) if sys::is_reflink_unsupported(&e) || e.kind() == io::ErrorKind::Other => {
+            Err(Error::ReflinkUnsupported {
+                path: root.path().to_owned(),
+                source: e,
+            })
+        }
+        Err(e) => Err(Error::io(
+            format!("reflink check in {}", root.path().display()),
+            e,
+        )),
+    }
+}
+
+/// Takes the pool's flock and writes our PID into the lock file. A second
+/// owner gets an error naming the holder's PID.
+fn take_lock(pool: &Path, meta: &Dir) -> Result<File> {
+    let shown = meta.shown(LOCK_FILE);
+    let fd = sys::openat(
+        meta.fd(),
+        LOCK_FILE,
+        libc::O_RDWR | libc::O_CREAT,
+        super::fsops::FILE_MODE,
+    )
+    .map_err(io_at(&shown, "opening lock file"))?;
+    let file = File::from(fd);
+    if !sys::try_lock_exclusive(file.as_fd()).map_err(io_at(&shown, "locking"))? {
+        let mut buf = [0u8; 64];
+        let n = sys::pread(file.as_fd(), &mut buf, 0).unwrap_or(0);
+        let text = String::from_utf8_lossy(&buf[..n]).trim().to_owned();
+        let holder = if text.is_empty() {
+            "unknown".to_owned()
+        } else {
+            format!("process {text}")
+        };
+        return Err(Error::PoolLocked {
+            pool: pool.to_owned(),
+            holder,
+            lock: shown,
+        });
+    }
+    let pid = format!("{}\n", std::process::id());
+    sys::ftruncate(file.as_fd(), 0).map_err(io_at(&shown, "writing"))?;
+    super::fsops::write_all_at(&file, pid.as_bytes(), 0).map_err(io_at(&shown, "writing"))?;
+    Ok(file)
+}

@@ -1,0 +1,584 @@
+//! list, info, check and usage (SPEC §1.5, §5): read-only reports whose
+//! serialised form is the stable `--json` output.
+
+use super::config::VolumeKind;
+use super::fsops::{Dir, Entry};
+use super::lifecycle::regular_entry;
+use super::pool::{Names, Pool, VolumeState};
+use super::revision::{parse_revision_name, Parsed, Revision};
+use super::vid::ValidVid;
+use crate::error::{Error, Result};
+use crate::sys;
+use serde::Serialize;
+use std::collections::BTreeSet;
+use std::os::fd::AsFd;
+
+/// The state of a volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VolumeStateName {
+    Stopped,
+    Running,
+    /// A dirty image waits to be committed (a stop failed).
+    Dirty,
+    /// Its image is missing; its own operations fail, the pool works.
+    Missing,
+    /// Its config file cannot be read.
+    Corrupt,
+}
+
+/// Bytes held by the files of a volume (SPEC §1.5).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    /// Bytes allocated on disk.
+    pub allocated: u64,
+    /// Of those, bytes in extents shared with other files (reflinks).
+    pub shared: u64,
+    /// Bytes only this volume's files hold: what deleting them would free.
+    pub exclusive: u64,
+}
+
+impl std::ops::AddAssign for Usage {
+    fn add_assign(&mut self, o: Usage) {
+        self.allocated += o.allocated;
+        self.shared += o.shared;
+        self.exclusive += o.exclusive;
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FileUsage {
+    pub file: String,
+    pub size: u64,
+    #[serde(flatten)]
+    pub usage: Usage,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VolumeInfo {
+    pub vid: String,
+    #[serde(rename = "type")]
+    pub kind: Option<VolumeKind>,
+    pub state: VolumeStateName,
+    pub size: u64,
+    pub rw: bool,
+    pub revisions_to_keep: i64,
+    pub snap_on_start: bool,
+    pub save_on_stop: bool,
+    pub source: Option<String>,
+    /// The origin volume a snapshot's chain ends at.
+    pub resolved_source: Option<String>,
+    pub optional: bool,
+    pub running: bool,
+    /// Snapshot volumes only: whether the source committed after start.
+    pub is_outdated: Option<bool>,
+    pub next_revision: u64,
+    pub revisions: Vec<Revision>,
+    /// The committed image in the pool.
+    pub image: String,
+    /// Present in `info`, absent in `list`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<VolumeUsage>,
+    /// Why the volume is corrupt or missing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VolumeUsage {
+    pub total: Usage,
+    pub files: Vec<FileUsage>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FsUsage {
+    pub filesystem: &'static str,
+    pub size: u64,
+    pub used: u64,
+    pub free: u64,
+    pub available: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolInfo {
+    pub path: String,
+    pub format: u32,
+    pub copy_mode: bool,
+    pub read_only: bool,
+    pub revisions_to_keep: i64,
+    pub created: String,
+    pub volumes: usize,
+    pub running: usize,
+    pub backing: FsUsage,
+    /// Bytes allocated by all images and revisions, each inode once.
+    pub pool_allocated: u64,
+    /// Of those, bytes shared between files (reflinks).
+    pub pool_shared: u64,
+}
+
+/// One problem found by `check`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Problem {
+    pub vid: Option<String>,
+    pub path: String,
+    pub problem: String,
+}
+
+fn file_usage(dir: &Dir, name: &str) -> Result<FileUsage> {
+    let f = dir
+        .open(name, libc::O_RDONLY)
+        .map_err(|e| Error::io(format!("opening {}", dir.shown(name).display()), e))?;
+    let st = sys::fstat(f.as_fd())
+        .map_err(|e| Error::io(format!("examining {}", dir.shown(name).display()), e))?;
+    let allocated = st.st_blocks as u64 * 512;
+    let shared = match sys::fiemap(f.as_fd()) {
+        Ok(extents) => extents
+            .iter()
+            .filter(|e| e.shared)
+            .map(|e| e.length)
+            .sum::<u64>()
+            .min(allocated),
+        Err(e) => {
+            log::debug!("FIEMAP of {} failed: {e}", dir.shown(name).display());
+            0
+        }
+    };
+    Ok(FileUsage {
+        file: dir.shown(name).display().to_string(),
+        size: st.st_size as u64,
+        usage: Usage {
+            allocated,
+            shared,
+            exclusive: allocated - shared,
+        },
+    })
+}
+
+impl Pool {
+    fn volume_info(&self, st: &VolumeState, with_usage: bool) -> Result<VolumeInfo> {
+        let cfg = &st.config;
+        let vid = &cfg.vid;
+        let n = Names::of(vid);
+        let dir = self.vm_dir_if_exists(vid)?;
+        let kind = cfg.kind();
+        let img = match &dir {
+            Some(d) => d
+                .entry(&n.img())
+                .map_err(|e| Error::io(format!("examining {}", d.shown(&n.img()).display()), e))?,
+            None => Entry::Missing,
+        };
+        let dirty = match &dir {
+            Some(d) => matches!(d.entry(&n.dirty()), Ok(Entry::Regular(_))),
+            None => false,
+        };
+        let running = st.run.is_some();
+        let mut problem = None;
+        let state = if running {
+            VolumeStateName::Running
+        } else if dirty && kind == VolumeKind::Origin {
+            VolumeStateName::Dirty
+        } else if kind == VolumeKind::Origin && !matches!(img, Entry::Regular(_)) {
+            problem = Some(match img {
+                Entry::Other => "the image is not a regular file".to_owned(),
+                _ => "the image is missing".to_owned(),
+            });
+            VolumeStateName::Missing
+        } else {
+            VolumeStateName::Stopped
+        };
+        let resolved_source = if kind == VolumeKind::Snapshot {
+            match self.resolve_source(cfg) {
+                Ok(s) => Some(s.to_string()),
+                Err(e) => {
+                    problem = Some(e.to_string());
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let is_outdated = match (&st.run, kind) {
+            (_, k) if k != VolumeKind::Snapshot => None,
+            (None, _) => Some(false),
+            (Some(run), _) => run.started_from.as_ref().map(|(origin, generation)| {
+                self.slot(origin)
+                    .map(|s| s.lock().config.generation != *generation)
+                    .unwrap_or(true)
+            }),
+        };
+        let size = if running {
+            dir.as_ref()
+                .and_then(|d| regular_entry(d, vid, &n.dirty()).ok().flatten())
+                .map(|s| s.size)
+                .unwrap_or(cfg.size)
+        } else {
+            self.nominal_size(cfg)
+        };
+        let revisions = self.list_revisions(vid, dir.as_ref())?;
+        let usage = match (&dir, with_usage) {
+            (Some(d), true) => {
+                let mut files = Vec::new();
+                let mut seen = BTreeSet::new();
+                let names = std::iter::once(n.img())
+                    .chain(std::iter::once(n.dirty()))
+                    .chain(revisions.iter().map(|r| r.file_name.clone()));
+                for name in names {
+                    if let Entry::Regular(sig) = d.entry(&name).unwrap_or(Entry::Missing) {
+                        if seen.insert((sig.dev, sig.ino)) {
+                            files.push(file_usage(d, &name)?);
+                        }
+                    }
+                }
+                let mut total = Usage::default();
+                for f in &files {
+                    total += f.usage;
+                }
+                Some(VolumeUsage { total, files })
+            }
+            _ => None,
+        };
+        Ok(VolumeInfo {
+            vid: vid.to_string(),
+            kind: Some(kind),
+            state,
+            size,
+            rw: cfg.rw,
+            revisions_to_keep: cfg.revisions_to_keep,
+            snap_on_start: cfg.snap_on_start,
+            save_on_stop: cfg.save_on_stop,
+            source: cfg.source.as_ref().map(|s| s.to_string()),
+            resolved_source,
+            optional: cfg.optional,
+            running,
+            is_outdated,
+            next_revision: cfg.next_revision,
+            revisions,
+            image: self
+                .path()
+                .join(vid.class())
+                .join(vid.vm())
+                .join(n.img())
+                .display()
+                .to_string(),
+            usage,
+            problem,
+        })
+    }
+
+    fn corrupt_info(&self, vid: &ValidVid) -> Option<VolumeInfo> {
+        let (path, reason) = self.corrupt.read().get(vid).cloned()?;
+        Some(VolumeInfo {
+            vid: vid.to_string(),
+            kind: None,
+            state: VolumeStateName::Corrupt,
+            size: 0,
+            rw: false,
+            revisions_to_keep: 0,
+            snap_on_start: false,
+            save_on_stop: false,
+            source: None,
+            resolved_source: None,
+            optional: false,
+            running: false,
+            is_outdated: None,
+            next_revision: 0,
+            revisions: Vec::new(),
+            image: String::new(),
+            usage: None,
+            problem: Some(format!("{}: {reason}", path.display())),
+        })
+    }
+
+    /// Every volume, sorted by vid. Optional volumes without an image are
+    /// left out (SPEC §1.3).
+    pub fn list(&self) -> Result<Vec<VolumeInfo>> {
+        let mut out = Vec::new();
+        for vid in self.vids() {
+            if let Some(info) = self.corrupt_info(&vid) {
+                out.push(info);
+                continue;
+            }
+            let Ok(slot) = self.slot(&vid) else { continue };
+            let st = slot.lock();
+            let info = self.volume_info(&st, false)?;
+            if info.optional && info.state == VolumeStateName::Missing {
+                continue;
+            }
+            out.push(info);
+        }
+        Ok(out)
+    }
+
+    /// All properties and derived values of one volume, with usage.
+    pub fn info(&self, vid: &ValidVid) -> Result<VolumeInfo> {
+        let slot = self.slot(vid)?;
+        let st = slot.lock();
+        self.volume_info(&st, true)
+    }
+
+    /// The pool's properties and usage.
+    pub fn pool_info(&self) -> Result<PoolInfo> {
+        let fs = sys::fstatvfs(self.root.fd())
+            .map_err(|e| Error::io(format!("statvfs of {}", self.path().display()), e))?;
+        let magic = sys::fs_type(self.root.fd()).unwrap_or(0);
+        let mut seen = BTreeSet::new();
+        let (mut allocated, mut shared, mut running) = (0u64, 0u64, 0usize);
+        let vids = self.vids();
+        for vid in &vids {
+            let Ok(slot) = self.slot(vid) else { continue };
+            running += usize::from(slot.lock().run.is_some());
+            let Some(dir) = self.vm_dir_if_exists(vid)? else {
+                continue;
+            };
+            let n = Names::of(vid);
+            for name in dir
+                .names()
+                .map_err(|e| Error::io(format!("listing {}", dir.path().display()), e))?
+            {
+                if !n.owns(&name) {
+                    continue;
+                }
+                if let Ok(Entry::Regular(sig)) = dir.entry(&name) {
+                    if seen.insert((sig.dev, sig.ino)) {
+                        let u = file_usage(&dir, &name)?;
+                        allocated += u.usage.allocated;
+                        shared += u.usage.shared;
+                    }
+                }
+            }
+        }
+        let c = &self.config;
+        Ok(PoolInfo {
+            path: self.path().display().to_string(),
+            format: c.format,
+            copy_mode: c.copy_mode,
+            read_only: c.read_only,
+            revisions_to_keep: c.revisions_to_keep,
+            created: c.created.clone(),
+            volumes: vids.len(),
+            running,
+            backing: FsUsage {
+                filesystem: sys::fs_type_name(magic),
+                size: fs.blocks * fs.block_size,
+                used: (fs.blocks - fs.blocks_free) * fs.block_size,
+                free: fs.blocks_free * fs.block_size,
+                available: fs.blocks_avail * fs.block_size,
+            },
+            pool_allocated: allocated,
+            pool_shared: shared,
+        })
+    }
+
+    /// The consistency check of the whole pool (`vid: None`) or of one
+    /// volume: every problem found, each with its file.
+    pub fn check(&self, only: Option<&ValidVid>) -> Result<Vec<Problem>> {
+        let mut problems = Vec::new();
+        let mut push = |vid: Option<&ValidVid>, path: String, problem: String| {
+            problems.push(Problem {
+                vid: vid.map(|v| v.to_string()),
+                path,
+                problem,
+            })
+        };
+        if let Some(vid) = only {
+            self.slot(vid)?;
+        }
+        for (vid, (path, reason)) in self.corrupt.read().iter() {
+            if only.is_none_or(|o| o == vid) {
+                push(
+                    Some(vid),
+                    path.display().to_string(),
+                    format!("corrupt metadata: {reason}"),
+                );
+            }
+        }
+        // Volumes by VM directory, to find files no volume owns.
+        let mut vms: std::collections::BTreeMap<(String, String), Vec<ValidVid>> =
+            Default::default();
+        for vid in self.vids() {
+            vms.entry((vid.class().to_owned(), vid.vm().to_owned()))
+                .or_default()
+                .push(vid);
+        }
+        for ((class, vm), vids) in &vms {
+            let Some(first) = vids.first() else { continue };
+            if only.is_some_and(|o| !vids.contains(o)) {
+                continue;
+            }
+            let dir = match self.vm_dir_if_exists(first) {
+                Ok(Some(d)) => d,
+                Ok(None) => {
+                    for vid in vids {
+                        if let Ok(slot) = self.slot(vid) {
+                            let st = slot.lock();
+                            if st.config.kind() == VolumeKind::Origin && !st.config.optional {
+                                push(
+                                    Some(vid),
+                                    self.path().join(class).join(vm).display().to_string(),
+                                    "the VM directory is missing".into(),
+                                );
+                            }
+                        }
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    push(
+                        Some(first),
+                        self.path().join(class).join(vm).display().to_string(),
+                        e.to_string(),
+                    );
+                    continue;
+                }
+            };
+            let names = dir
+                .names()
+                .map_err(|e| Error::io(format!("listing {}", dir.path().display()), e))?;
+            for name in &names {
+                let owners: Vec<&ValidVid> =
+                    vids.iter().filter(|v| Names::of(v).owns(name)).collect();
+                if owners.is_empty() && only.is_none() {
+                    push(
+                        None,
+                        dir.shown(name).display().to_string(),
+                        "no volume owns this file".into(),
+                    );
+                }
+            }
+            for vid in vids {
+                if only.is_some_and(|o| o != vid) {
+                    continue;
+                }
+                let Ok(slot) = self.slot(vid) else { continue };
+                let st = slot.lock();
+                self.check_volume(&st, &dir, &names, &mut push);
+            }
+        }
+        Ok(problems)
+    }
+
+    fn check_volume(
+        &self,
+        st: &VolumeState,
+        dir: &Dir,
+        names: &[String],
+        push: &mut impl FnMut(Option<&ValidVid>, String, String),
+    ) {
+        let cfg = &st.config;
+        let vid = &cfg.vid;
+        let n = Names::of(vid);
+        let kind = cfg.kind();
+        let shown = |f: &str| dir.shown(f).display().to_string();
+        let img = dir.entry(&n.img()).unwrap_or(Entry::Missing);
+        match (&img, kind) {
+            (Entry::Other, _) => push(
+                Some(vid),
+                shown(&n.img()),
+                "not a regular file (a symlink?); reflinkfs will not use it".into(),
+            ),
+            (Entry::Missing, VolumeKind::Origin)
+                if !(cfg.optional || st.run.is_some() && cfg.revisions_to_keep == -1) =>
+            {
+                push(
+                    Some(vid),
+                    shown(&n.img()),
+                    "the committed image is missing".into(),
+                )
+            }
+            (Entry::Regular(sig), VolumeKind::Origin)
+                if sig.size != cfg.size && st.run.is_none() =>
+            {
+                push(
+                    Some(vid),
+                    shown(&n.img()),
+                    format!(
+                        "the image is {} bytes but the config says {}",
+                        sig.size, cfg.size
+                    ),
+                );
+            }
+            (Entry::Regular(_), VolumeKind::Origin) => {}
+            (Entry::Regular(_), _) => push(
+                Some(vid),
+                shown(&n.img()),
+                format!("a {} volume should have no committed image", kind.as_str()),
+            ),
+            _ => {}
+        }
+        if st.run.is_none() {
+            match dir.entry(&n.dirty()).unwrap_or(Entry::Missing) {
+                Entry::Missing => {}
+                Entry::Regular(_) => push(Some(vid), shown(&n.dirty()), "a dirty image waits to be committed (a stop failed); the next start or pool open commits it".into()),
+                Entry::Other => push(Some(vid), shown(&n.dirty()), "not a regular file (a symlink?)".into()),
+            }
+        }
+        let img_sig = match img {
+            Entry::Regular(s) => Some(s),
+            _ => None,
+        };
+        let mut revisions = 0i64;
+        for name in names {
+            if n.is_temp(name) || *name == n.import() {
+                push(
+                    Some(vid),
+                    shown(name),
+                    "a temporary file of an unfinished operation".into(),
+                );
+                continue;
+            }
+            match parse_revision_name(vid.name(), name) {
+                Parsed::NotOurs => {}
+                Parsed::Malformed => push(
+                    Some(vid),
+                    shown(name),
+                    "looks like a revision but the name does not parse".into(),
+                ),
+                Parsed::Revision(_) => {
+                    revisions += 1;
+                    match dir.entry(name).unwrap_or(Entry::Missing) {
+                        Entry::Regular(s) if img_sig.is_some_and(|i| i.same_inode(&s)) => push(
+                            Some(vid),
+                            shown(name),
+                            "the same file as the committed image (an interrupted commit)".into(),
+                        ),
+                        Entry::Other => push(Some(vid), shown(name), "not a regular file".into()),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        if revisions > cfg.revisions_to_keep.max(0) + 1 {
+            push(
+                Some(vid),
+                dir.path().display().to_string(),
+                format!(
+                    "{revisions} revisions, more than revisions_to_keep={} allows",
+                    cfg.revisions_to_keep
+                ),
+            );
+        }
+        if kind == VolumeKind::Snapshot {
+            if let Err(e) = self.resolve_source(cfg) {
+                push(
+                    Some(vid),
+                    String::new(),
+                    format!("its source cannot be resolved: {e}"),
+                );
+            }
+        }
+        for name in [n.img(), n.dirty()] {
+            if let Ok(st) = sys::lstatat(dir.fd(), &name) {
+                if st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_mode & 0o077 != 0 {
+                    push(
+                        Some(vid),
+                        shown(&name),
+                        format!(
+                            "mode {:o} lets others read or write it; images are 0600",
+                            st.st_mode & 0o777
+                        ),
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! The one error type of the engine, its exit statuses and its errnos.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Everything the engine can refuse or fail with. Messages name the volume
+/// and, where there is one, the file.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid volume id {input:?}: {reason}")]
+    InvalidVid { input: String, reason: String },
+
+    #[error("invalid size {input:?}: {reason}")]
+    InvalidSize { input: String, reason: String },
+
+    #[error("invalid value for {property}: {reason}")]
+    InvalidValue { property: String, reason: String },
+
+    #[error("volume {0} does not exist")]
+    NoSuchVolume(String),
+
+    #[error("volume {0} already exists")]
+    VolumeExists(String),
+
+    #[error("volume {vid} has no revision {wanted:?}; valid revisions: {valid}")]
+    UnknownRevision {
+        vid: String,
+        wanted: String,
+        valid: String,
+    },
+
+    #[error("volume {vid} is busy: {reason}")]
+    Busy { vid: String, reason: String },
+
+    #[error("pool {pool} is in use by {holder} (lock file {lock})")]
+    PoolLocked {
+        pool: PathBuf,
+        holder: String,
+        lock: PathBuf,
+    },
+
+    #[error("volume {vid}: {reason}")]
+    Refused { vid: String, reason: String },
+
+    #[error("volume {vid}: image {path} is missing")]
+    MissingImage { vid: String, path: PathBuf },
+
+    #[error("{what} {path} is not a regular file (a symlink or other file was planted there); reflinkfs never follows it")]
+    NotRegular { what: String, path: PathBuf },
+
+    #[error("no space left on the pool's filesystem while {context}")]
+    NoSpace {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("corrupt metadata file {path}: {reason}")]
+    CorruptMetadata { path: PathBuf, reason: String },
+
+    #[error("{path} is not a reflinkfs pool (no .reflinkfs/pool.json)")]
+    NotAPool { path: PathBuf },
+
+    #[error("{path} is already a reflinkfs pool")]
+    PoolExists { path: PathBuf },
+
+    #[error("the filesystem of {path} does not support reflinks ({source}); use --setup-check=no (setup_check=no) to create a copy-mode pool, where every snapshot is a full sparse copy")]
+    ReflinkUnsupported {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The classes of error, each with its own process exit status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// An I/O error not covered by another class.
+    Io,
+    /// Invalid volume id, size or property value.
+    InvalidInput,
+    /// No such volume, revision, source or pool.
+    NotFound,
+    /// The volume is running or dirty, or the pool is locked by another process.
+    Busy,
+    /// Refused by a property or by the pool's mode.
+    Refused,
+    /// The filesystem ran out of space; nothing was changed.
+    NoSpace,
+    /// Metadata is corrupt or a file is not what it should be.
+    Corrupt,
+    /// The filesystem lacks reflinks and no copy mode was asked for.
+    Unsupported,
+    /// The volume or pool already exists.
+    Exists,
+}
+
+impl ErrorClass {
+    /// Every class with its exit status and a short description, for
+    /// `--help`, the README and the tests.
+    pub const ALL: [(ErrorClass, u8, &'static str); 9] = [
+        (ErrorClass::Io, 1, "I/O or other unexpected error"),
+        (
+            ErrorClass::InvalidInput,
+            3,
+            "invalid volume id, size or property value",
+        ),
+        (
+            ErrorClass::NotFound,
+            4,
+            "no such pool, volume, revision or source",
+        ),
+        (
+            ErrorClass::Busy,
+            5,
+            "volume running or dirty, or pool locked by another process",
+        ),
+        (
+            ErrorClass::Refused,
+            6,
+            "refused by a volume property or the pool's mode",
+        ),
+        (
+            ErrorClass::NoSpace,
+            7,
+            "no space left on the pool's filesystem",
+        ),
+        (
+            ErrorClass::Corrupt,
+            8,
+            "corrupt metadata, or a symlink or foreign file in the pool",
+        ),
+        (
+            ErrorClass::Unsupported,
+            9,
+            "reflinks unsupported (see --setup-check=no)",
+        ),
+        (ErrorClass::Exists, 10, "volume or pool already exists"),
+    ];
+
+    pub fn exit_code(self) -> u8 {
+        Self::ALL
+            .iter()
+            .find(|(c, _, _)| *c == self)
+            .map(|(_, code, _)| *code)
+            .unwrap_or(1)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorClass::Io => "io",
+            ErrorClass::InvalidInput => "invalid-input",
+            ErrorClass::NotFound => "not-found",
+            ErrorClass::Busy => "busy",
+            ErrorClass::Refused => "refused",
+            ErrorClass::NoSpace => "no-space",
+            ErrorClass::Corrupt => "corrupt",
+            ErrorClass::Unsupported => "unsupported",
+            ErrorClass::Exists => "exists",
+        }
+    }
+}
+
+impl Error {
+    /// Wraps an I/O error with what was being done. ENOSPC and EDQUOT become
+    /// [`Error::NoSpace`] so that callers and exit statuses see them as such.
+    pub fn io(context: impl Into<String>, source: io::Error) -> Error {
+        let context = context.into();
+        match source.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => Error::NoSpace { context, source },
+            _ => Error::Io { context, source },
+        }
+    }
+
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Error::InvalidVid { .. } | Error::InvalidSize { .. } | Error::InvalidValue { .. } => {
+                ErrorClass::InvalidInput
+            }
+            Error::NoSuchVolume(_)
+            | Error::UnknownRevision { .. }
+            | Error::MissingImage { .. }
+            | Error::NotAPool { .. } => ErrorClass::NotFound,
+            Error::Busy { .. } | Error::PoolLocked { .. } => ErrorClass::Busy,
+            Error::Refused { .. } => ErrorClass::Refused,
+            Error::NoSpace { .. } => ErrorClass::NoSpace,
+            Error::CorruptMetadata { .. } | Error::NotRegular { .. } => ErrorClass::Corrupt,
+            Error::ReflinkUnsupported { .. } => ErrorClass::Unsupported,
+            Error::VolumeExists(_) | Error::PoolExists { .. } => ErrorClass::Exists,
+            Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOENT) => {
+                ErrorClass::NotFound
+            }
+            Error::Io { .. } => ErrorClass::Io,
+        }
+    }
+
+    /// The errno a FUSE reply carries for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            // Bad input from a FUSE request can only come through a name or
+            // a size the kernel passed on: EINVAL is what a syscall gives.
+            Error::InvalidVid { .. } | Error::InvalidSize { .. } | Error::InvalidValue { .. } => {
+                libc::EINVAL
+            }
+            Error::NoSuchVolume(_) | Error::UnknownRevision { .. } | Error::NotAPool { .. } => {
+                libc::ENOENT
+            }
+            // The volume exists but its image does not: the file the caller
+            // named is gone, so ENOENT, as for a deleted file.
+            Error::MissingImage { .. } => libc::ENOENT,
+            Error::Busy { .. } | Error::PoolLocked { .. } => libc::EBUSY,
+            // Refusals are about write access (rw=false, read-only pool).
+            Error::Refused { .. } => libc::EROFS,
+            Error::NoSpace { source, .. } => source.raw_os_error().unwrap_or(libc::ENOSPC),
+            // A planted symlink is what ELOOP means for O_NOFOLLOW.
+            Error::NotRegular { .. } => libc::ELOOP,
+            // Corrupt metadata is an I/O-level failure for the caller.
+            Error::CorruptMetadata { .. } => libc::EIO,
+            Error::ReflinkUnsupported { .. } => libc::EOPNOTSUPP,
+            Error::VolumeExists(_) | Error::PoolExists { .. } => libc::EEXIST,
+            Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_are_distinct() {
+        let mut codes: Vec<u8> = ErrorClass::ALL.iter().map(|c| c.1).collect();
+        codes.sort();
+        codes.dedup();
+        assert_eq!(codes.len(), ErrorClass::ALL.len());
+        assert!(
+            !codes.contains(&0) && !codes.contains(&2),
+            "0 and 2 are taken"
+        );
+    }
+
+    #[test]
+    fn enospc_becomes_no_space() {
+        let e = Error::io("copying", io::Error::from_raw_os_error(libc::ENOSPC));
+        assert_eq!(e.class(), ErrorClass::NoSpace);
+        assert_eq!(e.class().exit_code(), 7);
+        assert_eq!(e.errno(), libc::ENOSPC);
+    }
+}

@@ -1,0 +1,253 @@
+//! Crash tests: for every failpoint, a child process aborts there (SIGABRT,
+//! no destructors run), the pool is reopened, and recovery must leave the
+//! latest committed data whole (old or new), no temporary files, no
+//! duplicate revisions, and a volume that starts and stops.
+
+mod common;
+
+use common::*;
+use reflinkfs::engine::failpoint;
+use reflinkfs::engine::{CreateOptions, Pool, Property, StopOutcome};
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::Command;
+
+const ENV_POOL: &str = "REFLINKFS_CRASH_POOL";
+const ENV_SIDE: &str = "REFLINKFS_CRASH_SIDE";
+const V: &str = "appvms/vm/private";
+const W: &str = "appvms/other/private";
+const NEW_VOL: &str = "appvms/new/private";
+
+/// Content the child tries to commit, and the source the import reads.
+fn new_content() -> Vec<u8> {
+    pattern(0xB0, MIB as usize)
+}
+
+fn old_content() -> Vec<u8> {
+    pattern(0xA0, MIB as usize)
+}
+
+fn clone_content() -> Vec<u8> {
+    pattern(0xC0, MIB as usize)
+}
+
+/// The operation a failpoint belongs to.
+fn op_of(fp: &str) -> &str {
+    fp.split('.').next().unwrap()
+}
+
+/// Runs in the child: does the operation of the armed failpoint, which
+/// must abort before it returns.
+fn child_main(pool_path: &Path, fp: &str, side: &Path) {
+    let pool = Pool::open(pool_path).expect("child: open pool");
+    let v = vid(V);
+    match op_of(fp) {
+        "create" => pool
+            .create(&vid(NEW_VOL), &CreateOptions::origin(MIB))
+            .unwrap(),
+        "start" => {
+            pool.start(&v).unwrap();
+        }
+        "commit" | "prune" => {
+            let f = pool.start(&v).unwrap();
+            write_at(&f, 0, &new_content());
+            drop(f);
+            pool.stop(&v).unwrap();
+        }
+        "revert" => {
+            pool.revert(&v, Some("1")).unwrap();
+        }
+        "resize" => {
+            pool.resize(&v, 2 * MIB, false).unwrap();
+        }
+        "import" => {
+            let src = File::open(side).unwrap();
+            pool.import(&v, &src, None).unwrap();
+        }
+        "clone" => pool.clone_volume(&vid(W), &pool, &v).unwrap(),
+        "set" => pool.set(&v, Property::RevisionsToKeep(1)).unwrap(),
+        other => panic!("no crash scenario for operation {other}"),
+    }
+    eprintln!("child: {fp} was not reached");
+    std::process::exit(0);
+}
+
+/// The entry point of the child processes (not a test by itself).
+#[test]
+#[ignore = "entry point of the crash tests' child processes"]
+fn crash_child() {
+    let pool = std::env::var(ENV_POOL).expect("run by crash tests only");
+    let fp = std::env::var(failpoint::ENV).expect("a failpoint is armed");
+    let side = std::env::var(ENV_SIDE).unwrap_or_default();
+    child_main(Path::new(&pool), &fp, Path::new(&side));
+}
+
+/// A pool where V has committed `old_content` with revision 1 (the empty
+/// image) kept, and W holds `clone_content`.
+fn setup(fs: &TestFs, fp: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (pool, path) = new_pool_with(fs, &format!("crash-{fp}"), 3);
+    let v = create_origin(&pool, V, MIB);
+    write_cycle(&pool, &v, 0, &old_content());
+    let w = create_origin(&pool, W, MIB);
+    write_cycle(&pool, &w, 0, &clone_content());
+    if op_of(fp) == "prune" {
+        // The child's commit must prune one revision.
+        pool.set(&v, Property::RevisionsToKeep(1)).unwrap();
+    }
+    let side = path.parent().unwrap().join("import-source.img");
+    std::fs::write(&side, new_content()).unwrap();
+    (path, side)
+}
+
+/// The committed content V may have after a crash at `fp`: the old, or the
+/// new that the operation was making.
+fn acceptable(fp: &str) -> Vec<Vec<u8>> {
+    let old = old_content();
+    let mut grown = old.clone();
+    grown.resize(2 * MIB as usize, 0);
+    let new = match op_of(fp) {
+        "commit" | "prune" | "import" => new_content(),
+        "revert" => vec![0u8; MIB as usize],
+        "resize" => grown,
+        "clone" => clone_content(),
+        _ => old.clone(),
+    };
+    vec![old, new]
+}
+
+fn check_after_crash(fs: &TestFs, fp: &str, path: &Path) {
+    let ctx = format!("[{}] failpoint {fp}", fs.name);
+    let pool = Pool::open(path).unwrap_or_else(|e| panic!("{ctx}: reopen failed: {e}"));
+    let v = vid(V);
+
+    // Latest committed data intact: whole old or whole new.
+    let img =
+        std::fs::read(image_path(path, &v)).unwrap_or_else(|e| panic!("{ctx}: no image: {e}"));
+    let ok = acceptable(fp);
+    assert!(
+        ok.contains(&img),
+        "{ctx}: the committed image is neither the old nor the new content (len {})",
+        img.len()
+    );
+    assert_eq!(
+        pool.info(&v).unwrap().size,
+        img.len() as u64,
+        "{ctx}: config size follows the image"
+    );
+
+    // No temporary files, no leftovers, no duplicate revisions.
+    for vol in [&v, &vid(W), &vid(NEW_VOL)] {
+        for f in files_of(path, vol) {
+            assert!(
+                !f.contains('~') && !f.ends_with("-import.img") && !f.ends_with("-dirty.img"),
+                "{ctx}: leftover {f}"
+            );
+        }
+    }
+    let img_ino = std::fs::metadata(image_path(path, &v)).unwrap().ino();
+    let revs = pool.revisions(&v).unwrap();
+    let mut inos = Vec::new();
+    for r in &revs {
+        let ino = std::fs::metadata(vm_dir(path, &v).join(&r.file_name))
+            .unwrap()
+            .ino();
+        assert_ne!(
+            ino, img_ino,
+            "{ctx}: revision {} is the committed image",
+            r.id
+        );
+        inos.push(ino);
+    }
+    inos.sort();
+    inos.dedup();
+    assert_eq!(inos.len(), revs.len(), "{ctx}: two revisions share a file");
+    let keep = pool.info(&v).unwrap().revisions_to_keep;
+    assert!(
+        revs.len() as i64 <= keep + 1,
+        "{ctx}: {} revisions with revisions_to_keep={keep}",
+        revs.len()
+    );
+    let problems = pool.check(None).unwrap();
+    let real: Vec<_> = problems
+        .iter()
+        .filter(|p| !(op_of(fp) == "create" && p.problem.contains("no volume owns")))
+        .collect();
+    assert!(real.is_empty(), "{ctx}: check found {real:?}");
+
+    // The next start and stop work and commit.
+    let f = pool
+        .start(&v)
+        .unwrap_or_else(|e| panic!("{ctx}: start after crash: {e}"));
+    write_at(&f, 4096, &pattern(0xD0, 4096));
+    drop(f);
+    assert!(
+        matches!(pool.stop(&v).unwrap(), StopOutcome::Committed { .. }),
+        "{ctx}"
+    );
+    assert_eq!(
+        read_committed(path, &v, 4096, 4096),
+        pattern(0xD0, 4096),
+        "{ctx}"
+    );
+    // A volume whose creation crashed can be created (stale files go).
+    if op_of(fp) == "create" && pool.info(&vid(NEW_VOL)).is_err() {
+        pool.create(&vid(NEW_VOL), &CreateOptions::origin(MIB))
+            .unwrap();
+    }
+    let n = vid(NEW_VOL);
+    if pool.info(&n).is_ok() {
+        write_cycle(&pool, &n, 0, b"works");
+    }
+}
+
+#[test]
+fn every_failpoint_recovers() {
+    let exe = std::env::current_exe().unwrap();
+    let mut exercised = 0usize;
+    let mut names = std::collections::BTreeSet::new();
+    for fs in filesystems() {
+        for fp in failpoint::ALL {
+            let (path, side) = setup(&fs, fp);
+            let out = Command::new(&exe)
+                .args([
+                    "--exact",
+                    "crash_child",
+                    "--ignored",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env(ENV_POOL, &path)
+                .env(ENV_SIDE, &side)
+                .env(failpoint::ENV, fp)
+                .env("RUST_LOG", "warn")
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.signal(),
+                Some(libc::SIGABRT),
+                "[{}] the child did not abort at {fp}: {:?}\nstdout: {}\nstderr: {stderr}",
+                fs.name,
+                out.status,
+                String::from_utf8_lossy(&out.stdout)
+            );
+            assert!(
+                stderr.contains(&format!("failpoint {fp} reached")),
+                "[{}] {fp}: {stderr}",
+                fs.name
+            );
+            check_after_crash(&fs, fp, &path);
+            exercised += 1;
+            names.insert(*fp);
+        }
+    }
+    println!(
+        "crash tests: exercised {} failpoints ({} distinct) on {} filesystem(s)",
+        exercised,
+        names.len(),
+        filesystems().len()
+    );
+    assert_eq!(names.len(), failpoint::ALL.len());
+}
