@@ -61,6 +61,9 @@ pub enum Error {
     #[error("{path} is not a reflinkfs pool (no .reflinkfs/pool.json)")]
     NotAPool { path: PathBuf },
 
+    #[error("{path} is not the mountpoint of a reflinkfs pool")]
+    NotAMount { path: PathBuf },
+
     #[error("{path} is already a reflinkfs pool")]
     PoolExists { path: PathBuf },
 
@@ -189,7 +192,8 @@ impl Error {
             Error::NoSuchVolume(_)
             | Error::UnknownRevision { .. }
             | Error::MissingImage { .. }
-            | Error::NotAPool { .. } => ErrorClass::NotFound,
+            | Error::NotAPool { .. }
+            | Error::NotAMount { .. } => ErrorClass::NotFound,
             Error::Busy { .. } | Error::PoolLocked { .. } => ErrorClass::Busy,
             Error::Refused { .. } => ErrorClass::Refused,
             Error::NoSpace { .. } => ErrorClass::NoSpace,
@@ -214,6 +218,7 @@ impl Error {
             Error::NoSuchVolume(_) | Error::UnknownRevision { .. } | Error::NotAPool { .. } => {
                 libc::ENOENT
             }
+            Error::NotAMount { .. } => libc::EINVAL,
             // The volume exists but its image does not: the file the caller
             // named is gone, so ENOENT, as for a deleted file.
             Error::MissingImage { .. } => libc::ENOENT,

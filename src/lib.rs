@@ -9,6 +9,7 @@
 pub mod cli;
 pub mod engine;
 pub mod error;
+pub mod fuse;
 pub mod sys;
 
 pub use error::{Error, ErrorClass, Result};

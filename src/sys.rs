@@ -507,6 +507,107 @@ pub fn clear_nonblock(fd: BorrowedFd<'_>) -> io::Result<()> {
     cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK) }).map(drop)
 }
 
+/// `fdatasync(fd)`. Errors as `fsync`.
+pub fn fdatasync(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: plain syscall on an open fd.
+    cvt(unsafe { libc::fdatasync(fd.as_raw_fd()) }).map(drop)
+}
+
+/// `umount2(path, flags)`. Errors: `EBUSY` while files on the mount are
+/// open (a loop device counts), `EINVAL` when `path` is not a mountpoint,
+/// `EPERM` without CAP_SYS_ADMIN.
+pub fn umount2(path: &std::path::Path, flags: libc::c_int) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+    cvt(unsafe { libc::umount2(c.as_ptr(), flags) }).map(drop)
+}
+
+/// A pipe with both ends close-on-exec: (read end, write end).
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` is a writable array of two ints, as pipe2 requires.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: pipe2 just returned these two fds and nothing else owns them.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// The two sides of `fork()`.
+pub enum Forked {
+    Parent { child: libc::pid_t },
+    Child,
+}
+
+/// `fork()`. Only safe to use while the process has a single thread, which
+/// is how the mount command uses it: before any thread is started.
+pub fn fork() -> io::Result<Forked> {
+    // SAFETY: the caller forks before starting threads, so the child's copy
+    // of the address space has no locks held by threads that do not exist
+    // in it.
+    match unsafe { libc::fork() } {
+        -1 => Err(io::Error::last_os_error()),
+        0 => Ok(Forked::Child),
+        child => Ok(Forked::Parent { child }),
+    }
+}
+
+/// `setsid()`: a new session, detached from the terminal.
+pub fn setsid() -> io::Result<()> {
+    // SAFETY: plain syscall without arguments.
+    cvt(unsafe { libc::setsid() }).map(drop)
+}
+
+/// `dup2(from, to)`: used to point stdin, stdout and stderr at a file.
+pub fn dup2(from: BorrowedFd<'_>, to: libc::c_int) -> io::Result<()> {
+    // SAFETY: `from` is open; `to` is one of the standard descriptors, which
+    // dup2 closes and replaces atomically.
+    cvt(unsafe { libc::dup2(from.as_raw_fd(), to) }).map(drop)
+}
+
+/// Blocks `signals` in the calling thread (and in threads it starts later),
+/// so that one thread can take them with [`wait_signal`].
+pub fn block_signals(signals: &[libc::c_int]) -> io::Result<()> {
+    let set = sigset(signals);
+    // SAFETY: `set` is an initialised sigset_t; the old mask is not needed.
+    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    Ok(())
+}
+
+fn sigset(signals: &[libc::c_int]) -> libc::sigset_t {
+    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigemptyset initialises the set; sigaddset only adds valid
+    // signal numbers to the initialised set.
+    unsafe {
+        libc::sigemptyset(set.as_mut_ptr());
+        for &s in signals {
+            libc::sigaddset(set.as_mut_ptr(), s);
+        }
+        set.assume_init()
+    }
+}
+
+/// Waits for one of `signals` (which must be blocked) and returns it.
+pub fn wait_signal(signals: &[libc::c_int]) -> io::Result<libc::c_int> {
+    let set = sigset(signals);
+    let mut sig: libc::c_int = 0;
+    // SAFETY: `set` is initialised and `sig` is a valid place for the result.
+    let r = unsafe { libc::sigwait(&set, &mut sig) };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    Ok(sig)
+}
+
+/// The real user id of the process.
+pub fn getuid() -> u32 {
+    // SAFETY: getuid cannot fail.
+    unsafe { libc::getuid() }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

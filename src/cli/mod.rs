@@ -2,6 +2,7 @@
 //! human or `--json` output, and turns errors into one line on stderr and
 //! the exit status of their class.
 
+mod mount;
 mod output;
 
 use crate::engine::admin::check_revisions_to_keep;
@@ -43,7 +44,39 @@ pub enum Command {
     /// Create, inspect and change volumes.
     #[command(subcommand, after_help = exit_status_help())]
     Volume(VolumeCommand),
+    /// Mount a pool: each VM directory shows N-dirty.img (opening it starts
+    /// the volume, the last close commits), N.img and the revisions.
+    /// Detaches once the mount is ready (exit 0) unless -f is given; logs
+    /// go to POOL/.reflinkfs/daemon.log.
+    #[command(after_help = MOUNT_HELP)]
+    Mount {
+        /// The pool directory (an empty directory becomes a new pool).
+        pool: PathBuf,
+        mountpoint: PathBuf,
+        /// Comma-separated options (see below). May be repeated.
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+        /// Stay in the foreground and log to stderr.
+        #[arg(short = 'f', long)]
+        foreground: bool,
+    },
+    /// Unmount a pool. Refused while volumes are open; waits until the
+    /// daemon has committed and released the pool.
+    #[command(after_help = exit_status_help())]
+    Unmount { mountpoint: PathBuf },
 }
+
+const MOUNT_HELP: &str = "Options (-o):
+  passthrough=on|off  kernel FUSE passthrough for reads and writes (default on;
+                      off, or a kernel without it, serves them in the daemon)
+  threads=N           worker threads (default 4)
+  allow_other         let other users in (file modes still apply: 0600, root)
+  ro                  every volume read-only
+  setup_check=no      when POOL is an empty directory, make it a copy-mode pool
+  noexec, noatime, nosuid, nodev, rw, defaults   the usual mount flags
+
+SIGTERM, SIGINT and SIGHUP unmount when no volume is open.
+With mount(8): mount -t reflinkfs POOL MOUNTPOINT -o OPTIONS (mount-helper/).";
 
 #[derive(Debug, Args)]
 pub struct PoolArg {
@@ -249,7 +282,9 @@ fn parse_revisions(v: &Option<String>) -> Result<Option<i64>> {
 /// Runs the CLI and returns the process exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    if !matches!(cli.command, Command::Mount { .. }) {
+        init_logging(cli.verbose);
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -280,6 +315,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Pool(cmd) => run_pool(cmd),
         Command::Volume(cmd) => run_volume(cmd),
+        Command::Mount {
+            pool,
+            mountpoint,
+            options,
+            foreground,
+        } => mount::mount(&pool, &mountpoint, &options, foreground, cli.verbose),
+        Command::Unmount { mountpoint } => mount::unmount(&mountpoint),
     }
 }
 

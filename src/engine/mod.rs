@@ -12,6 +12,7 @@ pub mod report;
 pub mod revision;
 pub mod size;
 pub mod vid;
+pub mod view;
 
 pub use admin::{CreateOptions, NewKind, Property, ResizeOutcome};
 pub use config::{PoolConfig, VolumeConfig, VolumeKind};

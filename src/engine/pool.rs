@@ -144,20 +144,30 @@ impl Pool {
             });
         }
         let path = absolute(path);
-        match std::fs::symlink_metadata(&path) {
+        let created = match std::fs::symlink_metadata(&path) {
             Ok(m) if m.file_type().is_symlink() => {
                 return Err(Error::NotRegular {
                     what: "pool directory".into(),
                     path,
                 })
             }
-            Ok(_) => {}
+            Ok(_) => false,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 std::fs::create_dir(&path).map_err(io_at(&path, "creating pool directory"))?;
-                log::info!("created pool directory {}", path.display());
+                true
             }
             Err(e) => return Err(Error::io(format!("examining {}", path.display()), e)),
+        };
+        let result = Pool::init_in(&path, opts);
+        if result.is_err() && created {
+            // A failed init leaves nothing behind, not even the directory.
+            let _ = std::fs::remove_dir_all(&path);
         }
+        result
+    }
+
+    fn init_in(path: &Path, opts: &InitOptions) -> Result<Pool> {
+        let path = path.to_owned();
         let root = Dir::open_path(&path).map_err(io_at(&path, "opening pool directory"))?;
         if root.entry(META_DIR).map_err(io_at(&path, "examining"))? != Entry::Missing {
             return Err(Error::PoolExists { path });

@@ -1,0 +1,502 @@
+//! `reflinkfs mount` and `reflinkfs unmount`: option parsing, detaching
+//! once the mount is ready, signals, and a clean end.
+
+use crate::engine::{InitOptions, Pool};
+use crate::error::{Error, Result};
+use crate::fuse::fs::{FsOptions, ReflinkFs};
+use crate::fuse::Adapter;
+use crate::sys;
+use fuser::{Config, MountOption, SessionACL};
+use parking_lot::Mutex;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+/// Options of `reflinkfs mount -o`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountOpts {
+    pub passthrough: bool,
+    pub threads: usize,
+    pub allow_other: bool,
+    pub read_only: bool,
+    pub setup_check: bool,
+    pub noexec: bool,
+    pub noatime: bool,
+}
+
+impl Default for MountOpts {
+    fn default() -> Self {
+        MountOpts {
+            passthrough: true,
+            threads: 4,
+            allow_other: false,
+            read_only: false,
+            setup_check: true,
+            noexec: false,
+            noatime: false,
+        }
+    }
+}
+
+fn bad_option(opt: &str, reason: &str) -> Error {
+    Error::InvalidValue {
+        property: format!("mount option {opt:?}"),
+        reason: reason.to_owned(),
+    }
+}
+
+impl MountOpts {
+    /// Parses comma-separated `-o` lists. Unknown options are refused.
+    pub fn parse<S: AsRef<str>>(lists: &[S]) -> Result<MountOpts> {
+        let mut o = MountOpts::default();
+        for list in lists {
+            for opt in list
+                .as_ref()
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+            {
+                let (key, value) = match opt.split_once('=') {
+                    Some((k, v)) => (k, Some(v)),
+                    None => (opt, None),
+                };
+                match (key, value) {
+                    ("passthrough", Some("on")) => o.passthrough = true,
+                    ("passthrough", Some("off")) => o.passthrough = false,
+                    ("passthrough", _) => return Err(bad_option(opt, "use passthrough=on or passthrough=off")),
+                    ("threads", Some(n)) => {
+                        o.threads = n
+                            .parse()
+                            .ok()
+                            .filter(|n| (1..=64).contains(n))
+                            .ok_or_else(|| bad_option(opt, "threads must be a number from 1 to 64"))?
+                    }
+                    ("setup_check", Some("no")) => o.setup_check = false,
+                    ("setup_check", Some("yes")) => o.setup_check = true,
+                    ("setup_check", _) => return Err(bad_option(opt, "use setup_check=no or setup_check=yes")),
+                    ("allow_other", None) => o.allow_other = true,
+                    ("ro", None) => o.read_only = true,
+                    ("rw", None) => o.read_only = false,
+                    ("noexec", None) => o.noexec = true,
+                    ("exec", None) => o.noexec = false,
+                    ("noatime", None) => o.noatime = true,
+                    ("atime" | "relatime" | "nosuid" | "nodev" | "defaults" | "async", None) => {}
+                    ("suid" | "dev", None) => {
+                        return Err(bad_option(opt, "reflinkfs always mounts nosuid,nodev"))
+                    }
+                    _ => {
+                        return Err(bad_option(
+                            opt,
+                            "unknown option; known: passthrough=on|off, threads=N, allow_other, ro, rw, setup_check=no, and the flags noexec, noatime, nosuid, nodev",
+                        ))
+                    }
+                }
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// Log output that starts on stderr and moves to a file once the daemon
+/// detaches.
+#[derive(Clone, Default)]
+struct LogSink(Arc<Mutex<Option<File>>>);
+
+impl Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match &mut *self.0.lock() {
+            Some(f) => f.write(buf),
+            None => std::io::stderr().write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match &mut *self.0.lock() {
+            Some(f) => f.flush(),
+            None => std::io::stderr().flush(),
+        }
+    }
+}
+
+fn init_daemon_logging(verbose: u8) -> LogSink {
+    let sink = LogSink::default();
+    let level = if verbose > 1 { "debug" } else { "info" };
+    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_timestamp_millis()
+        .target(env_logger::Target::Pipe(Box::new(sink.clone())))
+        .try_init();
+    sink
+}
+
+/// The daemon's log file, beside the pool's metadata.
+pub fn log_path(pool: &Path) -> PathBuf {
+    pool.join(crate::engine::pool::META_DIR).join("daemon.log")
+}
+
+/// What the detached child tells the waiting parent.
+fn report(pipe: &mut Option<File>, msg: &str) {
+    if let Some(p) = pipe.as_mut() {
+        let _ = p.write_all(msg.as_bytes());
+    }
+}
+
+/// `reflinkfs mount POOL MOUNTPOINT [-o OPTIONS] [-f]`.
+pub fn mount(
+    pool: &Path,
+    mountpoint: &Path,
+    options: &[String],
+    foreground: bool,
+    verbose: u8,
+) -> Result<ExitCode> {
+    let opts = MountOpts::parse(options)?;
+    let mnt = std::path::absolute(mountpoint).unwrap_or_else(|_| mountpoint.to_owned());
+    match std::fs::metadata(&mnt) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(Error::InvalidValue {
+                property: "mountpoint".into(),
+                reason: format!("{} is not a directory", mnt.display()),
+            })
+        }
+        Err(e) => return Err(Error::io(format!("mountpoint {}", mnt.display()), e)),
+    }
+    if foreground {
+        let sink = init_daemon_logging(verbose);
+        return serve(pool, &mnt, &opts, None, sink);
+    }
+    // Fork before any thread exists; the parent waits for the child's word
+    // that the mount is ready.
+    let (rd, wr) = sys::pipe().map_err(|e| Error::io("creating a pipe", e))?;
+    match sys::fork().map_err(|e| Error::io("fork", e))? {
+        sys::Forked::Parent { child } => {
+            drop(wr);
+            let mut msg = String::new();
+            let _ = File::from(rd).read_to_string(&mut msg);
+            if let Some(rest) = msg.strip_prefix("ok ") {
+                log::debug!("daemon {child} ready: {rest}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            if let Some(rest) = msg.strip_prefix("err ") {
+                let (code, text) = rest.split_once(' ').unwrap_or(("1", rest));
+                eprintln!("reflinkfs: error: {}", text.trim_end());
+                return Ok(ExitCode::from(code.parse::<u8>().unwrap_or(1)));
+            }
+            eprintln!(
+                "reflinkfs: error: the daemon (PID {child}) exited before the mount was ready; see {}",
+                log_path(pool).display()
+            );
+            Ok(ExitCode::from(1))
+        }
+        sys::Forked::Child => {
+            drop(rd);
+            let _ = sys::setsid();
+            let sink = init_daemon_logging(verbose);
+            let code = match serve(pool, &mnt, &opts, Some(File::from(wr)), sink) {
+                Ok(_) => 0,
+                Err(e) => {
+                    log::error!("{e}");
+                    e.class().exit_code() as i32
+                }
+            };
+            std::process::exit(code);
+        }
+    }
+}
+
+/// Opens the pool, mounts, reports readiness, and serves until unmounted.
+fn serve(
+    pool_path: &Path,
+    mnt: &Path,
+    opts: &MountOpts,
+    pipe: Option<File>,
+    sink: LogSink,
+) -> Result<ExitCode> {
+    let mut pipe = pipe;
+    let fail = |pipe: &mut Option<File>, e: Error| -> Error {
+        report(pipe, &format!("err {} {e}\n", e.class().exit_code()));
+        e
+    };
+    // Signals are taken by one thread; every thread started later inherits
+    // the blocked mask.
+    let signals = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+    sys::block_signals(&signals).map_err(|e| fail(&mut pipe, Error::io("blocking signals", e)))?;
+
+    let pool = match Pool::open(pool_path) {
+        Ok(p) => p,
+        Err(Error::NotAPool { .. }) if is_empty_dir(pool_path) => {
+            log::info!(
+                "{} is an empty directory: initialising a pool there",
+                pool_path.display()
+            );
+            let init = InitOptions {
+                setup_check: opts.setup_check,
+                ..InitOptions::default()
+            };
+            Pool::init(pool_path, &init).map_err(|e| fail(&mut pipe, e))?
+        }
+        Err(e) => return Err(fail(&mut pipe, e)),
+    };
+    let pool = Arc::new(pool);
+    let fs = Arc::new(ReflinkFs::new(
+        pool.clone(),
+        FsOptions {
+            passthrough: opts.passthrough,
+            read_only: opts.read_only,
+        },
+    ));
+    let mut mount_options = vec![
+        MountOption::FSName(pool.path().display().to_string()),
+        MountOption::Subtype("reflinkfs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoSuid,
+        MountOption::NoDev,
+    ];
+    if opts.read_only {
+        mount_options.push(MountOption::RO);
+    }
+    if opts.noexec {
+        mount_options.push(MountOption::NoExec);
+    }
+    if opts.noatime {
+        mount_options.push(MountOption::NoAtime);
+    }
+    let mut config = Config::default();
+    config.mount_options = mount_options;
+    config.acl = if opts.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(opts.threads);
+    config.clone_fd = true;
+
+    let session = fuser::Session::new(Adapter { fs: fs.clone() }, mnt, &config).map_err(|e| {
+        fail(
+            &mut pipe,
+            Error::io(
+                format!("mounting {} on {}", pool.path().display(), mnt.display()),
+                e,
+            ),
+        )
+    })?;
+    log::info!(
+        "mounted pool {} on {} (I/O mode: {}, {} threads{}{})",
+        pool.path().display(),
+        mnt.display(),
+        if fs.passthrough() {
+            "passthrough"
+        } else {
+            "daemon (pread/pwrite)"
+        },
+        opts.threads,
+        if opts.read_only { ", read-only" } else { "" },
+        if opts.allow_other {
+            ", allow_other"
+        } else {
+            ""
+        },
+    );
+
+    let mnt_owned = mnt.to_owned();
+    let fs_sig = fs.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || signal_loop(&signals, &mnt_owned, &fs_sig))
+        .map_err(|e| fail(&mut pipe, Error::io("starting the signal thread", e)))?;
+
+    if let Some(mut p) = pipe.take() {
+        // Detach: logs go to the pool's log file, stdio to /dev/null.
+        match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_path(pool.path()))
+        {
+            Ok(f) => *sink.0.lock() = Some(f),
+            Err(e) => log::warn!(
+                "cannot open {}: {e}; logging nowhere",
+                log_path(pool.path()).display()
+            ),
+        }
+        let _ = p.write_all(format!("ok {}\n", std::process::id()).as_bytes());
+        drop(p);
+        if let Ok(null) = File::options().read(true).write(true).open("/dev/null") {
+            for fd in 0..3 {
+                let _ = sys::dup2(null.as_fd(), fd);
+            }
+        }
+    }
+    let result = session.run();
+    fs.shutdown();
+    match result {
+        Ok(()) => {
+            log::info!("unmounted {}; the pool is closed", mnt.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => Err(Error::io(format!("serving {}", mnt.display()), e)),
+    }
+}
+
+fn is_empty_dir(p: &Path) -> bool {
+    std::fs::read_dir(p)
+        .map(|mut d| d.next().is_none())
+        .unwrap_or(false)
+}
+
+/// SIGTERM, SIGINT and SIGHUP unmount when nothing is open; otherwise the
+/// daemon keeps serving rather than pull a disk from under a VM.
+fn signal_loop(signals: &[libc::c_int], mnt: &Path, fs: &ReflinkFs) {
+    loop {
+        let sig = match sys::wait_signal(signals) {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!("waiting for signals failed: {e}");
+                return;
+            }
+        };
+        let open = fs.open_volumes();
+        if open > 0 {
+            log::warn!(
+                "signal {sig}: not unmounting {}: {open} volume(s) open",
+                mnt.display()
+            );
+            continue;
+        }
+        match sys::umount2(mnt, 0) {
+            Ok(()) => {
+                log::info!("signal {sig}: unmounted {}", mnt.display());
+                return;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                log::warn!(
+                    "signal {sig}: not unmounting {}: it is busy (files are open on it)",
+                    mnt.display()
+                )
+            }
+            Err(e) => log::error!("signal {sig}: unmounting {} failed: {e}", mnt.display()),
+        }
+    }
+}
+
+/// The pool (FUSE source) of a reflinkfs mount, from /proc/self/mountinfo.
+fn pool_of_mount(mnt: &Path) -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = mnt.to_str()?;
+    for line in info.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let sep = fields.iter().position(|f| *f == "-")?;
+        let fstype = fields.get(sep + 1).copied().unwrap_or("");
+        if fields.get(4).map(|m| unescape_mount(m)).as_deref() == Some(want)
+            && (fstype == "fuse" || fstype == "fuse.reflinkfs")
+        {
+            let source = PathBuf::from(unescape_mount(fields.get(sep + 2)?));
+            // Ours when the source is a pool (fuser mounts as plain "fuse").
+            if source
+                .join(crate::engine::pool::META_DIR)
+                .join(crate::engine::pool::POOL_JSON)
+                .exists()
+            {
+                return Some(source);
+            }
+        }
+    }
+    None
+}
+
+/// Undoes the octal escapes (`\040` for a space) of /proc/self/mountinfo.
+fn unescape_mount(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `reflinkfs unmount MOUNTPOINT`: refused while volumes are open; waits
+/// for the daemon to commit and release the pool.
+pub fn unmount(mountpoint: &Path) -> Result<ExitCode> {
+    let mnt = std::fs::canonicalize(mountpoint)
+        .map_err(|e| Error::io(format!("mountpoint {}", mountpoint.display()), e))?;
+    let pool = pool_of_mount(&mnt);
+    if pool.is_none() {
+        return Err(Error::NotAMount { path: mnt });
+    }
+    match sys::umount2(&mnt, 0) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            return Err(Error::Busy {
+                vid: mnt.display().to_string(),
+                reason: "files on the mount are open (a running volume, a loop device, or a reader); stop them first".into(),
+            })
+        }
+        Err(e) => return Err(Error::io(format!("unmounting {}", mnt.display()), e)),
+    }
+    if let Some(pool) = pool {
+        wait_for_pool_release(&pool);
+        println!("unmounted {} (pool {})", mnt.display(), pool.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Waits (up to a minute) until no process holds the pool's lock.
+pub fn wait_for_pool_release(pool: &Path) {
+    let lock = pool
+        .join(crate::engine::pool::META_DIR)
+        .join(crate::engine::pool::LOCK_FILE);
+    for _ in 0..600 {
+        match File::open(&lock) {
+            Ok(f) => {
+                if sys::try_lock_exclusive(f.as_fd()).unwrap_or(false) {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    log::warn!(
+        "the daemon of {} still holds the pool after a minute",
+        pool.display()
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_refuses_options() {
+        let o = MountOpts::parse(&["passthrough=off,threads=8", "allow_other,ro"]).unwrap();
+        assert!(!o.passthrough && o.threads == 8 && o.allow_other && o.read_only);
+        assert!(MountOpts::parse(&["setup_check=no"]).unwrap().setup_check == false);
+        for bad in [
+            "passthrough=maybe",
+            "threads=0",
+            "threads=x",
+            "bogus",
+            "suid",
+            "allow_other=1",
+        ] {
+            assert!(MountOpts::parse(&[bad]).is_err(), "{bad}");
+        }
+        assert_eq!(MountOpts::parse::<&str>(&[]).unwrap(), MountOpts::default());
+    }
+
+    #[test]
+    fn unescapes_mountinfo() {
+        assert_eq!(unescape_mount("/a\\040b"), "/a b");
+        assert_eq!(unescape_mount("/plain"), "/plain");
+    }
+}

@@ -1,0 +1,117 @@
+//! What the mounted filesystem needs from the engine: a cheap view of a
+//! volume's files, and the opens of its committed image and revisions.
+
+use super::config::{VolumeConfig, VolumeKind};
+use super::fsops::FileSig;
+use super::lifecycle::{open_image, regular_entry};
+use super::pool::{Names, Pool};
+use super::revision::Revision;
+use super::vid::ValidVid;
+use crate::error::{Error, Result};
+use crate::sys::{self, FsStats};
+use std::fs::File;
+
+/// A volume as the mount shows it.
+#[derive(Debug, Clone)]
+pub struct VolumeView {
+    pub config: VolumeConfig,
+    pub running: bool,
+    /// Bumped whenever the committed image is replaced.
+    pub generation: u64,
+    /// The committed image, for origin volumes that have one.
+    pub img: Option<FileSig>,
+    /// The dirty image, while the volume runs (or waits to be committed).
+    pub dirty: Option<FileSig>,
+    /// The size `N-dirty.img` shows while stopped.
+    pub nominal_size: u64,
+    pub revisions: Vec<Revision>,
+}
+
+impl Pool {
+    /// The view of one volume: config, state and the signatures of its
+    /// files. Planted symlinks and other non-regular files show as absent.
+    pub fn volume_view(&self, vid: &ValidVid) -> Result<VolumeView> {
+        let slot = self.slot(vid)?;
+        let st = slot.lock();
+        let n = Names::of(vid);
+        let dir = self.vm_dir_if_exists(vid)?;
+        let (img, dirty) = match &dir {
+            Some(d) => (
+                regular_entry(d, vid, &n.img()).ok().flatten(),
+                regular_entry(d, vid, &n.dirty()).ok().flatten(),
+            ),
+            None => (None, None),
+        };
+        let revisions = match st.config.kind() {
+            VolumeKind::Origin => self.list_revisions(vid, dir.as_ref())?,
+            _ => Vec::new(),
+        };
+        let config = st.config.clone();
+        let running = st.run.is_some();
+        drop(st);
+        Ok(VolumeView {
+            nominal_size: self.nominal_size(&config),
+            generation: config.generation,
+            img: if config.kind() == VolumeKind::Origin {
+                img
+            } else {
+                None
+            },
+            dirty,
+            running,
+            revisions,
+            config,
+        })
+    }
+
+    /// Opens the committed image of an origin volume read-only, with the
+    /// generation it belongs to (read under the volume's lock, so the two
+    /// match).
+    pub fn open_committed(&self, vid: &ValidVid) -> Result<(File, u64)> {
+        let slot = self.slot(vid)?;
+        let st = slot.lock();
+        if st.config.kind() != VolumeKind::Origin {
+            return Err(Error::MissingImage {
+                vid: vid.to_string(),
+                path: self
+                    .path()
+                    .join(vid.class())
+                    .join(vid.vm())
+                    .join(Names::of(vid).img()),
+            });
+        }
+        let dir = self.vm_dir(vid, false)?;
+        let f = open_image(&dir, vid, &Names::of(vid).img(), libc::O_RDONLY)?;
+        Ok((f, st.config.generation))
+    }
+
+    /// Opens a revision file read-only, by its file name.
+    pub fn open_revision(&self, vid: &ValidVid, file_name: &str) -> Result<File> {
+        let slot = self.slot(vid)?;
+        let _st = slot.lock();
+        let dir = self.vm_dir(vid, false)?;
+        let known = self
+            .list_revisions(vid, Some(&dir))?
+            .iter()
+            .any(|r| r.file_name == file_name);
+        if !known {
+            return Err(Error::UnknownRevision {
+                vid: vid.to_string(),
+                wanted: file_name.to_owned(),
+                valid: String::new(),
+            });
+        }
+        open_image(&dir, vid, file_name, libc::O_RDONLY)
+    }
+
+    /// Whether a volume runs.
+    pub fn is_running(&self, vid: &ValidVid) -> Result<bool> {
+        Ok(self.slot(vid)?.lock().run.is_some())
+    }
+
+    /// The backing filesystem's numbers, for statfs.
+    pub fn fs_stats(&self) -> Result<FsStats> {
+        sys::fstatvfs(self.root.fd())
+            .map_err(|e| Error::io(format!("statvfs of {}", self.path().display()), e))
+    }
+}
