@@ -507,6 +507,13 @@ pub fn clear_nonblock(fd: BorrowedFd<'_>) -> io::Result<()> {
     cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK) }).map(drop)
 }
 
+/// Whether an open file has `O_APPEND` set.
+pub fn is_append(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: F_GETFL on an open fd takes no pointer argument.
+    let fl = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
+    Ok(fl & libc::O_APPEND != 0)
+}
+
 /// `fdatasync(fd)`. Errors as `fsync`.
 pub fn fdatasync(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: plain syscall on an open fd.

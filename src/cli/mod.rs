@@ -14,10 +14,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 fn exit_status_help() -> String {
-    let mut s = String::from(
-        "Exit status:\n  0   success\n  2   usage error (unknown command or option)\n",
-    );
-    for (_, code, what) in ErrorClass::ALL {
+    let mut rows: Vec<(u8, &str)> = ErrorClass::ALL.iter().map(|(_, c, w)| (*c, *w)).collect();
+    rows.push((0, "success"));
+    rows.push((2, "usage error (unknown command or option)"));
+    rows.sort();
+    let mut s = String::from("Exit status:\n");
+    for (code, what) in rows {
         s.push_str(&format!("  {code:<3} {what}\n"));
     }
     s.push_str("\nThe pool defaults to $REFLINKFS_POOL. Sizes take K, M, G and T suffixes (powers of 1024).\nLogs go to stderr: -v shows every copy, reflink, rename and remove; RUST_LOG overrides.");
@@ -143,7 +145,7 @@ pub enum VolumeCommand {
         pool: PoolArg,
         vid: String,
         /// Size in bytes, with an optional K, M, G or T suffix.
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         size: String,
         /// Make a snapshot volume whose every start copies SRC_VID's
         /// committed image and whose stop discards its writes.
@@ -194,6 +196,7 @@ pub enum VolumeCommand {
         #[command(flatten)]
         pool: PoolArg,
         vid: String,
+        #[arg(allow_hyphen_values = true)]
         size: String,
         /// Allow a smaller size (data past the new end is lost).
         #[arg(long)]
@@ -230,7 +233,7 @@ pub enum VolumeCommand {
         vid: String,
         file: PathBuf,
         /// The size the data must have (default: the volume's size).
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         size: Option<String>,
     },
     /// Copy a volume's committed image (or a revision) to FILE (`-` for
@@ -378,7 +381,33 @@ fn run_pool(cmd: PoolCommand) -> Result<ExitCode> {
     }
 }
 
+/// The volume ids a command names, as typed.
+fn vids_in(cmd: &VolumeCommand) -> Vec<&str> {
+    match cmd {
+        VolumeCommand::Create {
+            vid, snapshot_of, ..
+        } => std::iter::once(vid.as_str())
+            .chain(snapshot_of.as_deref())
+            .collect(),
+        VolumeCommand::List { .. } => Vec::new(),
+        VolumeCommand::Info { vid, .. }
+        | VolumeCommand::Revisions { vid, .. }
+        | VolumeCommand::Resize { vid, .. }
+        | VolumeCommand::Revert { vid, .. }
+        | VolumeCommand::Set { vid, .. }
+        | VolumeCommand::Import { vid, .. }
+        | VolumeCommand::Export { vid, .. }
+        | VolumeCommand::Remove { vid, .. } => vec![vid.as_str()],
+        VolumeCommand::Clone {
+            src_vid, dst_vid, ..
+        } => vec![src_vid.as_str(), dst_vid.as_str()],
+    }
+}
+
 fn run_volume(cmd: VolumeCommand) -> Result<ExitCode> {
+    for v in vids_in(&cmd) {
+        precheck_vid(v)?;
+    }
     match cmd {
         VolumeCommand::Create {
             pool,
@@ -547,6 +576,16 @@ fn run_volume(cmd: VolumeCommand) -> Result<ExitCode> {
             println!("removed {vid}");
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// Checks the syntax of a volume id as typed (`CLASS/VM/NAME` or
+/// `VM:NAME`) before any file is touched (SPEC §2.1).
+fn precheck_vid(input: &str) -> Result<()> {
+    if input.contains(':') && !input.contains('/') {
+        crate::engine::pool::check_short_vid(input)
+    } else {
+        input.parse::<ValidVid>().map(drop)
     }
 }
 

@@ -101,19 +101,41 @@ impl MountOpts {
 }
 
 /// Log output that starts on stderr and moves to a file once the daemon
-/// detaches.
+/// detaches. What was logged before (recovery at pool open) is copied into
+/// the file too, so the file tells the whole story.
 #[derive(Clone, Default)]
-struct LogSink(Arc<Mutex<Option<File>>>);
+struct LogSink(Arc<Mutex<LogState>>);
+
+#[derive(Default)]
+struct LogState {
+    file: Option<File>,
+    early: Vec<u8>,
+}
+
+impl LogSink {
+    fn switch_to(&self, mut f: File) {
+        let mut st = self.0.lock();
+        let _ = f.write_all(&st.early);
+        st.early = Vec::new();
+        st.file = Some(f);
+    }
+}
 
 impl Write for LogSink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match &mut *self.0.lock() {
+        let mut st = self.0.lock();
+        match &mut st.file {
             Some(f) => f.write(buf),
-            None => std::io::stderr().write(buf),
+            None => {
+                if st.early.len() < (1 << 20) {
+                    st.early.extend_from_slice(buf);
+                }
+                std::io::stderr().write(buf)
+            }
         }
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        match &mut *self.0.lock() {
+        match &mut self.0.lock().file {
             Some(f) => f.flush(),
             None => std::io::stderr().flush(),
         }
@@ -313,7 +335,7 @@ fn serve(
             .append(true)
             .open(log_path(pool.path()))
         {
-            Ok(f) => *sink.0.lock() = Some(f),
+            Ok(f) => sink.switch_to(f),
             Err(e) => log::warn!(
                 "cannot open {}: {e}; logging nowhere",
                 log_path(pool.path()).display()
@@ -480,7 +502,7 @@ mod tests {
     fn parses_and_refuses_options() {
         let o = MountOpts::parse(&["passthrough=off,threads=8", "allow_other,ro"]).unwrap();
         assert!(!o.passthrough && o.threads == 8 && o.allow_other && o.read_only);
-        assert!(MountOpts::parse(&["setup_check=no"]).unwrap().setup_check == false);
+        assert!(!MountOpts::parse(&["setup_check=no"]).unwrap().setup_check);
         for bad in [
             "passthrough=maybe",
             "threads=0",

@@ -660,11 +660,16 @@ impl Pool {
         let len = sys::fstat(src.as_fd())
             .map_err(|e| Error::io(format!("examining {}", shown.display()), e))?
             .st_size as u64;
-        let dst_st = sys::fstat(dest.as_fd())
-            .map_err(|e| Error::io("examining the export destination", e))?;
-        let res = if dst_st.st_mode & libc::S_IFMT == libc::S_IFREG {
-            sys::ftruncate(dest.as_fd(), 0)
-                .and_then(|()| copy_into(&src, dest, CopyStrategy::Reflink))
+        // A new, empty regular file gets a reflink or a sparse copy; anything
+        // else (a pipe, or a file that already holds data, as a redirected
+        // stdout may) gets every byte written at its current position.
+        let fresh_file = sys::fstat(dest.as_fd())
+            .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_size == 0)
+            .unwrap_or(false)
+            && sys::lseek(dest.as_fd(), 0, libc::SEEK_CUR).ok() == Some(0)
+            && !sys::is_append(dest.as_fd()).unwrap_or(true);
+        let res = if fresh_file {
+            copy_into(&src, dest, CopyStrategy::Reflink)
                 .map(|k| log::info!("{vid}: exported {} ({})", shown.display(), k.as_str()))
         } else {
             stream_out(&src, dest, len)
@@ -708,6 +713,12 @@ impl Pool {
                     "a clone can only go into an origin volume, not a {} one",
                     st.config.kind().as_str()
                 ),
+            ));
+        }
+        if !st.config.rw {
+            return Err(refused(
+                dst,
+                "it is read-only (rw=false); cloning into it is refused",
             ));
         }
         let v = dst.to_string();
@@ -812,7 +823,10 @@ fn fill_import(
     strategy: CopyStrategy,
 ) -> Result<CopyKind, FillError> {
     let st = sys::fstat(source.as_fd())?;
-    if st.st_mode & libc::S_IFMT == libc::S_IFREG {
+    // A regular file read from its start (stdin may be a file positioned
+    // past a header: that is read as a stream, from where it is).
+    let at_start = sys::lseek(source.as_fd(), 0, libc::SEEK_CUR).ok() == Some(0);
+    if st.st_mode & libc::S_IFMT == libc::S_IFREG && at_start {
         let len = st.st_size as u64;
         if len != size {
             return Err(FillError::Length(format!("the source file is {len} bytes long, but the volume is to be {size} bytes; nothing was changed")));

@@ -520,7 +520,9 @@ impl Pool {
                     st.config = cfg;
                 }
             }
-            self.prune_revisions(&st.config, &dir)?;
+            // No pruning here: a revert legitimately leaves one revision more
+            // than revisions_to_keep (the one it went back to) until the next
+            // commit prunes.
         }
         dir.sync().map_err(io_ctx(&dir, "syncing", ""))?;
         Ok(())

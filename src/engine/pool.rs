@@ -422,8 +422,7 @@ impl Pool {
     /// exactly one known volume matches.
     pub fn resolve_vid(&self, input: &str) -> Result<ValidVid> {
         if let Some((vm, name)) = input.split_once(':') {
-            check_component(input, "VM name", vm)?;
-            check_component(input, "volume name", name)?;
+            check_short_vid(input)?;
             let matches: Vec<ValidVid> = self
                 .vids()
                 .into_iter()
@@ -532,6 +531,24 @@ impl Pool {
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
     }
+}
+
+/// Checks `VM:NAME` the way [`ValidVid::new`] checks a full id, without
+/// knowing the class, so a bad short id is refused before any file is
+/// touched.
+pub fn check_short_vid(input: &str) -> Result<()> {
+    let (vm, name) = input.split_once(':').ok_or_else(|| Error::InvalidVid {
+        input: input.to_owned(),
+        reason: "expected VM:NAME".into(),
+    })?;
+    ValidVid::new("class", vm, name).map_err(|e| match e {
+        Error::InvalidVid { reason, .. } => Error::InvalidVid {
+            input: input.to_owned(),
+            reason,
+        },
+        other => other,
+    })?;
+    Ok(())
 }
 
 /// Clones a small non-empty file with FICLONE and compares the content

@@ -159,7 +159,13 @@ impl Pool {
         let cfg = &st.config;
         let vid = &cfg.vid;
         let n = Names::of(vid);
-        let dir = self.vm_dir_if_exists(vid)?;
+        // A planted symlink in place of the VM directory makes this volume
+        // unusable, not the whole listing.
+        let (dir, dir_problem) = match self.vm_dir_if_exists(vid) {
+            Ok(d) => (d, None),
+            Err(e @ Error::NotRegular { .. }) => (None, Some(e.to_string())),
+            Err(e) => return Err(e),
+        };
         let kind = cfg.kind();
         let img = match &dir {
             Some(d) => d
@@ -215,6 +221,9 @@ impl Pool {
             self.nominal_size(cfg)
         };
         let revisions = self.list_revisions(vid, dir.as_ref())?;
+        if dir_problem.is_some() {
+            problem = dir_problem;
+        }
         let usage = match (&dir, with_usage) {
             (Some(d), true) => {
                 let mut files = Vec::new();
@@ -327,7 +336,7 @@ impl Pool {
         for vid in &vids {
             let Ok(slot) = self.slot(vid) else { continue };
             running += usize::from(slot.lock().run.is_some());
-            let Some(dir) = self.vm_dir_if_exists(vid)? else {
+            let Ok(Some(dir)) = self.vm_dir_if_exists(vid) else {
                 continue;
             };
             let n = Names::of(vid);

@@ -252,7 +252,7 @@ mod tests {
 
     #[test]
     fn ordering_puts_legacy_first() {
-        let mut ids = vec![
+        let mut ids = [
             RevisionId::Numbered(10),
             RevisionId::Legacy("2020-01-01T00:00:00Z".into()),
             RevisionId::Numbered(2),

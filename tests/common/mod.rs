@@ -7,6 +7,8 @@
 //! (`CI=true`) a missing filesystem is a failure, never a skip.
 #![allow(dead_code)]
 
+pub mod mount;
+
 use reflinkfs::engine::{CreateOptions, InitOptions, NewKind, Pool, ValidVid};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
