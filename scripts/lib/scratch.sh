@@ -33,13 +33,23 @@ scratch_fs() {
 
 scratch_cleanup() {
     [ -n "$SCRATCH_DIR" ] && [ -d "$SCRATCH_DIR" ] || return 0
-    local m dev
-    # Innermost mounts first: FUSE mounts and loop-mounted images made by
-    # the tests on top of the scratch filesystems, then the filesystems.
-    for _ in 1 2 3; do
+    local m dev try
+    # Innermost first: FUSE mounts (whose daemons then commit and exit),
+    # filesystems inside volumes, then the scratch filesystems, retrying
+    # while a daemon still holds files, lazily as a last resort.
+    for m in $(awk -v d="$SCRATCH_DIR" 'index($2, d) == 1 && $3 ~ /^fuse/ { print $2 }' /proc/mounts | sort -r); do
+        umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
+    done
+    for try in $(seq 50); do
+        local left=0
         for m in $(awk -v d="$SCRATCH_DIR" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r); do
-            umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
+            umount "$m" 2>/dev/null || left=1
         done
+        [ "$left" = 0 ] && break
+        sleep 0.2
+    done
+    for m in $(awk -v d="$SCRATCH_DIR" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r); do
+        umount -l "$m" 2>/dev/null || true
     done
     # Loop devices whose backing file lives under the scratch directory
     # (including ones a test attached to an image inside a mount).
@@ -54,7 +64,7 @@ scratch_cleanup() {
 # in CI, which starts on a fresh machine).
 install_packages() {
     local need=0 tool
-    for tool in mkfs.xfs mkfs.btrfs mkfs.ext4 losetup fusermount3 fio fsck.ext4 setfattr; do
+    for tool in mkfs.xfs mkfs.btrfs mkfs.ext4 losetup fusermount3 fio fsck.ext4 debugfs setfattr runuser fallocate; do
         command -v "$tool" >/dev/null 2>&1 || need=1
     done
     if [ "$need" = 1 ] || [ "${CI:-}" = true ]; then
