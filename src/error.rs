@@ -74,6 +74,10 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// An error the daemon reported for a request sent to it.
+    #[error("{message}")]
+    Remote { class: ErrorClass, message: String },
+
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -158,6 +162,13 @@ impl ErrorClass {
             .unwrap_or(1)
     }
 
+    pub fn from_name(name: &str) -> Option<ErrorClass> {
+        Self::ALL
+            .iter()
+            .map(|(c, _, _)| *c)
+            .find(|c| c.name() == name)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             ErrorClass::Io => "io",
@@ -200,6 +211,7 @@ impl Error {
             Error::CorruptMetadata { .. } | Error::NotRegular { .. } => ErrorClass::Corrupt,
             Error::ReflinkUnsupported { .. } => ErrorClass::Unsupported,
             Error::VolumeExists(_) | Error::PoolExists { .. } => ErrorClass::Exists,
+            Error::Remote { class, .. } => *class,
             Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOENT) => {
                 ErrorClass::NotFound
             }
@@ -232,6 +244,7 @@ impl Error {
             Error::CorruptMetadata { .. } => libc::EIO,
             Error::ReflinkUnsupported { .. } => libc::EOPNOTSUPP,
             Error::VolumeExists(_) | Error::PoolExists { .. } => libc::EEXIST,
+            Error::Remote { .. } => libc::EIO,
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         }
     }

@@ -7,6 +7,7 @@
 //! - [`sys`]: the safe wrappers around raw syscalls.
 
 pub mod cli;
+pub mod control;
 pub mod engine;
 pub mod error;
 pub mod fuse;

@@ -3,13 +3,15 @@
 //! the exit status of their class.
 
 mod mount;
-mod output;
+pub(crate) mod output;
 
+use crate::control::{self, client, Outcome, Request};
 use crate::engine::admin::check_revisions_to_keep;
-use crate::engine::{parse_size, CreateOptions, InitOptions, NewKind, Pool, Property, ValidVid};
+use crate::engine::{parse_size, InitOptions, Pool, Property, ValidVid};
 use crate::error::{Error, ErrorClass, Result};
 use clap::{Args, Parser, Subcommand};
 use std::fs::File;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -61,6 +63,16 @@ pub enum Command {
         /// Stay in the foreground and log to stderr.
         #[arg(short = 'f', long)]
         foreground: bool,
+    },
+    /// Show whether a pool is mounted, and if so its mountpoint, I/O mode,
+    /// running volumes with their open handles, commits in flight, and the
+    /// daemon's PID and uptime.
+    #[command(after_help = exit_status_help())]
+    Status {
+        #[command(flatten)]
+        pool: PoolArg,
+        #[command(flatten)]
+        json: JsonArg,
     },
     /// Unmount a pool. Refused while volumes are open; waits until the
     /// daemon has committed and released the pool.
@@ -310,10 +322,6 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
-fn open_pool(p: &PoolArg) -> Result<Pool> {
-    Pool::open(&p.pool)
-}
-
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Pool(cmd) => run_pool(cmd),
@@ -325,6 +333,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             foreground,
         } => mount::mount(&pool, &mountpoint, &options, foreground, cli.verbose),
         Command::Unmount { mountpoint } => mount::unmount(&mountpoint),
+        Command::Status { pool, json } => dispatch(&pool.pool, Request::Status, None, json.json),
     }
 }
 
@@ -363,20 +372,13 @@ fn run_pool(cmd: PoolCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         PoolCommand::Info { pool, json } => {
-            let p = open_pool(&pool)?;
-            let info = p.pool_info()?;
-            output::print(json.json, &info, output::pool_info)
+            dispatch(&pool.pool, Request::PoolInfo, None, json.json)
         }
         PoolCommand::Check { pool, volume, json } => {
-            let p = open_pool(&pool)?;
-            let only = volume.as_deref().map(|v| p.resolve_vid(v)).transpose()?;
-            let problems = p.check(only.as_ref())?;
-            output::print(json.json, &problems, output::problems)?;
-            Ok(if problems.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(ErrorClass::Corrupt.exit_code())
-            })
+            if let Some(v) = &volume {
+                precheck_vid(v)?;
+            }
+            dispatch(&pool.pool, Request::PoolCheck { volume }, None, json.json)
         }
     }
 }
@@ -405,6 +407,7 @@ fn vids_in(cmd: &VolumeCommand) -> Vec<&str> {
 }
 
 fn run_volume(cmd: VolumeCommand) -> Result<ExitCode> {
+    // Validate all input before the pool is touched.
     for v in vids_in(&cmd) {
         precheck_vid(v)?;
     }
@@ -419,95 +422,69 @@ fn run_volume(cmd: VolumeCommand) -> Result<ExitCode> {
             read_only,
             optional,
         } => {
-            // Validate all input before the pool is touched.
-            let size = parse_size(&size)?;
-            let rtk = parse_revisions(&revisions_to_keep)?;
-            let vid_full = vid
-                .contains('/')
-                .then(|| vid.parse::<ValidVid>())
-                .transpose()?;
-            let p = open_pool(&pool)?;
-            let vid = match vid_full {
-                Some(v) => v,
-                None => p
-                    .resolve_vid(&vid)
-                    .or_else(|_| create_vid_from_short(&p, &vid))?,
-            };
-            let kind = match (snapshot_of, volatile) {
-                (Some(src), _) => NewKind::SnapshotOf(p.resolve_vid(&src)?),
-                (None, true) => NewKind::Volatile,
-                (None, false) => NewKind::Origin,
-            };
-            let opts = CreateOptions {
-                size,
-                kind,
-                rw: read_only.then_some(false),
-                revisions_to_keep: rtk,
+            let req = Request::VolumeCreate {
+                vid,
+                size: parse_size(&size)?,
+                snapshot_of,
+                volatile,
+                revisions_to_keep: parse_revisions(&revisions_to_keep)?,
+                read_only,
                 optional,
             };
-            p.create(&vid, &opts)?;
-            println!("created {vid}");
-            Ok(ExitCode::SUCCESS)
+            dispatch(&pool.pool, req, None, false)
         }
         VolumeCommand::List { pool, json } => {
-            let p = open_pool(&pool)?;
-            output::print(json.json, &p.list()?, output::volume_list)
+            dispatch(&pool.pool, Request::VolumeList, None, json.json)
         }
         VolumeCommand::Info { pool, vid, json } => {
-            let p = open_pool(&pool)?;
-            let vid = p.resolve_vid(&vid)?;
-            output::print(json.json, &p.info(&vid)?, output::volume_info)
+            dispatch(&pool.pool, Request::VolumeInfo { vid }, None, json.json)
         }
-        VolumeCommand::Revisions { pool, vid, json } => {
-            let p = open_pool(&pool)?;
-            let vid = p.resolve_vid(&vid)?;
-            output::print(json.json, &p.revisions(&vid)?, output::revisions)
-        }
+        VolumeCommand::Revisions { pool, vid, json } => dispatch(
+            &pool.pool,
+            Request::VolumeRevisions { vid },
+            None,
+            json.json,
+        ),
         VolumeCommand::Resize {
             pool,
             vid,
             size,
             allow_shrink,
         } => {
-            let size = parse_size(&size)?;
-            let p = open_pool(&pool)?;
-            let vid = p.resolve_vid(&vid)?;
-            let outcome = p.resize(&vid, size, allow_shrink)?;
-            println!("{vid}: {}", output::resize_outcome(outcome, size));
-            Ok(ExitCode::SUCCESS)
+            let req = Request::VolumeResize {
+                vid,
+                size: parse_size(&size)?,
+                allow_shrink,
+            };
+            dispatch(&pool.pool, req, None, false)
         }
         VolumeCommand::Revert {
             pool,
             vid,
             revision,
-        } => {
-            let p = open_pool(&pool)?;
-            let vid = p.resolve_vid(&vid)?;
-            let saved = p.revert(&vid, revision.as_deref())?;
-            match saved {
-                Some(k) => println!(
-                    "{vid}: reverted to revision {}; the previous image is revision {k}",
-                    revision.as_deref().unwrap_or("(newest)")
-                ),
-                None => println!(
-                    "{vid}: reverted to revision {}",
-                    revision.as_deref().unwrap_or("(newest)")
-                ),
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        } => dispatch(
+            &pool.pool,
+            Request::VolumeRevert { vid, revision },
+            None,
+            false,
+        ),
         VolumeCommand::Set {
             pool,
             vid,
             property,
             value,
         } => {
-            let prop = Property::parse(&property, &value)?;
-            let p = open_pool(&pool)?;
-            let vid = p.resolve_vid(&vid)?;
-            p.set(&vid, prop)?;
-            println!("{vid}: {property} = {value}");
-            Ok(ExitCode::SUCCESS)
+            Property::parse(&property, &value)?;
+            dispatch(
+                &pool.pool,
+                Request::VolumeSet {
+                    vid,
+                    property,
+                    value,
+                },
+                None,
+                false,
+            )
         }
         VolumeCommand::Import {
             pool,
@@ -517,17 +494,12 @@ fn run_volume(cmd: VolumeCommand) -> Result<ExitCode> {
         } => {
             let size = size.as_deref().map(parse_size).transpose()?;
             let source = open_input(&file)?;
-            let p = open_pool(&pool)?;
-            let vid = p.resolve_vid(&vid)?;
-            let saved = p.import(&vid, &source, size)?;
-            println!(
-                "{vid}: imported {}{}",
-                file.display(),
-                saved
-                    .map(|k| format!("; the previous image is revision {k}"))
-                    .unwrap_or_default()
-            );
-            Ok(ExitCode::SUCCESS)
+            let req = Request::VolumeImport {
+                vid,
+                size,
+                source: file.display().to_string(),
+            };
+            dispatch(&pool.pool, req, Some(source), false)
         }
         VolumeCommand::Export {
             pool,
@@ -535,48 +507,147 @@ fn run_volume(cmd: VolumeCommand) -> Result<ExitCode> {
             file,
             revision,
         } => {
-            let p = open_pool(&pool)?;
-            let vid = p.resolve_vid(&vid)?;
             let to_stdout = file == Path::new("-");
             let dest = open_output(&file)?;
-            let result = p.export(&vid, &dest, revision.as_deref());
+            let req = Request::VolumeExport {
+                vid,
+                revision,
+                dest: file.display().to_string(),
+            };
+            let result = dispatch(&pool.pool, req, Some(dest), false);
             if result.is_err() && !to_stdout {
                 let _ = std::fs::remove_file(&file);
             }
-            let bytes = result?;
-            if !to_stdout {
-                println!("{vid}: exported {bytes} bytes to {}", file.display());
-            }
-            Ok(ExitCode::SUCCESS)
+            result
         }
         VolumeCommand::Clone {
             pool,
             src_vid,
             dst_vid,
             to_pool,
-        } => {
-            let p = open_pool(&pool)?;
-            let src = p.resolve_vid(&src_vid)?;
-            let other = match &to_pool {
-                Some(tp) if !same_dir(tp, &pool.pool) => Some(Pool::open(tp)?),
-                _ => None,
-            };
-            let dst_pool = other.as_ref().unwrap_or(&p);
-            let dst = dst_pool
-                .resolve_vid(&dst_vid)
-                .or_else(|_| dst_vid.parse::<ValidVid>())?;
-            p.clone_volume(&src, dst_pool, &dst)?;
-            println!("cloned {src} to {dst} in {}", dst_pool.path().display());
-            Ok(ExitCode::SUCCESS)
-        }
+        } => match to_pool {
+            Some(tp) if !same_dir(&tp, &pool.pool) => {
+                clone_across(&pool.pool, &src_vid, &tp, &dst_vid)
+            }
+            _ => dispatch(
+                &pool.pool,
+                Request::VolumeClone {
+                    src: src_vid,
+                    dst: dst_vid,
+                },
+                None,
+                false,
+            ),
+        },
         VolumeCommand::Remove { pool, vid } => {
-            let p = open_pool(&pool)?;
-            let vid = p.resolve_vid(&vid)?;
-            p.remove(&vid)?;
-            println!("removed {vid}");
-            Ok(ExitCode::SUCCESS)
+            dispatch(&pool.pool, Request::VolumeRemove { vid }, None, false)
         }
     }
+}
+
+/// Runs a request through the daemon when the pool is mounted, else
+/// against the pool opened here; prints the outcome.
+fn dispatch(pool: &Path, req: Request, fd: Option<File>, json: bool) -> Result<ExitCode> {
+    let outcome = call(pool, req, fd)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&outcome.value).expect("values serialise")
+        );
+    } else {
+        print!("{}", outcome.text);
+    }
+    Ok(ExitCode::from(outcome.exit))
+}
+
+/// The outcome of a request, online or offline.
+fn call(pool: &Path, req: Request, fd: Option<File>) -> Result<Outcome> {
+    match client::connect(pool)? {
+        Some(stream) => {
+            log::debug!(
+                "{} is mounted: sending {req:?} to its daemon",
+                pool.display()
+            );
+            client::call(stream, &req, fd.as_ref().map(|f| f.as_fd()))
+        }
+        None => {
+            let p = Pool::open(pool)?;
+            control::execute(&p, req, fd, None)
+        }
+    }
+}
+
+/// A clone into another pool, each side online or offline: export the
+/// source into a file beside the destination pool (a reflink when the two
+/// share a filesystem), then create or import the destination from it.
+fn clone_across(src_pool: &Path, src: &str, dst_pool: &Path, dst: &str) -> Result<ExitCode> {
+    let info = call(
+        src_pool,
+        Request::VolumeInfo {
+            vid: src.to_owned(),
+        },
+        None,
+    )?;
+    let size = info.value["size"].as_u64().unwrap_or(0);
+    let src_vid = info.value["vid"].as_str().unwrap_or(src).to_owned();
+    let tmp_dir = dst_pool.join(crate::engine::pool::META_DIR);
+    if !tmp_dir.is_dir() {
+        return Err(Error::NotAPool {
+            path: dst_pool.to_owned(),
+        });
+    }
+    let tmp = tmp_dir.join(format!("clone~{}.img", std::process::id()));
+    let result = (|| -> Result<String> {
+        let dest = open_output(&tmp)?;
+        call(
+            src_pool,
+            Request::VolumeExport {
+                vid: src_vid.clone(),
+                revision: None,
+                dest: tmp.display().to_string(),
+            },
+            Some(dest),
+        )?;
+        let exists = call(
+            dst_pool,
+            Request::VolumeInfo {
+                vid: dst.to_owned(),
+            },
+            None,
+        )
+        .is_ok();
+        if !exists {
+            call(
+                dst_pool,
+                Request::VolumeCreate {
+                    vid: dst.to_owned(),
+                    size,
+                    snapshot_of: None,
+                    volatile: false,
+                    revisions_to_keep: None,
+                    read_only: false,
+                    optional: false,
+                },
+                None,
+            )?;
+        }
+        let source =
+            File::open(&tmp).map_err(|e| Error::io(format!("opening {}", tmp.display()), e))?;
+        let out = call(
+            dst_pool,
+            Request::VolumeImport {
+                vid: dst.to_owned(),
+                size: Some(size),
+                source: format!("{src_vid} of {}", src_pool.display()),
+            },
+            Some(source),
+        )?;
+        Ok(out.value["vid"].as_str().unwrap_or(dst).to_owned())
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    let dst_vid = result?;
+    println!("cloned {src_vid} to {dst_vid} in {}", dst_pool.display());
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Checks the syntax of a volume id as typed (`CLASS/VM/NAME` or
@@ -586,33 +657,6 @@ fn precheck_vid(input: &str) -> Result<()> {
         crate::engine::pool::check_short_vid(input)
     } else {
         input.parse::<ValidVid>().map(drop)
-    }
-}
-
-/// `VM:NAME` for a new volume: the class of that VM's existing volumes.
-fn create_vid_from_short(p: &Pool, input: &str) -> Result<ValidVid> {
-    let bad = |reason: &str| Error::InvalidVid {
-        input: input.to_owned(),
-        reason: reason.to_owned(),
-    };
-    let (vm, name) = input.split_once(':').ok_or_else(|| {
-        bad("expected CLASS/VM/NAME (for example appvms/work/private) or VM:NAME")
-    })?;
-    let mut classes: Vec<String> = p
-        .vids()
-        .into_iter()
-        .filter(|v| v.vm() == vm)
-        .map(|v| v.class().to_owned())
-        .collect();
-    classes.dedup();
-    match classes.as_slice() {
-        [class] => ValidVid::new(class, vm, name),
-        [] => Err(bad(
-            "the VM has no volumes yet, so its class is unknown; give CLASS/VM/NAME",
-        )),
-        _ => Err(bad(
-            "the VM name is used in several classes; give CLASS/VM/NAME",
-        )),
     }
 }
 

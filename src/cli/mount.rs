@@ -110,6 +110,7 @@ struct LogSink(Arc<Mutex<LogState>>);
 struct LogState {
     file: Option<File>,
     early: Vec<u8>,
+    foreground: bool,
 }
 
 impl LogSink {
@@ -130,7 +131,13 @@ impl Write for LogSink {
                 if st.early.len() < (1 << 20) {
                     st.early.extend_from_slice(buf);
                 }
-                std::io::stderr().write(buf)
+                // Before it detaches, the daemon shows a person only what
+                // needs attention (recovery, errors); the file gets it all.
+                let line = String::from_utf8_lossy(buf);
+                if st.foreground || line.contains(" WARN ") || line.contains(" ERROR ") {
+                    std::io::stderr().write_all(buf)?;
+                }
+                Ok(buf.len())
             }
         }
     }
@@ -186,6 +193,7 @@ pub fn mount(
     }
     if foreground {
         let sink = init_daemon_logging(verbose);
+        sink.0.lock().foreground = true;
         return serve(pool, &mnt, &opts, None, sink);
     }
     // Fork before any thread exists; the parent waits for the child's word
@@ -321,6 +329,20 @@ fn serve(
         },
     );
 
+    let daemon = Arc::new(DaemonState {
+        fs: fs.clone(),
+        mountpoint: mnt.to_owned(),
+        started: std::time::Instant::now(),
+    });
+    let socket = crate::control::server::spawn(pool.clone(), daemon).map_err(|e| {
+        fail(
+            &mut pipe,
+            Error::io(
+                format!("starting the control socket of {}", pool.path().display()),
+                e,
+            ),
+        )
+    })?;
     let mnt_owned = mnt.to_owned();
     let fs_sig = fs.clone();
     std::thread::Builder::new()
@@ -351,6 +373,7 @@ fn serve(
     }
     let result = session.run();
     fs.shutdown();
+    crate::control::server::remove(&socket);
     match result {
         Ok(()) => {
             log::info!("unmounted {}; the pool is closed", mnt.display());
@@ -358,6 +381,79 @@ fn serve(
         }
         Err(e) => Err(Error::io(format!("serving {}", mnt.display()), e)),
     }
+}
+
+/// What `reflinkfs status` and online resizes need from the daemon.
+struct DaemonState {
+    fs: Arc<ReflinkFs>,
+    mountpoint: PathBuf,
+    started: std::time::Instant,
+}
+
+impl crate::control::Daemon for DaemonState {
+    fn status(&self) -> serde_json::Value {
+        let running: Vec<serde_json::Value> = self
+            .fs
+            .open_handles()
+            .into_iter()
+            .map(|(vid, n)| serde_json::json!({ "vid": vid.to_string(), "open_handles": n }))
+            .collect();
+        let commits: Vec<String> = self
+            .fs
+            .commits_in_flight()
+            .iter()
+            .map(|v| v.to_string())
+            .collect();
+        serde_json::json!({
+            "pool": self.fs.pool().path().display().to_string(),
+            "mounted": true,
+            "mountpoint": self.mountpoint.display().to_string(),
+            "io_mode": self.fs.io_mode(),
+            "pid": std::process::id(),
+            "uptime_seconds": self.started.elapsed().as_secs(),
+            "running": running,
+            "commits_in_flight": commits,
+        })
+    }
+
+    fn resized(&self, vid: &crate::engine::ValidVid) {
+        let path = self
+            .mountpoint
+            .join(vid.class())
+            .join(vid.vm())
+            .join(crate::engine::Names::of(vid).dirty());
+        // A stat through the mount makes the kernel fetch the new size
+        // (attributes are not cached), which the loop driver then reads.
+        if let Err(e) = std::fs::metadata(&path) {
+            log::warn!("{vid}: stat of {} after resize: {e}", path.display());
+        }
+        for dev in loop_devices_backed_by(&path) {
+            match File::open(&dev).and_then(|f| sys::loop_set_capacity(f.as_fd())) {
+                Ok(()) => log::info!("{vid}: told {} the new capacity", dev.display()),
+                Err(e) => log::error!("{vid}: LOOP_SET_CAPACITY on {}: {e}", dev.display()),
+            }
+        }
+    }
+}
+
+/// Loop devices whose backing file is `path` (from sysfs).
+fn loop_devices_backed_by(path: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        if let Ok(backing) = std::fs::read_to_string(e.path().join("loop/backing_file")) {
+            if Path::new(backing.trim_end_matches('\n')) == path {
+                out.push(PathBuf::from("/dev").join(&name));
+            }
+        }
+    }
+    out
 }
 
 fn is_empty_dir(p: &Path) -> bool {

@@ -4,26 +4,6 @@
 use crate::engine::report::{PoolInfo, Problem, VolumeInfo};
 use crate::engine::size::{format_approx, format_size};
 use crate::engine::{ResizeOutcome, Revision};
-use crate::error::Result;
-use serde::Serialize;
-use std::process::ExitCode;
-
-/// Prints `value` as JSON, or through `human`.
-pub fn print<T: Serialize + ?Sized>(
-    json: bool,
-    value: &T,
-    human: fn(&T) -> String,
-) -> Result<ExitCode> {
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(value).expect("reports serialise")
-        );
-    } else {
-        print!("{}", human(value));
-    }
-    Ok(ExitCode::SUCCESS)
-}
 
 pub fn pool_info(p: &PoolInfo) -> String {
     let b = &p.backing;
@@ -60,7 +40,7 @@ pub fn pool_info(p: &PoolInfo) -> String {
     )
 }
 
-pub fn problems(list: &Vec<Problem>) -> String {
+pub fn problems(list: &[Problem]) -> String {
     if list.is_empty() {
         return "no problems found\n".into();
     }
@@ -85,7 +65,7 @@ fn kind_name(v: &VolumeInfo) -> &'static str {
     v.kind.map(|k| k.as_str()).unwrap_or("?")
 }
 
-pub fn volume_list(list: &Vec<VolumeInfo>) -> String {
+pub fn volume_list(list: &[VolumeInfo]) -> String {
     let mut rows = vec![[
         "VID".to_owned(),
         "TYPE".into(),
@@ -191,7 +171,7 @@ pub fn volume_info(v: &VolumeInfo) -> String {
     s
 }
 
-pub fn revisions(list: &Vec<Revision>) -> String {
+pub fn revisions(list: &[Revision]) -> String {
     if list.is_empty() {
         return "no revisions\n".into();
     }
@@ -216,4 +196,40 @@ pub fn resize_outcome(o: ResizeOutcome, size: u64) -> String {
             format!("size set to {size} bytes (takes effect at the next start)")
         }
     }
+}
+
+/// `reflinkfs status`, from the daemon's JSON.
+pub fn status(v: &serde_json::Value) -> String {
+    if v["mounted"] != true {
+        return format!(
+            "pool {} is not mounted\n",
+            v["pool"].as_str().unwrap_or("?")
+        );
+    }
+    let mut s = format!(
+        "pool:        {}\nmountpoint:  {}\nI/O mode:    {}\ndaemon:      PID {}, up {} s\n",
+        v["pool"].as_str().unwrap_or("?"),
+        v["mountpoint"].as_str().unwrap_or("?"),
+        v["io_mode"].as_str().unwrap_or("?"),
+        v["pid"],
+        v["uptime_seconds"],
+    );
+    let running = v["running"].as_array().cloned().unwrap_or_default();
+    s.push_str(&format!("running:     {} volume(s)\n", running.len()));
+    for r in running {
+        s.push_str(&format!(
+            "  {}  ({} open handle(s))\n",
+            r["vid"].as_str().unwrap_or("?"),
+            r["open_handles"]
+        ));
+    }
+    let commits = v["commits_in_flight"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    s.push_str(&format!("committing:  {}\n", commits.len()));
+    for c in commits {
+        s.push_str(&format!("  {}\n", c.as_str().unwrap_or("?")));
+    }
+    s
 }

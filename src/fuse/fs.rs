@@ -95,6 +95,8 @@ pub struct ReflinkFs {
     /// shared by the opens of one inode (the kernel allows one per inode).
     ro_backing: Mutex<HashMap<u64, Weak<Backing>>>,
     handles: Mutex<HashMap<u64, Handle>>,
+    /// Volumes whose stop (commit) is in progress.
+    committing: Mutex<BTreeSet<ValidVid>>,
     next_fh: AtomicU64,
     pub stats: Stats,
     started: SystemTime,
@@ -141,6 +143,7 @@ impl ReflinkFs {
             dirty: Mutex::new(HashMap::new()),
             ro_backing: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
+            committing: Mutex::new(BTreeSet::new()),
             next_fh: AtomicU64::new(1),
             stats: Stats::default(),
             started: SystemTime::now(),
@@ -171,13 +174,35 @@ impl ReflinkFs {
         }
     }
 
+    /// Running volumes with their number of open handles.
+    pub fn open_handles(&self) -> Vec<(ValidVid, usize)> {
+        let mut v: Vec<(ValidVid, usize)> = self
+            .dirty_states()
+            .into_iter()
+            .map(|(k, s)| (k, s.lock().opens))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Volumes whose commit is in progress.
+    pub fn commits_in_flight(&self) -> Vec<ValidVid> {
+        self.committing.lock().iter().cloned().collect()
+    }
+
     /// How many volumes have their `N-dirty.img` open.
     pub fn open_volumes(&self) -> usize {
+        self.open_handles().len()
+    }
+
+    /// The open states, copied out so no state is locked while the map is.
+    fn dirty_states(&self) -> Vec<(ValidVid, Arc<Mutex<DirtyState>>)> {
         self.dirty
             .lock()
-            .values()
-            .filter(|s| s.lock().opens > 0)
-            .count()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     fn node(&self, ino: u64) -> FsResult<Node> {
@@ -543,7 +568,10 @@ impl ReflinkFs {
                 st.backing = None;
                 st.file = None;
                 drop(h);
-                match self.pool.stop(vid) {
+                self.committing.lock().insert(vid.clone());
+                let stopped = self.pool.stop(vid);
+                self.committing.lock().remove(vid);
+                match stopped {
                     Ok(outcome) => log::info!("{vid}: last close: {outcome:?}"),
                     Err(e) => log::error!("{vid}: stop at the last close failed: {e}; the dirty image is kept and will be committed at the next start or pool open"),
                 }
@@ -815,12 +843,7 @@ impl ReflinkFs {
     /// may drop RELEASE requests of an unmounted connection), so the daemon
     /// never exits with data only in a dirty image.
     pub fn shutdown(&self) {
-        let states: Vec<(ValidVid, Arc<Mutex<DirtyState>>)> = self
-            .dirty
-            .lock()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let states = self.dirty_states();
         self.handles.lock().clear();
         for (vid, state) in states {
             let mut st = state.lock();

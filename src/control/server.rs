@@ -1,0 +1,188 @@
+//! The daemon's control socket, `POOL/.reflinkfs/control.sock` (mode 0600).
+//!
+//! One request per connection: a JSON line, with a file descriptor attached
+//! (SCM_RIGHTS) for import and export; one JSON reply line. Peers are
+//! checked with SO_PEERCRED: root or the pool's owner. A malformed,
+//! oversized or unknown request gets an error reply, and the daemon keeps
+//! serving.
+
+use super::{execute, Daemon, Reply, Request, WireError, MAX_REQUEST};
+use crate::engine::Pool;
+use crate::error::Error;
+use crate::sys;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Binds the socket (replacing a stale one: the caller holds the pool's
+/// lock, so no other daemon can be using it) and serves it on a thread.
+pub fn spawn(pool: Arc<Pool>, daemon: Arc<dyn Daemon>) -> std::io::Result<PathBuf> {
+    let path = pool.control_socket_path();
+    match std::fs::remove_file(&path) {
+        Ok(()) => log::info!("removed stale control socket {}", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let owner = std::fs::metadata(pool.path()).map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.uid()
+    })?;
+    log::info!(
+        "control socket {} (root and uid {owner} may use it)",
+        path.display()
+    );
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(stream) => {
+                        let pool = pool.clone();
+                        let daemon = daemon.clone();
+                        let spawned = std::thread::Builder::new()
+                            .name("control-conn".into())
+                            .spawn(move || serve(stream, &pool, daemon.as_ref(), owner));
+                        if let Err(e) = spawned {
+                            log::error!("control: cannot start a thread: {e}");
+                        }
+                    }
+                    Err(e) => {
+                        log::error!("control: accept failed: {e}");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        })?;
+    Ok(path)
+}
+
+/// Removes the socket file at shutdown.
+pub fn remove(path: &Path) {
+    let _ = std::fs::remove_file(path);
+}
+
+fn send(stream: &mut UnixStream, reply: &Reply) {
+    let mut line = serde_json::to_vec(reply).expect("replies serialise");
+    line.push(b'\n');
+    if let Err(e) = stream.write_all(&line) {
+        log::warn!("control: could not send the reply: {e}");
+    }
+}
+
+fn refuse(stream: &mut UnixStream, e: &Error) {
+    send(stream, &Reply::Error(WireError::from(e)));
+}
+
+fn bad_request(reason: impl Into<String>) -> Error {
+    Error::InvalidValue {
+        property: "request".into(),
+        reason: reason.into(),
+    }
+}
+
+/// Reads one request line and the fd that came with it.
+fn read_request(stream: &UnixStream) -> Result<(Vec<u8>, Option<OwnedFd>), Error> {
+    let mut line = Vec::new();
+    let mut fd = None;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let (n, got) = sys::recv_with_fd(stream.as_fd(), &mut buf)
+            .map_err(|e| Error::io("reading the request", e))?;
+        if fd.is_none() {
+            fd = got;
+        }
+        if n == 0 {
+            break;
+        }
+        line.extend_from_slice(&buf[..n]);
+        if let Some(pos) = line.iter().position(|&b| b == b'\n') {
+            line.truncate(pos);
+            break;
+        }
+        if line.len() > MAX_REQUEST {
+            return Err(bad_request(format!(
+                "the request is longer than {MAX_REQUEST} bytes"
+            )));
+        }
+    }
+    Ok((line, fd))
+}
+
+fn serve(mut stream: UnixStream, pool: &Pool, daemon: &dyn Daemon, owner: u32) {
+    let (pid, uid) = match sys::peer_cred(stream.as_fd()) {
+        Ok((pid, uid, _)) => (pid, uid),
+        Err(e) => {
+            log::warn!("control: no peer credentials: {e}");
+            return;
+        }
+    };
+    if uid != 0 && uid != owner {
+        log::warn!("control: refused a request from uid {uid} (PID {pid}): only root and the pool's owner (uid {owner}) may administer it");
+        refuse(
+            &mut stream,
+            &Error::Refused {
+                vid: "control socket".into(),
+                reason: format!("uid {uid} may not administer this pool; only root and its owner (uid {owner}) may"),
+            },
+        );
+        return;
+    }
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let (line, fd) = match read_request(&stream) {
+        Ok(r) => r,
+        Err(e) => {
+            log::warn!("control: bad request from PID {pid}: {e}");
+            refuse(&mut stream, &e);
+            drain(&mut stream);
+            return;
+        }
+    };
+    let req: Request = match serde_json::from_slice(&line) {
+        Ok(r) => r,
+        Err(e) => {
+            let err = bad_request(format!("not a valid request: {e}"));
+            log::warn!("control: {err} (PID {pid})");
+            refuse(&mut stream, &err);
+            return;
+        }
+    };
+    let _ = stream.set_read_timeout(None);
+    let fd = fd.map(File::from);
+    if req.takes_fd() && fd.is_none() {
+        refuse(
+            &mut stream,
+            &bad_request("this operation needs a file descriptor passed with the request"),
+        );
+        return;
+    }
+    log::info!("control: {req:?} from PID {pid} (uid {uid})");
+    match execute(pool, req, fd, Some(daemon)) {
+        Ok(outcome) => send(&mut stream, &Reply::Ok(outcome)),
+        Err(e) => {
+            log::warn!("control: request from PID {pid} failed: {e}");
+            refuse(&mut stream, &e);
+        }
+    }
+}
+
+/// After refusing an oversized request, reads and drops the rest for a
+/// little while, so the client gets to read the reply instead of a reset.
+fn drain(stream: &mut UnixStream) {
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0usize;
+    while total < (64 << 20) {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => total += n,
+        }
+    }
+}
