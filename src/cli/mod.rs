@@ -4,6 +4,7 @@
 
 mod mount;
 pub(crate) mod output;
+mod progress;
 
 use crate::control::{self, client, Outcome, Request};
 use crate::engine::admin::check_revisions_to_keep;
@@ -74,6 +75,15 @@ pub enum Command {
         #[command(flatten)]
         json: JsonArg,
     },
+    /// Print a shell completion script (e.g. `reflinkfs completions bash >
+    /// /etc/bash_completion.d/reflinkfs`).
+    Completions {
+        #[arg(value_parser = ["bash", "zsh", "fish"])]
+        shell: String,
+    },
+    /// Print the man page (roff), generated from this command line's
+    /// definitions (e.g. `reflinkfs manpage | man -l -`).
+    Manpage,
     /// Unmount a pool. Refused while volumes are open; waits until the
     /// daemon has committed and released the pool.
     #[command(after_help = exit_status_help())]
@@ -124,6 +134,27 @@ pub enum PoolCommand {
         /// Kernel-pool mode: every volume is rw=false with revisions_to_keep=0.
         #[arg(long)]
         read_only: bool,
+    },
+    /// Bring an existing Qubes `file-reflink` or `file` pool directory under
+    /// management in place, without copying data: discover its images and
+    /// revisions, remove leftover `-cow.img` files of the `file` driver, and
+    /// write the volume configs (from qubes.xml when given, else inferred
+    /// from the names, with a report of every guess).
+    #[command(after_help = exit_status_help())]
+    Adopt {
+        #[command(flatten)]
+        pool: PoolArg,
+        /// Take volume properties from this qubes.xml.
+        #[arg(long, value_name = "FILE")]
+        qubes_xml: Option<PathBuf>,
+        /// Show the plan and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// `no` records the pool as copy mode instead of checking reflinks.
+        #[arg(long, value_name = "yes|no", default_value = "yes", value_parser = ["yes", "no"])]
+        setup_check: String,
+        #[command(flatten)]
+        json: JsonArg,
     },
     /// Show the pool's mode, defaults and usage.
     #[command(after_help = exit_status_help())]
@@ -333,6 +364,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
             foreground,
         } => mount::mount(&pool, &mountpoint, &options, foreground, cli.verbose),
         Command::Unmount { mountpoint } => mount::unmount(&mountpoint),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let shell = match shell.as_str() {
+                "bash" => clap_complete::Shell::Bash,
+                "zsh" => clap_complete::Shell::Zsh,
+                _ => clap_complete::Shell::Fish,
+            };
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "reflinkfs", &mut buf);
+            write_stdout(&buf)
+        }
+        Command::Manpage => {
+            use clap::CommandFactory;
+            let mut buf = Vec::new();
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut buf)
+                .map_err(|e| Error::io("writing the man page", e))?;
+            write_stdout(&buf)
+        }
         Command::Status { pool, json } => dispatch(&pool.pool, Request::Status, None, json.json),
     }
 }
@@ -369,6 +419,26 @@ fn run_pool(cmd: PoolCommand) -> Result<ExitCode> {
                     "reflink"
                 }
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        PoolCommand::Adopt {
+            pool,
+            qubes_xml,
+            dry_run,
+            setup_check,
+            json,
+        } => {
+            let opts = crate::engine::adopt::AdoptOptions {
+                qubes_xml,
+                dry_run,
+                setup_check: setup_check == "yes",
+            };
+            let report = crate::engine::adopt::adopt(&pool.pool, &opts)?;
+            if json.json {
+                println!("{}", serde_json::to_string_pretty(&report).expect("reports serialise"));
+            } else {
+                print!("{}", report.to_text());
+            }
             Ok(ExitCode::SUCCESS)
         }
         PoolCommand::Info { pool, json } => {
@@ -494,12 +564,39 @@ fn run_volume(cmd: VolumeCommand) -> Result<ExitCode> {
         } => {
             let size = size.as_deref().map(parse_size).transpose()?;
             let source = open_input(&file)?;
+            let bar = progress::wanted(false)
+                .then(|| {
+                    let total = crate::sys::fstat(source.as_fd())
+                        .ok()
+                        .filter(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG)
+                        .map(|st| st.st_blocks as u64 * 512)
+                        .or(size);
+                    let target = call(&pool.pool, Request::VolumeInfo { vid: vid.clone() }, None)
+                        .ok()
+                        .and_then(|o| {
+                            o.value["image"]
+                                .as_str()
+                                .map(|p| p.replace(".img", "-import.img"))
+                        });
+                    target.map(|t| {
+                        progress::Progress::start(
+                            format!("importing {}", file.display()),
+                            total,
+                            progress::Watch::Path(t.into()),
+                        )
+                    })
+                })
+                .flatten();
             let req = Request::VolumeImport {
                 vid,
                 size,
                 source: file.display().to_string(),
             };
-            dispatch(&pool.pool, req, Some(source), false)
+            let result = dispatch(&pool.pool, req, Some(source), false);
+            if let Some(b) = bar {
+                b.finish();
+            }
+            result
         }
         VolumeCommand::Export {
             pool,
@@ -509,12 +606,29 @@ fn run_volume(cmd: VolumeCommand) -> Result<ExitCode> {
         } => {
             let to_stdout = file == Path::new("-");
             let dest = open_output(&file)?;
+            let bar = (!to_stdout && progress::wanted(false))
+                .then(|| {
+                    let total = call(&pool.pool, Request::VolumeInfo { vid: vid.clone() }, None)
+                        .ok()
+                        .and_then(|o| o.value["usage"]["files"][0]["allocated"].as_u64());
+                    dest.try_clone().ok().map(|f| {
+                        progress::Progress::start(
+                            format!("exporting to {}", file.display()),
+                            total,
+                            progress::Watch::Fd(f),
+                        )
+                    })
+                })
+                .flatten();
             let req = Request::VolumeExport {
                 vid,
                 revision,
                 dest: file.display().to_string(),
             };
             let result = dispatch(&pool.pool, req, Some(dest), false);
+            if let Some(b) = bar {
+                b.finish();
+            }
             if result.is_err() && !to_stdout {
                 let _ = std::fs::remove_file(&file);
             }
@@ -657,6 +771,16 @@ fn precheck_vid(input: &str) -> Result<()> {
         crate::engine::pool::check_short_vid(input)
     } else {
         input.parse::<ValidVid>().map(drop)
+    }
+}
+
+/// Writes generated text to stdout; a closed pipe (`| head`) is not an
+/// error.
+fn write_stdout(buf: &[u8]) -> Result<ExitCode> {
+    use std::io::Write;
+    match std::io::stdout().write_all(buf) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::io("writing to stdout", e)),
+        _ => Ok(ExitCode::SUCCESS),
     }
 }
 

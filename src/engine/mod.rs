@@ -3,6 +3,7 @@
 //! [`Pool::stop`] on its last release, and does I/O on the returned file.
 
 pub mod admin;
+pub mod adopt;
 pub mod config;
 pub mod failpoint;
 pub mod fsops;
