@@ -435,7 +435,10 @@ fn run_pool(cmd: PoolCommand) -> Result<ExitCode> {
             };
             let report = crate::engine::adopt::adopt(&pool.pool, &opts)?;
             if json.json {
-                println!("{}", serde_json::to_string_pretty(&report).expect("reports serialise"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("reports serialise")
+                );
             } else {
                 print!("{}", report.to_text());
             }
@@ -779,7 +782,9 @@ fn precheck_vid(input: &str) -> Result<()> {
 fn write_stdout(buf: &[u8]) -> Result<ExitCode> {
     use std::io::Write;
     match std::io::stdout().write_all(buf) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::io("writing to stdout", e)),
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(Error::io("writing to stdout", e))
+        }
         _ => Ok(ExitCode::SUCCESS),
     }
 }

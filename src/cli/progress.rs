@@ -25,7 +25,9 @@ impl Watch {
     fn allocated(&self) -> Option<u64> {
         use std::os::unix::fs::MetadataExt;
         match self {
-            Watch::Fd(f) => crate::sys::fstat(f.as_fd()).ok().map(|st| st.st_blocks as u64 * 512),
+            Watch::Fd(f) => crate::sys::fstat(f.as_fd())
+                .ok()
+                .map(|st| st.st_blocks as u64 * 512),
             Watch::Path(p) => std::fs::metadata(p).ok().map(|m| m.blocks() * 512),
         }
     }
@@ -40,7 +42,9 @@ pub struct Progress {
 /// Whether a bar may be shown: stdout and stderr are terminals, and the
 /// output is not JSON.
 pub fn wanted(json: bool) -> bool {
-    !json && crate::sys::is_tty(std::io::stdout().as_fd()) && crate::sys::is_tty(std::io::stderr().as_fd())
+    !json
+        && crate::sys::is_tty(std::io::stdout().as_fd())
+        && crate::sys::is_tty(std::io::stderr().as_fd())
 }
 
 impl Progress {
@@ -60,12 +64,15 @@ impl Progress {
                 }
                 let bar = match total {
                     Some(t) if t > 0 => ProgressBar::new(t).with_style(
-                        ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} {eta}")
-                            .expect("valid template")
-                            .progress_chars("=> "),
+                        ProgressStyle::with_template(
+                            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+                        )
+                        .expect("valid template")
+                        .progress_chars("=> "),
                     ),
                     _ => ProgressBar::new_spinner().with_style(
-                        ProgressStyle::with_template("{spinner} {msg} {bytes} {bytes_per_sec}").expect("valid template"),
+                        ProgressStyle::with_template("{spinner} {msg} {bytes} {bytes_per_sec}")
+                            .expect("valid template"),
                     ),
                 };
                 bar.set_message(label);

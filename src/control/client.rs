@@ -38,16 +38,26 @@ pub fn call(stream: UnixStream, req: &Request, fd: Option<BorrowedFd<'_>>) -> Re
     line.push(b'\n');
     let mut sent = 0;
     let mut fd = fd;
+    let mut send_error = None;
     while sent < line.len() {
-        let n = sys::send_with_fd(stream.as_fd(), &line[sent..], fd.take())
-            .map_err(|e| Error::io("sending the request to the daemon", e))?;
-        sent += n;
+        match sys::send_with_fd(stream.as_fd(), &line[sent..], fd.take()) {
+            Ok(n) => sent += n,
+            // The daemon may refuse before reading the request (an unknown
+            // peer): its reply is still there to read.
+            Err(e) => {
+                send_error = Some(e);
+                break;
+            }
+        }
     }
     let mut reply = String::new();
     BufReader::new(&stream)
         .read_line(&mut reply)
         .map_err(|e| Error::io("reading the daemon's reply", e))?;
     if reply.is_empty() {
+        if let Some(e) = send_error {
+            return Err(Error::io("sending the request to the daemon", e));
+        }
         return Err(Error::io(
             "the daemon closed the connection without a reply",
             std::io::Error::from_raw_os_error(libc::ECONNRESET),

@@ -26,5 +26,7 @@ impl AdoptReport {
 }
 
 pub fn adopt(path: &Path, _opts: &AdoptOptions) -> Result<AdoptReport> {
-    Err(Error::NotAPool { path: path.to_owned() })
+    Err(Error::NotAPool {
+        path: path.to_owned(),
+    })
 }

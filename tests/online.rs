@@ -1,0 +1,684 @@
+//! Administration of a mounted pool through its daemon's control socket:
+//! online-offline parity, import and export round trips, clone, online
+//! resize of a volume in use, and the socket's own defences.
+
+mod common;
+
+use common::mount::*;
+use common::*;
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn xfs() -> TestFs {
+    let all = filesystems();
+    all.iter()
+        .find(|f| f.name == "xfs")
+        .cloned()
+        .unwrap_or_else(|| all[0].clone())
+}
+
+fn rf(pool: &Path, args: &[&str]) -> Output {
+    run(Command::new(bin()).args(args).arg("--pool").arg(pool))
+}
+
+fn rf_ok(pool: &Path, args: &[&str]) -> String {
+    let out = rf(pool, args);
+    assert!(
+        out.status.success(),
+        "reflinkfs {args:?} failed: {:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn sha256(path: &Path) -> String {
+    run_ok(Command::new("sha256sum").arg(path))
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+fn sha256_bytes(data: &[u8]) -> String {
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// A pool (made offline) and where to mount it.
+fn fresh_pool(fs: &TestFs, test: &str) -> (PathBuf, PathBuf) {
+    let (pool, path) = new_pool(fs, test);
+    drop(pool);
+    let mnt = path.parent().unwrap().join("mnt");
+    (path, mnt)
+}
+
+/// Replaces what legitimately differs between two runs: the pool's path,
+/// revision timestamps, and byte counts that depend on allocation.
+fn normalise(text: &str, pool: &Path) -> String {
+    let s = text.replace(pool.to_str().unwrap(), "POOL");
+    // Timestamps such as 2026-11-25T18:00:00Z.
+    let b = s.as_bytes();
+    let mut out = String::with_capacity(s.len());
+    let mut i = 0;
+    while i < b.len() {
+        if i + 20 <= b.len()
+            && b[i + 4] == b'-'
+            && b[i + 10] == b'T'
+            && b[i + 19] == b'Z'
+            && b[i..i + 4].iter().all(u8::is_ascii_digit)
+        {
+            out.push_str("TIMESTAMP");
+            i += 20;
+        } else {
+            let ch = s[i..].chars().next().unwrap();
+            out.push(ch);
+            i += ch.len_utf8();
+        }
+    }
+    out
+}
+
+/// The script both runs execute: every command, including refusals.
+fn parity_script(
+    pool: &Path,
+    data: &Path,
+    short: &Path,
+    out_dir: &Path,
+) -> Vec<(Vec<String>, Option<i32>, String)> {
+    let d = data.to_str().unwrap().to_owned();
+    let sh = short.to_str().unwrap().to_owned();
+    let exp = out_dir.join("export.img").to_str().unwrap().to_owned();
+    let steps: Vec<Vec<String>> = [
+        vec!["volume", "create", "vm-templates/tpl/root", "--size", "4M"],
+        vec![
+            "volume",
+            "create",
+            "appvms/app/root",
+            "--size",
+            "4M",
+            "--snapshot-of",
+            "vm-templates/tpl/root",
+        ],
+        vec!["volume", "create", "appvms/app/private", "--size", "4M"],
+        vec![
+            "volume",
+            "create",
+            "appvms/app/volatile",
+            "--size",
+            "1M",
+            "--volatile",
+        ],
+        vec!["volume", "create", "appvms/app/bad", "--size", "100"],
+        vec!["volume", "create", "appvms/../x", "--size", "1M"],
+        vec!["volume", "create", "appvms/app/private", "--size", "4M"],
+        vec!["volume", "list"],
+        vec!["volume", "list", "--json"],
+        vec!["volume", "info", "app:root"],
+        vec!["volume", "import", "app:private", &d],
+        vec!["volume", "import", "app:private", &sh],
+        vec!["volume", "revisions", "app:private"],
+        vec!["volume", "set", "app:private", "revisions_to_keep", "3"],
+        vec!["volume", "set", "app:private", "revisions_to_keep", "-2"],
+        vec!["volume", "set", "app:private", "colour", "blue"],
+        vec!["volume", "import", "app:private", &d],
+        vec!["volume", "revisions", "app:private", "--json"],
+        vec!["volume", "revert", "app:private", "99"],
+        vec!["volume", "revert", "app:private", "1"],
+        vec!["volume", "resize", "app:private", "8M"],
+        vec!["volume", "resize", "app:private", "4M"],
+        vec!["volume", "resize", "app:private", "8M"],
+        vec!["volume", "export", "app:private", &exp],
+        vec!["volume", "export", "app:private", &exp],
+        vec![
+            "volume",
+            "clone",
+            "appvms/app/private",
+            "appvms/app2/private",
+        ],
+        vec!["volume", "info", "appvms/app2/private", "--json"],
+        vec!["volume", "remove", "vm-templates/tpl/root"],
+        vec!["volume", "remove", "appvms/app2/private"],
+        vec!["volume", "info", "appvms/nope/private"],
+        vec!["pool", "check"],
+        vec!["pool", "check", "--json"],
+    ]
+    .iter()
+    .map(|v| v.iter().map(|s| s.to_string()).collect())
+    .collect();
+    let mut results = Vec::new();
+    for step in steps {
+        let args: Vec<&str> = step.iter().map(String::as_str).collect();
+        let out = rf(pool, &args);
+        let mut shown = normalise(&String::from_utf8_lossy(&out.stdout), pool);
+        // Usage numbers depend on allocation; drop the lines and fields.
+        if args.contains(&"--json") {
+            if let Ok(mut v) = serde_json::from_str::<Value>(&shown) {
+                strip_usage(&mut v);
+                shown = v.to_string();
+            }
+        }
+        let err = normalise(&String::from_utf8_lossy(&out.stderr), pool);
+        let err_line = err
+            .lines()
+            .rfind(|l| l.starts_with("reflinkfs: error:"))
+            .unwrap_or("")
+            .to_owned();
+        results.push((step, out.status.code(), format!("{shown}\n{err_line}")));
+    }
+    results
+}
+
+fn strip_usage(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            m.remove("usage");
+            for (_, x) in m.iter_mut() {
+                strip_usage(x);
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(strip_usage),
+        _ => {}
+    }
+}
+
+#[test]
+fn the_same_commands_give_the_same_results_offline_and_mounted() {
+    if !require(&["sha256sum"]) {
+        return;
+    }
+    let fs = xfs();
+    let (offline, _) = fresh_pool(&fs, "parity-off");
+    let (online, mnt) = fresh_pool(&fs, "parity-on");
+    let base = offline.parent().unwrap().to_owned();
+    let data = base.join("data.img");
+    std::fs::write(&data, pattern(7, 4 * MIB as usize)).unwrap();
+    let short = base.join("short.img");
+    std::fs::write(&short, pattern(8, MIB as usize)).unwrap();
+    let off = parity_script(&offline, &data, &short, &base);
+    let _ = std::fs::remove_file(base.join("export.img"));
+    let m = Mounted::mount(&online, &mnt, "");
+    let on = parity_script(&online, &data, &short, &base);
+    assert_eq!(off.len(), on.len());
+    let mut refusals = 0;
+    for ((step, code_off, out_off), (_, code_on, out_on)) in off.iter().zip(&on) {
+        assert_eq!(
+            code_off, code_on,
+            "exit status of {step:?}\noffline: {out_off}\nonline: {out_on}"
+        );
+        assert_eq!(out_off, out_on, "output of {step:?}");
+        refusals += usize::from(*code_off != Some(0));
+    }
+    assert!(
+        refusals >= 8,
+        "the script exercises refusals too ({refusals})"
+    );
+    let st: Value = serde_json::from_str(&rf_ok(&online, &["status", "--json"])).unwrap();
+    assert_eq!(st["mounted"], true);
+    assert_eq!(st["pid"], m.daemon_pid());
+    let st: Value = serde_json::from_str(&rf_ok(&offline, &["status", "--json"])).unwrap();
+    assert_eq!(st["mounted"], false);
+}
+
+#[test]
+fn import_and_export_round_trips_through_files_and_pipes() {
+    if !require(&["sha256sum"]) {
+        return;
+    }
+    for fs in filesystems() {
+        for mounted in [false, true] {
+            let (pool, mnt) = fresh_pool(&fs, "roundtrip");
+            let base = pool.parent().unwrap().to_owned();
+            let _m = mounted.then(|| Mounted::mount(&pool, &mnt, ""));
+            let ctx = format!("[{}] mounted={mounted}", fs.name);
+            rf_ok(
+                &pool,
+                &["volume", "create", "appvms/vm/private", "--size", "8M"],
+            );
+            let data = pattern(3, 8 * MIB as usize);
+            let src = base.join("src.img");
+            std::fs::write(&src, &data).unwrap();
+            let want = sha256(&src);
+            // From a file, out to a file.
+            rf_ok(
+                &pool,
+                &["volume", "import", "vm:private", src.to_str().unwrap()],
+            );
+            let out = base.join("out.img");
+            rf_ok(
+                &pool,
+                &["volume", "export", "vm:private", out.to_str().unwrap()],
+            );
+            assert_eq!(sha256(&out), want, "{ctx}");
+            // From stdin, out to stdout.
+            let data2 = pattern(4, 8 * MIB as usize);
+            let mut child = Command::new(bin())
+                .args(["volume", "import", "vm:private", "-", "--pool"])
+                .arg(&pool)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            child.stdin.take().unwrap().write_all(&data2).unwrap();
+            let o = child.wait_with_output().unwrap();
+            assert!(
+                o.status.success(),
+                "{ctx}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            assert!(
+                !String::from_utf8_lossy(&o.stderr).contains('['),
+                "{ctx}: no progress bar when piped"
+            );
+            let o = rf(&pool, &["volume", "export", "vm:private", "-"]);
+            assert!(o.status.success());
+            assert_eq!(sha256_bytes(&o.stdout), sha256_bytes(&data2), "{ctx}");
+            // An older revision.
+            let o = rf(
+                &pool,
+                &["volume", "export", "vm:private", "-", "--revision", "2"],
+            );
+            assert_eq!(
+                sha256_bytes(&o.stdout),
+                want,
+                "{ctx}: revision 2 is the first import"
+            );
+            // A short stream is refused, and nothing changes.
+            let before = rf_ok(&pool, &["volume", "revisions", "vm:private", "--json"]);
+            let mut child = Command::new(bin())
+                .args(["volume", "import", "vm:private", "-", "--pool"])
+                .arg(&pool)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(&data2[..MIB as usize])
+                .unwrap();
+            let o = child.wait_with_output().unwrap();
+            assert_eq!(
+                o.status.code(),
+                Some(3),
+                "{ctx}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            assert!(
+                String::from_utf8_lossy(&o.stderr).contains("ended after"),
+                "{ctx}"
+            );
+            assert_eq!(
+                rf_ok(&pool, &["volume", "revisions", "vm:private", "--json"]),
+                before,
+                "{ctx}"
+            );
+            let o = rf(&pool, &["volume", "export", "vm:private", "-"]);
+            assert_eq!(
+                sha256_bytes(&o.stdout),
+                sha256_bytes(&data2),
+                "{ctx}: unchanged"
+            );
+            assert!(!pool.join("appvms/vm/private-import.img").exists(), "{ctx}");
+        }
+    }
+}
+
+#[test]
+fn an_import_killed_midway_leaves_the_volume_unchanged() {
+    if !require(&["sh", "head"]) {
+        return;
+    }
+    let fs = xfs();
+    for mounted in [false, true] {
+        let (pool, mnt) = fresh_pool(&fs, "killed");
+        let _m = mounted.then(|| Mounted::mount(&pool, &mnt, ""));
+        rf_ok(
+            &pool,
+            &["volume", "create", "appvms/vm/private", "--size", "64M"],
+        );
+        let before = rf_ok(&pool, &["volume", "info", "vm:private", "--json"]);
+        // A producer that sends 16 MiB and then stalls, in its own process
+        // group, so the whole pipeline can be killed at once.
+        let script = format!(
+            "(head -c 16M /dev/urandom; sleep 60) | exec {} volume import vm:private - --pool {}",
+            bin().display(),
+            pool.display()
+        );
+        let mut child = Command::new("setsid")
+            .args(["sh", "-c", &script])
+            .spawn()
+            .unwrap();
+        let import = pool.join("appvms/vm/private-import.img");
+        wait_for("the import to start writing", 30, || {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(&import).is_ok_and(|m| m.blocks() > 0)
+        });
+        // SAFETY: signalling the child's process group has no memory effects.
+        unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+        let _ = child.wait();
+        // Online, the daemon sees the pipe end and refuses; offline, the
+        // next open recovers. Either way the volume is unchanged.
+        wait_for("the import to be abandoned", 30, || {
+            rf(&pool, &["volume", "info", "vm:private", "--json"])
+                .status
+                .success()
+        });
+        wait_for("the import file to go", 30, || !import.exists());
+        let after = rf_ok(&pool, &["volume", "info", "vm:private", "--json"]);
+        let strip = |s: &str| {
+            let mut v: Value = serde_json::from_str(s).unwrap();
+            strip_usage(&mut v);
+            v
+        };
+        assert_eq!(strip(&after), strip(&before), "mounted={mounted}");
+    }
+}
+
+#[test]
+fn a_same_filesystem_import_of_4_gib_shares_every_extent() {
+    if !require(&["filefrag"]) {
+        return;
+    }
+    let Some(fs) = filesystems().into_iter().find(|f| f.reflink) else {
+        assert!(
+            std::env::var("CI").map(|v| v != "true").unwrap_or(true),
+            "CI=true needs a reflink filesystem"
+        );
+        return;
+    };
+    for mounted in [false, true] {
+        let (pool, mnt) = fresh_pool(&fs, "reflink-import");
+        let _m = mounted.then(|| Mounted::mount(&pool, &mnt, ""));
+        let size = 4u64 << 30;
+        rf_ok(
+            &pool,
+            &["volume", "create", "appvms/vm/big", "--size", "4G"],
+        );
+        // A 4 GiB image with 16 data extents of 4 MiB, beside the pool on
+        // the same filesystem.
+        let src = pool.parent().unwrap().join("big-src.img");
+        let f = std::fs::File::create(&src).unwrap();
+        f.set_len(size).unwrap();
+        use std::os::unix::fs::FileExt;
+        for i in 0..16u64 {
+            f.write_all_at(&pattern(i as u8 + 1, 4 * MIB as usize), i * (size / 16))
+                .unwrap();
+        }
+        f.sync_all().unwrap();
+        drop(f);
+        rf_ok(
+            &pool,
+            &["volume", "import", "vm:big", src.to_str().unwrap()],
+        );
+        let img = pool.join("appvms/vm/big.img");
+        let out = run_ok(Command::new("filefrag").args(["-v"]).arg(&img));
+        let extents: Vec<&str> = out
+            .lines()
+            .filter(|l| {
+                l.trim_start()
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_digit())
+                    && l.contains("..")
+            })
+            .collect();
+        assert!(!extents.is_empty(), "{out}");
+        for e in &extents {
+            assert!(
+                e.contains("shared"),
+                "mounted={mounted}: an extent was copied, not shared:\n{out}"
+            );
+        }
+        println!("mounted={mounted}: {} extents, all shared", extents.len());
+        std::fs::remove_file(&src).unwrap();
+    }
+}
+
+#[test]
+fn clone_within_a_pool_and_to_another_filesystem() {
+    if !require(&[]) {
+        return;
+    }
+    let all = filesystems();
+    let fs = xfs();
+    let other = all
+        .iter()
+        .find(|f| f.name != fs.name)
+        .cloned()
+        .unwrap_or_else(|| fs.clone());
+    for mounted in [false, true] {
+        let (pool, mnt) = fresh_pool(&fs, "clone-a");
+        let (pool2, mnt2) = fresh_pool(&other, "clone-b");
+        let _m = mounted.then(|| Mounted::mount(&pool, &mnt, ""));
+        let _m2 = mounted.then(|| Mounted::mount(&pool2, &mnt2, ""));
+        rf_ok(
+            &pool,
+            &["volume", "create", "appvms/a/private", "--size", "6M"],
+        );
+        let src = pool.parent().unwrap().join("c.img");
+        std::fs::write(&src, pattern(5, 6 * MIB as usize)).unwrap();
+        rf_ok(
+            &pool,
+            &["volume", "import", "a:private", src.to_str().unwrap()],
+        );
+        rf_ok(
+            &pool,
+            &["volume", "clone", "appvms/a/private", "appvms/b/private"],
+        );
+        rf_ok(
+            &pool2,
+            &["volume", "create", "appvms/z/private", "--size", "1M"],
+        );
+        rf_ok(
+            &pool,
+            &[
+                "volume",
+                "clone",
+                "appvms/a/private",
+                "appvms/z/private",
+                "--to-pool",
+                pool2.to_str().unwrap(),
+            ],
+        );
+        rf_ok(
+            &pool,
+            &[
+                "volume",
+                "clone",
+                "appvms/a/private",
+                "appvms/y/private",
+                "--to-pool",
+                pool2.to_str().unwrap(),
+            ],
+        );
+        for (p, v) in [
+            (&pool, "appvms/b/private"),
+            (&pool2, "appvms/z/private"),
+            (&pool2, "appvms/y/private"),
+        ] {
+            let info: Value =
+                serde_json::from_str(&rf_ok(p, &["volume", "info", v, "--json"])).unwrap();
+            assert_eq!(
+                info["size"],
+                6 * MIB,
+                "mounted={mounted} {v}: the size follows the source"
+            );
+            let o = rf(p, &["volume", "export", v, "-"]);
+            assert_eq!(
+                o.stdout,
+                pattern(5, 6 * MIB as usize),
+                "mounted={mounted} {v}"
+            );
+        }
+        assert!(std::fs::read_dir(pool2.join(".reflinkfs"))
+            .unwrap()
+            .all(|e| !e
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("clone~")));
+    }
+}
+
+#[test]
+fn an_online_resize_updates_the_loop_device() {
+    if !require(&["losetup", "blockdev"]) {
+        return;
+    }
+    for fs in filesystems() {
+        let (pool, mnt) = fresh_pool(&fs, "online-resize");
+        let m = Mounted::mount(&pool, &mnt, "");
+        rf_ok(
+            &pool,
+            &["volume", "create", "appvms/vm/private", "--size", "64M"],
+        );
+        let lo = Loop::attach(&m.path("appvms/vm/private-dirty.img"), false, None);
+        let size = || {
+            run_ok(Command::new("blockdev").arg("--getsize64").arg(&lo.dev))
+                .trim()
+                .parse::<u64>()
+                .unwrap()
+        };
+        assert_eq!(size(), 64 * MIB);
+        let out = rf_ok(&pool, &["volume", "resize", "vm:private", "96M"]);
+        assert!(out.contains("running image resized"), "{out}");
+        assert_eq!(
+            size(),
+            96 * MIB,
+            "[{}] the loop device sees the new size",
+            fs.name
+        );
+        lo.detach();
+        m.wait_stopped("appvms/vm/private-dirty.img");
+        assert_eq!(
+            std::fs::metadata(pool.join("appvms/vm/private.img"))
+                .unwrap()
+                .len(),
+            96 * MIB,
+            "committed"
+        );
+    }
+}
+
+/// Sends raw bytes on the control socket and reads the reply line.
+fn raw_request(sock: &Path, bytes: &[u8]) -> Value {
+    let mut s = UnixStream::connect(sock).unwrap();
+    // The daemon may stop reading early (oversized requests); ignore EPIPE.
+    let _ = s.write_all(bytes);
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply {line:?}: {e}"))
+}
+
+#[test]
+fn the_socket_refuses_bad_requests_and_keeps_serving() {
+    if !require(&["runuser"]) {
+        return;
+    }
+    // Under /tmp, so that another user can reach the socket's directory.
+    let base = tempfile::Builder::new()
+        .prefix("reflinkfs-sock")
+        .tempdir_in("/tmp")
+        .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    let pool = base.path().join("pool");
+    run_ok(
+        Command::new(bin())
+            .args(["pool", "init", "--setup-check=no", "--pool"])
+            .arg(&pool),
+    );
+    rf_ok(
+        &pool,
+        &["volume", "create", "appvms/vm/private", "--size", "1M"],
+    );
+    let m = Mounted::mount(&pool, &base.path().join("mnt"), "");
+    let sock = pool.join(".reflinkfs/control.sock");
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the socket is 0600");
+
+    for (what, bytes) in [
+        ("malformed JSON", b"{not json\n".to_vec()),
+        (
+            "an unknown operation",
+            b"{\"op\":\"format_disk\"}\n".to_vec(),
+        ),
+        ("a 10 MiB line", vec![b'x'; 10 << 20]),
+        (
+            "an import without a file descriptor",
+            b"{\"op\":\"volume_import\",\"vid\":\"vm:private\",\"size\":null,\"source\":\"x\"}\n"
+                .to_vec(),
+        ),
+    ] {
+        let reply = raw_request(&sock, &bytes);
+        assert!(reply.get("error").is_some(), "{what}: {reply}");
+        assert_eq!(reply["error"]["code"], 3, "{what}: {reply}");
+        // Still serving.
+        let ok = raw_request(&sock, b"{\"op\":\"status\"}\n");
+        assert_eq!(ok["ok"]["value"]["mounted"], true, "after {what}: {ok}");
+    }
+
+    // Another user is refused by SO_PEERCRED, even when the socket's mode
+    // would let them connect.
+    for d in [base.path(), pool.as_path(), &pool.join(".reflinkfs")] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = run(Command::new("runuser")
+        .args(["-u", "nobody", "--"])
+        .arg(bin())
+        .args(["volume", "list", "--pool"])
+        .arg(&pool));
+    assert_eq!(
+        out.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("may not administer"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = std::fs::read_to_string(pool.join(".reflinkfs/daemon.log")).unwrap();
+    assert!(
+        log.contains("refused a request from uid"),
+        "the refusal is logged"
+    );
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(rf_ok(&pool, &["volume", "list"]).contains("appvms/vm/private"));
+    m.unmount();
+}
+
+#[test]
+fn completions_and_man_page_are_generated() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run_ok(Command::new(bin()).args(["completions", shell]));
+        assert!(
+            out.contains("reflinkfs") && out.contains("volume"),
+            "{shell}"
+        );
+    }
+    let man = run_ok(Command::new(bin()).arg("manpage"));
+    assert!(
+        man.starts_with(".ie") || man.contains(".TH"),
+        "{}",
+        &man[..man.len().min(200)]
+    );
+}
