@@ -203,15 +203,7 @@ impl Pool {
         } else {
             None
         };
-        let is_outdated = match (&st.run, kind) {
-            (_, k) if k != VolumeKind::Snapshot => None,
-            (None, _) => Some(false),
-            (Some(run), _) => run.started_from.as_ref().map(|(origin, generation)| {
-                self.slot(origin)
-                    .map(|s| s.lock().config.generation != *generation)
-                    .unwrap_or(true)
-            }),
-        };
+        let is_outdated = self.outdated(st);
         let size = if running {
             dir.as_ref()
                 .and_then(|d| regular_entry(d, vid, &n.dirty()).ok().flatten())

@@ -4,7 +4,7 @@
 use super::config::{VolumeConfig, VolumeKind};
 use super::fsops::FileSig;
 use super::lifecycle::{open_image, regular_entry};
-use super::pool::{Names, Pool};
+use super::pool::{Names, Pool, VolumeState};
 use super::revision::Revision;
 use super::vid::ValidVid;
 use crate::error::{Error, Result};
@@ -102,6 +102,28 @@ impl Pool {
             });
         }
         open_image(&dir, vid, file_name, libc::O_RDONLY)
+    }
+
+    /// Snapshot volumes: whether the source committed since this volume
+    /// started (`None` for other types). Cheap: no file is read.
+    pub fn is_outdated(&self, vid: &ValidVid) -> Result<Option<bool>> {
+        let slot = self.slot(vid)?;
+        let st = slot.lock();
+        Ok(self.outdated(&st))
+    }
+
+    /// `is_outdated` of a locked volume. Locks the origin briefly, which the
+    /// lock order (a snapshot before its source) allows.
+    pub(crate) fn outdated(&self, st: &VolumeState) -> Option<bool> {
+        if st.config.kind() != VolumeKind::Snapshot {
+            return None;
+        }
+        let Some((origin, generation)) = st.run.as_ref().and_then(|r| r.started_from.as_ref())
+        else {
+            return Some(false);
+        };
+        let current = self.slot(origin).map(|s| s.lock().config.generation);
+        Some(current.map_or(true, |g| g != *generation))
     }
 
     /// Whether a volume runs.

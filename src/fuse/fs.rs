@@ -829,10 +829,8 @@ impl ReflinkFs {
                         put("committed", r.timestamp.clone());
                     }
                 }
-                if let Ok(info) = self.pool.info(vid) {
-                    if let Some(o) = info.is_outdated {
-                        put("is_outdated", o.to_string());
-                    }
+                if let Ok(Some(o)) = self.pool.is_outdated(vid) {
+                    put("is_outdated", o.to_string());
                 }
             }
         }
