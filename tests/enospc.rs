@@ -34,7 +34,10 @@ fn fill(dir: &Path) -> std::path::PathBuf {
 
 fn no_leftovers(path: &Path, v: &reflinkfs::engine::ValidVid, ctx: &str) {
     for f in files_of(path, v) {
-        assert!(!f.contains('~') && !f.ends_with("-import.img"), "{ctx}: leftover {f}");
+        assert!(
+            !f.contains('~') && !f.ends_with("-import.img"),
+            "{ctx}: leftover {f}"
+        );
     }
 }
 
@@ -98,15 +101,27 @@ fn operations_on_a_full_filesystem_fail_cleanly() {
         if e.class() == ErrorClass::NoSpace {
             assert_eq!(e.class().exit_code(), 7);
         }
-        assert_eq!(std::fs::read(image_path(&path, &v)).unwrap(), before, "{ctx}: the import changed the image");
+        assert_eq!(
+            std::fs::read(image_path(&path, &v)).unwrap(),
+            before,
+            "{ctx}: the import changed the image"
+        );
         no_leftovers(&path, &v, &ctx);
 
         // Start in copy mode needs a full copy: ENOSPC, nothing left.
         if !fs.reflink {
-            let e = pool.start(&v).expect_err("a copy-mode start on a full filesystem");
-            assert!(matches!(e.class(), ErrorClass::NoSpace | ErrorClass::Busy), "{ctx}: {e}");
+            let e = pool
+                .start(&v)
+                .expect_err("a copy-mode start on a full filesystem");
+            assert!(
+                matches!(e.class(), ErrorClass::NoSpace | ErrorClass::Busy),
+                "{ctx}: {e}"
+            );
             no_leftovers(&path, &v, &ctx);
-            assert!(!vm_dir(&path, &v).join("private-dirty.img").exists() || e.class() == ErrorClass::Busy);
+            assert!(
+                !vm_dir(&path, &v).join("private-dirty.img").exists()
+                    || e.class() == ErrorClass::Busy
+            );
         }
 
         // Free the space: the pool recovers everything and works again.
@@ -115,12 +130,23 @@ fn operations_on_a_full_filesystem_fail_cleanly() {
         let pool = Pool::open(&path).unwrap();
         let img = std::fs::read(image_path(&path, &v)).unwrap();
         let new = pattern(0x33, size as usize);
-        assert!(img == old || (img == new && wrote_new), "{ctx}: the committed image is neither whole old nor whole new");
+        assert!(
+            img == old || (img == new && wrote_new),
+            "{ctx}: the committed image is neither whole old nor whole new"
+        );
         no_leftovers(&path, &v, &ctx);
-        assert!(pool.check(None).unwrap().is_empty(), "{ctx}: {:?}", pool.check(None));
+        assert!(
+            pool.check(None).unwrap().is_empty(),
+            "{ctx}: {:?}",
+            pool.check(None)
+        );
         pool.set(&v, Property::RevisionsToKeep(1)).unwrap();
         write_cycle(&pool, &v, 0, b"after");
-        pool.import(&v, &File::open(src.path()).unwrap(), None).unwrap();
-        assert_eq!(std::fs::read(image_path(&path, &v)).unwrap(), pattern(0x22, size as usize));
+        pool.import(&v, &File::open(src.path()).unwrap(), None)
+            .unwrap();
+        assert_eq!(
+            std::fs::read(image_path(&path, &v)).unwrap(),
+            pattern(0x22, size as usize)
+        );
     }
 }

@@ -8,7 +8,8 @@ use common::*;
 use std::process::Command;
 
 fn worked_example() -> String {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let after = readme
         .split_once("<!-- worked-example -->")
         .expect("README has a worked example")
@@ -20,7 +21,14 @@ fn worked_example() -> String {
 #[test]
 fn the_readme_worked_example_runs() {
     let script = worked_example();
-    assert!(script.lines().filter(|l| l.starts_with("reflinkfs ")).count() >= 15, "{script}");
+    assert!(
+        script
+            .lines()
+            .filter(|l| l.starts_with("reflinkfs "))
+            .count()
+            >= 15,
+        "{script}"
+    );
     let bin = assert_cmd::cargo::cargo_bin("reflinkfs");
     let path = format!(
         "{}:{}",
@@ -51,6 +59,9 @@ fn the_readme_worked_example_runs() {
         ran += 1;
     }
     if std::env::var("CI").is_ok_and(|v| v == "true") {
-        assert!(ran > 0, "CI=true but no filesystem with reflinks to run the README on");
+        assert!(
+            ran > 0,
+            "CI=true but no filesystem with reflinks to run the README on"
+        );
     }
 }

@@ -491,6 +491,12 @@ impl Pool {
             .inspect_err(|_| {
                 let _ = dir.remove(&v, &tmp);
             })?;
+        // The revision gone back to and the one just saved both stay, so the
+        // revert can be undone; older ones go down to revisions_to_keep + 1.
+        let mut exempt = vec![rev.id.clone()];
+        exempt.extend(saved.map(crate::engine::RevisionId::Numbered));
+        let keep = st.config.revisions_to_keep.max(0) as usize + 1;
+        self.prune_revisions_to(&st.config, &dir, keep, &exempt)?;
         log::info!("{vid}: reverted to revision {}", rev.id);
         Ok(saved)
     }

@@ -423,20 +423,40 @@ impl Pool {
     /// are separate files (hard links made before the image was replaced),
     /// so this never removes the committed image.
     pub(crate) fn prune_revisions(&self, cfg: &VolumeConfig, dir: &Dir) -> Result<usize> {
-        let keep = cfg.revisions_to_keep.max(0) as usize;
+        self.prune_revisions_to(cfg, dir, cfg.revisions_to_keep.max(0) as usize, &[])
+    }
+
+    /// Deletes the oldest revisions until at most `keep` remain, never one
+    /// named in `exempt`.
+    pub(crate) fn prune_revisions_to(
+        &self,
+        cfg: &VolumeConfig,
+        dir: &Dir,
+        keep: usize,
+        exempt: &[RevisionId],
+    ) -> Result<usize> {
         let revs = self.list_revisions(&cfg.vid, Some(dir))?;
         if revs.len() <= keep {
             return Ok(0);
         }
         let excess = revs.len() - keep;
-        for r in &revs[..excess] {
+        let doomed: Vec<_> = revs
+            .iter()
+            .filter(|r| !exempt.contains(&r.id))
+            .take(excess)
+            .collect();
+        for r in &doomed {
             dir.remove(&cfg.vid.to_string(), &r.file_name)
                 .map_err(io_ctx(dir, "pruning", &r.file_name))?;
             failpoint::hit("prune.removed");
         }
         dir.sync().map_err(io_ctx(dir, "syncing", ""))?;
-        log::info!("{}: pruned {excess} revision(s), keeping {keep}", cfg.vid);
-        Ok(excess)
+        log::info!(
+            "{}: pruned {} revision(s), keeping {keep}",
+            cfg.vid,
+            doomed.len()
+        );
+        Ok(doomed.len())
     }
 
     /// Recovery of every volume (SPEC §4.4). A volume whose recovery fails
