@@ -3,6 +3,7 @@
 //! `super::adapter` translates.
 
 use super::inodes::{Inodes, Node, ROOT_INO};
+use crate::engine::fsops::FileSig;
 use crate::engine::view::VolumeView;
 use crate::engine::{Pool, ValidVid, VolumeKind};
 use crate::error::Error;
@@ -130,6 +131,19 @@ fn time_of((sec, nsec): (i64, i64)) -> SystemTime {
         UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)
     } else {
         UNIX_EPOCH
+    }
+}
+
+/// The attributes of an image file, from its backing file.
+fn sig_attr(ino: u64, sig: &FileSig, perm: u16) -> Attr {
+    Attr {
+        ino,
+        kind: Kind::File,
+        size: sig.size,
+        blocks: sig.blocks,
+        perm,
+        mtime: time_of(sig.mtime),
+        ctime: time_of(sig.ctime),
     }
 }
 
@@ -267,15 +281,7 @@ impl ReflinkFs {
                 let view = self.view(vid)?;
                 let perm = self.file_perm(view.config.rw);
                 match (view.running, view.dirty) {
-                    (true, Some(sig)) => Ok(Attr {
-                        ino,
-                        kind: Kind::File,
-                        size: sig.size,
-                        blocks: sig.blocks,
-                        perm,
-                        mtime: time_of(sig.mtime),
-                        ctime: time_of(sig.ctime),
-                    }),
+                    (true, Some(sig)) => Ok(sig_attr(ino, &sig, perm)),
                     _ => {
                         let (mtime, ctime, blocks) = view
                             .img
@@ -296,15 +302,7 @@ impl ReflinkFs {
             Node::Img(vid, _) => {
                 let view = self.view(vid)?;
                 let sig = view.img.ok_or(libc::ENOENT)?;
-                Ok(Attr {
-                    ino,
-                    kind: Kind::File,
-                    size: sig.size,
-                    blocks: sig.blocks,
-                    perm: 0o400,
-                    mtime: time_of(sig.mtime),
-                    ctime: time_of(sig.ctime),
-                })
+                Ok(sig_attr(ino, &sig, 0o400))
             }
             Node::Revision(vid, name) => {
                 let f = self
@@ -312,16 +310,8 @@ impl ReflinkFs {
                     .open_revision(vid, name)
                     .map_err(|e| errno_of("getattr", &e))?;
                 let st = sys::fstat(f.as_fd()).map_err(|e| io_errno("getattr", e))?;
-                let sig = crate::engine::fsops::FileSig::from_stat(&st);
-                Ok(Attr {
-                    ino,
-                    kind: Kind::File,
-                    size: sig.size,
-                    blocks: sig.blocks,
-                    perm: 0o400,
-                    mtime: time_of(sig.mtime),
-                    ctime: time_of(sig.ctime),
-                })
+                let sig = FileSig::from_stat(&st);
+                Ok(sig_attr(ino, &sig, 0o400))
             }
         }
     }
