@@ -10,7 +10,7 @@ use common::*;
 use reflinkfs::engine::{NewKind, Pool, Property};
 use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -388,7 +388,7 @@ fn four_volumes_in_parallel_fifty_cycles_each() {
 }
 
 #[test]
-fn passthrough_reads_never_reach_the_daemon() {
+fn passthrough_reads_and_writes_never_reach_the_daemon() {
     if !require(&[]) {
         return;
     }
@@ -424,6 +424,43 @@ fn passthrough_reads_never_reach_the_daemon() {
             );
         } else {
             assert_eq!(after, before, "passthrough reads reached the daemon");
+        }
+        drop(f);
+        // Writes: 256 MiB with O_DIRECT, and nothing reaches the daemon
+        // either (not even the kernel's security.capability check).
+        let f = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(m.path(rel))
+            .unwrap();
+        let (w0, x0) = (
+            m.root_counter("write_requests"),
+            m.root_counter("getxattr_requests"),
+        );
+        let layout = std::alloc::Layout::from_size_align(MIB as usize, 4096).unwrap();
+        // SAFETY: a non-zero-sized layout; freed below with the same layout.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        // SAFETY: `ptr` points at MIB initialised (zeroed) bytes.
+        let aligned = unsafe { std::slice::from_raw_parts(ptr, MIB as usize) };
+        for i in 0..256 {
+            f.write_all_at(aligned, i * MIB).unwrap();
+        }
+        // SAFETY: allocated above with this layout, and no longer borrowed.
+        unsafe { std::alloc::dealloc(ptr, layout) };
+        let (w1, x1) = (
+            m.root_counter("write_requests"),
+            m.root_counter("getxattr_requests"),
+        );
+        println!("{opts:?}: daemon write requests {w0} -> {w1}, getxattr requests {x0} -> {x1}");
+        if expect_daemon {
+            assert!(w1 - w0 >= 256, "daemon mode serves writes: {w0} -> {w1}");
+        } else {
+            assert_eq!(w1, w0, "passthrough writes reached the daemon");
+            // The getxattr of the counter itself counts; allow a few.
+            assert!(
+                x1 - x0 < 8,
+                "writes cost getxattr round trips: {x0} -> {x1}"
+            );
         }
         drop(f);
         m.wait_stopped(rel);

@@ -76,6 +76,9 @@ pub struct Stats {
     pub writes: AtomicU64,
     pub read_bytes: AtomicU64,
     pub write_bytes: AtomicU64,
+    /// GETXATTR requests: the kernel's security.capability checks on the
+    /// write path would show up here.
+    pub getxattrs: AtomicU64,
 }
 
 /// What `open` hands to the adapter.
@@ -792,6 +795,10 @@ impl ReflinkFs {
                 put(
                     "write_bytes",
                     self.stats.write_bytes.load(Ordering::Relaxed).to_string(),
+                );
+                put(
+                    "getxattr_requests",
+                    self.stats.getxattrs.load(Ordering::Relaxed).to_string(),
                 );
                 put("open_volumes", self.open_volumes().to_string());
             }
