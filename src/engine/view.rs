@@ -126,6 +126,23 @@ impl Pool {
         Some(current.map_or(true, |g| g != *generation))
     }
 
+    /// Whether the mount shows a volume: all but corrupt ones and optional
+    /// volumes without an image (SPEC §1.3). Only those look at the disk.
+    pub fn is_shown(&self, vid: &ValidVid) -> bool {
+        let Ok(slot) = self.slot(vid) else {
+            return false;
+        };
+        let st = slot.lock();
+        if !st.config.optional || st.config.kind() != VolumeKind::Origin || st.run.is_some() {
+            return true;
+        }
+        drop(st);
+        self.vm_dir_if_exists(vid)
+            .ok()
+            .flatten()
+            .is_some_and(|d| matches!(regular_entry(&d, vid, &Names::of(vid).img()), Ok(Some(_))))
+    }
+
     /// Whether a volume runs.
     pub fn is_running(&self, vid: &ValidVid) -> Result<bool> {
         Ok(self.slot(vid)?.lock().run.is_some())

@@ -5,7 +5,7 @@
 use super::inodes::{Inodes, Node, ROOT_INO};
 use crate::engine::fsops::FileSig;
 use crate::engine::view::VolumeView;
-use crate::engine::{Pool, ValidVid, VolumeKind};
+use crate::engine::{Pool, ValidVid};
 use crate::error::Error;
 use crate::sys;
 use parking_lot::Mutex;
@@ -239,15 +239,7 @@ impl ReflinkFs {
         self.pool
             .vids()
             .into_iter()
-            .filter(|v| match self.pool.volume_view(v) {
-                Ok(view) => {
-                    !(view.config.optional
-                        && view.config.kind() == VolumeKind::Origin
-                        && view.img.is_none()
-                        && !view.running)
-                }
-                Err(_) => false,
-            })
+            .filter(|v| self.pool.is_shown(v))
             .collect()
     }
 
