@@ -438,7 +438,9 @@ impl Pool {
             for name in &names {
                 let owners: Vec<&ValidVid> =
                     vids.iter().filter(|v| Names::of(v).owns(name)).collect();
-                if owners.is_empty() && only.is_none() {
+                // Only image-like names: Qubes keeps other files (such as
+                // firewall.xml) in VM directories, and they are no problem.
+                if owners.is_empty() && only.is_none() && name.contains(".img") {
                     push(
                         None,
                         dir.shown(name).display().to_string(),
