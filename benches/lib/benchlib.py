@@ -1,0 +1,728 @@
+#!/usr/bin/env python3
+"""Helpers of benches/run: timing of a volume's start and commit, image
+makers, daemon CPU and memory readings, and the reduction of fio's JSON
+output to the results table, its JSON, the target checks and the plots.
+
+    benchlib.py proc PID                       CPU seconds and peak RSS of a process
+    benchlib.py snaptime FILE [--repeat N]     start and commit times of a volume
+    benchlib.py mkimage FILE SIZE EXTENTS      a sparse image, 10% data in EXTENTS pieces
+    benchlib.py timecmd -- CMD...              wall time of a command, in ms
+    benchlib.py reduce RAW OUT [--check]       results from RAW/ into OUT/latest.*
+
+Standard library only: it runs on a fresh machine's python3.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+MIB = 1 << 20
+GIB = 1 << 30
+
+# Job name -> the fio direction whose numbers the table shows.
+PERF_JOBS = [
+    "seqread-1m-qd1",
+    "seqread-1m-qd16",
+    "seqwrite-1m-qd1",
+    "seqwrite-1m-qd16",
+    "randread-4k-qd1",
+    "randread-4k-qd16",
+    "randwrite-4k-qd1",
+    "randwrite-4k-qd16",
+    "randwrite-4k-4jobs",
+    "seqread-buffered",
+    "seqwrite-buffered",
+    "trim-64k",
+]
+VERIFY_JOB = "verify-4k-qd16"
+PATHS = [
+    "native",
+    "passthrough",
+    "daemon",
+    "qsd",
+    "loop-native",
+    "loop-passthrough",
+    "loop-daemon",
+    "loop-qsd",
+]
+PATH_LABEL = {
+    "native": "(a) native file",
+    "passthrough": "(b) reflinkfs passthrough",
+    "daemon": "(c) reflinkfs passthrough=off",
+    "qsd": "(d) qemu-storage-daemon",
+    "loop-native": "(e) loop over (a)",
+    "loop-passthrough": "(e) loop over (b)",
+    "loop-daemon": "(e) loop over (c)",
+    "loop-qsd": "(e) loop over (d)",
+}
+
+
+def direction(job):
+    if "trim" in job:
+        return "trim"
+    if "read" in job:
+        return "read"
+    return "write"
+
+
+def baseline(path):
+    return "loop-native" if path.startswith("loop-") else "native"
+
+
+# ---------------------------------------------------------------- proc
+
+
+def proc_reading(pid):
+    """(CPU seconds, user+system, of every thread; VmHWM in KiB)."""
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    # The command name may hold spaces; fields resume after its ')'.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    hwm = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                hwm = int(line.split()[1])
+    return ticks / os.sysconf("SC_CLK_TCK"), hwm
+
+
+def cmd_proc(args):
+    cpu, hwm = proc_reading(int(args[0]))
+    print(json.dumps({"cpu_s": cpu, "hwm_kib": hwm}))
+
+
+# ---------------------------------------------------------------- snaptime
+
+
+def state_of(path):
+    return os.getxattr(path, "user.reflinkfs.state").decode()
+
+
+def wait_stopped(path, timeout=600.0):
+    """Polls the volume's state until it reads `stopped`; returns when."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if state_of(path) == "stopped":
+            return time.perf_counter()
+        if time.monotonic() > deadline:
+            raise SystemExit(f"snaptime: {path} still running after {timeout}s")
+        time.sleep(0.0002)
+
+
+def cmd_snaptime(args):
+    """Opens FILE (a volume's -dirty.img), which starts the volume, writes
+    4 KiB so the commit is a real one, closes it and polls the state xattr
+    until the commit is done. Prints one JSON line per repeat."""
+    path = args[0]
+    repeat = 1
+    if "--repeat" in args:
+        repeat = int(args[args.index("--repeat") + 1])
+    block = os.urandom(4096)
+    wait_stopped(path)
+    for i in range(repeat):
+        t0 = time.perf_counter()
+        fd = os.open(path, os.O_RDWR)
+        t1 = time.perf_counter()
+        os.pwrite(fd, block, 0)
+        t2 = time.perf_counter()
+        os.close(fd)
+        t3 = wait_stopped(path)
+        print(
+            json.dumps(
+                {
+                    "repeat": i,
+                    "start_ms": (t1 - t0) * 1e3,
+                    "commit_ms": (t3 - t2) * 1e3,
+                }
+            ),
+            flush=True,
+        )
+
+
+# ---------------------------------------------------------------- mkimage
+
+
+def cmd_mkimage(args):
+    """A sparse image of SIZE bytes whose data, 10% of it, lies in EXTENTS
+    pieces evenly spread, each followed by a hole (so the filesystem cannot
+    merge them). The file is truncated to its size first, so no piece is
+    written past EOF (no speculative preallocation fills the holes)."""
+    path, size, extents = args[0], parse_size(args[1]), int(args[2])
+    fraction = 0.10
+    stride = (size // extents) // 4096 * 4096
+    piece = int(stride * fraction) // 4096 * 4096
+    if piece == 0 or stride <= piece:
+        raise SystemExit("mkimage: too many extents for this size")
+    buf = os.urandom(min(piece, 8 * MIB))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        for i in range(extents):
+            off, left = i * stride, piece
+            while left:
+                n = os.pwrite(fd, buf[: min(left, len(buf))], off)
+                off += n
+                left -= n
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    print(json.dumps({"size": size, "extents": extents, "data": piece * extents}))
+
+
+def parse_size(s):
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    if s[-1].upper() in mult:
+        return int(float(s[:-1]) * mult[s[-1].upper()])
+    return int(s)
+
+
+def cmd_timecmd(args):
+    if args and args[0] == "--":
+        args = args[1:]
+    t0 = time.perf_counter()
+    subprocess.run(args, check=True)
+    print(f"{(time.perf_counter() - t0) * 1e3:.3f}")
+
+
+# ---------------------------------------------------------------- reduce
+
+
+def load_jsonl(path):
+    out = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    out.append(json.loads(line))
+    return out
+
+
+def fio_numbers(fio_json, job):
+    """The numbers of the job's main direction (and verify's checks)."""
+    j = fio_json["jobs"][0]
+    d = j[direction(job)] if job != VERIFY_JOB else j["write"]
+    pct = d.get("clat_ns", {}).get("percentile", {})
+    p99 = pct.get("99.000000")
+    moved = sum(j[k]["io_bytes"] for k in ("read", "write"))
+    out = {
+        "mib_s": d["bw_bytes"] / MIB,
+        "iops": d["iops"],
+        "p99_us": p99 / 1e3 if p99 is not None else None,
+        "io_bytes": d["io_bytes"],
+        "bytes_moved": moved,
+        "runtime_ms": j.get("job_runtime", d.get("runtime")),
+        "fio_error": j.get("error", 0),
+        "total_err": j.get("total_err", 0),
+    }
+    if job == VERIFY_JOB:
+        out["verified_bytes"] = j["read"]["io_bytes"]
+    return out
+
+
+def ratio(a, b):
+    if a is None or b in (None, 0):
+        return None
+    return a / b
+
+
+def fmt(v, digits=2):
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        if abs(v) >= 100:
+            return f"{v:.0f}"
+        if abs(v) >= 10:
+            return f"{v:.1f}"
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def reduce_results(raw, out_dir, check):
+    meta = json.load(open(os.path.join(raw, "meta.json")))
+    runs = load_jsonl(os.path.join(raw, "runs.jsonl"))
+    snaps = load_jsonl(os.path.join(raw, "snapshot.jsonl"))
+    daemons = load_jsonl(os.path.join(raw, "daemons.jsonl"))
+
+    problems = []
+    runs_by_key = {}  # (job, path) -> [dict per run]
+    for r in runs:
+        entry = dict(r)
+        fj = os.path.join(raw, f"{r['job']}@{r['path']}#{r.get('rep', 1)}.json")
+        try:
+            with open(fj) as f:
+                text = f.read()
+            # fio may print notes before the JSON document.
+            entry.update(fio_numbers(json.loads(text[text.index("{") :]), r["job"]))
+        except (OSError, ValueError, KeyError) as e:
+            entry["parse_error"] = str(e)
+        runs_by_key.setdefault((r["job"], r["path"]), []).append(entry)
+    # With --repeat, the run with the median IOPS stands for the pair (its
+    # latency and CPU come with it); every run's IOPS is kept.
+    results = {}
+    all_runs = []
+    for key, lst in runs_by_key.items():
+        all_runs.extend(lst)
+        ranked = sorted(lst, key=lambda e: e.get("iops") or 0)
+        chosen = dict(ranked[(len(ranked) - 1) // 2])
+        chosen["repeats"] = len(lst)
+        chosen["iops_all"] = [e.get("iops") for e in lst]
+        results[key] = chosen
+
+    jobs = [j for j in PERF_JOBS + [VERIFY_JOB] if any(k[0] == j for k in results)]
+    paths = [p for p in PATHS if any(k[1] == p for k in results)]
+
+    for (job, path), e in results.items():
+        e["ratio"] = ratio(e.get("iops"), results.get((job, baseline(path)), {}).get("iops"))
+        if path in ("daemon", "loop-daemon"):
+            peer = "qsd" if path == "daemon" else "loop-qsd"
+            e["ratio_vs_qsd"] = ratio(e.get("iops"), results.get((job, peer), {}).get("iops"))
+        gib = e.get("bytes_moved", 0) / GIB
+        if e.get("cpu_s") is not None and gib > 0:
+            e["cpu_s_per_gib"] = e["cpu_s"] / gib
+
+    # The smoke check: every path ran every job it was given and moved data.
+    # Verify errors (fio error 84, EILSEQ) fail the run on the native and
+    # reflinkfs paths; on qemu-storage-daemon's, a peer we only compare
+    # with, they are reported as warnings (see doc/BENCHMARKS.md).
+    warnings = []
+    for e in sorted(all_runs, key=lambda e: (e["job"], e["path"], e.get("rep", 1))):
+        job, path = e["job"], e["path"]
+        why, warn = [], []
+        if e.get("rc", 0) != 0:
+            why.append(f"fio exit status {e['rc']}")
+        if "parse_error" in e:
+            why.append(f"no fio result ({e['parse_error']})")
+        elif e.get("io_bytes", 0) <= 0:
+            why.append("no I/O done")
+        if e.get("setup_error"):
+            why.append(e["setup_error"])
+        errs = []
+        if e.get("fio_error"):
+            errs.append(f"fio error {e['fio_error']}")
+        if e.get("total_err"):
+            errs.append(f"{e['total_err']} I/O or verify errors")
+        if errs:
+            verify_only = job == VERIFY_JOB and e.get("fio_error") in (0, 84)
+            (warn if verify_only and path.endswith("qsd") else why).extend(errs)
+        run = f" (run {e.get('rep', 1)})" if e.get("rep", 1) > 1 else ""
+        if why:
+            problems.append(f"{job} on {path}{run}: " + "; ".join(why + warn))
+        elif warn:
+            warnings.append(f"{job} on {path}{run}: " + "; ".join(warn))
+    for p in PATHS:
+        if p in meta.get("paths", []) and p not in paths:
+            problems.append(f"path {p} has no result at all")
+
+    targets = evaluate_targets(results, jobs, paths, snaps)
+    daemon_summary = summarize_daemons(results, daemons, paths)
+    snap_summary = summarize_snapshots(snaps)
+
+    doc = {
+        "meta": meta,
+        "jobs": jobs,
+        "paths": paths,
+        "results": [
+            dict(results[(j, p)]) for j in jobs for p in paths if (j, p) in results
+        ],
+        "daemons": daemon_summary,
+        "snapshot": snap_summary,
+        "targets": targets,
+        "problems": problems,
+        "warnings": warnings,
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "latest.json"), "w") as f:
+        json.dump(doc, f, indent=2)
+    md = render_markdown(doc, results)
+    with open(os.path.join(out_dir, "latest.md"), "w") as f:
+        f.write(md)
+    write_plot_data(out_dir, results, jobs, paths, snap_summary)
+    print(md)
+    for w in warnings:
+        print(f"benches/run: warning: {w}", file=sys.stderr)
+    if problems:
+        print("\nbenches/run: paths that did not run cleanly:", file=sys.stderr)
+        for p in problems:
+            print("  " + p, file=sys.stderr)
+        return 1
+    return 0
+
+
+def evaluate_targets(results, jobs, paths, snaps):
+    perf = [j for j in jobs if j != VERIFY_JOB]
+    t = []
+
+    def ratio_target(name, path, base, key, threshold, desc):
+        rows = []
+        for j in perf:
+            e = results.get((j, path))
+            if e is None or (j, base) not in results:
+                continue
+            rows.append((j, e.get(key)))
+        if not rows:
+            return
+        known = [(j, r) for j, r in rows if r is not None]
+        worst = min(known, key=lambda x: x[1]) if known else (None, None)
+        missed = [f"{j} {r:.2f}x" for j, r in known if r < threshold]
+        t.append(
+            {
+                "target": desc,
+                "met": bool(known) and not missed and len(known) == len(rows),
+                "worst_job": worst[0],
+                "worst_ratio": worst[1],
+                "missed": missed,
+            }
+        )
+
+    ratio_target("b", "passthrough", "native", "ratio", 0.95,
+                 "(b) passthrough >= 0.95x native on every job")
+    ratio_target("e", "loop-passthrough", "loop-native", "ratio", 0.95,
+                 "(e) loop over passthrough >= 0.95x loop over native on every job")
+    ratio_target("c", "daemon", "qsd", "ratio_vs_qsd", 1.0,
+                 "(c) passthrough=off >= qemu-storage-daemon (d) on every job")
+    ratio_target("ce", "loop-daemon", "loop-qsd", "ratio_vs_qsd", 1.0,
+                 "(e) loop over (c) >= loop over (d) on every job (not a stated target; shown for completeness)")
+
+    def verify_bad(ps):
+        out = []
+        for p in ps:
+            e = results.get((VERIFY_JOB, p))
+            if e is not None and (e.get("total_err") or e.get("fio_error") or e.get("rc")):
+                out.append(f"{p}: {e.get('total_err', 0)} errors, fio error {e.get('fio_error', 0)}")
+        return out
+
+    ours = [p for p in paths if "qsd" not in p and (VERIFY_JOB, p) in results]
+    if ours:
+        bad = verify_bad(ours)
+        t.append(
+            {
+                "target": "zero fio verify errors at QD16 direct=1 in every mode (native and reflinkfs paths)",
+                "met": not bad,
+                "paths_checked": ours,
+                "missed": bad,
+            }
+        )
+    peers = [p for p in paths if "qsd" in p and (VERIFY_JOB, p) in results]
+    if peers:
+        bad = verify_bad(peers)
+        t.append(
+            {
+                "target": "zero fio verify errors on the peer qemu-storage-daemon (not our target; shown for completeness)",
+                "met": not bad,
+                "paths_checked": peers,
+                "missed": bad,
+            }
+        )
+
+    s = summarize_snapshots(snaps)
+    xfs = {(r["size"], r["extents"]): r for r in s if r["fs"] == "xfs"}
+    ten = xfs.get((10 * GIB, 100))
+    if ten:
+        total = ten["start_ms_median"] + ten["commit_ms_median"]
+        t.append(
+            {
+                "target": "start+commit of a 10 GiB image (10% data, 100 extents) on XFS < 10 ms",
+                "met": total < 10.0,
+                "start_plus_commit_ms": total,
+                "missed": [] if total < 10.0 else [f"{total:.1f} ms"],
+            }
+        )
+    one, frag = xfs.get((1 * GIB, 100)), xfs.get((10 * GIB, 10000))
+    big = xfs.get((100 * GIB, 100))
+    if one and ten and frag:
+        tot = lambda r: r["start_ms_median"] + r["commit_ms_median"]
+        by_bytes = tot(ten) / tot(one)
+        by_ext = tot(frag) / tot(ten)
+        entry = {
+            "target": "on XFS, cost grows with extent count, not with bytes",
+            "x10_bytes_growth": by_bytes,
+            "x100_extents_growth": by_ext,
+        }
+        if big:
+            entry["x100_bytes_growth"] = tot(big) / tot(one)
+        # Flat in bytes: ten times the bytes (same extent count) costs less
+        # than twice as much; and a hundred times the extents costs more
+        # than ten times the bytes does.
+        entry["met"] = by_bytes < 2.0 and by_ext > by_bytes
+        entry["missed"] = [] if entry["met"] else [
+            f"x10 bytes -> {by_bytes:.2f}x, x100 extents -> {by_ext:.2f}x"
+        ]
+        t.append(entry)
+    return t
+
+
+def summarize_daemons(results, daemons, paths):
+    out = []
+    for p in paths:
+        rows = [e for (j, pp), e in results.items() if pp == p and e.get("cpu_s") is not None]
+        if not rows:
+            continue
+        # trim moves no data: its CPU is reported, not divided.
+        data_rows = [e for e in rows if "trim" not in e["job"]]
+        cpu = sum(e["cpu_s"] for e in data_rows)
+        gib = sum(e.get("bytes_moved", 0) for e in data_rows) / GIB
+        hwm = max((e.get("hwm_kib") or 0) for e in rows)
+        for d in daemons:
+            if d.get("path") == p:
+                hwm = max(hwm, d.get("hwm_kib") or 0)
+        out.append(
+            {
+                "path": p,
+                "cpu_s": cpu,
+                "gib_moved": gib,
+                "cpu_s_per_gib": cpu / gib if gib else None,
+                "trim_cpu_s": sum(e["cpu_s"] for e in rows if "trim" in e["job"]),
+                "peak_rss_mib": hwm / 1024 if hwm else None,
+            }
+        )
+    extra = [d for d in daemons if "requests" in d]
+    for d in extra:
+        for o in out:
+            if o["path"] == d["path"]:
+                o["requests"] = d["requests"]
+    return out
+
+
+def summarize_snapshots(snaps):
+    groups = {}
+    for r in snaps:
+        key = (r["fs"], r["size"], r["extents"])
+        g = groups.setdefault(key, {"start": [], "commit": [], "cp_sparse": [], "cp_reflink": []})
+        for k in ("start", "commit"):
+            if f"{k}_ms" in r:
+                g[k].append(r[f"{k}_ms"])
+        if "cp_sparse_ms" in r:
+            g["cp_sparse"].append(r["cp_sparse_ms"])
+        if "cp_reflink_ms" in r:
+            g["cp_reflink"].append(r["cp_reflink_ms"])
+        if "actual_extents" in r:
+            g["actual_extents"] = r["actual_extents"]
+        if "data" in r:
+            g["data"] = r["data"]
+        if "mode" in r:
+            g["mode"] = r["mode"]
+    med = lambda v: statistics.median(v) if v else None
+    out = []
+    order = {"xfs": 0, "btrfs": 1, "ext4": 2}
+    for (fs, size, ext), g in sorted(groups.items(), key=lambda x: (order.get(x[0][0], 9), x[0][1], x[0][2])):
+        out.append(
+            {
+                "fs": fs,
+                "mode": g.get("mode"),
+                "size": size,
+                "extents": ext,
+                "actual_extents": g.get("actual_extents"),
+                "data": g.get("data"),
+                "repeats": len(g["start"]),
+                "start_ms_median": med(g["start"]),
+                "start_ms_max": max(g["start"]) if g["start"] else None,
+                "commit_ms_median": med(g["commit"]),
+                "commit_ms_max": max(g["commit"]) if g["commit"] else None,
+                "cp_sparse_ms": med(g["cp_sparse"]),
+                "cp_reflink_ms": med(g["cp_reflink"]),
+            }
+        )
+    return out
+
+
+def iops_range(e):
+    """' (min-max)' of the repeated runs' IOPS, or ''."""
+    vals = [v for v in e.get("iops_all") or [] if v is not None]
+    if len(vals) < 2:
+        return ""
+    return f" ({fmt(float(min(vals)))}–{fmt(float(max(vals)))})"
+
+
+def render_markdown(doc, results):
+    m = doc["meta"]
+    L = []
+    L.append(f"# reflinkfs benchmark results ({m.get('mode')})")
+    L.append("")
+    L.append(
+        f"{m.get('date')} · Linux {m.get('kernel')} · {m.get('cpus')} CPUs ({m.get('cpu_model')}) · "
+        f"{m.get('mem_gib')} GiB RAM · {m.get('fio')} · {m.get('qsd')} · reflinkfs {m.get('commit')}"
+    )
+    L.append("")
+    L.append(
+        f"Image {m.get('size')} on a scratch XFS (reflink=1) of {m.get('xfs_size')} on a loop device over a "
+        f"file in /var/tmp; {m.get('runtime')} s per job; verify job {m.get('verify_size')}; "
+        f"reflinkfs daemon {m.get('threads')} threads. Loop paths: `losetup --direct-io=on --sector-size 4096`."
+    )
+    if m.get("notes"):
+        for n in m["notes"]:
+            L.append("")
+            L.append(f"Note: {n}")
+    L.append("")
+
+    if doc["targets"]:
+        L.append("## Targets")
+        L.append("")
+        L.append("| target | met | evidence |")
+        L.append("|---|---|---|")
+        for t in doc["targets"]:
+            if "worst_ratio" in t:
+                ev = f"worst: {t['worst_job']} {fmt(t['worst_ratio'])}x"
+                if t["missed"]:
+                    ev += f"; below on {len(t['missed'])} jobs: " + ", ".join(t["missed"])
+            elif "start_plus_commit_ms" in t:
+                ev = f"{t['start_plus_commit_ms']:.2f} ms (median)"
+            elif "x10_bytes_growth" in t:
+                ev = (
+                    f"10x bytes (same extents): {t['x10_bytes_growth']:.2f}x; "
+                    f"100x extents (same bytes): {t['x100_extents_growth']:.2f}x"
+                )
+                if "x100_bytes_growth" in t:
+                    ev += f"; 100x bytes: {t['x100_bytes_growth']:.2f}x"
+            else:
+                ev = "; ".join(t["missed"]) or "paths: " + ", ".join(t.get("paths_checked", []))
+            L.append(f"| {t['target']} | {'yes' if t['met'] else '**NO**'} | {ev} |")
+        L.append("")
+
+    L.append("## I/O paths")
+    L.append("")
+    L.append(
+        "MiB/s and IOPS of the job's direction (verify: its write phase), p99 completion "
+        "latency, and the ratio of IOPS to the baseline in the same run: (a) for (b)-(d), "
+        "loop over (a) for the loop paths. `vs qsd`: (c) against (d). `CPU s/GiB`: the "
+        "daemon's user+system CPU during the job per GiB read or written. With --repeat: "
+        "the run with the median IOPS, with the range of all runs in brackets."
+    )
+    L.append("")
+    for job in doc["jobs"]:
+        L.append(f"### {job}")
+        L.append("")
+        L.append("| path | MiB/s | IOPS | p99 µs | ratio | vs qsd | daemon CPU s/GiB |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|")
+        for p in doc["paths"]:
+            e = results.get((job, p))
+            if e is None:
+                continue
+            extra = ""
+            if job == VERIFY_JOB:
+                extra = f" (verified {e.get('verified_bytes', 0) // MIB} MiB, errors {e.get('total_err', 0)})"
+            L.append(
+                f"| {PATH_LABEL[p]}{extra} | {fmt(e.get('mib_s'))} | {fmt(e.get('iops'))}{iops_range(e)} | "
+                f"{fmt(e.get('p99_us'))} | {fmt(e.get('ratio'))} | {fmt(e.get('ratio_vs_qsd'))} | "
+                f"{fmt(e.get('cpu_s_per_gib'), 3)} |"
+            )
+        L.append("")
+
+    if doc["daemons"]:
+        L.append("## Daemon cost")
+        L.append("")
+        L.append(
+            "CPU seconds (user+system, all threads) of the process serving the path, "
+            "summed over the data jobs (trim moves no data and is shown apart), per GiB "
+            "those jobs read or wrote; peak RSS is VmHWM. reflinkfs: one daemon per mode "
+            "for the whole run; qemu-storage-daemon: one per job, the largest peak shown."
+        )
+        L.append("")
+        L.append("| path | GiB moved | CPU s | CPU s/GiB | trim CPU s | peak RSS MiB | requests seen by the daemon |")
+        L.append("|---|---:|---:|---:|---:|---:|---|")
+        for d in doc["daemons"]:
+            req = d.get("requests")
+            req = ", ".join(f"{k} {v}" for k, v in req.items()) if req else ""
+            L.append(
+                f"| {PATH_LABEL[d['path']]} | {fmt(d['gib_moved'])} | {fmt(d['cpu_s'])} | "
+                f"{fmt(d['cpu_s_per_gib'], 3)} | {fmt(d['trim_cpu_s'])} | {fmt(d['peak_rss_mib'])} | {req} |"
+            )
+        L.append("")
+
+    if doc["snapshot"]:
+        L.append("## Snapshot (start) and commit cost")
+        L.append("")
+        L.append(
+            "Start: `open()` of `-dirty.img` until it returns. Commit: from `close()` "
+            "(after a 4 KiB write, so there is something to commit) until "
+            "`user.reflinkfs.state` reads `stopped`. Medians of the repeats (max in "
+            "brackets). `cp --sparse`: `cp --sparse=always --reflink=never` of the same "
+            "image plus an fsync of the copy; `cp --reflink`: `cp --reflink=always` plus fsync."
+        )
+        L.append("")
+        L.append("| fs (mode) | image | data | extents | start ms | commit ms | start+commit ms | cp --sparse ms | cp --reflink ms |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in doc["snapshot"]:
+            tot = None
+            if r["start_ms_median"] is not None and r["commit_ms_median"] is not None:
+                tot = r["start_ms_median"] + r["commit_ms_median"]
+            L.append(
+                f"| {r['fs']} ({r.get('mode') or '?'}) | {r['size'] // GIB} GiB | "
+                f"{(r.get('data') or 0) // MIB} MiB | {r['actual_extents'] if r['actual_extents'] is not None else r['extents']} | "
+                f"{fmt(r['start_ms_median'])} ({fmt(r['start_ms_max'])}) | "
+                f"{fmt(r['commit_ms_median'])} ({fmt(r['commit_ms_max'])}) | {fmt(tot)} | "
+                f"{fmt(r['cp_sparse_ms'])} | {fmt(r['cp_reflink_ms'])} |"
+            )
+        L.append("")
+
+    if doc["warnings"]:
+        L.append("## Warnings")
+        L.append("")
+        for w in doc["warnings"]:
+            L.append(f"- {w} (the peer qemu-storage-daemon; not counted as a failure of the run)")
+        L.append("")
+    if doc["problems"]:
+        L.append("## Paths that did not run cleanly")
+        L.append("")
+        for p in doc["problems"]:
+            L.append(f"- {p}")
+        L.append("")
+    return "\n".join(L)
+
+
+def write_plot_data(out_dir, results, jobs, paths, snaps):
+    """Data files for benches/lib/plot.gp."""
+    with open(os.path.join(out_dir, "ratios.dat"), "w") as f:
+        f.write("# job passthrough daemon qsd loop-passthrough loop-daemon loop-qsd\n")
+        for j in jobs:
+            row = [j]
+            for p in ["passthrough", "daemon", "qsd", "loop-passthrough", "loop-daemon", "loop-qsd"]:
+                r = results.get((j, p), {}).get("ratio")
+                row.append(f"{r:.4f}" if r else "NaN")
+            f.write(" ".join(row) + "\n")
+    # One file per filesystem and series, so gnuplot draws each as a line.
+    for fs in ("xfs", "btrfs", "ext4"):
+        for series, pick, x in (
+            ("size", lambda r: r["extents"] == 100, lambda r: r["size"] / GIB),
+            ("extents", lambda r: r["size"] == 10 * GIB, lambda r: r["extents"]),
+        ):
+            with open(os.path.join(out_dir, f"snap-{series}-{fs}.dat"), "w") as f:
+                f.write("# x start_commit_ms cp_sparse_ms cp_reflink_ms\n")
+                rows = sorted((r for r in snaps if r["fs"] == fs and pick(r)), key=x)
+                for r in rows:
+                    tot = None
+                    if r["start_ms_median"] is not None and r["commit_ms_median"] is not None:
+                        tot = r["start_ms_median"] + r["commit_ms_median"]
+                    vals = [tot, r["cp_sparse_ms"], r["cp_reflink_ms"]]
+                    f.write(f"{x(r):g} " + " ".join(f"{v:.3f}" if v is not None else "NaN" for v in vals) + "\n")
+
+
+def main():
+    if len(sys.argv) < 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    cmd, args = sys.argv[1], sys.argv[2:]
+    if cmd == "proc":
+        cmd_proc(args)
+    elif cmd == "snaptime":
+        cmd_snaptime(args)
+    elif cmd == "mkimage":
+        cmd_mkimage(args)
+    elif cmd == "timecmd":
+        cmd_timecmd(args)
+    elif cmd == "reduce":
+        return reduce_results(args[0], args[1], "--check" in args)
+    else:
+        print(__doc__, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
