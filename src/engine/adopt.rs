@@ -18,7 +18,10 @@
 
 use super::config::{store_json, PoolConfig, VolumeConfig, VolumeKind, FORMAT_VERSION};
 use super::fsops::{write_all_at, Dir, DIR_MODE, FILE_MODE};
-use super::pool::{Pool, LOCK_FILE, META_DIR, POOL_JSON, VOLUMES_DIR};
+use super::pool::{
+    clone_and_compare, named_reflink_check, open_subdir_checked, reflink_error, Pool, LOCK_FILE,
+    META_DIR, POOL_JSON, VOLUMES_DIR,
+};
 use super::report::Problem;
 use super::revision::{now_utc, parse_revision_name, Parsed, Revision, RevisionId};
 use super::size::{check_size, format_size};
@@ -478,16 +481,7 @@ struct Scan {
 /// Opens a subdirectory without following a symlink; a symlink swapped in
 /// since the `lstat` is refused like one seen by it.
 fn open_subdir(parent: &Dir, name: &str, what: &str) -> Result<Dir> {
-    parent.subdir(name, false).map_err(|e| {
-        if matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR)) {
-            Error::NotRegular {
-                what: what.to_owned(),
-                path: parent.shown(name),
-            }
-        } else {
-            Error::io(format!("opening {}", parent.shown(name).display()), e)
-        }
-    })
+    open_subdir_checked(parent, name, what, false)
 }
 
 fn list(dir: &Dir) -> Result<Vec<String>> {
@@ -1551,38 +1545,6 @@ fn file_actions(root: &Path, scan: &Scan, plan: &mut Plan) {
 // ---------------------------------------------------------------------------
 // The reflink check.
 
-/// The content of the reflink check's test file.
-fn check_content() -> Vec<u8> {
-    (0..65536u32).map(|i| (i * 7 + 3) as u8).collect()
-}
-
-/// Clones `src` into `dst` with FICLONE and compares the content.
-fn clone_and_compare(src: &File, dst: &File) -> io::Result<()> {
-    let content = check_content();
-    write_all_at(src, &content, 0)?;
-    sys::fsync(src.as_fd())?;
-    sys::ficlone(dst.as_fd(), src.as_fd())?;
-    let mut back = vec![0u8; content.len()];
-    let n = sys::pread(dst.as_fd(), &mut back, 0)?;
-    if n != content.len() || back != content {
-        return Err(io::Error::other(
-            "the clone's content differs from the source",
-        ));
-    }
-    Ok(())
-}
-
-fn reflink_error(path: &Path, e: io::Error) -> Error {
-    if sys::is_reflink_unsupported(&e) || e.kind() == io::ErrorKind::Other {
-        Error::ReflinkUnsupported {
-            path: path.to_owned(),
-            source: e,
-        }
-    } else {
-        Error::io(format!("reflink check in {}", path.display()), e)
-    }
-}
-
 /// The reflink check (SPEC §1.2) on two unnamed O_TMPFILE files in the
 /// pool directory, so it changes nothing, in a dry run too. `Ok(false)`
 /// when the filesystem has no O_TMPFILE: the real run then checks with
@@ -1618,21 +1580,6 @@ fn tmpfile_reflink_check(root: &Dir, path: &Path) -> Result<bool> {
         open_here().map_err(|e| Error::io(format!("reflink check in {}", path.display()), e))?;
     clone_and_compare(&src, &dst).map_err(|e| reflink_error(path, e))?;
     Ok(true)
-}
-
-/// The reflink check with named files in `dir` (removed again).
-fn named_reflink_check(dir: &Dir, path: &Path) -> Result<()> {
-    let (a, b) = ("reflink-check~src", "reflink-check~dst");
-    let _ = sys::unlinkat(dir.fd(), a);
-    let _ = sys::unlinkat(dir.fd(), b);
-    let result = (|| {
-        let src = dir.create_new(a)?;
-        let dst = dir.create_new(b)?;
-        clone_and_compare(&src, &dst)
-    })();
-    let _ = sys::unlinkat(dir.fd(), a);
-    let _ = sys::unlinkat(dir.fd(), b);
-    result.map_err(|e| reflink_error(path, e))
 }
 
 // ---------------------------------------------------------------------------

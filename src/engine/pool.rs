@@ -450,23 +450,8 @@ impl Pool {
     /// Opens the image directory of a VM (`POOL/CLASS/VM`), never through a
     /// symlink. With `create`, makes missing directories.
     pub(crate) fn vm_dir(&self, vid: &ValidVid, create: bool) -> Result<Dir> {
-        let map = |d: &Path, e: io::Error| -> Error {
-            if e.raw_os_error() == Some(libc::ELOOP) || e.raw_os_error() == Some(libc::ENOTDIR) {
-                Error::NotRegular {
-                    what: "VM directory".into(),
-                    path: d.to_owned(),
-                }
-            } else {
-                Error::io(format!("opening {}", d.display()), e)
-            }
-        };
-        let class = self
-            .root
-            .subdir(vid.class(), create)
-            .map_err(|e| map(&self.root.shown(vid.class()), e))?;
-        class
-            .subdir(vid.vm(), create)
-            .map_err(|e| map(&class.shown(vid.vm()), e))
+        let class = open_subdir_checked(&self.root, vid.class(), "VM directory", create)?;
+        open_subdir_checked(&class, vid.vm(), "VM directory", create)
     }
 
     /// Like `vm_dir`, but `None` when the directory does not exist.
@@ -552,43 +537,75 @@ pub fn check_short_vid(input: &str) -> Result<()> {
 }
 
 /// Clones a small non-empty file with FICLONE and compares the content
-/// (SPEC §1.2). Leaves nothing behind.
+/// (SPEC §1.2), with named files in `dir` that are removed again.
 fn check_reflink(root: &Dir) -> Result<()> {
-    let src_name = ".reflinkfs-setup-check~src";
-    let dst_name = ".reflinkfs-setup-check~dst";
-    let _ = sys::unlinkat(root.fd(), src_name);
-    let _ = sys::unlinkat(root.fd(), dst_name);
-    let content: Vec<u8> = (0..65536u32).map(|i| (i * 7 + 3) as u8).collect();
-    let result = (|| -> io::Result<()> {
-        let src = root.create_new(src_name)?;
-        super::fsops::write_all_at(&src, &content, 0)?;
-        sys::fsync(src.as_fd())?;
-        let dst = root.create_new(dst_name)?;
-        sys::ficlone(dst.as_fd(), src.as_fd())?;
-        let mut back = vec![0u8; content.len()];
-        let n = sys::pread(dst.as_fd(), &mut back, 0)?;
-        if n != content.len() || back != content {
-            return Err(io::Error::other(
-                "the clone's content differs from the source",
-            ));
-        }
-        Ok(())
+    named_reflink_check(root, root.path())
+}
+
+/// The reflink check with two named files in `dir` (removed again);
+/// errors name `path`.
+pub(crate) fn named_reflink_check(dir: &Dir, path: &Path) -> Result<()> {
+    let (a, b) = (".reflinkfs-setup-check~src", ".reflinkfs-setup-check~dst");
+    let _ = sys::unlinkat(dir.fd(), a);
+    let _ = sys::unlinkat(dir.fd(), b);
+    let result = (|| {
+        let src = dir.create_new(a)?;
+        let dst = dir.create_new(b)?;
+        clone_and_compare(&src, &dst)
     })();
-    let _ = sys::unlinkat(root.fd(), src_name);
-    let _ = sys::unlinkat(root.fd(), dst_name);
-    match result {
-        Ok(()) => Ok(()),
-        Err(e) if sys::is_reflink_unsupported(&e) || e.kind() == io::ErrorKind::Other => {
-            Err(Error::ReflinkUnsupported {
-                path: root.path().to_owned(),
-                source: e,
-            })
-        }
-        Err(e) => Err(Error::io(
-            format!("reflink check in {}", root.path().display()),
-            e,
-        )),
+    let _ = sys::unlinkat(dir.fd(), a);
+    let _ = sys::unlinkat(dir.fd(), b);
+    result.map_err(|e| reflink_error(path, e))
+}
+
+/// Writes a small non-empty pattern to `src`, clones it into `dst` with
+/// FICLONE and compares the content.
+pub(crate) fn clone_and_compare(src: &File, dst: &File) -> io::Result<()> {
+    let content: Vec<u8> = (0..65536u32).map(|i| (i * 7 + 3) as u8).collect();
+    super::fsops::write_all_at(src, &content, 0)?;
+    sys::fsync(src.as_fd())?;
+    sys::ficlone(dst.as_fd(), src.as_fd())?;
+    let mut back = vec![0u8; content.len()];
+    let n = sys::pread(dst.as_fd(), &mut back, 0)?;
+    if n != content.len() || back != content {
+        return Err(io::Error::other(
+            "the clone's content differs from the source",
+        ));
     }
+    Ok(())
+}
+
+/// The error of a failed reflink check: "unsupported" (with the
+/// setup_check=no hint) when the kernel or the content says so.
+pub(crate) fn reflink_error(path: &Path, e: io::Error) -> Error {
+    if sys::is_reflink_unsupported(&e) || e.kind() == io::ErrorKind::Other {
+        Error::ReflinkUnsupported {
+            path: path.to_owned(),
+            source: e,
+        }
+    } else {
+        Error::io(format!("reflink check in {}", path.display()), e)
+    }
+}
+
+/// Opens a subdirectory without following a symlink; a symlink or a file
+/// where the directory should be is [`Error::NotRegular`].
+pub(crate) fn open_subdir_checked(
+    parent: &Dir,
+    name: &str,
+    what: &str,
+    create: bool,
+) -> Result<Dir> {
+    parent.subdir(name, create).map_err(|e| {
+        if matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR)) {
+            Error::NotRegular {
+                what: what.to_owned(),
+                path: parent.shown(name),
+            }
+        } else {
+            Error::io(format!("opening {}", parent.shown(name).display()), e)
+        }
+    })
 }
 
 /// Takes the pool's flock and writes our PID into the lock file. A second

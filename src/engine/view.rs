@@ -5,7 +5,6 @@ use super::config::{VolumeConfig, VolumeKind};
 use super::fsops::FileSig;
 use super::lifecycle::{open_image, regular_entry};
 use super::pool::{Names, Pool, VolumeState};
-use super::revision::Revision;
 use super::vid::ValidVid;
 use crate::error::{Error, Result};
 use crate::sys::{self, FsStats};
@@ -24,7 +23,6 @@ pub struct VolumeView {
     pub dirty: Option<FileSig>,
     /// The size `N-dirty.img` shows while stopped.
     pub nominal_size: u64,
-    pub revisions: Vec<Revision>,
 }
 
 impl Pool {
@@ -42,10 +40,6 @@ impl Pool {
             ),
             None => (None, None),
         };
-        let revisions = match st.config.kind() {
-            VolumeKind::Origin => self.list_revisions(vid, dir.as_ref())?,
-            _ => Vec::new(),
-        };
         let config = st.config.clone();
         let running = st.run.is_some();
         drop(st);
@@ -59,7 +53,6 @@ impl Pool {
             },
             dirty,
             running,
-            revisions,
             config,
         })
     }

@@ -230,6 +230,12 @@ impl ReflinkFs {
         self.inodes.lock().ino_of(node)
     }
 
+    fn revisions(&self, vid: &ValidVid) -> FsResult<Vec<crate::engine::Revision>> {
+        self.pool
+            .revisions(vid)
+            .map_err(|e| errno_of("revisions", &e))
+    }
+
     fn view(&self, vid: &ValidVid) -> FsResult<VolumeView> {
         self.pool.volume_view(vid).map_err(|e| errno_of("view", &e))
     }
@@ -339,7 +345,7 @@ impl ReflinkFs {
                                 None => Err(libc::ENOENT),
                             };
                         }
-                        if view.revisions.iter().any(|r| r.file_name == name) {
+                        if self.revisions(v)?.iter().any(|r| r.file_name == name) {
                             return Ok(Node::Revision(v.clone(), name.to_owned()));
                         }
                     }
@@ -399,9 +405,9 @@ impl ReflinkFs {
                             names.img(),
                         ));
                     }
-                    for r in &view.revisions {
+                    for r in self.revisions(v).unwrap_or_default() {
                         let n = Node::Revision(v.clone(), r.file_name.clone());
-                        out.push((self.ino_of(&n), Kind::File, r.file_name.clone()));
+                        out.push((self.ino_of(&n), Kind::File, r.file_name));
                     }
                 }
             }
@@ -585,24 +591,34 @@ impl ReflinkFs {
     }
 
     /// Daemon-mode read (passthrough reads never come here).
-    pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+    /// Daemon-mode read into a per-thread buffer that is reused (never
+    /// zeroed again), handed to `send` while borrowed.
+    pub fn read(&self, fh: u64, offset: u64, size: u32, send: impl FnOnce(&[u8])) -> FsResult<()> {
+        thread_local! {
+            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
         self.stats.reads.fetch_add(1, Ordering::Relaxed);
         let file = self.handle_file(fh, false)?;
-        let mut buf = vec![0u8; size as usize];
-        let mut done = 0;
-        while done < buf.len() {
-            match sys::pread(file.as_fd(), &mut buf[done..], offset + done as u64) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e) => return Err(io_errno("read", e)),
+        BUF.with_borrow_mut(|buf| {
+            if buf.len() < size as usize {
+                buf.resize(size as usize, 0);
             }
-        }
-        buf.truncate(done);
-        self.stats
-            .read_bytes
-            .fetch_add(done as u64, Ordering::Relaxed);
-        Ok(buf)
+            let buf = &mut buf[..size as usize];
+            let mut done = 0;
+            while done < buf.len() {
+                match sys::pread(file.as_fd(), &mut buf[done..], offset + done as u64) {
+                    Ok(0) => break,
+                    Ok(n) => done += n,
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                    Err(e) => return Err(io_errno("read", e)),
+                }
+            }
+            self.stats
+                .read_bytes
+                .fetch_add(done as u64, Ordering::Relaxed);
+            send(&buf[..done]);
+            Ok(())
+        })
     }
 
     /// Daemon-mode write.
@@ -813,7 +829,11 @@ impl ReflinkFs {
                     put("source", s.to_string());
                 }
                 if let Node::Revision(_, file) = &node {
-                    if let Some(r) = view.revisions.iter().find(|r| &r.file_name == file) {
+                    if let Some(r) = self
+                        .revisions(vid)?
+                        .into_iter()
+                        .find(|r| &r.file_name == file)
+                    {
                         put("revision", r.id.to_string());
                         put("committed", r.timestamp.clone());
                     }
