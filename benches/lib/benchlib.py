@@ -4,6 +4,8 @@ makers, daemon CPU and memory readings, and the reduction of fio's JSON
 output to the results table, its JSON, the target checks and the plots.
 
     benchlib.py proc PID                       CPU seconds and peak RSS of a process
+    benchlib.py machine                        busy CPU seconds and context switches of the machine
+    benchlib.py offcpu PREFIX < perf-script    where PREFIX* threads slept (sched_switch stacks)
     benchlib.py snaptime FILE [--repeat N]     start and commit times of a volume
     benchlib.py mkimage FILE SIZE EXTENTS      a sparse image, 10% data in EXTENTS pieces
     benchlib.py timecmd -- CMD...              wall time of a command, in ms
@@ -93,6 +95,65 @@ def proc_reading(pid):
 def cmd_proc(args):
     cpu, hwm = proc_reading(int(args[0]))
     print(json.dumps({"cpu_s": cpu, "hwm_kib": hwm}))
+
+
+def machine_reading():
+    """(busy CPU seconds of all CPUs, context switches) since boot, from /proc/stat.
+
+    Busy is user + nice + system + irq + softirq + steal: every tick that
+    was not idle or iowait, whoever spent it (fio, the daemon, kernel
+    workers, interrupts)."""
+    busy, ctxt = 0, 0
+    with open("/proc/stat") as f:
+        for line in f:
+            fields = line.split()
+            if fields[0] == "cpu":
+                v = [int(x) for x in fields[1:9]]
+                busy = v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+            elif fields[0] == "ctxt":
+                ctxt = int(fields[1])
+    return busy / os.sysconf("SC_CLK_TCK"), ctxt
+
+
+def cmd_machine(_args):
+    busy, ctxt = machine_reading()
+    print(json.dumps({"busy_s": busy, "ctxt": ctxt}))
+
+
+def cmd_offcpu(args):
+    """Summarises `perf script` output of sched:sched_switch samples (on
+    stdin): where the threads whose name starts with PREFIX went to sleep,
+    as the innermost kernel frames below schedule(), most frequent first."""
+    prefix = args[0] if args else "fio"
+    skip = {
+        "__schedule", "schedule", "schedule_preempt_disabled", "schedule_timeout",
+        "io_schedule", "io_schedule_timeout", "__cond_resched",
+    }
+    counts, total = {}, 0
+    comm, stack = None, []
+
+    def flush():
+        nonlocal total
+        if comm and comm.startswith(prefix) and stack:
+            key = " <- ".join([f for f in stack if f not in skip][:7])
+            counts[key] = counts.get(key, 0) + 1
+            total += 1
+
+    for line in sys.stdin:
+        line = line.rstrip("\n")
+        if not line.strip():
+            flush()
+            comm, stack = None, []
+        elif not line[0].isspace():
+            comm, stack = line.split()[0], []
+        else:
+            parts = line.split()
+            if len(parts) >= 3 and "kernel" in parts[-1]:
+                stack.append(parts[1].split("+0x")[0])
+    flush()
+    print(f"# sleeps of {prefix}* threads: {total} sched_switch samples")
+    for key, n in sorted(counts.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"{100 * n / max(total, 1):5.1f}%  {key}")
 
 
 # ---------------------------------------------------------------- snaptime
@@ -216,6 +277,7 @@ def fio_numbers(fio_json, job):
         "io_bytes": d["io_bytes"],
         "bytes_moved": moved,
         "runtime_ms": j.get("job_runtime", d.get("runtime")),
+        "all_ios": sum(j[k].get("total_ios", 0) for k in ("read", "write", "trim") if k in j),
         "fio_error": j.get("error", 0),
         "total_err": j.get("total_err", 0),
     }
@@ -286,6 +348,9 @@ def reduce_results(raw, out_dir, check):
         gib = e.get("bytes_moved", 0) / GIB
         if e.get("cpu_s") is not None and gib > 0:
             e["cpu_s_per_gib"] = e["cpu_s"] / gib
+        if e.get("machine_cpu_s") is not None and e.get("all_ios"):
+            e["cpu_us_per_io"] = e["machine_cpu_s"] * 1e6 / e["all_ios"]
+            e["ctxt_per_io"] = e["ctxt"] / e["all_ios"]
 
     # The smoke check: every path ran every job it was given and moved data.
     # Verify errors (fio error 84, EILSEQ) fail the run on the native and
@@ -591,15 +656,18 @@ def render_markdown(doc, results):
         "MiB/s and IOPS of the job's direction (verify: its write phase), p99 completion "
         "latency, and the ratio of IOPS to the baseline in the same run: (a) for (b)-(d), "
         "loop over (a) for the loop paths. `vs qsd`: (c) against (d). `CPU s/GiB`: the "
-        "daemon's user+system CPU during the job per GiB read or written. With --repeat: "
+        "daemon's user+system CPU during the job per GiB read or written. `machine CPU "
+        "µs/IO`: the busy CPU time of the whole machine (fio, daemon, kernel workers, "
+        "interrupts; /proc/stat) during the job, per I/O request; on a machine whose CPUs are "
+        "saturated, this is what sets the IOPS. With --repeat: "
         "the run with the median IOPS, with the range of all runs in brackets."
     )
     L.append("")
     for job in doc["jobs"]:
         L.append(f"### {job}")
         L.append("")
-        L.append("| path | MiB/s | IOPS | p99 µs | ratio | vs qsd | daemon CPU s/GiB |")
-        L.append("|---|---:|---:|---:|---:|---:|---:|")
+        L.append("| path | MiB/s | IOPS | p99 µs | ratio | vs qsd | daemon CPU s/GiB | machine CPU µs/IO |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|")
         for p in doc["paths"]:
             e = results.get((job, p))
             if e is None:
@@ -610,7 +678,7 @@ def render_markdown(doc, results):
             L.append(
                 f"| {PATH_LABEL[p]}{extra} | {fmt(e.get('mib_s'))} | {fmt(e.get('iops'))}{iops_range(e)} | "
                 f"{fmt(e.get('p99_us'))} | {fmt(e.get('ratio'))} | {fmt(e.get('ratio_vs_qsd'))} | "
-                f"{fmt(e.get('cpu_s_per_gib'), 3)} |"
+                f"{fmt(e.get('cpu_s_per_gib'), 3)} | {fmt(e.get('cpu_us_per_io'), 1)} |"
             )
         L.append("")
 
@@ -710,6 +778,10 @@ def main():
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "proc":
         cmd_proc(args)
+    elif cmd == "machine":
+        cmd_machine(args)
+    elif cmd == "offcpu":
+        cmd_offcpu(args)
     elif cmd == "snaptime":
         cmd_snaptime(args)
     elif cmd == "mkimage":

@@ -551,6 +551,7 @@ pub fn unmount(mountpoint: &Path) -> Result<ExitCode> {
     if pool.is_none() {
         return Err(Error::NotAMount { path: mnt });
     }
+    let daemon = pool.as_deref().and_then(daemon_pid);
     match sys::umount2(&mnt, 0) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
@@ -563,9 +564,45 @@ pub fn unmount(mountpoint: &Path) -> Result<ExitCode> {
     }
     if let Some(pool) = pool {
         wait_for_pool_release(&pool);
+        // The daemon gives the lock up before it has closed its last
+        // files (its log, the pool directory); wait until it is gone, so
+        // that the filesystem under the pool can be unmounted right after
+        // this command returns.
+        if let Some(pid) = daemon {
+            wait_for_exit(pid);
+        }
         println!("unmounted {} (pool {})", mnt.display(), pool.display());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The PID the mount's daemon wrote into the pool's lock file.
+fn daemon_pid(pool: &Path) -> Option<u32> {
+    let lock = pool
+        .join(crate::engine::pool::META_DIR)
+        .join(crate::engine::pool::LOCK_FILE);
+    std::fs::read_to_string(lock).ok()?.trim().parse().ok()
+}
+
+/// Waits (up to a minute) until process `pid` has exited: it no longer
+/// exists, or it is a zombie (whose files are closed).
+fn wait_for_exit(pid: u32) {
+    let stat = format!("/proc/{pid}/stat");
+    for _ in 0..600 {
+        match std::fs::read_to_string(&stat) {
+            Err(_) => return,
+            // The state follows the command name, which ends with ')'.
+            Ok(text)
+                if text
+                    .rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')) =>
+            {
+                return
+            }
+            Ok(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    }
+    log::warn!("the daemon (process {pid}) is still running a minute after the unmount");
 }
 
 /// Waits (up to a minute) until no process holds the pool's lock.
