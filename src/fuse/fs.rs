@@ -638,7 +638,6 @@ impl ReflinkFs {
         })
     }
 
-    /// Daemon-mode write.
     /// Daemon-mode write (passthrough writes never come here).
     ///
     /// Writes to one image go one at a time. XFS, btrfs and ext4 take the
