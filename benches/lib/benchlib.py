@@ -5,6 +5,7 @@ output to the results table, its JSON, the target checks and the plots.
 
     benchlib.py proc PID                       CPU seconds and peak RSS of a process
     benchlib.py machine                        busy CPU seconds and context switches of the machine
+    benchlib.py settle [BUSY [MAX]]            wait until the CPUs are quiet; prints seconds waited
     benchlib.py offcpu PREFIX < perf-script    where PREFIX* threads slept (sched_switch stacks)
     benchlib.py snaptime FILE [--repeat N]     start and commit times of a volume
     benchlib.py mkimage FILE SIZE EXTENTS      a sparse image, 10% data in EXTENTS pieces
@@ -113,6 +114,31 @@ def machine_reading():
             elif fields[0] == "ctxt":
                 ctxt = int(fields[1])
     return busy / os.sysconf("SC_CLK_TCK"), ctxt
+
+
+def cmd_settle(args):
+    """Waits until the machine is quiet: at most BUSY (default 0.15) of all
+    CPUs busy over the last second, or MAX seconds (default 60) have
+    passed. Prints the seconds waited. Work left by the previous job
+    (XFS freeing a deleted image's extents in its inodegc worker,
+    writeback) otherwise runs during the next measurement."""
+    busy_max = float(args[0]) if args else 0.15
+    limit = float(args[1]) if len(args) > 1 else 60.0
+    ncpu = os.cpu_count() or 1
+    start = time.monotonic()
+    samples = [(start, machine_reading()[0])]
+    while True:
+        time.sleep(0.25)
+        now = time.monotonic()
+        samples.append((now, machine_reading()[0]))
+        old = [x for x in samples if now - x[0] >= 1.0]
+        if old:
+            t0, b0 = old[-1]
+            if (samples[-1][1] - b0) / ((now - t0) * ncpu) <= busy_max:
+                break
+        if now - start >= limit:
+            break
+    print(f"{time.monotonic() - start:.2f}")
 
 
 def cmd_machine(_args):
@@ -778,6 +804,8 @@ def main():
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "proc":
         cmd_proc(args)
+    elif cmd == "settle":
+        cmd_settle(args)
     elif cmd == "machine":
         cmd_machine(args)
     elif cmd == "offcpu":
