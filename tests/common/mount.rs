@@ -150,16 +150,30 @@ impl Mounted {
         });
     }
 
-    /// `reflinkfs unmount`, which must succeed.
+    /// `reflinkfs unmount`, which must succeed and return only once the
+    /// daemon has exited (so the filesystem under the pool can go next).
     pub fn unmount(mut self) {
+        let pid = self.daemon_pid();
         run_ok(Command::new(bin()).arg("unmount").arg(&self.mnt));
         self.done = true;
+        assert!(
+            !process_runs(pid),
+            "reflinkfs unmount returned while its daemon (process {pid}) still runs"
+        );
     }
 
     /// Marks the mount as gone (the test unmounted it some other way).
     pub fn forget(mut self) {
         self.done = true;
     }
+}
+
+/// Whether process `pid` exists and is not a zombie.
+fn process_runs(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+    })
 }
 
 impl Drop for Mounted {
