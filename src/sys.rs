@@ -308,6 +308,16 @@ pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> io::Result<usize> {
 
 /// `flock(fd, LOCK_EX | LOCK_NB)`. Returns `Ok(false)` when another open
 /// file description holds the lock.
+/// Whether process `pid` exists and has not exited: a zombie's files are
+/// already closed, so it counts as gone. Reads `/proc/PID/stat`.
+pub fn process_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // The state follows the command name, which ends with ')'.
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+    })
+}
+
 pub fn try_lock_exclusive(fd: BorrowedFd<'_>) -> io::Result<bool> {
     // SAFETY: plain syscall on an open fd.
     let r = unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };

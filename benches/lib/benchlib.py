@@ -126,19 +126,20 @@ def cmd_settle(args):
     limit = float(args[1]) if len(args) > 1 else 60.0
     ncpu = os.cpu_count() or 1
     start = time.monotonic()
-    samples = [(start, machine_reading()[0])]
+    # Readings of the last second and a bit: the oldest is the window's start.
+    window = [(start, machine_reading()[0])]
     while True:
         time.sleep(0.25)
-        now = time.monotonic()
-        samples.append((now, machine_reading()[0]))
-        old = [x for x in samples if now - x[0] >= 1.0]
-        if old:
-            t0, b0 = old[-1]
-            if (samples[-1][1] - b0) / ((now - t0) * ncpu) <= busy_max:
-                break
+        now, busy = time.monotonic(), machine_reading()[0]
+        window.append((now, busy))
+        while len(window) > 2 and now - window[1][0] >= 1.0:
+            window.pop(0)
+        t0, b0 = window[0]
+        if now - t0 >= 1.0 and (busy - b0) / ((now - t0) * ncpu) <= busy_max:
+            break
         if now - start >= limit:
             break
-    print(f"{time.monotonic() - start:.2f}")
+    print(f"{now - start:.2f}")
 
 
 def cmd_machine(_args):
@@ -797,31 +798,24 @@ def write_plot_data(out_dir, results, jobs, paths, snaps):
                     f.write(f"{x(r):g} " + " ".join(f"{v:.3f}" if v is not None else "NaN" for v in vals) + "\n")
 
 
+COMMANDS = {
+    "proc": cmd_proc,
+    "machine": cmd_machine,
+    "settle": cmd_settle,
+    "offcpu": cmd_offcpu,
+    "snaptime": cmd_snaptime,
+    "mkimage": cmd_mkimage,
+    "timecmd": cmd_timecmd,
+    "reduce": lambda args: reduce_results(args[0], args[1], "--check" in args),
+}
+
+
 def main():
-    if len(sys.argv) < 2:
+    cmd = COMMANDS.get(sys.argv[1]) if len(sys.argv) > 1 else None
+    if cmd is None:
         print(__doc__, file=sys.stderr)
         return 2
-    cmd, args = sys.argv[1], sys.argv[2:]
-    if cmd == "proc":
-        cmd_proc(args)
-    elif cmd == "settle":
-        cmd_settle(args)
-    elif cmd == "machine":
-        cmd_machine(args)
-    elif cmd == "offcpu":
-        cmd_offcpu(args)
-    elif cmd == "snaptime":
-        cmd_snaptime(args)
-    elif cmd == "mkimage":
-        cmd_mkimage(args)
-    elif cmd == "timecmd":
-        cmd_timecmd(args)
-    elif cmd == "reduce":
-        return reduce_results(args[0], args[1], "--check" in args)
-    else:
-        print(__doc__, file=sys.stderr)
-        return 2
-    return 0
+    return cmd(sys.argv[2:]) or 0
 
 
 if __name__ == "__main__":

@@ -547,11 +547,10 @@ fn unescape_mount(s: &str) -> String {
 pub fn unmount(mountpoint: &Path) -> Result<ExitCode> {
     let mnt = std::fs::canonicalize(mountpoint)
         .map_err(|e| Error::io(format!("mountpoint {}", mountpoint.display()), e))?;
-    let pool = pool_of_mount(&mnt);
-    if pool.is_none() {
+    let Some(pool) = pool_of_mount(&mnt) else {
         return Err(Error::NotAMount { path: mnt });
-    }
-    let daemon = pool.as_deref().and_then(daemon_pid);
+    };
+    let daemon = daemon_pid(&pool);
     match sys::umount2(&mnt, 0) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
@@ -562,54 +561,46 @@ pub fn unmount(mountpoint: &Path) -> Result<ExitCode> {
         }
         Err(e) => return Err(Error::io(format!("unmounting {}", mnt.display()), e)),
     }
-    if let Some(pool) = pool {
-        wait_for_pool_release(&pool);
-        // The daemon gives the lock up before it has closed its last
-        // files (its log, the pool directory); wait until it is gone, so
-        // that the filesystem under the pool can be unmounted right after
-        // this command returns.
-        if let Some(pid) = daemon {
-            wait_for_exit(pid);
-        }
-        println!("unmounted {} (pool {})", mnt.display(), pool.display());
+    // The daemon gives the pool's lock up before it has closed its last
+    // files (its log, the pool directory): wait until it has exited, so
+    // that the filesystem under the pool can be unmounted as soon as this
+    // returns. Without its PID, the lock is all there is to wait for.
+    match daemon {
+        Some(pid) => wait_for_exit(pid),
+        None => wait_for_pool_release(&pool),
     }
+    println!("unmounted {} (pool {})", mnt.display(), pool.display());
     Ok(ExitCode::SUCCESS)
+}
+
+fn lock_path(pool: &Path) -> PathBuf {
+    pool.join(crate::engine::pool::META_DIR)
+        .join(crate::engine::pool::LOCK_FILE)
 }
 
 /// The PID the mount's daemon wrote into the pool's lock file.
 fn daemon_pid(pool: &Path) -> Option<u32> {
-    let lock = pool
-        .join(crate::engine::pool::META_DIR)
-        .join(crate::engine::pool::LOCK_FILE);
-    std::fs::read_to_string(lock).ok()?.trim().parse().ok()
+    std::fs::read_to_string(lock_path(pool))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
-/// Waits (up to a minute) until process `pid` has exited: it no longer
-/// exists, or it is a zombie (whose files are closed).
+/// Waits (up to a minute) until process `pid` has exited.
 fn wait_for_exit(pid: u32) {
-    let stat = format!("/proc/{pid}/stat");
-    for _ in 0..600 {
-        match std::fs::read_to_string(&stat) {
-            Err(_) => return,
-            // The state follows the command name, which ends with ')'.
-            Ok(text)
-                if text
-                    .rsplit_once(')')
-                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')) =>
-            {
-                return
-            }
-            Ok(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+    for _ in 0..3000 {
+        if !sys::process_running(pid) {
+            return;
         }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
     log::warn!("the daemon (process {pid}) is still running a minute after the unmount");
 }
 
 /// Waits (up to a minute) until no process holds the pool's lock.
-pub fn wait_for_pool_release(pool: &Path) {
-    let lock = pool
-        .join(crate::engine::pool::META_DIR)
-        .join(crate::engine::pool::LOCK_FILE);
+fn wait_for_pool_release(pool: &Path) {
+    let lock = lock_path(pool);
     for _ in 0..600 {
         match File::open(&lock) {
             Ok(f) => {

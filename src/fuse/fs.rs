@@ -52,12 +52,33 @@ pub struct FsOptions {
 }
 
 /// One open file handle.
+/// An open backing file, shared by every handle of it.
+struct Image {
+    file: File,
+    /// Daemon-mode writes to the file take this lock (see `ReflinkFs::write`).
+    write_lock: Mutex<()>,
+}
+
+impl Image {
+    fn new(file: File) -> Arc<Self> {
+        Arc::new(Image {
+            file,
+            write_lock: Mutex::new(()),
+        })
+    }
+}
+
+impl std::ops::Deref for Image {
+    type Target = File;
+
+    fn deref(&self) -> &File {
+        &self.file
+    }
+}
+
 struct Handle {
     node: Node,
-    file: Arc<File>,
-    /// Daemon-mode writes to one image take this lock, shared by every
-    /// handle of the image (see `write`).
-    write_lock: Arc<Mutex<()>>,
+    file: Arc<Image>,
     writable: bool,
     /// Keeps the passthrough registration alive while this handle exists.
     _backing: Option<Arc<Backing>>,
@@ -67,8 +88,7 @@ struct Handle {
 #[derive(Default)]
 struct DirtyState {
     opens: usize,
-    file: Option<Arc<File>>,
-    write_lock: Arc<Mutex<()>>,
+    file: Option<Arc<Image>>,
     backing: Option<Arc<Backing>>,
 }
 
@@ -427,8 +447,7 @@ impl ReflinkFs {
     fn add_handle(
         &self,
         node: Node,
-        file: Arc<File>,
-        write_lock: Arc<Mutex<()>>,
+        file: Arc<Image>,
         writable: bool,
         backing: Option<Arc<Backing>>,
     ) -> Opened {
@@ -438,7 +457,6 @@ impl ReflinkFs {
             Handle {
                 node,
                 file,
-                write_lock,
                 writable,
                 _backing: backing.clone(),
             },
@@ -475,7 +493,7 @@ impl ReflinkFs {
                 if st.opens == 0 {
                     // The first open starts the volume; a commit of the
                     // previous run finished before this lock was free.
-                    let file = Arc::new(
+                    let file = Image::new(
                         self.pool
                             .start(vid)
                             .map_err(|e| errno_of(&format!("start of {vid}"), &e))?,
@@ -491,13 +509,7 @@ impl ReflinkFs {
                 }
                 let file = st.file.clone().expect("set while opens > 0");
                 st.opens += 1;
-                Ok(self.add_handle(
-                    node.clone(),
-                    file,
-                    st.write_lock.clone(),
-                    writable,
-                    st.backing.clone(),
-                ))
+                Ok(self.add_handle(node.clone(), file, writable, st.backing.clone()))
             }
             Node::Img(vid, generation) => {
                 if writable {
@@ -512,7 +524,7 @@ impl ReflinkFs {
                     return Err(libc::ESTALE);
                 }
                 let backing = self.ro_backing_for(ino, &file, register);
-                Ok(self.add_handle(node.clone(), Arc::new(file), Arc::default(), false, backing))
+                Ok(self.add_handle(node.clone(), Image::new(file), false, backing))
             }
             Node::Revision(vid, name) => {
                 if writable {
@@ -523,7 +535,7 @@ impl ReflinkFs {
                     .open_revision(vid, name)
                     .map_err(|e| errno_of("open", &e))?;
                 let backing = self.ro_backing_for(ino, &file, register);
-                Ok(self.add_handle(node.clone(), Arc::new(file), Arc::default(), false, backing))
+                Ok(self.add_handle(node.clone(), Image::new(file), false, backing))
             }
         }
     }
@@ -589,12 +601,7 @@ impl ReflinkFs {
         }
     }
 
-    fn handle_file(&self, fh: u64, need_write: bool) -> FsResult<Arc<File>> {
-        self.handle_io(fh, need_write).map(|(file, _)| file)
-    }
-
-    /// The backing file of a handle and the write lock of its image.
-    fn handle_io(&self, fh: u64, need_write: bool) -> FsResult<(Arc<File>, Arc<Mutex<()>>)> {
+    fn handle_file(&self, fh: u64, need_write: bool) -> FsResult<Arc<Image>> {
         let handles = self.handles.lock();
         let h = handles.get(&fh).ok_or(libc::EBADF)?;
         if need_write && !h.writable {
@@ -604,7 +611,7 @@ impl ReflinkFs {
                 libc::EROFS
             });
         }
-        Ok((h.file.clone(), h.write_lock.clone()))
+        Ok(h.file.clone())
     }
 
     /// Daemon-mode read (passthrough reads never come here), into a
@@ -649,8 +656,8 @@ impl ReflinkFs {
     /// (doc/BENCHMARKS.md). Waiters on this lock sleep instead.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
-        let (file, write_lock) = self.handle_io(fh, true)?;
-        let _one_at_a_time = write_lock.lock();
+        let file = self.handle_file(fh, true)?;
+        let _one_at_a_time = file.write_lock.lock();
         crate::engine::fsops::write_all_at(&file, data, offset)
             .map_err(|e| io_errno("write", e))?;
         self.stats

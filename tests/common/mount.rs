@@ -157,7 +157,7 @@ impl Mounted {
         run_ok(Command::new(bin()).arg("unmount").arg(&self.mnt));
         self.done = true;
         assert!(
-            !process_runs(pid),
+            !reflinkfs::sys::process_running(pid as u32),
             "reflinkfs unmount returned while its daemon (process {pid}) still runs"
         );
     }
@@ -166,14 +166,6 @@ impl Mounted {
     pub fn forget(mut self) {
         self.done = true;
     }
-}
-
-/// Whether process `pid` exists and is not a zombie.
-fn process_runs(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit_once(')')
-            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
-    })
 }
 
 impl Drop for Mounted {
