@@ -458,6 +458,53 @@ pub fn loop_set_capacity(fd: BorrowedFd<'_>) -> io::Result<()> {
     cvt(unsafe { libc::ioctl(fd.as_raw_fd(), LOOP_SET_CAPACITY as _, 0) }).map(drop)
 }
 
+/// Whether any open file other than read-only ones holds the inode of
+/// `fd` open for writing: a loop device, a program, or a shared writable
+/// mapping, of this process or another. `fd` must be open read-only.
+///
+/// It asks for a read lease (`F_SETLEASE`, `F_RDLCK`), which the kernel
+/// grants only when the inode is open for writing nowhere, and gives it
+/// back at once. Only the file's owner or a process with `CAP_LEASE` may
+/// ask. Errors: `EINVAL` when leases are disabled (`fs.leases-enable=0`)
+/// or the filesystem has none, `EACCES` for another user's file.
+pub fn has_other_writers(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: F_SETLEASE takes an int argument and changes only the lease
+    // state of this open file; the fd is open.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EAGAIN) => Ok(true),
+            _ => Err(e),
+        };
+    }
+    // SAFETY: as above; F_UNLCK gives the lease back.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) })?;
+    Ok(false)
+}
+
+/// Every bound loop device with the path of its backing file, from sysfs
+/// (`/sys/block/loopN/loop/backing_file`, as the kernel printed it when
+/// asked: a deleted file ends in ` (deleted)`).
+pub fn loop_backing_files() -> Vec<(std::path::PathBuf, String)> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        if let Ok(backing) = std::fs::read_to_string(e.path().join("loop/backing_file")) {
+            let backing = backing.trim_end_matches('\n').to_owned();
+            out.push((std::path::PathBuf::from("/dev").join(&name), backing));
+        }
+    }
+    out.sort();
+    out
+}
+
 /// Lists the names in a directory, without `.` and `..`.
 pub fn read_dir_names(dir: BorrowedFd<'_>) -> io::Result<Vec<String>> {
     // Read through a duplicate so that the directory stream's position and
@@ -619,6 +666,22 @@ pub fn wait_signal(signals: &[libc::c_int]) -> io::Result<libc::c_int> {
     Ok(sig)
 }
 
+/// Sets the process's file mode creation mask; returns the old one. The
+/// mask is process-wide: call it only while no other thread creates files.
+pub fn umask(mask: libc::mode_t) -> libc::mode_t {
+    // SAFETY: umask cannot fail and touches no memory.
+    unsafe { libc::umask(mask) }
+}
+
+/// The path through which `name` in the open directory `dir` is reached
+/// without resolving the directory's own path again:
+/// `/proc/self/fd/N/name`. For calls that take only a path (bind and
+/// connect of a Unix socket): a directory swapped for a symlink after it
+/// was opened is not followed.
+pub fn path_in_dir_fd(dir: BorrowedFd<'_>, name: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("/proc/self/fd/{}/{name}", dir.as_raw_fd()))
+}
+
 /// The real user id of the process.
 pub fn getuid() -> u32 {
     // SAFETY: getuid cannot fail.
@@ -759,6 +822,25 @@ mod tests {
         let mut names = read_dir_names(dir.as_fd()).unwrap();
         names.sort();
         assert_eq!(names, ["link", "target"]);
+    }
+
+    #[test]
+    fn a_read_lease_tells_whether_another_writer_exists() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("f");
+        std::fs::write(&path, b"x").unwrap();
+        let ro = std::fs::File::open(&path).unwrap();
+        assert!(!has_other_writers(ro.as_fd()).unwrap());
+        let other_reader = std::fs::File::open(&path).unwrap();
+        assert!(
+            !has_other_writers(ro.as_fd()).unwrap(),
+            "readers do not count"
+        );
+        let rw = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        assert!(has_other_writers(ro.as_fd()).unwrap());
+        drop(rw);
+        assert!(!has_other_writers(ro.as_fd()).unwrap());
+        drop(other_reader);
     }
 
     #[test]

@@ -164,16 +164,33 @@ struct Origin {
     /// How often the committed image was replaced (commit, revert, resize):
     /// a snapshot started before the last replacement is outdated.
     generation: u64,
+    /// The revision the last revert went back to: kept beyond
+    /// `revisions_to_keep` until the next commit.
+    pinned: Option<u64>,
 }
 
 impl Origin {
-    /// Drops the oldest revisions beyond `revisions_to_keep` (-1 keeps none).
+    /// Drops the oldest revisions beyond `revisions_to_keep` (-1 keeps none)
+    /// and the one the last revert went back to, which is never dropped.
     fn prune(&mut self) {
-        let keep = self.rtk.max(0) as usize;
-        if self.revisions.len() > keep {
-            let excess = self.revisions.len() - keep;
-            self.revisions.drain(..excess);
+        let pinned = self
+            .pinned
+            .filter(|p| self.revisions.iter().any(|r| r.0 == *p));
+        let keep = self.rtk.max(0) as usize + usize::from(pinned.is_some());
+        while self.revisions.len() > keep {
+            let Some(pos) = self.revisions.iter().position(|r| Some(r.0) != pinned) else {
+                break;
+            };
+            self.revisions.remove(pos);
         }
+    }
+
+    /// A commit (or import) replaced the image: no revision is pinned now.
+    fn committed(&mut self, bytes: Vec<u8>) {
+        self.committed = bytes;
+        self.generation += 1;
+        self.pinned = None;
+        self.prune();
     }
 
     /// Saves the committed image as a new revision when revisions are kept.
@@ -205,6 +222,7 @@ impl Model {
             next_k: 1,
             rtk: setup.rtk[i],
             generation: 0,
+            pinned: None,
         };
         Model {
             origins: [origin(0), origin(1)],
@@ -433,17 +451,13 @@ impl<'a> Harness<'a> {
                 if o.rtk == -1 {
                     // Start and stop just rename; the dirty image is the
                     // only copy, so it is always committed.
-                    o.committed = run.dirty;
-                    o.generation += 1;
-                    o.prune();
+                    o.committed(run.dirty);
                     StopOutcome::Committed { revision: None }
                 } else if !run.modified {
                     StopOutcome::Unchanged
                 } else {
                     let revision = o.save_revision();
-                    o.committed = run.dirty;
-                    o.generation += 1;
-                    o.prune();
+                    o.committed(run.dirty);
                     StopOutcome::Committed { revision }
                 }
             }
@@ -485,23 +499,14 @@ impl<'a> Harness<'a> {
         let Some((target_k, bytes)) = target else {
             return expect_err(got, ErrorClass::NotFound);
         };
-        // The current image becomes a revision; the target and the saved
-        // revision stay; older ones go down to revisions_to_keep + 1.
-        let target_k = Some(target_k);
+        // The current image becomes a revision; the target stays (pinned
+        // until the next commit) and so does the saved one, the newest;
+        // older ones go down to revisions_to_keep + 1.
         let saved = o.save_revision();
         o.committed = bytes;
         o.generation += 1;
-        let keep = o.rtk.max(0) as usize + 1;
-        while o.revisions.len() > keep {
-            let Some(pos) = o
-                .revisions
-                .iter()
-                .position(|r| Some(r.0) != target_k && Some(r.0) != saved)
-            else {
-                break;
-            };
-            o.revisions.remove(pos);
-        }
+        o.pinned = Some(target_k);
+        o.prune();
         expect_ok(got, saved)
     }
 
@@ -611,9 +616,7 @@ impl<'a> Harness<'a> {
                 if o.rtk != -1 {
                     o.save_revision();
                 }
-                o.committed = run.dirty;
-                o.generation += 1;
-                o.prune();
+                o.committed(run.dirty);
             }
         }
         Ok(Outcome::Done)

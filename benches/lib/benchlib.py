@@ -261,6 +261,104 @@ def cmd_mkimage(args):
     print(json.dumps({"size": size, "extents": extents, "data": piece * extents}))
 
 
+# ---------------------------------------------------------------- guardcost
+
+FICLONE = 0x40049409
+F_SETLEASE = 1024
+
+
+def _ms(f, repeat=5):
+    """The median time of f() in milliseconds."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        f()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def cmd_guardcost(args):
+    """What each guard against a stale writer of a dirty image costs on
+    IMAGE (made by mkimage): the read-lease probe reflinkfs does at every
+    commit, the loop-device scan that names a holder, the /proc scan for
+    mappings, a rename (the commit itself), and the copy a "commit a clone"
+    design would add to every commit: FICLONE on XFS and btrfs, a sparse
+    copy in copy mode. Prints one JSON line."""
+    import fcntl
+    import glob
+    import shutil
+
+    path = args[0]
+    d = os.path.dirname(path)
+    st = os.stat(path)
+    out = {"image": path, "size": st.st_size, "allocated": st.st_blocks * 512}
+
+    fd = os.open(path, os.O_RDONLY)
+
+    def probe():
+        fcntl.fcntl(fd, F_SETLEASE, fcntl.F_RDLCK)
+        fcntl.fcntl(fd, F_SETLEASE, fcntl.F_UNLCK)
+
+    out["lease_probe_ms"] = _ms(probe, 101)
+
+    def loop_scan():
+        for b in glob.glob("/sys/block/loop*/loop/backing_file"):
+            with open(b) as f:
+                f.read()
+
+    out["loop_devices"] = len(glob.glob("/sys/block/loop*/loop/backing_file"))
+    out["loop_scan_ms"] = _ms(loop_scan, 21)
+
+    want = f" {st.st_ino} "
+
+    def maps_scan():
+        for m in glob.glob("/proc/[0-9]*/maps"):
+            try:
+                with open(m) as f:
+                    if want in f.read():
+                        pass
+            except OSError:
+                pass
+
+    out["processes"] = len(glob.glob("/proc/[0-9]*"))
+    out["proc_maps_scan_ms"] = _ms(maps_scan, 5)
+
+    a, b = os.path.join(d, "guard-a"), os.path.join(d, "guard-b")
+    open(a, "w").close()
+    out["rename_ms"] = _ms(lambda: (os.rename(a, b), os.rename(b, a)), 51) / 2
+    os.unlink(a)
+
+    clone = os.path.join(d, "guard-clone")
+
+    def ficlone():
+        dst = os.open(clone, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            fcntl.ioctl(dst, FICLONE, fd)
+            os.fsync(dst)
+        finally:
+            os.close(dst)
+            os.unlink(clone)
+
+    try:
+        out["ficlone_ms"] = _ms(ficlone, 5)
+    except OSError as e:
+        out["ficlone_ms"] = None
+        out["ficlone_error"] = str(e)
+
+    def sparse_copy():
+        subprocess.run(["cp", "--sparse=always", "--reflink=never", path, clone], check=True)
+        dst = os.open(clone, os.O_RDONLY)
+        os.fsync(dst)
+        os.close(dst)
+        os.unlink(clone)
+
+    out["sparse_copy_ms"] = _ms(sparse_copy, 3)
+    os.close(fd)
+    shutil.disk_usage(d)
+    print(json.dumps(out))
+
+
 def parse_size(s):
     mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     if s[-1].upper() in mult:
@@ -805,6 +903,7 @@ COMMANDS = {
     "offcpu": cmd_offcpu,
     "snaptime": cmd_snaptime,
     "mkimage": cmd_mkimage,
+    "guardcost": cmd_guardcost,
     "timecmd": cmd_timecmd,
     "reduce": lambda args: reduce_results(args[0], args[1], "--check" in args),
 }

@@ -100,33 +100,93 @@ impl MountOpts {
     }
 }
 
+/// The daemon's log file in the pool's metadata directory.
+pub const LOG_FILE: &str = "daemon.log";
+/// Where the log goes when it reaches its cap: one older file is kept.
+pub const OLD_LOG_FILE: &str = "daemon.log.1";
+/// The environment variable that sets the log's cap in bytes (default
+/// [`DEFAULT_LOG_MAX`]); the log lives on the filesystem of the VM images,
+/// so it must not grow without bound.
+pub const LOG_MAX_ENV: &str = "REFLINKFS_LOG_MAX";
+pub const DEFAULT_LOG_MAX: u64 = 16 << 20;
+
 /// Log output that starts on stderr and moves to a file once the daemon
 /// detaches. What was logged before (recovery at pool open) is copied into
-/// the file too, so the file tells the whole story.
+/// the file too, so the file tells the whole story. The file is rotated to
+/// `daemon.log.1` when it reaches its cap.
 #[derive(Clone, Default)]
 struct LogSink(Arc<Mutex<LogState>>);
 
 #[derive(Default)]
 struct LogState {
     file: Option<File>,
+    /// The pool, to reopen the log file through its metadata directory.
+    pool: Option<Arc<Pool>>,
+    written: u64,
+    cap: u64,
     early: Vec<u8>,
     foreground: bool,
 }
 
 impl LogSink {
-    fn switch_to(&self, mut f: File) {
+    fn switch_to(&self, pool: Arc<Pool>, mut f: File, cap: u64) {
         let mut st = self.0.lock();
         let _ = f.write_all(&st.early);
+        st.written = sys::fstat(f.as_fd()).map_or(0, |s| s.st_size as u64);
         st.early = Vec::new();
         st.file = Some(f);
+        st.pool = Some(pool);
+        st.cap = cap;
+    }
+}
+
+impl LogState {
+    /// Moves the full log to `daemon.log.1` (replacing the older one) and
+    /// starts a new file, which says so in its first line. Nothing here
+    /// may log: the sink's lock is held.
+    fn rotate(&mut self) {
+        let Some(pool) = &self.pool else { return };
+        let note = match pool
+            .rename_meta_file(LOG_FILE, OLD_LOG_FILE)
+            .and_then(|()| pool.open_meta_append(LOG_FILE))
+        {
+            Ok(f) => {
+                self.file = Some(f);
+                format!(
+                    "[{}] reflinkfs: the log reached {} bytes; the earlier lines are in {}\n",
+                    crate::engine::revision::now_utc(),
+                    self.cap,
+                    pool.meta_path(OLD_LOG_FILE).display()
+                )
+            }
+            Err(e) => format!(
+                "[{}] reflinkfs: rotating the log at {} bytes failed ({e}); going on in this file\n",
+                crate::engine::revision::now_utc(),
+                self.cap
+            ),
+        };
+        self.written = 0;
+        if let Some(f) = &mut self.file {
+            if f.write_all(note.as_bytes()).is_ok() {
+                self.written = note.len() as u64;
+            }
+        }
     }
 }
 
 impl Write for LogSink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let mut st = self.0.lock();
+        if st.file.is_some() && st.cap > 0 && st.written + buf.len() as u64 > st.cap {
+            st.rotate();
+        }
+        let st = &mut *st;
         match &mut st.file {
-            Some(f) => f.write(buf),
+            Some(f) => {
+                let n = f.write(buf)?;
+                st.written += n as u64;
+                Ok(n)
+            }
             None => {
                 if st.early.len() < (1 << 20) {
                     st.early.extend_from_slice(buf);
@@ -161,7 +221,21 @@ fn init_daemon_logging(verbose: u8) -> LogSink {
 
 /// The daemon's log file, beside the pool's metadata.
 pub fn log_path(pool: &Path) -> PathBuf {
-    pool.join(crate::engine::pool::META_DIR).join("daemon.log")
+    pool.join(crate::engine::pool::META_DIR).join(LOG_FILE)
+}
+
+/// The log's cap from the environment, or the default.
+fn log_cap() -> u64 {
+    match std::env::var(LOG_MAX_ENV) {
+        Ok(v) => match crate::engine::parse_size(&v) {
+            Ok(n) => n,
+            Err(e) => {
+                log::warn!("{LOG_MAX_ENV}={v:?}: {e}; using {DEFAULT_LOG_MAX} bytes");
+                DEFAULT_LOG_MAX
+            }
+        },
+        Err(_) => DEFAULT_LOG_MAX,
+    }
 }
 
 /// What the detached child tells the waiting parent.
@@ -269,6 +343,26 @@ fn serve(
         Err(e) => return Err(fail(&mut pipe, e)),
     };
     let pool = Arc::new(pool);
+    // The detached daemon's log, opened through the metadata directory's fd,
+    // never through a symlink a pool owner planted there: a mount that
+    // could not log is refused before anything is mounted.
+    let log_file = match pipe.is_some() {
+        true => Some(pool.open_meta_append(LOG_FILE).map_err(|e| {
+            let path = pool.meta_path(LOG_FILE);
+            let err = if e.raw_os_error() == Some(libc::ELOOP)
+                || e.raw_os_error() == Some(libc::EINVAL)
+            {
+                Error::NotRegular {
+                    what: "the daemon's log".into(),
+                    path,
+                }
+            } else {
+                Error::io(format!("opening {}", path.display()), e)
+            };
+            fail(&mut pipe, err)
+        })?),
+        false => None,
+    };
     let fs = Arc::new(ReflinkFs::new(
         pool.clone(),
         FsOptions {
@@ -332,9 +426,10 @@ fn serve(
     let daemon = Arc::new(DaemonState {
         fs: fs.clone(),
         mountpoint: mnt.to_owned(),
+        mount_id: mount_id(mnt, pool.path()),
         started: std::time::Instant::now(),
     });
-    let socket = crate::control::server::spawn(pool.clone(), daemon).map_err(|e| {
+    crate::control::server::spawn(pool.clone(), daemon).map_err(|e| {
         fail(
             &mut pipe,
             Error::io(
@@ -343,6 +438,15 @@ fn serve(
             ),
         )
     })?;
+    // Commits the runs held by a writer outside reflinkfs once it lets go.
+    let fs_held = fs.clone();
+    std::thread::Builder::new()
+        .name("held".into())
+        .spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            fs_held.retry_held();
+        })
+        .map_err(|e| fail(&mut pipe, Error::io("starting the held-run thread", e)))?;
     let mnt_owned = mnt.to_owned();
     let fs_sig = fs.clone();
     std::thread::Builder::new()
@@ -352,16 +456,8 @@ fn serve(
 
     if let Some(mut p) = pipe.take() {
         // Detach: logs go to the pool's log file, stdio to /dev/null.
-        match std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log_path(pool.path()))
-        {
-            Ok(f) => sink.switch_to(f),
-            Err(e) => log::warn!(
-                "cannot open {}: {e}; logging nowhere",
-                log_path(pool.path()).display()
-            ),
+        if let Some(f) = log_file {
+            sink.switch_to(pool.clone(), f, log_cap());
         }
         let _ = p.write_all(format!("ok {}\n", std::process::id()).as_bytes());
         drop(p);
@@ -373,7 +469,7 @@ fn serve(
     }
     let result = session.run();
     fs.shutdown();
-    crate::control::server::remove(&socket);
+    crate::control::server::remove(&pool);
     match result {
         Ok(()) => {
             log::info!("unmounted {}; the pool is closed", mnt.display());
@@ -387,7 +483,20 @@ fn serve(
 struct DaemonState {
     fs: Arc<ReflinkFs>,
     mountpoint: PathBuf,
+    /// The mount's id in /proc/self/mountinfo: once it is gone there (a
+    /// lazy unmount), the daemon only serves the files still open.
+    mount_id: Option<u64>,
     started: std::time::Instant,
+}
+
+impl DaemonState {
+    /// Whether the mount is still attached at its mountpoint.
+    fn attached(&self) -> bool {
+        match self.mount_id {
+            Some(id) => fuse_mounts().iter().any(|m| m.id == id),
+            None => true,
+        }
+    }
 }
 
 impl crate::control::Daemon for DaemonState {
@@ -404,10 +513,20 @@ impl crate::control::Daemon for DaemonState {
             .iter()
             .map(|v| v.to_string())
             .collect();
+        let held: Vec<String> = self
+            .fs
+            .pool()
+            .held_vids()
+            .iter()
+            .map(|v| v.to_string())
+            .collect();
+        let attached = self.attached();
         serde_json::json!({
+            "held": held,
             "pool": self.fs.pool().path().display().to_string(),
             "mounted": true,
-            "mountpoint": self.mountpoint.display().to_string(),
+            "mountpoint": attached.then(|| self.mountpoint.display().to_string()),
+            "detached_from": (!attached).then(|| self.mountpoint.display().to_string()),
             "io_mode": self.fs.io_mode(),
             "pid": std::process::id(),
             "uptime_seconds": self.started.elapsed().as_secs(),
@@ -438,22 +557,12 @@ impl crate::control::Daemon for DaemonState {
 
 /// Loop devices whose backing file is `path` (from sysfs).
 fn loop_devices_backed_by(path: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/sys/block") else {
-        return out;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !name.starts_with("loop") {
-            continue;
-        }
-        if let Ok(backing) = std::fs::read_to_string(e.path().join("loop/backing_file")) {
-            if Path::new(backing.trim_end_matches('\n')) == path {
-                out.push(PathBuf::from("/dev").join(&name));
-            }
-        }
-    }
-    out
+    let want = path.display().to_string();
+    sys::loop_backing_files()
+        .into_iter()
+        .filter(|(_, backing)| *backing == want)
+        .map(|(dev, _)| dev)
+        .collect()
 }
 
 fn is_empty_dir(p: &Path) -> bool {
@@ -497,29 +606,69 @@ fn signal_loop(signals: &[libc::c_int], mnt: &Path, fs: &ReflinkFs) {
     }
 }
 
-/// The pool (FUSE source) of a reflinkfs mount, from /proc/self/mountinfo.
-fn pool_of_mount(mnt: &Path) -> Option<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let want = mnt.to_str()?;
+/// One FUSE mount of /proc/self/mountinfo: its id, mountpoint and source.
+struct FuseMount {
+    id: u64,
+    mountpoint: String,
+    source: String,
+}
+
+/// The FUSE mounts of this mount namespace.
+fn fuse_mounts() -> Vec<FuseMount> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
     for line in info.lines() {
         let fields: Vec<&str> = line.split(' ').collect();
-        let sep = fields.iter().position(|f| *f == "-")?;
+        let Some(sep) = fields.iter().position(|f| *f == "-") else {
+            continue;
+        };
         let fstype = fields.get(sep + 1).copied().unwrap_or("");
-        if fields.get(4).map(|m| unescape_mount(m)).as_deref() == Some(want)
-            && (fstype == "fuse" || fstype == "fuse.reflinkfs")
-        {
-            let source = PathBuf::from(unescape_mount(fields.get(sep + 2)?));
-            // Ours when the source is a pool (fuser mounts as plain "fuse").
-            if source
+        if fstype != "fuse" && fstype != "fuse.reflinkfs" {
+            continue;
+        }
+        let (Some(id), Some(mp), Some(src)) = (
+            fields.first().and_then(|f| f.parse().ok()),
+            fields.get(4),
+            fields.get(sep + 2),
+        ) else {
+            continue;
+        };
+        out.push(FuseMount {
+            id,
+            mountpoint: unescape_mount(mp),
+            source: unescape_mount(src),
+        });
+    }
+    out
+}
+
+/// The id of the FUSE mount of `pool` on `mnt` (read once it is mounted),
+/// to tell later whether it is still attached.
+fn mount_id(mnt: &Path, pool: &Path) -> Option<u64> {
+    let (mnt, pool) = (mnt.to_str()?, pool.to_str()?);
+    fuse_mounts()
+        .into_iter()
+        .filter(|m| m.mountpoint == mnt && m.source == pool)
+        .map(|m| m.id)
+        .max()
+}
+
+/// The pool (FUSE source) of a reflinkfs mount, from /proc/self/mountinfo.
+fn pool_of_mount(mnt: &Path) -> Option<PathBuf> {
+    let want = mnt.to_str()?;
+    fuse_mounts()
+        .into_iter()
+        .filter(|m| m.mountpoint == want)
+        .map(|m| PathBuf::from(m.source))
+        // Ours when the source is a pool (fuser mounts as plain "fuse").
+        .find(|source| {
+            source
                 .join(crate::engine::pool::META_DIR)
                 .join(crate::engine::pool::POOL_JSON)
                 .exists()
-            {
-                return Some(source);
-            }
-        }
-    }
-    None
+        })
 }
 
 /// Undoes the octal escapes (`\040` for a space) of /proc/self/mountinfo.

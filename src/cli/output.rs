@@ -206,10 +206,17 @@ pub fn status(v: &serde_json::Value) -> String {
             v["pool"].as_str().unwrap_or("?")
         );
     }
+    let mountpoint = match (v["mountpoint"].as_str(), v["detached_from"].as_str()) {
+        (Some(m), _) => m.to_owned(),
+        (None, Some(old)) => format!(
+            "none: lazily unmounted from {old}; the daemon serves the files still open and exits when they close"
+        ),
+        (None, None) => "?".to_owned(),
+    };
     let mut s = format!(
         "pool:        {}\nmountpoint:  {}\nI/O mode:    {}\ndaemon:      PID {}, up {} s\n",
         v["pool"].as_str().unwrap_or("?"),
-        v["mountpoint"].as_str().unwrap_or("?"),
+        mountpoint,
         v["io_mode"].as_str().unwrap_or("?"),
         v["pid"],
         v["uptime_seconds"],
@@ -230,6 +237,14 @@ pub fn status(v: &serde_json::Value) -> String {
     s.push_str(&format!("committing:  {}\n", commits.len()));
     for c in commits {
         s.push_str(&format!("  {}\n", c.as_str().unwrap_or("?")));
+    }
+    let held = v["held"].as_array().cloned().unwrap_or_default();
+    s.push_str(&format!(
+        "held:        {} (closed, but still written outside reflinkfs; committed once that lets go)\n",
+        held.len()
+    ));
+    for h in held {
+        s.push_str(&format!("  {}\n", h.as_str().unwrap_or("?")));
     }
     s
 }

@@ -10,25 +10,75 @@ use std::path::Path;
 
 /// Connects to the daemon of a mounted pool; `None` when the pool is not
 /// mounted (no socket, or a stale one nobody listens on).
+///
+/// Nothing on the way is followed through a symlink: the pool and its
+/// metadata directory are opened with `O_NOFOLLOW`, the socket must be a
+/// socket, and it is reached through the open directory. The daemon must
+/// be root, the caller, or the pool's owner: a request (and the file an
+/// import or export hands over) never goes to a stranger's socket.
 pub fn connect(pool: &Path) -> Result<Option<UnixStream>> {
-    let path = pool
-        .join(crate::engine::pool::META_DIR)
-        .join(crate::engine::pool::CONTROL_SOCKET);
-    match UnixStream::connect(&path) {
-        Ok(s) => Ok(Some(s)),
-        Err(e)
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::ENOENT) | Some(libc::ECONNREFUSED) | Some(libc::ENOTDIR)
-            ) =>
-        {
-            Ok(None)
+    use crate::engine::pool::{CONTROL_SOCKET, META_DIR};
+    let path = pool.join(META_DIR).join(CONTROL_SOCKET);
+    let gone = |e: &std::io::Error| {
+        matches!(
+            e.raw_os_error(),
+            Some(libc::ENOENT) | Some(libc::ECONNREFUSED) | Some(libc::ENOTDIR)
+        )
+    };
+    let refuse = |what: &str| Error::NotRegular {
+        what: what.to_owned(),
+        path: path.clone(),
+    };
+    let root = match sys::open_dir_path(pool) {
+        Ok(fd) => fd,
+        Err(e) if gone(&e) => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(Error::NotRegular {
+                what: "pool directory".into(),
+                path: pool.to_owned(),
+            })
         }
-        Err(e) => Err(Error::io(
-            format!("connecting to the daemon at {}", path.display()),
-            e,
-        )),
+        Err(e) => return Err(Error::io(format!("opening {}", pool.display()), e)),
+    };
+    let meta = match sys::open_subdir(root.as_fd(), META_DIR) {
+        Ok(fd) => fd,
+        Err(e) if gone(&e) => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(refuse("metadata directory of the control socket"))
+        }
+        Err(e) => return Err(Error::io(format!("opening {}", path.display()), e)),
+    };
+    match sys::lstatat(meta.as_fd(), CONTROL_SOCKET) {
+        Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFSOCK => {}
+        Ok(_) => return Err(refuse("control socket")),
+        Err(e) if gone(&e) => return Ok(None),
+        Err(e) => return Err(Error::io(format!("examining {}", path.display()), e)),
     }
+    let stream = match UnixStream::connect(sys::path_in_dir_fd(meta.as_fd(), CONTROL_SOCKET)) {
+        Ok(s) => s,
+        Err(e) if gone(&e) => return Ok(None),
+        Err(e) => {
+            return Err(Error::io(
+                format!("connecting to the daemon at {}", path.display()),
+                e,
+            ))
+        }
+    };
+    let (pid, uid, _) = sys::peer_cred(stream.as_fd())
+        .map_err(|e| Error::io(format!("asking who listens on {}", path.display()), e))?;
+    let owner = sys::fstat(root.as_fd())
+        .map_err(|e| Error::io(format!("examining {}", pool.display()), e))?
+        .st_uid;
+    if uid != 0 && uid != sys::getuid() && uid != owner {
+        return Err(Error::Refused {
+            vid: "control socket".into(),
+            reason: format!(
+                "{} is served by process {pid} of uid {uid}, which is neither root, you, nor the pool's owner (uid {owner}); not talking to it",
+                path.display()
+            ),
+        });
+    }
+    Ok(Some(stream))
 }
 
 /// Sends a request (with `fd` for import and export) and waits for the

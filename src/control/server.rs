@@ -13,27 +13,28 @@ use crate::sys;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 /// Binds the socket (replacing a stale one: the caller holds the pool's
 /// lock, so no other daemon can be using it) and serves it on a thread.
-pub fn spawn(pool: Arc<Pool>, daemon: Arc<dyn Daemon>) -> std::io::Result<PathBuf> {
+///
+/// The socket is bound through the open metadata directory (never through
+/// a `.reflinkfs` swapped for a symlink) and created under a umask that
+/// makes it 0600 from the start: nothing is changed by path afterwards.
+/// Call it before the daemon starts other threads (the umask is
+/// process-wide).
+pub fn spawn(pool: Arc<Pool>, daemon: Arc<dyn Daemon>) -> std::io::Result<()> {
     let path = pool.control_socket_path();
-    match std::fs::remove_file(&path) {
-        Ok(()) => log::info!("removed stale control socket {}", path.display()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
+    if pool.remove_meta_file(crate::engine::pool::CONTROL_SOCKET)? {
+        log::info!("removed stale control socket {}", path.display());
     }
-    let listener = UnixListener::bind(&path)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    let owner = std::fs::metadata(pool.path()).map(|m| {
-        use std::os::unix::fs::MetadataExt;
-        m.uid()
-    })?;
+    let old_mask = sys::umask(0o177);
+    let bound = UnixListener::bind(pool.control_socket_fd_path());
+    sys::umask(old_mask);
+    let listener = bound?;
+    let owner = pool.owner_uid()?;
     log::info!(
         "control socket {} (root and uid {owner} may use it)",
         path.display()
@@ -60,12 +61,12 @@ pub fn spawn(pool: Arc<Pool>, daemon: Arc<dyn Daemon>) -> std::io::Result<PathBu
                 }
             }
         })?;
-    Ok(path)
+    Ok(())
 }
 
 /// Removes the socket file at shutdown.
-pub fn remove(path: &Path) {
-    let _ = std::fs::remove_file(path);
+pub fn remove(pool: &Pool) {
+    let _ = pool.remove_meta_file(crate::engine::pool::CONTROL_SOCKET);
 }
 
 fn send(stream: &mut UnixStream, reply: &Reply) {

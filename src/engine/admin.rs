@@ -137,8 +137,14 @@ impl Pool {
         what: &str,
     ) -> Result<()> {
         let vid = &st.config.vid;
-        if st.run.is_some() {
-            return Err(busy(vid, format!("it is running; stop it before {what}")));
+        if let Some(run) = &st.run {
+            return Err(busy(
+                vid,
+                match &run.held {
+                    Some(h) => super::lifecycle::held_reason(h),
+                    None => format!("it is running; stop it before {what}"),
+                },
+            ));
         }
         if let Some(dir) = dir {
             if regular_entry(dir, vid, &Names::of(vid).dirty())?.is_some() {
@@ -163,6 +169,7 @@ impl Pool {
         opts: &CreateOptions,
         initial: Option<(&File, &std::path::Path)>,
     ) -> Result<()> {
+        vid.check_new()?;
         let size = check_size(opts.size, &opts.size.to_string())?;
         let (kind, source) = match &opts.kind {
             NewKind::Origin => (VolumeKind::Origin, None),
@@ -198,6 +205,8 @@ impl Pool {
             optional: opts.optional,
             next_revision: 1,
             generation: 0,
+            kept_by_revert: None,
+            dirty_size: None,
         };
         config.validate(&self.config).map_err(|r| refused(vid, r))?;
 
@@ -352,6 +361,9 @@ impl Pool {
         let v = vid.to_string();
         let dir = self.vm_dir(vid, true)?;
         let kind = st.config.kind();
+        if let Some(h) = st.run.as_ref().and_then(|r| r.held.as_ref()) {
+            return Err(busy(vid, super::lifecycle::held_reason(h)));
+        }
         let current = if st.run.is_some() {
             regular_entry(&dir, vid, &n.dirty())?
                 .ok_or_else(|| Error::MissingImage {
@@ -380,11 +392,25 @@ impl Pool {
                 "{vid}: resized the running image {} from {current} to {size} bytes",
                 dir.shown(&n.dirty()).display()
             );
-            if kind == VolumeKind::Volatile {
-                let mut cfg = st.config.clone();
-                cfg.size = size;
-                self.store_volume(&cfg)?;
-                st.config = cfg;
+            if let Some(run) = &st.run {
+                run.limit.store(size, std::sync::atomic::Ordering::SeqCst);
+            }
+            match kind {
+                VolumeKind::Volatile => {
+                    let mut cfg = st.config.clone();
+                    cfg.size = size;
+                    self.store_volume(&cfg)?;
+                    st.config = cfg;
+                }
+                VolumeKind::Origin => {
+                    // The commit makes it the volume's size; stored now for
+                    // recovery (see `VolumeConfig::dirty_size`).
+                    let mut cfg = st.config.clone();
+                    cfg.dirty_size = Some(size);
+                    self.store_volume(&cfg)?;
+                    st.config = cfg;
+                }
+                VolumeKind::Snapshot => {}
             }
             return Ok(ResizeOutcome::Running);
         }
@@ -487,16 +513,14 @@ impl Pool {
             .map_err(io_ctx(&dir, "copying to", &tmp))?;
         failpoint::hit("revert.copied");
         let saved = self
-            .replace_committed(&mut st, &dir, &f, &tmp, "revert", false)
+            .replace_committed(&mut st, &dir, &f, &tmp, "revert", Some(&rev.file_name))
             .inspect_err(|_| {
                 let _ = dir.remove(&v, &tmp);
             })?;
-        // The revision gone back to and the one just saved both stay, so the
-        // revert can be undone; older ones go down to revisions_to_keep + 1.
-        let mut exempt = vec![rev.id.clone()];
-        exempt.extend(saved.map(crate::engine::RevisionId::Numbered));
-        let keep = st.config.revisions_to_keep.max(0) as usize + 1;
-        self.prune_revisions_to(&st.config, &dir, keep, &exempt)?;
+        // The revision gone back to stays beyond revisions_to_keep until the
+        // next commit, so the revert can be undone; the one just saved is
+        // the newest, so it stays too.
+        self.prune_revisions(&st.config, &dir)?;
         log::info!("{vid}: reverted to revision {}", rev.id);
         Ok(saved)
     }
@@ -608,7 +632,7 @@ impl Pool {
             kind.as_str()
         );
         failpoint::hit("import.copied");
-        self.replace_committed(&mut st, &dir, &f, &tmp, "import", true)
+        self.replace_committed(&mut st, &dir, &f, &tmp, "import", None)
             .inspect_err(|_| {
                 let _ = dir.remove(&v, &tmp);
             })
@@ -736,7 +760,7 @@ impl Pool {
             .map_err(io_ctx(&dir, "copying to", &tmp))?;
         failpoint::hit("clone.copied");
         dst_pool
-            .replace_committed(&mut st, &dir, &f, &tmp, "clone", true)
+            .replace_committed(&mut st, &dir, &f, &tmp, "clone", None)
             .inspect_err(|_| {
                 let _ = dir.remove(&v, &tmp);
             })?;

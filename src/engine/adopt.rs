@@ -590,7 +590,7 @@ fn scan_file(
         warnings.push(format!("{}: {what}; left alone", shown.display()));
         return Ok(());
     };
-    let vid = match ValidVid::new(class, vm, &name) {
+    let vid = match ValidVid::new(class, vm, &name).and_then(|v| v.check_new().map(|()| v)) {
         Ok(v) => v,
         Err(e) => {
             warnings.push(format!(
@@ -1108,7 +1108,10 @@ fn from_xml(
                 .push(format!("{} in pool {pool} has no vid; skipped", who()));
             continue;
         };
-        let vid = match raw_vid.parse::<ValidVid>() {
+        let vid = match raw_vid
+            .parse::<ValidVid>()
+            .and_then(|v| v.check_new().map(|()| v))
+        {
             Ok(vid) => vid,
             Err(e) => {
                 not_adopted(
@@ -1198,14 +1201,17 @@ fn from_xml(
                         vid.name()
                     ));
                 }
-                let keep = keep.unwrap_or(default_keep);
+                let mut keep = keep.unwrap_or(default_keep);
                 let pending = usize::from(files.dirty.is_some() && files.clean.is_some());
                 let found = files.revisions.len() + pending;
                 if keep >= 0 && found as i64 > keep {
+                    // Adopt deletes no revision: opening the pool would
+                    // prune down to revisions_to_keep at once.
                     notes.push(format!(
-                        "{found} revision(s){} but revisions_to_keep={keep}: the next commit prunes the oldest (legacy names first); raise it with `volume set` to keep them",
+                        "{found} revision(s){} but revisions_to_keep={keep} in qubes.xml: raised to {found} so that none is deleted; lower it with `volume set`, which prunes the oldest (legacy names first)",
                         if pending == 1 { " with the recovery commit" } else { "" }
                     ));
+                    keep = found as i64;
                 }
                 (Some(actual), keep, None)
             }
@@ -1406,6 +1412,8 @@ fn finish_configs(
                 optional: false,
                 next_revision,
                 generation: 0,
+                kept_by_revert: None,
+                dirty_size: None,
             };
             if let Err(reason) = cfg.validate(pool) {
                 not_adopted(report, vid, reason);

@@ -85,6 +85,24 @@ pub struct VolumeConfig {
     /// remember the generation they started from, which makes `is_outdated`
     /// exact where inode numbers could be reused.
     pub generation: u64,
+    /// The revision (file name) the last revert went back to. Pruning
+    /// keeps it beyond `revisions_to_keep`, so that the revert can be
+    /// undone, until the next commit clears it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_by_revert: Option<String>,
+    /// Set by a resize of a running origin volume: the size of its dirty
+    /// image, which the commit makes the volume's. Recovery holds a leftover
+    /// dirty image to it (writes past the end are cut off), so a crash
+    /// between the resize and the commit never cuts off the grown part.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty_size: Option<u64>,
+}
+
+impl VolumeConfig {
+    /// The size a leftover dirty image of this volume is held to.
+    pub fn dirty_contract(&self) -> u64 {
+        self.dirty_size.unwrap_or(self.size)
+    }
 }
 
 impl VolumeConfig {
@@ -219,6 +237,8 @@ mod tests {
             optional: false,
             next_revision: 1,
             generation: 0,
+            kept_by_revert: None,
+            dirty_size: None,
         }
     }
 

@@ -1,10 +1,11 @@
 //! Failpoints for crash tests.
 //!
-//! When the environment variable `REFLINKFS_FAILPOINT` names a point, the
-//! process aborts (SIGABRT, no unwinding, no destructors) the moment it
-//! reaches that point. This is as close to a power cut between two syscalls
-//! as a test can get without a VM: the kernel keeps what was done and
-//! nothing after it runs.
+//! In a build with the cargo feature `failpoints` (the tests' build), when
+//! the environment variable `REFLINKFS_FAILPOINT` names a point, the process
+//! aborts (SIGABRT, no unwinding, no destructors) the moment it reaches that
+//! point: a crash between two syscalls, where the kernel keeps what was done
+//! and nothing after it runs. Other builds ignore the variable (and say so
+//! once), so it can never abort a service in the middle of a commit.
 
 use std::sync::OnceLock;
 
@@ -53,14 +54,25 @@ pub const ALL: &[&str] = &[
     "set.stored",
 ];
 
+/// Whether this build has failpoints (the cargo feature `failpoints`).
+pub const ENABLED: bool = cfg!(feature = "failpoints");
+
 fn armed() -> Option<&'static str> {
     static ARMED: OnceLock<Option<String>> = OnceLock::new();
     ARMED
-        .get_or_init(|| std::env::var(ENV).ok().filter(|v| !v.is_empty()))
+        .get_or_init(|| {
+            let v = std::env::var(ENV).ok().filter(|v| !v.is_empty());
+            if v.is_some() && !ENABLED {
+                log::warn!("{ENV} is set, but this build has no failpoints (cargo feature `failpoints`); ignoring it");
+                return None;
+            }
+            v
+        })
         .as_deref()
 }
 
-/// Aborts the process if `name` is the armed failpoint.
+/// Aborts the process if `name` is the armed failpoint (only in a build
+/// with failpoints).
 pub fn hit(name: &str) {
     debug_assert!(ALL.contains(&name), "failpoint {name} is not listed in ALL");
     if armed() == Some(name) {

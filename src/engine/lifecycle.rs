@@ -10,6 +10,8 @@ use crate::error::{Error, Result};
 use crate::sys;
 use std::fs::File;
 use std::os::fd::AsFd;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 
 /// What a stop did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,7 +23,27 @@ pub enum StopOutcome {
     Unchanged,
     /// Snapshot and volatile volumes: the dirty image was deleted.
     Discarded,
+    /// Not committed: the dirty image is still open for writing outside
+    /// reflinkfs (`holders` says by what). The volume stays running for
+    /// reflinkfs (new opens fail with EBUSY), and a later stop commits it
+    /// once the writer lets go. A committed image never changes after its
+    /// commit, so it is never an inode something else still writes.
+    Held { holders: String },
 }
+
+/// A started run: the dirty image, opened read-write, and the run's size
+/// (see [`Pool::run_limit`]).
+#[derive(Debug)]
+pub struct Run {
+    pub file: File,
+    pub limit: Arc<AtomicU64>,
+}
+
+/// How often, and how long apart, a stop looks again before it calls a
+/// dirty image held: the kernel lets go of a closed passthrough file a
+/// moment after the RELEASE that tells the daemon of the close.
+const HOLD_PROBES: u32 = 5;
+const HOLD_PROBE_GAP: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// How far a source chain may go before it is called a loop.
 const MAX_SOURCE_DEPTH: usize = 32;
@@ -65,17 +87,81 @@ pub(crate) fn regular_entry(dir: &Dir, vid: &ValidVid, name: &str) -> Result<Opt
     }
 }
 
+/// Why a held volume cannot start or be changed.
+pub(crate) fn held_reason(holders: &str) -> String {
+    format!("its last run is not committed yet: its dirty image is still open for writing by {holders}; detach or close that first")
+}
+
+/// Names what may hold `dirty` open for writing: the loop devices whose
+/// backing file it is (directly, or through a mount of the pool), else the
+/// kinds of writer that can do so unseen.
+fn describe_holders(dirty: &std::path::Path, vid: &ValidVid) -> String {
+    let tail = format!("/{}/{}/{}", vid.class(), vid.vm(), Names::of(vid).dirty());
+    let direct = dirty.display().to_string();
+    let mut loops = Vec::new();
+    for (dev, backing) in sys::loop_backing_files() {
+        if backing == direct {
+            loops.push(format!("{} (on the image itself)", dev.display()));
+        } else if backing.ends_with(&tail) {
+            loops.push(format!("{} (on {backing})", dev.display()));
+        }
+    }
+    if loops.is_empty() {
+        "something outside reflinkfs (a loop device or program that outlived an earlier daemon, or a shared mapping that outlived its file)".into()
+    } else {
+        format!("loop device {}", loops.join(", "))
+    }
+}
+
+/// Cuts a dirty image back to the volume's size when writes went past the
+/// end (passthrough writes do, unseen by the daemon), and rounds a size
+/// that is not a multiple of 512 up, so a commit or recovery never fails on
+/// it. Logs at WARN what was dropped.
+fn fit_to_contract(dir: &Dir, vid: &ValidVid, name: &str, contract: u64) -> Result<()> {
+    let len = regular_entry(dir, vid, name)?.map_or(0, |s| s.size);
+    let want = if len > contract {
+        contract
+    } else if len % 512 != 0 {
+        len.next_multiple_of(512)
+    } else {
+        return Ok(());
+    };
+    let f = open_image(dir, vid, name, libc::O_RDWR)?;
+    sys::ftruncate(f.as_fd(), want).map_err(io_ctx(dir, "cutting back", name))?;
+    if len > want {
+        log::warn!(
+            "{vid}: {} bytes written past the end of the volume ({contract} bytes) were dropped from {}",
+            len - want,
+            dir.shown(name).display()
+        );
+    } else {
+        log::warn!(
+            "{vid}: {} was {len} bytes, not a multiple of 512; grown to {want} with zeros",
+            dir.shown(name).display()
+        );
+    }
+    Ok(())
+}
+
 impl Pool {
     /// Starts a volume (the first open of its `-dirty.img`) and returns the
     /// dirty image opened read-write. The FUSE layer calls this once per
     /// first open and [`Pool::stop`] once per last release.
     pub fn start(&self, vid: &ValidVid) -> Result<File> {
+        self.start_run(vid).map(|r| r.file)
+    }
+
+    /// [`Pool::start`], with the run's size limit for the FUSE layer.
+    pub fn start_run(&self, vid: &ValidVid) -> Result<Run> {
         let slot = self.slot(vid)?;
         let mut st = slot.lock();
-        if st.run.is_some() {
+        if let Some(run) = &st.run {
             return Err(Error::Busy {
                 vid: vid.to_string(),
-                reason: "already running".into(),
+                reason: match &run.held {
+                    Some(h) => held_reason(h),
+                    None => "already running".into(),
+                },
             });
         }
         let dir = self.vm_dir(vid, true)?;
@@ -89,7 +175,15 @@ impl Pool {
                 log::warn!(
                     "{vid}: committing the dirty image left by an earlier stop before starting"
                 );
-                self.commit_dirty(&mut st, &dir, None)?;
+                let contract = st.config.dirty_contract();
+                if let StopOutcome::Held { holders } =
+                    self.commit_dirty(&mut st, &dir, None, contract)?
+                {
+                    return Err(Error::Busy {
+                        vid: vid.to_string(),
+                        reason: held_reason(&holders),
+                    });
+                }
             } else {
                 dir.remove(&vid.to_string(), &n.dirty()).map_err(io_ctx(
                     &dir,
@@ -154,11 +248,25 @@ impl Pool {
             &n.dirty(),
         ))?);
         log::info!("{vid}: started ({})", kind.as_str());
+        let limit = Arc::new(AtomicU64::new(started_sig.size));
         st.run = Some(RunState {
-            started_sig,
+            started_sig: Some(started_sig),
             started_from,
+            limit: limit.clone(),
+            held: None,
         });
-        Ok(file)
+        Ok(Run { file, limit })
+    }
+
+    /// The size limit of a running volume's run, shared with whoever does
+    /// its I/O: a resize changes it.
+    pub fn run_limit(&self, vid: &ValidVid) -> Result<Option<Arc<AtomicU64>>> {
+        Ok(self.slot(vid)?.lock().run.as_ref().map(|r| r.limit.clone()))
+    }
+
+    /// Volumes whose run is held by a writer outside reflinkfs.
+    pub fn held_vids(&self) -> Vec<ValidVid> {
+        self.held.lock().iter().cloned().collect()
     }
 
     /// Copies `src` to `N-dirty.img~tmp`, grows it to `min_size` if given,
@@ -264,6 +372,32 @@ impl Pool {
     /// commits an origin volume, discards the others. On error the dirty
     /// image is kept, and the next start or recovery commits it.
     pub fn stop(&self, vid: &ValidVid) -> Result<StopOutcome> {
+        self.stop_logged(vid, true)
+    }
+
+    /// [`Pool::stop`], trying again for up to `grace` while the dirty image
+    /// is held (and saying so only at the end). At unmount the kernel lets
+    /// go of the backing files of a torn-down connection a moment after
+    /// the daemon learns of it.
+    pub fn stop_within(&self, vid: &ValidVid, grace: std::time::Duration) -> Result<StopOutcome> {
+        let end = std::time::Instant::now() + grace;
+        loop {
+            match self.stop_logged(vid, false)? {
+                StopOutcome::Held { .. } if std::time::Instant::now() < end => {
+                    std::thread::sleep(std::time::Duration::from_millis(50))
+                }
+                StopOutcome::Held { holders } => {
+                    log::warn!(
+                        "{vid}: not committed: its dirty image is still open for writing by {holders}; the next pool open commits it once that lets go"
+                    );
+                    return Ok(StopOutcome::Held { holders });
+                }
+                outcome => return Ok(outcome),
+            }
+        }
+    }
+
+    fn stop_logged(&self, vid: &ValidVid, log_hold: bool) -> Result<StopOutcome> {
         let slot = self.slot(vid)?;
         let mut st = slot.lock();
         let Some(run) = st.run.take() else {
@@ -272,21 +406,48 @@ impl Pool {
                 reason: "it is not running".into(),
             });
         };
-        let dir = self.vm_dir(vid, false)?;
+        let dir = match self.vm_dir(vid, false) {
+            Ok(d) => d,
+            Err(e) => {
+                st.run = Some(run);
+                return Err(e);
+            }
+        };
         let n = Names::of(vid);
+        let was_held = run.held.is_some();
         let outcome = match st.config.kind() {
-            VolumeKind::Origin => self.commit_dirty(&mut st, &dir, Some(run.started_sig))?,
-            kind => {
-                if kind == VolumeKind::Volatile {
-                    // A running resize of a volatile volume persists.
-                    if let Some(sig) = regular_entry(&dir, vid, &n.dirty())? {
-                        if sig.size != st.config.size {
-                            let mut cfg = st.config.clone();
-                            cfg.size = sig.size;
-                            self.store_volume(&cfg)?;
-                            st.config = cfg;
+            VolumeKind::Origin => {
+                match self.commit_dirty(&mut st, &dir, run.started_sig, run.limit()) {
+                    Ok(StopOutcome::Held { holders }) => {
+                        if !was_held && log_hold {
+                            log::warn!(
+                                "{vid}: not committed yet: {} is still open for writing by {holders}; it is committed once that lets go, and the volume cannot start again until then",
+                                dir.shown(&n.dirty()).display()
+                            );
                         }
+                        self.held.lock().insert(vid.clone());
+                        st.run = Some(RunState {
+                            held: Some(holders.clone()),
+                            ..run
+                        });
+                        return Ok(StopOutcome::Held { holders });
                     }
+                    Ok(o) => o,
+                    Err(e) => {
+                        self.held.lock().remove(vid);
+                        return Err(e);
+                    }
+                }
+            }
+            kind => {
+                if kind == VolumeKind::Volatile && run.limit() != st.config.size {
+                    // A running resize of a volatile volume persists: the
+                    // run's size, never what writes past the end made of
+                    // the file.
+                    let mut cfg = st.config.clone();
+                    cfg.size = run.limit();
+                    self.store_volume(&cfg)?;
+                    st.config = cfg;
                 }
                 dir.remove(&vid.to_string(), &n.dirty()).map_err(io_ctx(
                     &dir,
@@ -297,21 +458,59 @@ impl Pool {
                 StopOutcome::Discarded
             }
         };
+        if was_held {
+            log::info!("{vid}: the outside writer let go of its dirty image");
+        }
+        self.held.lock().remove(vid);
         log::info!("{vid}: stopped ({outcome:?})");
         Ok(outcome)
     }
 
+    /// What holds a dirty image open for writing outside reflinkfs, if
+    /// anything does. Looks a few times, a few milliseconds apart: the
+    /// kernel drops a closed passthrough file just after it tells the
+    /// daemon of the close.
+    fn outside_writers(&self, vid: &ValidVid, dir: &Dir, dirty: &File) -> Option<String> {
+        let name = Names::of(vid).dirty();
+        for probe in 0..HOLD_PROBES {
+            match sys::has_other_writers(dirty.as_fd()) {
+                Ok(false) => return None,
+                Ok(true) if probe + 1 < HOLD_PROBES => std::thread::sleep(HOLD_PROBE_GAP),
+                Ok(true) => {}
+                Err(e) => {
+                    log::warn!(
+                        "{vid}: cannot tell whether {} is still written outside reflinkfs ({e}: leases are off or unsupported); committing it",
+                        dir.shown(&name).display()
+                    );
+                    return None;
+                }
+            }
+        }
+        Some(describe_holders(&dir.shown(&name), vid))
+    }
+
     /// Commits `N-dirty.img` of an origin volume (SPEC §4.2). With
     /// `started`, an image unmodified since start is dropped instead.
+    ///
+    /// Never while something outside reflinkfs still has the dirty image
+    /// open for writing (a loop device or program that outlived a daemon,
+    /// a shared mapping that outlived its file): that gives
+    /// [`StopOutcome::Held`] and changes nothing. The image is first cut
+    /// back to `contract`, the volume's size, if writes went past the end.
     pub(crate) fn commit_dirty(
         &self,
         st: &mut VolumeState,
         dir: &Dir,
         started: Option<FileSig>,
+        contract: u64,
     ) -> Result<StopOutcome> {
         let vid = st.config.vid.clone();
         let n = Names::of(&vid);
         let dirty = open_image(dir, &vid, &n.dirty(), libc::O_RDONLY)?;
+        if let Some(holders) = self.outside_writers(&vid, dir, &dirty) {
+            return Ok(StopOutcome::Held { holders });
+        }
+        fit_to_contract(dir, &vid, &n.dirty(), contract)?;
         let sig = FileSig::from_stat(&sys::fstat(dirty.as_fd()).map_err(io_ctx(
             dir,
             "examining",
@@ -334,7 +533,7 @@ impl Pool {
                 return Ok(StopOutcome::Unchanged);
             }
         }
-        self.replace_committed(st, dir, &dirty, &n.dirty(), "commit", true)
+        self.replace_committed(st, dir, &dirty, &n.dirty(), "commit", None)
             .map(|revision| StopOutcome::Committed { revision })
     }
 
@@ -351,7 +550,7 @@ impl Pool {
         new: &File,
         new_name: &str,
         op: &str,
-        prune: bool,
+        revert_target: Option<&str>,
     ) -> Result<Option<u64>> {
         let vid = st.config.vid.clone();
         let v = vid.to_string();
@@ -373,6 +572,8 @@ impl Pool {
         }
         cfg.size = new_size;
         cfg.generation += 1;
+        cfg.kept_by_revert = revert_target.map(str::to_owned);
+        cfg.dirty_size = None;
         // The counter is stored before the revision exists, so a crash can
         // skip a K but never reuse one.
         self.store_volume(&cfg)?;
@@ -398,7 +599,8 @@ impl Pool {
                 .map(|k| format!(", previous image kept as revision {k}"))
                 .unwrap_or_default()
         );
-        if prune {
+        // A revert prunes by its own rule, after this.
+        if revert_target.is_none() {
             self.prune_revisions(&st.config, dir)?;
         }
         Ok(revision)
@@ -419,11 +621,36 @@ impl Pool {
         Ok(cfg.next_revision.max(on_disk).max(1))
     }
 
-    /// Deletes the oldest revisions beyond `revisions_to_keep`. Revisions
-    /// are separate files (hard links made before the image was replaced),
-    /// so this never removes the committed image.
+    /// Deletes the oldest revisions beyond `revisions_to_keep`, and beyond
+    /// the one the last revert went back to, which stays until the next
+    /// commit. Revisions are separate files (hard links made before the
+    /// image was replaced), so this never removes the committed image.
     pub(crate) fn prune_revisions(&self, cfg: &VolumeConfig, dir: &Dir) -> Result<usize> {
-        self.prune_revisions_to(cfg, dir, cfg.revisions_to_keep.max(0) as usize, &[])
+        let (keep, exempt) = self.revisions_allowed(cfg, dir)?;
+        self.prune_revisions_to(cfg, dir, keep, &exempt)
+    }
+
+    /// How many revisions a volume may have, and which one is kept beyond
+    /// `revisions_to_keep` (the target of the last revert, while it exists).
+    pub(crate) fn revisions_allowed(
+        &self,
+        cfg: &VolumeConfig,
+        dir: &Dir,
+    ) -> Result<(usize, Vec<RevisionId>)> {
+        let keep = cfg.revisions_to_keep.max(0) as usize;
+        let Some(pinned) = &cfg.kept_by_revert else {
+            return Ok((keep, Vec::new()));
+        };
+        Ok(
+            match self
+                .list_revisions(&cfg.vid, Some(dir))?
+                .into_iter()
+                .find(|r| &r.file_name == pinned)
+            {
+                Some(r) => (keep + 1, vec![r.id]),
+                None => (keep, Vec::new()),
+            },
+        )
     }
 
     /// Deletes the oldest revisions until at most `keep` remain, never one
@@ -514,7 +741,27 @@ impl Pool {
                     "{vid}: recovery: committing the leftover {}",
                     dir.shown(&n.dirty()).display()
                 );
-                self.commit_dirty(st, &dir, None)?;
+                let contract = st.config.dirty_contract();
+                if let StopOutcome::Held { holders } =
+                    self.commit_dirty(st, &dir, None, contract)?
+                {
+                    // Something that outlived the last daemon still writes
+                    // it: a commit now would make N.img change after its
+                    // commit. It stays a run, held, for the daemon to commit
+                    // once the writer lets go.
+                    log::warn!(
+                        "{vid}: recovery: not committing {}: it is still open for writing by {holders}; it is committed once that lets go, and the volume cannot start again until then",
+                        dir.shown(&n.dirty()).display()
+                    );
+                    st.run = Some(RunState {
+                        started_sig: None,
+                        started_from: None,
+                        limit: Arc::new(AtomicU64::new(contract)),
+                        held: Some(holders),
+                    });
+                    self.held.lock().insert(vid.clone());
+                    return Ok(());
+                }
             } else {
                 log::warn!(
                     "{vid}: recovery: removing the leftover {} of a {} volume",
@@ -540,9 +787,13 @@ impl Pool {
                     st.config = cfg;
                 }
             }
-            // No pruning here: a revert legitimately leaves one revision more
-            // than revisions_to_keep (the one it went back to) until the next
-            // commit prunes.
+            // Finishes the prune of a commit (or revert, import, clone, or
+            // lowered revisions_to_keep) that a crash interrupted.
+            let (keep, _) = self.revisions_allowed(&st.config, &dir)?;
+            if self.list_revisions(&vid, Some(&dir))?.len() > keep {
+                log::warn!("{vid}: recovery: pruning the revisions an interrupted operation left");
+                self.prune_revisions(&st.config, &dir)?;
+            }
         }
         dir.sync().map_err(io_ctx(&dir, "syncing", ""))?;
         Ok(())

@@ -9,10 +9,12 @@ use crate::error::{Error, Result};
 use crate::sys;
 use parking_lot::{Mutex, RwLock};
 use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub const META_DIR: &str = ".reflinkfs";
@@ -45,11 +47,27 @@ impl Default for InitOptions {
 #[derive(Debug, Clone)]
 pub(crate) struct RunState {
     /// Signature of the dirty image right after start, to tell whether it
-    /// was modified.
-    pub started_sig: super::fsops::FileSig,
+    /// was modified. `None` for a dirty image found at recovery, which is
+    /// always committed.
+    pub started_sig: Option<super::fsops::FileSig>,
     /// For snapshot volumes: the origin and the generation of its committed
     /// image that this start copied.
     pub started_from: Option<(ValidVid, u64)>,
+    /// The volume's size for this run: its contract with the clients.
+    /// Writes the daemon sees may not go past it, and the stop cuts the
+    /// image back to it (passthrough writes past the end reach the backing
+    /// file without the daemon). Changed only by a resize.
+    pub limit: Arc<AtomicU64>,
+    /// Set when a stop found the dirty image still open for writing outside
+    /// reflinkfs (what holds it): the run is over for reflinkfs, but it is
+    /// not committed until that writer lets go.
+    pub held: Option<String>,
+}
+
+impl RunState {
+    pub fn limit(&self) -> u64 {
+        self.limit.load(Ordering::SeqCst)
+    }
 }
 
 #[derive(Debug)]
@@ -94,13 +112,18 @@ impl<'a> Names<'a> {
         let img_stem = format!("{}.img~", self.name);
         file.starts_with(&dirty_stem) || file.starts_with(&img_stem)
     }
-    /// Whether `file` belongs to this volume at all.
+    /// Whether `file` is one of the names this volume generates: its
+    /// image, dirty and import images, its temporary files, and revisions
+    /// whose names parse. Nothing else: a name that merely starts like one
+    /// of ours (`p.img.7.img`, the image of volume `p.img.7`) is not `p`'s.
+    /// Given the id rules (no `@` or `~`, no reserved suffix), no file is
+    /// owned by two volumes of one VM; `tests/names.rs` checks it.
     pub fn owns(&self, file: &str) -> bool {
         file == self.img()
             || file == self.dirty()
             || file == self.import()
             || self.is_temp(file)
-            || !matches!(parse_revision_name(self.name, file), Parsed::NotOurs)
+            || matches!(parse_revision_name(self.name, file), Parsed::Revision(_))
     }
 }
 
@@ -115,6 +138,9 @@ pub struct Pool {
     /// Volumes whose config file could not be read: path and reason. They
     /// are listed, and every operation on them fails with the reason.
     pub(crate) corrupt: RwLock<BTreeMap<ValidVid, (PathBuf, String)>>,
+    /// Volumes whose run is held (see [`RunState::held`]), for the daemon
+    /// to retry their commit. Locked after a volume's lock, never before.
+    pub(crate) held: Mutex<BTreeSet<ValidVid>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -263,6 +289,7 @@ impl Pool {
             config,
             volumes: RwLock::new(BTreeMap::new()),
             corrupt: RwLock::new(BTreeMap::new()),
+            held: Mutex::new(BTreeSet::new()),
         };
         pool.load_volumes()?;
         pool.recover_all()?;
@@ -277,6 +304,60 @@ impl Pool {
     /// Where a mounted pool's daemon listens for administration requests.
     pub fn control_socket_path(&self) -> PathBuf {
         self.meta.shown(CONTROL_SOCKET)
+    }
+
+    /// The same socket, reached through the open metadata directory, for
+    /// bind(): a `.reflinkfs` swapped for a symlink is not followed.
+    pub fn control_socket_fd_path(&self) -> PathBuf {
+        sys::path_in_dir_fd(self.meta.fd(), CONTROL_SOCKET)
+    }
+
+    /// Removes a file of the metadata directory (the link itself, never
+    /// what a symlink points to); `false` when it did not exist.
+    pub fn remove_meta_file(&self, name: &str) -> io::Result<bool> {
+        match sys::unlinkat(self.meta.fd(), name) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Opens a file of the metadata directory for appending (the daemon's
+    /// log), never through a symlink (ELOOP) and never a FIFO or device
+    /// (EINVAL). It is created with mode 0600, and an older file's mode is
+    /// narrowed to 0600.
+    pub fn open_meta_append(&self, name: &str) -> io::Result<File> {
+        let fd = sys::openat(
+            self.meta.fd(),
+            name,
+            libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT | libc::O_NONBLOCK,
+            super::fsops::FILE_MODE,
+        )?;
+        let st = sys::fstat(fd.as_fd())?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        sys::clear_nonblock(fd.as_fd())?;
+        if st.st_mode & 0o077 != 0 {
+            sys::fchmod(fd.as_fd(), super::fsops::FILE_MODE)?;
+        }
+        Ok(File::from(fd))
+    }
+
+    /// Renames a file of the metadata directory over another (log
+    /// rotation); neither name is resolved through a symlink.
+    pub fn rename_meta_file(&self, from: &str, to: &str) -> io::Result<()> {
+        sys::renameat(self.meta.fd(), from, to)
+    }
+
+    /// The owner of the pool directory (who may administer it beside root).
+    pub fn owner_uid(&self) -> io::Result<u32> {
+        Ok(sys::fstat(self.root.fd())?.st_uid)
+    }
+
+    /// The path of a file of the metadata directory, for messages.
+    pub fn meta_path(&self, name: &str) -> PathBuf {
+        self.meta.shown(name)
     }
 
     pub fn config(&self) -> &PoolConfig {
@@ -409,6 +490,26 @@ impl Pool {
         Err(Error::NoSuchVolume(vid.to_string()))
     }
 
+    /// The other volumes of `vid`'s VM (corrupt ones included), found by a
+    /// range query over the sorted ids.
+    pub(crate) fn siblings(&self, vid: &ValidVid) -> Vec<ValidVid> {
+        let (lo, hi) = ValidVid::vm_bounds(vid.class(), vid.vm());
+        let mut out: Vec<ValidVid> = self
+            .volumes
+            .read()
+            .range(lo.clone()..hi.clone())
+            .map(|(v, _)| v.clone())
+            .collect();
+        out.extend(self.corrupt.read().range(lo..hi).map(|(v, _)| v.clone()));
+        out.retain(|v| v != vid);
+        out
+    }
+
+    /// Whether another volume of the same VM owns `file`.
+    pub(crate) fn owned_by_sibling(&self, vid: &ValidVid, file: &str) -> bool {
+        self.siblings(vid).iter().any(|s| Names::of(s).owns(file))
+    }
+
     /// Every known volume id, including corrupt ones, sorted.
     pub fn vids(&self) -> Vec<ValidVid> {
         let mut v: Vec<ValidVid> = self.volumes.read().keys().cloned().collect();
@@ -506,11 +607,11 @@ impl Pool {
         {
             match parse_revision_name(vid.name(), &file) {
                 Parsed::Revision(r) => out.push(r),
-                Parsed::Malformed => log::warn!(
+                Parsed::Malformed if !self.owned_by_sibling(vid, &file) => log::warn!(
                     "{vid}: ignoring {}: it looks like a revision but its name does not parse",
                     dir.shown(&file).display()
                 ),
-                Parsed::NotOurs => {}
+                Parsed::Malformed | Parsed::NotOurs => {}
             }
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));

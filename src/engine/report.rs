@@ -19,6 +19,10 @@ use std::os::fd::AsFd;
 pub enum VolumeStateName {
     Stopped,
     Running,
+    /// Closed, but not committed: its dirty image is still open for
+    /// writing outside reflinkfs (a loop device or program that outlived a
+    /// daemon, or a mapping); it is committed once that lets go.
+    Held,
     /// A dirty image waits to be committed (a stop failed).
     Dirty,
     /// Its image is missing; its own operations fail, the pool works.
@@ -179,7 +183,9 @@ impl Pool {
         };
         let running = st.run.is_some();
         let mut problem = None;
-        let state = if running {
+        let state = if st.run.as_ref().is_some_and(|r| r.held.is_some()) {
+            VolumeStateName::Held
+        } else if running {
             VolumeStateName::Running
         } else if dirty && kind == VolumeKind::Origin {
             VolumeStateName::Dirty
@@ -440,7 +446,12 @@ impl Pool {
                     vids.iter().filter(|v| Names::of(v).owns(name)).collect();
                 // Only image-like names: Qubes keeps other files (such as
                 // firewall.xml) in VM directories, and they are no problem.
-                if owners.is_empty() && only.is_none() && name.contains(".img") {
+                // A name that looks like a revision of a volume but does
+                // not parse is reported once, as that volume's problem.
+                let malformed = vids
+                    .iter()
+                    .any(|v| matches!(parse_revision_name(v.name(), name), Parsed::Malformed));
+                if owners.is_empty() && !malformed && only.is_none() && name.contains(".img") {
                     push(
                         None,
                         dir.shown(name).display().to_string(),
@@ -454,7 +465,14 @@ impl Pool {
                 }
                 let Ok(slot) = self.slot(vid) else { continue };
                 let st = slot.lock();
-                self.check_volume(&st, &dir, &names, &mut push);
+                // A sibling's files are no problem of this volume's, however
+                // much their names look like its revisions.
+                let mine: Vec<String> = names
+                    .iter()
+                    .filter(|f| !vids.iter().any(|o| o != vid && Names::of(o).owns(f)))
+                    .cloned()
+                    .collect();
+                self.check_volume(&st, &dir, &mine, &mut push);
             }
         }
         Ok(problems)
@@ -550,7 +568,10 @@ impl Pool {
                 }
             }
         }
-        if revisions > cfg.revisions_to_keep.max(0) + 1 {
+        let allowed = self
+            .revisions_allowed(cfg, dir)
+            .map_or(cfg.revisions_to_keep.max(0) as usize + 1, |(k, _)| k);
+        if revisions as usize > allowed {
             push(
                 Some(vid),
                 dir.path().display().to_string(),

@@ -98,6 +98,34 @@ impl ValidVid {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// The stricter rule for a volume that is being made (create, clone,
+    /// adopt): its NAME may not contain `.img` anywhere. Such a name is a
+    /// valid id, and reflinkfs tells its files apart exactly, but its files
+    /// look like another volume's revisions (`p.img.7.img` beside `p`'s
+    /// `p.img.7@…`) to people, to globbing tools and to Qubes' own driver.
+    /// Volumes of older pools with such names still load and work.
+    pub fn check_new(&self) -> Result<()> {
+        if self.name.contains(".img") {
+            return Err(invalid(
+                &self.to_string(),
+                "a new volume name may not contain \".img\": its files would look like the revisions of another volume (N.img.K@…)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The first and last possible ids of one VM, for range queries over
+    /// sorted ids. Not valid ids themselves: bounds only.
+    pub(crate) fn vm_bounds(class: &str, vm: &str) -> (ValidVid, ValidVid) {
+        let mk = |name: &str| ValidVid {
+            class: class.to_owned(),
+            vm: vm.to_owned(),
+            name: name.to_owned(),
+        };
+        // Valid names are ASCII letters, digits and `_.-`, all below DEL.
+        (mk(""), mk("\u{7f}"))
+    }
 }
 
 impl FromStr for ValidVid {
@@ -180,6 +208,41 @@ mod tests {
             long.as_str(),
         ] {
             assert!(bad.parse::<ValidVid>().is_err(), "{bad} must be rejected");
+        }
+    }
+
+    #[test]
+    fn new_names_may_not_contain_img() {
+        for bad in ["appvms/vm/p.img.7", "appvms/vm/a.img-x", "appvms/vm/x.imgs"] {
+            let v: ValidVid = bad.parse().expect("a valid id");
+            assert!(v.check_new().is_err(), "{bad}");
+        }
+        for ok in ["appvms/vm/private", "appvms/vm/img", "appvms/vm/a.im.g"] {
+            let v: ValidVid = ok.parse().unwrap();
+            assert!(v.check_new().is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn vm_bounds_enclose_exactly_one_vm() {
+        let (lo, hi) = ValidVid::vm_bounds("appvms", "vm");
+        for inside in [
+            "appvms/vm/a",
+            "appvms/vm/zzz",
+            "appvms/vm/9",
+            "appvms/vm/A_b-c.d",
+        ] {
+            let v: ValidVid = inside.parse().unwrap();
+            assert!(lo < v && v < hi, "{inside}");
+        }
+        for outside in [
+            "appvms/vm-2/a",
+            "appvms/vl/a",
+            "appvms/vm0/a",
+            "appvmt/vm/a",
+        ] {
+            let v: ValidVid = outside.parse().unwrap();
+            assert!(!(lo < v && v < hi), "{outside}");
         }
     }
 

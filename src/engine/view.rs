@@ -15,6 +15,9 @@ use std::fs::File;
 pub struct VolumeView {
     pub config: VolumeConfig,
     pub running: bool,
+    /// The run is over but not committed: the dirty image is still open
+    /// for writing outside reflinkfs.
+    pub held: bool,
     /// Bumped whenever the committed image is replaced.
     pub generation: u64,
     /// The committed image, for origin volumes that have one.
@@ -42,6 +45,7 @@ impl Pool {
         };
         let config = st.config.clone();
         let running = st.run.is_some();
+        let held = st.run.as_ref().is_some_and(|r| r.held.is_some());
         drop(st);
         Ok(VolumeView {
             nominal_size: self.nominal_size(&config),
@@ -53,6 +57,7 @@ impl Pool {
             },
             dirty,
             running,
+            held,
             config,
         })
     }

@@ -5,7 +5,7 @@
 use super::inodes::{Inodes, Node, ROOT_INO};
 use crate::engine::fsops::FileSig;
 use crate::engine::view::VolumeView;
-use crate::engine::{Pool, ValidVid};
+use crate::engine::{Pool, StopOutcome, ValidVid};
 use crate::error::Error;
 use crate::sys;
 use parking_lot::Mutex;
@@ -51,12 +51,14 @@ pub struct FsOptions {
     pub read_only: bool,
 }
 
-/// One open file handle.
 /// An open backing file, shared by every handle of it.
 struct Image {
     file: File,
     /// Daemon-mode writes to the file take this lock (see `ReflinkFs::write`).
     write_lock: Mutex<()>,
+    /// A dirty image's size for this run (the engine's, shared): the
+    /// writes the daemon sees stop there.
+    limit: Option<Arc<AtomicU64>>,
 }
 
 impl Image {
@@ -64,7 +66,35 @@ impl Image {
         Arc::new(Image {
             file,
             write_lock: Mutex::new(()),
+            limit: None,
         })
+    }
+
+    fn dirty(file: File, limit: Arc<AtomicU64>) -> Arc<Self> {
+        Arc::new(Image {
+            file,
+            write_lock: Mutex::new(()),
+            limit: Some(limit),
+        })
+    }
+
+    /// How many of `len` bytes at `offset` fit before the volume's end.
+    /// A volume's size is its contract: writes the daemon sees never grow
+    /// it. Like a write against a file size limit (RLIMIT_FSIZE), a write
+    /// that starts inside is cut short at the end, and one that starts at
+    /// or past the end fails with EFBIG ("file too large").
+    fn room(&self, offset: u64, len: u64) -> FsResult<u64> {
+        let Some(limit) = &self.limit else {
+            return Ok(len);
+        };
+        let end = limit.load(Ordering::SeqCst);
+        if len > 0 && offset >= end {
+            log::warn!(
+                "refused a write of {len} bytes at {offset}: the volume ends at {end} (EFBIG); resize it to grow it"
+            );
+            return Err(libc::EFBIG);
+        }
+        Ok(len.min(end.saturating_sub(offset)))
     }
 }
 
@@ -76,6 +106,7 @@ impl std::ops::Deref for Image {
     }
 }
 
+/// One open file handle.
 struct Handle {
     node: Node,
     file: Arc<Image>,
@@ -134,6 +165,18 @@ pub struct ReflinkFs {
 fn refuse(what: &str, instead: &str) -> Errno {
     log::warn!("refused {what}: use `{instead}` instead");
     libc::EPERM
+}
+
+/// The errno of an open whose start failed. EIO for all but the few
+/// errors a caller can act on: EROFS, which some errors map to elsewhere,
+/// would say the volume is read-only when it is not. The reason is logged.
+fn start_errno(vid: &ValidVid, e: &Error) -> Errno {
+    let errno = match e.errno() {
+        e @ (libc::EBUSY | libc::ENOSPC | libc::EDQUOT | libc::ENOENT) => e,
+        _ => libc::EIO,
+    };
+    log::error!("{vid}: cannot start: {e}");
+    errno
 }
 
 /// The errno of an engine error, logged at the level it deserves.
@@ -493,11 +536,8 @@ impl ReflinkFs {
                 if st.opens == 0 {
                     // The first open starts the volume; a commit of the
                     // previous run finished before this lock was free.
-                    let file = Image::new(
-                        self.pool
-                            .start(vid)
-                            .map_err(|e| errno_of(&format!("start of {vid}"), &e))?,
-                    );
+                    let run = self.pool.start_run(vid).map_err(|e| start_errno(vid, &e))?;
+                    let file = Image::dirty(run.file, run.limit);
                     st.backing = None;
                     if self.passthrough() {
                         match register(&file) {
@@ -587,6 +627,9 @@ impl ReflinkFs {
                 let stopped = self.pool.stop(vid);
                 self.committing.lock().remove(vid);
                 match stopped {
+                    // The engine said at WARN what holds it; the watcher
+                    // (`retry_held`) commits it once that lets go.
+                    Ok(StopOutcome::Held { .. }) => {}
                     Ok(outcome) => log::info!("{vid}: last close: {outcome:?}"),
                     Err(e) => log::error!("{vid}: stop at the last close failed: {e}; the dirty image is kept and will be committed at the next start or pool open"),
                 }
@@ -657,6 +700,8 @@ impl ReflinkFs {
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
         let file = self.handle_file(fh, true)?;
+        let n = file.room(offset, data.len() as u64)? as usize;
+        let data = &data[..n];
         let _one_at_a_time = file.write_lock.lock();
         crate::engine::fsops::write_all_at(&file, data, offset)
             .map_err(|e| io_errno("write", e))?;
@@ -664,6 +709,19 @@ impl ReflinkFs {
             .write_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         Ok(data.len() as u32)
+    }
+
+    /// Commits the volumes whose stop found their dirty image still open
+    /// for writing outside reflinkfs, once that has let go. The daemon
+    /// calls it every second.
+    pub fn retry_held(&self) {
+        for vid in self.pool.held_vids() {
+            match self.pool.stop(&vid) {
+                Ok(StopOutcome::Held { .. }) => {}
+                Ok(outcome) => log::info!("{vid}: committed once its outside writer let go: {outcome:?}"),
+                Err(e) => log::error!("{vid}: stop after its outside writer let go failed: {e}; the dirty image is kept and will be committed at the next start or pool open"),
+            }
+        }
     }
 
     /// fsync goes to the backing file: never a silent success.
@@ -692,6 +750,18 @@ impl ReflinkFs {
             return Err(libc::EROFS);
         }
         let file = self.handle_file(fh, true)?;
+        if mode & (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) != 0 {
+            // Both move data and change the size; a volume's size changes
+            // only by a resize.
+            log::warn!("refused fallocate mode {mode:#x}: it changes the volume's size (use `reflinkfs volume resize`)");
+            return Err(libc::EOPNOTSUPP);
+        }
+        if mode & libc::FALLOC_FL_KEEP_SIZE == 0 && file.room(offset, length)? < length {
+            log::warn!(
+                "refused fallocate of {length} bytes at {offset}: it would grow the volume past its end (EFBIG)"
+            );
+            return Err(libc::EFBIG);
+        }
         sys::fallocate(file.as_fd(), mode, offset, length).map_err(|e| io_errno("fallocate", e))
     }
 
@@ -710,7 +780,7 @@ impl ReflinkFs {
     ) -> FsResult<u32> {
         let src = self.handle_file(fh_in, false)?;
         let dst = self.handle_file(fh_out, true)?;
-        let len = len.min(u32::MAX as u64 & !0xfff) as usize;
+        let len = dst.room(off_out, len.min(u32::MAX as u64 & !0xfff))? as usize;
         sys::copy_file_range(src.as_fd(), off_in, dst.as_fd(), off_out, len)
             .map(|n| n as u32)
             .map_err(|e| io_errno("copy_file_range", e))
@@ -849,10 +919,12 @@ impl ReflinkFs {
                 let c = &view.config;
                 put("vid", vid.to_string());
                 put("type", c.kind().as_str().to_owned());
-                put(
-                    "state",
-                    if view.running { "running" } else { "stopped" }.to_owned(),
-                );
+                let state = match (view.running, view.held) {
+                    (true, true) => "held",
+                    (true, false) => "running",
+                    _ => "stopped",
+                };
+                put("state", state.to_owned());
                 put("size", view.nominal_size.to_string());
                 put("rw", c.rw.to_string());
                 put("revisions_to_keep", c.revisions_to_keep.to_string());
@@ -891,7 +963,10 @@ impl ReflinkFs {
                 st.opens = 0;
                 st.backing = None;
                 st.file = None;
-                match self.pool.stop(&vid) {
+                match self
+                    .pool
+                    .stop_within(&vid, std::time::Duration::from_secs(2))
+                {
                     Ok(o) => log::info!("{vid}: stopped at unmount: {o:?}"),
                     Err(e) => {
                         log::error!("{vid}: stop at unmount failed: {e}; recovery will commit it")

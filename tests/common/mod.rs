@@ -100,6 +100,20 @@ pub fn small_filesystems() -> Vec<TestFs> {
     }
 }
 
+/// Whether the build has failpoints (`--features failpoints`, which
+/// scripts/test passes). In CI a build without them is a failure.
+pub fn require_failpoints() -> bool {
+    if reflinkfs::engine::failpoint::ENABLED {
+        return true;
+    }
+    assert!(
+        !in_ci(),
+        "CI=true but this build has no failpoints: build and test with --features failpoints (scripts/test does)"
+    );
+    eprintln!("SKIPPING (not in CI): this build has no failpoints; run with --features failpoints");
+    false
+}
+
 pub fn init_logging() {
     let _ = env_logger::builder()
         .is_test(true)
