@@ -42,6 +42,9 @@ pub enum Error {
     #[error("volume {vid}: {reason}")]
     Refused { vid: String, reason: String },
 
+    #[error("volume {vid} is read-only (rw=false); it cannot be opened for writing")]
+    ReadOnly { vid: String },
+
     #[error("volume {vid}: image {path} is missing")]
     MissingImage { vid: String, path: PathBuf },
 
@@ -206,7 +209,7 @@ impl Error {
             | Error::NotAPool { .. }
             | Error::NotAMount { .. } => ErrorClass::NotFound,
             Error::Busy { .. } | Error::PoolLocked { .. } => ErrorClass::Busy,
-            Error::Refused { .. } => ErrorClass::Refused,
+            Error::Refused { .. } | Error::ReadOnly { .. } => ErrorClass::Refused,
             Error::NoSpace { .. } => ErrorClass::NoSpace,
             Error::CorruptMetadata { .. } | Error::NotRegular { .. } => ErrorClass::Corrupt,
             Error::ReflinkUnsupported { .. } => ErrorClass::Unsupported,
@@ -236,7 +239,7 @@ impl Error {
             Error::MissingImage { .. } => libc::ENOENT,
             Error::Busy { .. } | Error::PoolLocked { .. } => libc::EBUSY,
             // Refusals are about write access (rw=false, read-only pool).
-            Error::Refused { .. } => libc::EROFS,
+            Error::Refused { .. } | Error::ReadOnly { .. } => libc::EROFS,
             Error::NoSpace { source, .. } => source.raw_os_error().unwrap_or(libc::ENOSPC),
             // A planted symlink is what ELOOP means for O_NOFOLLOW.
             Error::NotRegular { .. } => libc::ELOOP,

@@ -682,6 +682,29 @@ pub fn path_in_dir_fd(dir: BorrowedFd<'_>, name: &str) -> std::path::PathBuf {
     std::path::PathBuf::from(format!("/proc/self/fd/{}/{name}", dir.as_raw_fd()))
 }
 
+/// 64 random bits from the kernel (`getrandom`), for ids that must not
+/// repeat across a pool's life.
+pub fn random_u64() -> u64 {
+    let mut buf = [0u8; 8];
+    let mut got = 0;
+    while got < buf.len() {
+        // SAFETY: the pointer and length describe the unfilled tail of a
+        // buffer we own; getrandom writes at most that many bytes.
+        let n = unsafe { libc::getrandom(buf[got..].as_mut_ptr().cast(), buf.len() - got, 0) };
+        if n > 0 {
+            got += n as usize;
+        } else if io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            // getrandom only fails before the entropy pool is ready, long
+            // before a pool is used; fall back to the clock.
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            return t ^ u64::from(std::process::id()) << 32;
+        }
+    }
+    u64::from_ne_bytes(buf)
+}
+
 /// The real user id of the process.
 pub fn getuid() -> u32 {
     // SAFETY: getuid cannot fail.

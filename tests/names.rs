@@ -165,6 +165,7 @@ fn plant_origin(pool_path: &Path, v: &ValidVid, tag: u8) {
         generation: 0,
         kept_by_revert: None,
         dirty_size: None,
+        incarnation: 0,
     };
     let meta = pool_path
         .join(".reflinkfs/volumes")

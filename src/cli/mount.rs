@@ -368,6 +368,7 @@ fn serve(
         FsOptions {
             passthrough: opts.passthrough,
             read_only: opts.read_only,
+            committers: 2,
         },
     ));
     let mut mount_options = vec![
@@ -507,11 +508,15 @@ impl crate::control::Daemon for DaemonState {
             .into_iter()
             .map(|(vid, n)| serde_json::json!({ "vid": vid.to_string(), "open_handles": n }))
             .collect();
-        let commits: Vec<String> = self
-            .fs
-            .commits_in_flight()
+        let busy = self.fs.busy_volumes();
+        let commits: Vec<String> = busy
             .iter()
-            .map(|v| v.to_string())
+            .filter(|(_, st)| *st == "committing")
+            .map(|(v, _)| v.to_string())
+            .collect();
+        let busy: Vec<serde_json::Value> = busy
+            .iter()
+            .map(|(v, st)| serde_json::json!({ "vid": v.to_string(), "state": st }))
             .collect();
         let held: Vec<String> = self
             .fs
@@ -532,6 +537,7 @@ impl crate::control::Daemon for DaemonState {
             "uptime_seconds": self.started.elapsed().as_secs(),
             "running": running,
             "commits_in_flight": commits,
+            "busy": busy,
         })
     }
 

@@ -230,13 +230,18 @@ pub fn status(v: &serde_json::Value) -> String {
             r["open_handles"]
         ));
     }
-    let commits = v["commits_in_flight"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    s.push_str(&format!("committing:  {}\n", commits.len()));
-    for c in commits {
-        s.push_str(&format!("  {}\n", c.as_str().unwrap_or("?")));
+    let busy = v["busy"].as_array().cloned().unwrap_or_default();
+    let busy: Vec<_> = busy.iter().filter(|b| b["state"] != "held").collect();
+    s.push_str(&format!(
+        "busy:        {} (a start, commit or operation in progress)\n",
+        busy.len()
+    ));
+    for b in busy {
+        s.push_str(&format!(
+            "  {}  ({})\n",
+            b["vid"].as_str().unwrap_or("?"),
+            b["state"].as_str().unwrap_or("?")
+        ));
     }
     let held = v["held"].as_array().cloned().unwrap_or_default();
     s.push_str(&format!(

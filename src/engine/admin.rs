@@ -5,13 +5,13 @@ use super::config::{check_pool_constraints, VolumeConfig, VolumeKind, FORMAT_VER
 use super::failpoint;
 use super::fsops::{copy_into, write_all_at, CopyKind, CopyStrategy, Dir};
 use super::lifecycle::{io_ctx, open_image, regular_entry};
-use super::pool::{Names, Pool, VolumeState};
+use super::pool::{Names, Pool};
 use super::revision::Revision;
 use super::size::check_size;
 use super::vid::ValidVid;
+use super::volume::{Claim, Life, OpName, Volume};
 use crate::error::{Error, Result};
 use crate::sys;
-use parking_lot::Mutex;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
@@ -128,24 +128,25 @@ fn refused(vid: &ValidVid, reason: impl Into<String>) -> Error {
 }
 
 impl Pool {
-    /// Refuses when the volume runs, or when it has a dirty image waiting
-    /// to be committed (a stop that failed).
-    fn check_stopped_and_clean(
-        &self,
-        st: &VolumeState,
-        dir: Option<&Dir>,
-        what: &str,
-    ) -> Result<()> {
-        let vid = &st.config.vid;
-        if let Some(run) = &st.run {
-            return Err(busy(
-                vid,
-                match &run.held {
-                    Some(h) => super::lifecycle::held_reason(h),
-                    None => format!("it is running; stop it before {what}"),
-                },
-            ));
-        }
+    /// Claims a volume for `op` once it is settled, refusing while it runs
+    /// (or is held).
+    fn claim_stopped(&self, vid: &ValidVid, op: OpName, what: &str) -> Result<Claim> {
+        self.volume(vid)?
+            .claim(op, |life| not_running(vid, life, what))
+    }
+
+    /// Claims a volume for `op` once it is settled, running or not.
+    fn claim_any(&self, vid: &ValidVid, op: OpName) -> Result<Claim> {
+        self.volume(vid)?
+            .claim(op, |life| match life.run().and_then(|r| r.held.as_ref()) {
+                Some(h) => Err(busy(vid, super::lifecycle::held_reason(h))),
+                None => Ok(()),
+            })
+    }
+
+    /// Refuses when the volume has a dirty image waiting to be committed
+    /// (a stop that failed).
+    fn check_clean(&self, vid: &ValidVid, dir: Option<&Dir>, what: &str) -> Result<()> {
         if let Some(dir) = dir {
             if regular_entry(dir, vid, &Names::of(vid).dirty())?.is_some() {
                 return Err(busy(
@@ -207,27 +208,20 @@ impl Pool {
             generation: 0,
             kept_by_revert: None,
             dirty_size: None,
+            incarnation: crate::sys::random_u64(),
         };
         config.validate(&self.config).map_err(|r| refused(vid, r))?;
 
-        let volumes = self.volumes.read();
-        if volumes.contains_key(vid) || self.corrupt.read().contains_key(vid) {
-            return Err(Error::VolumeExists(vid.to_string()));
-        }
         if let Some(src) = &source {
-            if !volumes.contains_key(src) {
+            if !self.volumes.read().contains_key(src) {
                 return Err(Error::NoSuchVolume(format!("{src} (the source of {vid})")));
             }
-        }
-        drop(volumes);
-        if source.is_some() {
             // The chain must end at an origin volume.
             self.resolve_source(&config)?;
         }
-        let mut volumes = self.volumes.write();
-        if volumes.contains_key(vid) {
-            return Err(Error::VolumeExists(vid.to_string()));
-        }
+        // The id is reserved while the files are made (a clone's copy takes
+        // as long as it takes), without holding the map of volumes.
+        let _reserved = self.reserve_new(vid)?;
 
         let dir = self.vm_dir(vid, true)?;
         let n = Names::of(vid);
@@ -262,17 +256,15 @@ impl Pool {
             let mut config = config;
             config.size = config_size;
             self.store_volume(&config)?;
-            volumes.insert(
-                vid.clone(),
-                Arc::new(Mutex::new(VolumeState { config, run: None })),
-            );
+            self.volumes
+                .write()
+                .insert(vid.clone(), Volume::new(config));
         } else {
             dir.sync().map_err(io_ctx(&dir, "syncing", ""))?;
             self.store_volume(&config)?;
-            volumes.insert(
-                vid.clone(),
-                Arc::new(Mutex::new(VolumeState { config, run: None })),
-            );
+            self.volumes
+                .write()
+                .insert(vid.clone(), Volume::new(config));
         }
         log::info!("{vid}: created ({}, {size} bytes)", kind.as_str());
         Ok(())
@@ -286,9 +278,9 @@ impl Pool {
         let others: Vec<_> = self.volumes.read().values().cloned().collect();
         let dependants: Vec<String> = others
             .iter()
-            .filter_map(|s| {
-                let s = s.lock();
-                (s.config.source.as_ref() == Some(vid)).then(|| s.config.vid.to_string())
+            .filter_map(|v| {
+                let c = v.config();
+                (c.source.as_ref() == Some(vid)).then(|| c.vid.to_string())
             })
             .collect();
         if !dependants.is_empty() {
@@ -300,11 +292,7 @@ impl Pool {
                 ),
             ));
         }
-        let slot = self.slot(vid)?;
-        let st = slot.lock();
-        if st.run.is_some() {
-            return Err(busy(vid, "it is running; stop it before removing it"));
-        }
+        let claim = self.claim_stopped(vid, OpName::Remove, "removing it")?;
         let v = vid.to_string();
         let n = Names::of(vid);
         if let Some(dir) = self.vm_dir_if_exists(vid)? {
@@ -322,7 +310,9 @@ impl Pool {
             .map_err(io_ctx(&mdir, "removing", &file))?;
         mdir.sync().map_err(io_ctx(&mdir, "syncing", ""))?;
         self.remove_dir_if_empty(vid.class(), vid.vm(), true);
-        drop(st);
+        // Marked removed before it leaves the map: an open or operation
+        // waiting on it fails cleanly, and nothing it made is orphaned.
+        claim.finish_removed();
         self.volumes.write().remove(vid);
         log::info!("{vid}: removed");
         Ok(())
@@ -349,9 +339,9 @@ impl Pool {
     /// Resizes a volume (SPEC §5).
     pub fn resize(&self, vid: &ValidVid, size: u64, allow_shrink: bool) -> Result<ResizeOutcome> {
         let size = check_size(size, &size.to_string())?;
-        let slot = self.slot(vid)?;
-        let mut st = slot.lock();
-        if !st.config.rw {
+        let claim = self.claim_any(vid, OpName::Resize)?;
+        let cfg = claim.config();
+        if !cfg.rw {
             return Err(refused(
                 vid,
                 "it is read-only (rw=false); resizing is refused",
@@ -360,11 +350,9 @@ impl Pool {
         let n = Names::of(vid);
         let v = vid.to_string();
         let dir = self.vm_dir(vid, true)?;
-        let kind = st.config.kind();
-        if let Some(h) = st.run.as_ref().and_then(|r| r.held.as_ref()) {
-            return Err(busy(vid, super::lifecycle::held_reason(h)));
-        }
-        let current = if st.run.is_some() {
+        let kind = cfg.kind();
+        let running = claim.lock().run().map(|r| r.limit.clone());
+        let current = if running.is_some() {
             regular_entry(&dir, vid, &n.dirty())?
                 .ok_or_else(|| Error::MissingImage {
                     vid: v.clone(),
@@ -372,8 +360,8 @@ impl Pool {
                 })?
                 .size
         } else {
-            self.check_stopped_and_clean(&st, Some(&dir), "resizing it")?;
-            self.nominal_size(&st.config)
+            self.check_clean(vid, Some(&dir), "resizing it")?;
+            self.nominal_size(&cfg)
         };
         if size == current {
             return Ok(ResizeOutcome::Unchanged);
@@ -384,7 +372,7 @@ impl Pool {
                 format!("shrinking from {current} to {size} bytes loses data; give --allow-shrink to do it anyway"),
             ));
         }
-        if st.run.is_some() {
+        if let Some(limit) = running {
             let f = open_image(&dir, vid, &n.dirty(), libc::O_RDWR)?;
             sys::ftruncate(f.as_fd(), size).map_err(io_ctx(&dir, "resizing", &n.dirty()))?;
             sys::fsync(f.as_fd()).map_err(io_ctx(&dir, "syncing", &n.dirty()))?;
@@ -392,33 +380,28 @@ impl Pool {
                 "{vid}: resized the running image {} from {current} to {size} bytes",
                 dir.shown(&n.dirty()).display()
             );
-            if let Some(run) = &st.run {
-                run.limit.store(size, std::sync::atomic::Ordering::SeqCst);
-            }
+            limit.store(size, std::sync::atomic::Ordering::SeqCst);
             match kind {
                 VolumeKind::Volatile => {
-                    let mut cfg = st.config.clone();
-                    cfg.size = size;
-                    self.store_volume(&cfg)?;
-                    st.config = cfg;
+                    let mut new = (*cfg).clone();
+                    new.size = size;
+                    self.set_config(&claim, new)?;
                 }
                 VolumeKind::Origin => {
                     // The commit makes it the volume's size; stored now for
                     // recovery (see `VolumeConfig::dirty_size`).
-                    let mut cfg = st.config.clone();
-                    cfg.dirty_size = Some(size);
-                    self.store_volume(&cfg)?;
-                    st.config = cfg;
+                    let mut new = (*cfg).clone();
+                    new.dirty_size = Some(size);
+                    self.set_config(&claim, new)?;
                 }
                 VolumeKind::Snapshot => {}
             }
             return Ok(ResizeOutcome::Running);
         }
         if kind != VolumeKind::Origin {
-            let mut cfg = st.config.clone();
-            cfg.size = size;
-            self.store_volume(&cfg)?;
-            st.config = cfg;
+            let mut new = (*cfg).clone();
+            new.size = size;
+            self.set_config(&claim, new)?;
             log::info!("{vid}: nominal size changed from {current} to {size} bytes");
             return Ok(ResizeOutcome::Nominal);
         }
@@ -438,17 +421,21 @@ impl Pool {
             return Err(e);
         }
         failpoint::hit("resize.truncated");
-        let mut cfg = st.config.clone();
-        cfg.size = size;
-        cfg.generation += 1;
-        if let Err(e) = self.store_volume(&cfg) {
+        let mut new = (*cfg).clone();
+        new.size = size;
+        new.generation += 1;
+        if let Err(e) = self.store_volume(&new) {
             let _ = dir.remove(&v, &tmp);
             return Err(e);
         }
-        st.config = cfg;
         failpoint::hit("resize.config");
-        dir.rename(&v, &tmp, &n.img())
-            .map_err(io_ctx(&dir, "renaming", &tmp))?;
+        {
+            // The image and its generation change together for readers.
+            let mut life = claim.lock();
+            dir.rename(&v, &tmp, &n.img())
+                .map_err(io_ctx(&dir, "renaming", &tmp))?;
+            life.config = Arc::new(new);
+        }
         failpoint::hit("resize.renamed");
         dir.sync().map_err(io_ctx(&dir, "syncing", ""))?;
         log::info!("{vid}: resized from {current} to {size} bytes");
@@ -463,8 +450,8 @@ impl Pool {
                 let src = self
                     .resolve_source(cfg)
                     .ok()
-                    .and_then(|s| self.slot(&s).ok())
-                    .map(|s| s.lock().config.size)
+                    .and_then(|s| self.volume(&s).ok())
+                    .map(|v| v.config().size)
                     .unwrap_or(0);
                 src.max(cfg.size)
             }
@@ -477,20 +464,20 @@ impl Pool {
     /// `which` stays in the list. Returns the K the current image was
     /// saved as.
     pub fn revert(&self, vid: &ValidVid, which: Option<&str>) -> Result<Option<u64>> {
-        let slot = self.slot(vid)?;
-        let mut st = slot.lock();
+        let claim = self.claim_stopped(vid, OpName::Revert, "reverting it")?;
+        let cfg = claim.config();
         let dir = self.vm_dir(vid, true)?;
-        self.check_stopped_and_clean(&st, Some(&dir), "reverting it")?;
-        if st.config.kind() != VolumeKind::Origin {
+        self.check_clean(vid, Some(&dir), "reverting it")?;
+        if cfg.kind() != VolumeKind::Origin {
             return Err(refused(
                 vid,
                 format!(
                     "a {} volume has no revisions to revert to",
-                    st.config.kind().as_str()
+                    cfg.kind().as_str()
                 ),
             ));
         }
-        if st.config.revisions_to_keep == -1 {
+        if cfg.revisions_to_keep == -1 {
             return Err(refused(
                 vid,
                 "snapshots are disabled (revisions_to_keep=-1), so there is nothing to revert to",
@@ -513,24 +500,31 @@ impl Pool {
             .map_err(io_ctx(&dir, "copying to", &tmp))?;
         failpoint::hit("revert.copied");
         let saved = self
-            .replace_committed(&mut st, &dir, &f, &tmp, "revert", Some(&rev.file_name))
+            .replace_committed(
+                &claim.volume,
+                &dir,
+                &f,
+                &tmp,
+                "revert",
+                Some(&rev.file_name),
+            )
             .inspect_err(|_| {
                 let _ = dir.remove(&v, &tmp);
             })?;
         // The revision gone back to stays beyond revisions_to_keep until the
         // next commit, so the revert can be undone; the one just saved is
         // the newest, so it stays too.
-        self.prune_revisions(&st.config, &dir)?;
+        self.prune_revisions(&claim.config(), &dir)?;
         log::info!("{vid}: reverted to revision {}", rev.id);
         Ok(saved)
     }
 
     /// Sets a property (SPEC §5). Lowering `revisions_to_keep` prunes at once.
     pub fn set(&self, vid: &ValidVid, prop: Property) -> Result<()> {
-        let slot = self.slot(vid)?;
-        let mut st = slot.lock();
-        let mut cfg = st.config.clone();
-        let running = st.run.is_some();
+        let claim = self.volume(vid)?.claim(OpName::Set, |_| Ok(()))?;
+        let old = claim.config();
+        let mut cfg = (*old).clone();
+        let running = claim.lock().run().is_some();
         match prop {
             Property::Rw(rw) => {
                 if running {
@@ -557,14 +551,13 @@ impl Pool {
         }
         check_pool_constraints(&self.config, cfg.rw, cfg.revisions_to_keep)
             .map_err(|r| refused(vid, r))?;
-        let lowered = cfg.revisions_to_keep < st.config.revisions_to_keep;
-        self.store_volume(&cfg)?;
-        st.config = cfg;
+        let lowered = cfg.revisions_to_keep < old.revisions_to_keep;
+        self.set_config(&claim, cfg.clone())?;
         failpoint::hit("set.stored");
         log::info!("{vid}: set {prop:?}");
         if lowered {
             if let Some(dir) = self.vm_dir_if_exists(vid)? {
-                self.prune_revisions(&st.config, &dir)?;
+                self.prune_revisions(&cfg, &dir)?;
             }
         }
         Ok(())
@@ -576,20 +569,23 @@ impl Pool {
     /// file on the pool's filesystem is imported by reflink. Returns the K
     /// the previous image was saved as.
     pub fn import(&self, vid: &ValidVid, source: &File, size: Option<u64>) -> Result<Option<u64>> {
-        let slot = self.slot(vid)?;
-        let mut st = slot.lock();
+        // Claimed as an unbounded operation: while it reads its source, a
+        // start or another operation on this volume is refused at once, and
+        // nothing else in the pool waits for it.
+        let claim = self.claim_stopped(vid, OpName::Import, "importing into it")?;
+        let cfg = claim.config();
         let dir = self.vm_dir(vid, true)?;
-        self.check_stopped_and_clean(&st, Some(&dir), "importing into it")?;
-        if st.config.kind() != VolumeKind::Origin {
+        self.check_clean(vid, Some(&dir), "importing into it")?;
+        if cfg.kind() != VolumeKind::Origin {
             return Err(refused(
                 vid,
                 format!(
                     "data can only be imported into an origin volume, not a {} one",
-                    st.config.kind().as_str()
+                    cfg.kind().as_str()
                 ),
             ));
         }
-        if !st.config.rw {
+        if !cfg.rw {
             return Err(refused(
                 vid,
                 "it is read-only (rw=false); importing is refused",
@@ -597,7 +593,7 @@ impl Pool {
         }
         let size = match size {
             Some(s) => check_size(s, &s.to_string())?,
-            None => st.config.size,
+            None => cfg.size,
         };
         let v = vid.to_string();
         let n = Names::of(vid);
@@ -632,7 +628,7 @@ impl Pool {
             kind.as_str()
         );
         failpoint::hit("import.copied");
-        self.replace_committed(&mut st, &dir, &f, &tmp, "import", None)
+        self.replace_committed(&claim.volume, &dir, &f, &tmp, "import", None)
             .inspect_err(|_| {
                 let _ = dir.remove(&v, &tmp);
             })
@@ -647,9 +643,11 @@ impl Pool {
         vid: &ValidVid,
         revision: Option<&str>,
     ) -> Result<(File, PathBuf)> {
-        let slot = self.slot(vid)?;
-        let st = slot.lock();
-        match (st.config.kind(), revision) {
+        // No claim: an export reads a committed image or a revision, which
+        // never change, so it waits for nothing and holds nothing up.
+        let vol = self.volume(vid)?;
+        let cfg = vol.config();
+        match (cfg.kind(), revision) {
             (VolumeKind::Volatile, _) => {
                 Err(refused(vid, "a volatile volume has no committed data"))
             }
@@ -657,27 +655,28 @@ impl Pool {
                 Err(refused(vid, "a snapshot volume has no revisions"))
             }
             (VolumeKind::Snapshot, None) => {
-                let cfg = st.config.clone();
-                drop(st);
                 let (origin, _, dir, file) = self.open_source_image(vid, &cfg)?;
                 Ok((file, dir.shown(&Names::of(&origin).img())))
             }
-            (VolumeKind::Origin, which) => {
+            (VolumeKind::Origin, Some(w)) => {
                 let dir = self.vm_dir(vid, false)?;
-                let name = match which {
-                    None => {
-                        if st.run.is_some() && st.config.revisions_to_keep == -1 {
-                            return Err(busy(vid, "it runs with revisions_to_keep=-1, so it has no committed image now"));
-                        }
-                        Names::of(vid).img()
-                    }
-                    Some(w) => {
-                        let revs = self.list_revisions(vid, Some(&dir))?;
-                        pick_revision(vid, &revs, Some(w))?.file_name.clone()
-                    }
-                };
+                let revs = self.list_revisions(vid, Some(&dir))?;
+                let name = pick_revision(vid, &revs, Some(w))?.file_name.clone();
                 let f = open_image(&dir, vid, &name, libc::O_RDONLY)?;
                 Ok((f, dir.shown(&name)))
+            }
+            (VolumeKind::Origin, None) => {
+                let life = vol.lock();
+                if life.run().is_some() && life.config.revisions_to_keep == -1 {
+                    return Err(busy(
+                        vid,
+                        "it runs with revisions_to_keep=-1, so it has no committed image now",
+                    ));
+                }
+                drop(life);
+                let (f, _) = self.open_committed(vid)?;
+                let dir = self.vm_dir(vid, false)?;
+                Ok((f, dir.shown(&Names::of(vid).img())))
             }
         }
     }
@@ -717,7 +716,7 @@ impl Pool {
             return Err(refused(dst, "a volume cannot be cloned onto itself"));
         }
         let (file, shown) = self.open_export_source(src, None)?;
-        let src_rw = self.slot(src)?.lock().config.rw;
+        let src_rw = self.volume(src)?.config().rw;
         let exists =
             dst_pool.volumes.read().contains_key(dst) || dst_pool.corrupt.read().contains_key(dst);
         if !exists {
@@ -732,20 +731,20 @@ impl Pool {
             log::info!("{dst}: cloned from {src}");
             return Ok(());
         }
-        let slot = dst_pool.slot(dst)?;
-        let mut st = slot.lock();
+        let claim = dst_pool.claim_stopped(dst, OpName::Clone, "cloning into it")?;
+        let cfg = claim.config();
         let dir = dst_pool.vm_dir(dst, true)?;
-        dst_pool.check_stopped_and_clean(&st, Some(&dir), "cloning into it")?;
-        if st.config.kind() != VolumeKind::Origin {
+        dst_pool.check_clean(dst, Some(&dir), "cloning into it")?;
+        if cfg.kind() != VolumeKind::Origin {
             return Err(refused(
                 dst,
                 format!(
                     "a clone can only go into an origin volume, not a {} one",
-                    st.config.kind().as_str()
+                    cfg.kind().as_str()
                 ),
             ));
         }
-        if !st.config.rw {
+        if !cfg.rw {
             return Err(refused(
                 dst,
                 "it is read-only (rw=false); cloning into it is refused",
@@ -760,7 +759,7 @@ impl Pool {
             .map_err(io_ctx(&dir, "copying to", &tmp))?;
         failpoint::hit("clone.copied");
         dst_pool
-            .replace_committed(&mut st, &dir, &f, &tmp, "clone", None)
+            .replace_committed(&claim.volume, &dir, &f, &tmp, "clone", None)
             .inspect_err(|_| {
                 let _ = dir.remove(&v, &tmp);
             })?;
@@ -770,15 +769,14 @@ impl Pool {
 
     /// The revisions of a volume, oldest first.
     pub fn revisions(&self, vid: &ValidVid) -> Result<Vec<Revision>> {
-        self.slot(vid)?;
+        self.volume(vid)?;
         let dir = self.vm_dir_if_exists(vid)?;
         self.list_revisions(vid, dir.as_ref())
     }
 
     /// Deletes one revision (the FUSE layer's unlink of a revision).
     pub fn remove_revision(&self, vid: &ValidVid, which: &str) -> Result<()> {
-        let slot = self.slot(vid)?;
-        let _st = slot.lock();
+        let _claim = self.claim_any(vid, OpName::RemoveRevision)?;
         let dir = self.vm_dir(vid, false)?;
         let revs = self.list_revisions(vid, Some(&dir))?;
         let rev = pick_revision(vid, &revs, Some(which))?;
@@ -786,6 +784,58 @@ impl Pool {
             .map_err(io_ctx(&dir, "removing", &rev.file_name))?;
         dir.sync().map_err(io_ctx(&dir, "syncing", ""))?;
         Ok(())
+    }
+}
+
+impl Pool {
+    /// Stores a claimed volume's new config, then shows it to readers.
+    fn set_config(&self, claim: &Claim, cfg: VolumeConfig) -> Result<()> {
+        self.store_volume(&cfg)?;
+        claim.lock().config = Arc::new(cfg);
+        Ok(())
+    }
+
+    /// Reserves the id of a volume being created, refusing one that exists
+    /// or is being created; the reservation ends when the guard drops.
+    fn reserve_new<'a>(&'a self, vid: &ValidVid) -> Result<Reserved<'a>> {
+        let mut creating = self.creating.lock();
+        if self.volumes.read().contains_key(vid)
+            || self.corrupt.read().contains_key(vid)
+            || creating.contains(vid)
+        {
+            return Err(Error::VolumeExists(vid.to_string()));
+        }
+        creating.insert(vid.clone());
+        Ok(Reserved {
+            pool: self,
+            vid: vid.clone(),
+        })
+    }
+}
+
+/// An id reserved by [`Pool::reserve_new`].
+struct Reserved<'a> {
+    pool: &'a Pool,
+    vid: ValidVid,
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        self.pool.creating.lock().remove(&self.vid);
+    }
+}
+
+/// Refuses an operation on a running (or held) volume.
+fn not_running(vid: &ValidVid, life: &Life, what: &str) -> Result<()> {
+    match life.run() {
+        Some(run) => Err(busy(
+            vid,
+            match &run.held {
+                Some(h) => super::lifecycle::held_reason(h),
+                None => format!("it is running; stop it before {what}"),
+            },
+        )),
+        None => Ok(()),
     }
 }
 

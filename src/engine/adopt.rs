@@ -1414,6 +1414,7 @@ fn finish_configs(
                 generation: 0,
                 kept_by_revert: None,
                 dirty_size: None,
+                incarnation: crate::sys::random_u64(),
             };
             if let Err(reason) = cfg.validate(pool) {
                 not_adopted(report, vid, reason);
@@ -1992,10 +1993,10 @@ pub fn adopt(path: &Path, opts: &AdoptOptions) -> Result<AdoptReport> {
         let Ok(vid) = v.vid.parse::<ValidVid>() else {
             continue;
         };
-        if let Ok(slot) = pool.slot(&vid) {
-            let st = slot.lock();
-            v.size = pool.nominal_size(&st.config);
-            v.next_revision = st.config.next_revision;
+        if let Ok(vol) = pool.volume(&vid) {
+            let c = vol.config();
+            v.size = pool.nominal_size(&c);
+            v.next_revision = c.next_revision;
         }
         if let Ok(revs) = pool.revisions(&vid) {
             v.revisions = revs;

@@ -96,6 +96,15 @@ pub struct VolumeConfig {
     /// between the resize and the commit never cuts off the grown part.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dirty_size: Option<u64>,
+    /// A random number drawn when the volume was made: a volume removed
+    /// and made again under the same id is a different volume (the mount
+    /// gives its files new inode numbers). 0 in configs of older builds.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub incarnation: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl VolumeConfig {
@@ -239,6 +248,7 @@ mod tests {
             generation: 0,
             kept_by_revert: None,
             dirty_size: None,
+            incarnation: 0,
         }
     }
 

@@ -82,6 +82,20 @@ pub fn hit(name: &str) {
     }
 }
 
+/// Panics when `name` is the armed failpoint and `subject` (what the
+/// request is about) mentions "panic": a test arms it and touches a volume
+/// named so, and every other request goes on as usual. Only in a build with
+/// failpoints.
+pub fn panic_if(name: &str, subject: &str) {
+    debug_assert!(PANICS.contains(&name), "panic point {name} is not listed");
+    if armed() == Some(name) && subject.contains("panic") {
+        panic!("failpoint {name} reached for {subject}");
+    }
+}
+
+/// The panic points: a handler panics there (see [`panic_if`]).
+pub const PANICS: &[&str] = &["fuse.getattr"];
+
 #[cfg(test)]
 mod tests {
     #[test]

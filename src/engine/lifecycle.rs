@@ -1,17 +1,22 @@
-//! Start, stop, commit, prune and recovery (SPEC §4).
+//! Start, stop, commit, prune and recovery (SPEC §4), as the transitions
+//! of each volume's state machine (`volume.rs`): the lock is taken to
+//! change the state, and let go for the I/O in between.
 
 use super::config::{VolumeConfig, VolumeKind};
 use super::failpoint;
 use super::fsops::{Dir, Entry, FileSig};
-use super::pool::{Names, Pool, RunState, VolumeState};
+use super::pool::{Names, Pool};
 use super::revision::{format_utc, revision_file_name, RevisionId};
 use super::vid::ValidVid;
+use super::volume::{Attachment, Lease, Life, PendingStop, Phase, Run, Volume};
 use crate::error::{Error, Result};
 use crate::sys;
+use parking_lot::MutexGuard;
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// What a stop did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,19 +36,11 @@ pub enum StopOutcome {
     Held { holders: String },
 }
 
-/// A started run: the dirty image, opened read-write, and the run's size
-/// (see [`Pool::run_limit`]).
-#[derive(Debug)]
-pub struct Run {
-    pub file: File,
-    pub limit: Arc<AtomicU64>,
-}
-
 /// How often, and how long apart, a stop looks again before it calls a
 /// dirty image held: the kernel lets go of a closed passthrough file a
 /// moment after the RELEASE that tells the daemon of the close.
 const HOLD_PROBES: u32 = 5;
-const HOLD_PROBE_GAP: std::time::Duration = std::time::Duration::from_millis(10);
+const HOLD_PROBE_GAP: Duration = Duration::from_millis(10);
 
 /// How far a source chain may go before it is called a loop.
 const MAX_SOURCE_DEPTH: usize = 32;
@@ -143,30 +140,316 @@ fn fit_to_contract(dir: &Dir, vid: &ValidVid, name: &str, contract: u64) -> Resu
     Ok(())
 }
 
+/// What a start made: the dirty image and what the run remembers of it.
+struct Started {
+    file: File,
+    sig: FileSig,
+    started_from: Option<(ValidVid, u64)>,
+}
+
 impl Pool {
-    /// Starts a volume (the first open of its `-dirty.img`) and returns the
-    /// dirty image opened read-write. The FUSE layer calls this once per
-    /// first open and [`Pool::stop`] once per last release.
-    pub fn start(&self, vid: &ValidVid) -> Result<File> {
-        self.start_run(vid).map(|r| r.file)
+    // ---------------------------------------------------------------
+    // Leases: what the mount's opens and releases take and give back.
+
+    /// Takes a lease on a volume's run, starting the volume when it is
+    /// stopped (the first open of its `-dirty.img`). Waits while a start,
+    /// a commit or a bounded operation is in progress; refuses at once
+    /// (EBUSY) while an import or clone is, or while the last run is held.
+    /// `attach` is called once per run, with the new dirty image, outside
+    /// every lock; what it returns lives as long as the run.
+    ///
+    /// `rw` is checked here, under the volume's lock, so a concurrent
+    /// `volume set rw false` can never hand out a writable lease.
+    pub fn acquire(
+        &self,
+        vid: &ValidVid,
+        writable: bool,
+        attach: &dyn Fn(&File) -> Option<Attachment>,
+    ) -> Result<Lease> {
+        self.acquire_inner(vid, writable, false, Some(attach))
     }
 
-    /// [`Pool::start`], with the run's size limit for the FUSE layer.
-    pub fn start_run(&self, vid: &ValidVid) -> Result<Run> {
-        let slot = self.slot(vid)?;
-        let mut st = slot.lock();
-        if let Some(run) = &st.run {
-            return Err(Error::Busy {
-                vid: vid.to_string(),
-                reason: match &run.held {
-                    Some(h) => held_reason(h),
-                    None => "already running".into(),
-                },
-            });
+    /// A lease on a volume that is already running, without ever waiting
+    /// or starting: `None` when it is not (the caller then takes the slow
+    /// path, [`Pool::acquire`], on a thread that may wait).
+    pub fn try_acquire(&self, vid: &ValidVid, writable: bool) -> Result<Option<Lease>> {
+        let vol = self.volume(vid)?;
+        let mut life = vol.lock();
+        let rw = life.config.rw;
+        match &mut life.phase {
+            Phase::Running(run) if run.held.is_none() => {
+                if writable && !rw {
+                    return Err(Error::ReadOnly {
+                        vid: vid.to_string(),
+                    });
+                }
+                Ok(Some(lease_of(vid, &vol, run)))
+            }
+            _ => Ok(None),
         }
+    }
+
+    fn acquire_inner(
+        &self,
+        vid: &ValidVid,
+        writable: bool,
+        exclusive: bool,
+        attach: Option<&dyn Fn(&File) -> Option<Attachment>>,
+    ) -> Result<Lease> {
+        let vol = self.volume(vid)?;
+        let mut life = vol.lock();
+        loop {
+            let rw = life.config.rw;
+            match &mut life.phase {
+                Phase::Removed => return Err(Error::NoSuchVolume(vid.to_string())),
+                Phase::Starting | Phase::Committing => vol.wait(&mut life),
+                Phase::Running(run) => {
+                    if let Some(h) = &run.held {
+                        return Err(Error::Busy {
+                            vid: vid.to_string(),
+                            reason: held_reason(h),
+                        });
+                    }
+                    if exclusive {
+                        return Err(Error::Busy {
+                            vid: vid.to_string(),
+                            reason: "already running".into(),
+                        });
+                    }
+                    if writable && !rw {
+                        return Err(Error::ReadOnly {
+                            vid: vid.to_string(),
+                        });
+                    }
+                    return Ok(lease_of(vid, &vol, run));
+                }
+                Phase::Stopped => {
+                    if life.op.is_some() {
+                        drop(life);
+                        life = vol.wait_settled()?;
+                        continue;
+                    }
+                    if writable && !rw {
+                        return Err(Error::ReadOnly {
+                            vid: vid.to_string(),
+                        });
+                    }
+                    life.phase = Phase::Starting;
+                    break;
+                }
+            }
+        }
+        drop(life);
+        let started = self.start_io(&vol);
+        let attachment = match (&started, attach) {
+            (Ok(s), Some(f)) => f(&s.file),
+            _ => None,
+        };
+        let mut life = vol.lock();
+        let result = match started {
+            Ok(s) => {
+                let file = Arc::new(s.file);
+                let limit = Arc::new(AtomicU64::new(s.sig.size));
+                let lease = Lease {
+                    vid: vid.clone(),
+                    file: file.clone(),
+                    limit: limit.clone(),
+                    attachment: attachment.clone(),
+                    volume: vol.clone(),
+                };
+                life.phase = Phase::Running(Run {
+                    leases: 1,
+                    file: Some(file),
+                    started_sig: Some(s.sig),
+                    started_from: s.started_from,
+                    limit,
+                    held: None,
+                    attachment,
+                });
+                Ok(lease)
+            }
+            Err(e) => {
+                life.phase = Phase::Stopped;
+                Err(e)
+            }
+        };
+        drop(life);
+        vol.notify();
+        result
+    }
+
+    /// Gives a lease back. When it was the last, returns the stop to run
+    /// (commit or discard) with [`Pool::finish_stop`]; a new lease taken
+    /// before that runs cancels it.
+    pub fn release(&self, lease: Lease) -> Option<PendingStop> {
+        let Lease {
+            vid,
+            file,
+            attachment,
+            volume,
+            ..
+        } = lease;
+        // Our descriptors go first: the commit looks for writers.
+        drop(file);
+        drop(attachment);
+        let mut life = volume.lock();
+        let run = life.run_mut()?;
+        run.leases = run.leases.saturating_sub(1);
+        if run.leases > 0 {
+            return None;
+        }
+        drop(life);
+        Some(PendingStop { vid, volume })
+    }
+
+    /// Runs the stop a last release asked for: commits an origin volume,
+    /// discards the others. `Ok(None)` when there is nothing to do any more
+    /// (a new lease came first). Errors keep the dirty image for the next
+    /// start or recovery.
+    pub fn finish_stop(&self, p: PendingStop) -> Result<Option<StopOutcome>> {
+        let life = p.volume.lock();
+        self.stop_run(&p.volume, life, false, true)
+    }
+
+    /// Stops a running volume however many leases it has (the mount's
+    /// unmount, the engine's tests), or retries the commit of a held run.
+    pub fn stop(&self, vid: &ValidVid) -> Result<StopOutcome> {
+        self.stop_logged(vid, true)
+    }
+
+    /// [`Pool::stop`], trying again for up to `grace` while the dirty image
+    /// is held (and saying so only at the end). At unmount the kernel lets
+    /// go of the backing files of a torn-down connection a moment after
+    /// the daemon learns of it.
+    pub fn stop_within(&self, vid: &ValidVid, grace: Duration) -> Result<StopOutcome> {
+        let end = Instant::now() + grace;
+        loop {
+            match self.stop_logged(vid, false)? {
+                StopOutcome::Held { .. } if Instant::now() < end => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                StopOutcome::Held { holders } => {
+                    log::warn!(
+                        "{vid}: not committed: its dirty image is still open for writing by {holders}; the next pool open commits it once that lets go"
+                    );
+                    return Ok(StopOutcome::Held { holders });
+                }
+                outcome => return Ok(outcome),
+            }
+        }
+    }
+
+    fn stop_logged(&self, vid: &ValidVid, log_hold: bool) -> Result<StopOutcome> {
+        let vol = self.volume(vid)?;
+        let mut life = vol.lock();
+        while matches!(life.phase, Phase::Starting | Phase::Committing) {
+            vol.wait(&mut life);
+        }
+        match self.stop_run(&vol, life, true, log_hold)? {
+            Some(outcome) => Ok(outcome),
+            None => Err(Error::Refused {
+                vid: vid.to_string(),
+                reason: "it is not running".into(),
+            }),
+        }
+    }
+
+    /// The stop transition: Running (no leases, or `force`) -> Committing
+    /// -> Stopped, or back to Running, held. `None` when the volume is not
+    /// in a state to stop.
+    fn stop_run(
+        &self,
+        vol: &Arc<Volume>,
+        mut life: MutexGuard<'_, Life>,
+        force: bool,
+        log_hold: bool,
+    ) -> Result<Option<StopOutcome>> {
+        loop {
+            match life.run() {
+                Some(run) if run.leases > 0 && !force => return Ok(None),
+                // A bounded operation on the running volume (a resize)
+                // finishes first.
+                Some(_) if life.op.is_some() => vol.wait(&mut life),
+                Some(_) => break,
+                None => return Ok(None),
+            }
+        }
+        let Phase::Running(run) = std::mem::replace(&mut life.phase, Phase::Committing) else {
+            unreachable!("checked above");
+        };
+        let cfg = life.config.clone();
+        drop(life);
+        let vid = &vol.vid;
+        let was_held = run.held.is_some();
+        let result = self.stop_io(vol, &cfg, run);
+        let mut life = vol.lock();
+        let outcome = match result {
+            Ok((StopOutcome::Held { holders }, run)) => {
+                if !was_held && log_hold {
+                    log::warn!(
+                        "{vid}: not committed yet: its dirty image is still open for writing by {holders}; it is committed once that lets go, and the volume cannot start again until then",
+                    );
+                }
+                life.phase = Phase::Running(Run {
+                    leases: 0,
+                    file: None,
+                    attachment: None,
+                    held: Some(holders.clone()),
+                    ..run
+                });
+                self.held.lock().insert(vid.clone());
+                Ok(StopOutcome::Held { holders })
+            }
+            Ok((outcome, _)) => {
+                life.phase = Phase::Stopped;
+                self.held.lock().remove(vid);
+                if was_held {
+                    log::info!("{vid}: the outside writer let go of its dirty image");
+                }
+                log::info!("{vid}: stopped ({outcome:?})");
+                Ok(outcome)
+            }
+            Err(e) => {
+                life.phase = Phase::Stopped;
+                self.held.lock().remove(vid);
+                Err(e)
+            }
+        };
+        drop(life);
+        vol.notify();
+        outcome.map(Some)
+    }
+
+    /// Starts a volume without a holder object (offline use and tests):
+    /// a lease that [`Pool::stop`] returns. Refused (EBUSY) while running.
+    /// Returns the dirty image opened read-write.
+    pub fn start(&self, vid: &ValidVid) -> Result<File> {
+        let lease = self.acquire_inner(vid, false, true, None)?;
+        let file = lease.file.try_clone().map_err(|e| {
+            Error::io(
+                format!("{vid}: duplicating the dirty image's descriptor"),
+                e,
+            )
+        })?;
+        // The lease stays taken: the run keeps the count, stop() gives it up.
+        drop(lease);
+        Ok(file)
+    }
+
+    /// Volumes whose run is held by a writer outside reflinkfs.
+    pub fn held_vids(&self) -> Vec<ValidVid> {
+        self.held.lock().iter().cloned().collect()
+    }
+
+    // ---------------------------------------------------------------
+    // The I/O of a start and a stop, with no lock held.
+
+    /// Makes the dirty image of a volume in state Starting.
+    fn start_io(&self, vol: &Arc<Volume>) -> Result<Started> {
+        let vid = &vol.vid;
         let dir = self.vm_dir(vid, true)?;
         let n = Names::of(vid);
-        let kind = st.config.kind();
+        let kind = vol.config().kind();
 
         // A dirty image left by a stop that failed is committed (origin) or
         // dropped (snapshot, volatile) before a new start.
@@ -175,9 +458,9 @@ impl Pool {
                 log::warn!(
                     "{vid}: committing the dirty image left by an earlier stop before starting"
                 );
-                let contract = st.config.dirty_contract();
+                let contract = vol.config().dirty_contract();
                 if let StopOutcome::Held { holders } =
-                    self.commit_dirty(&mut st, &dir, None, contract)?
+                    self.commit_dirty(vol, &dir, None, contract)?
                 {
                     return Err(Error::Busy {
                         vid: vid.to_string(),
@@ -202,10 +485,11 @@ impl Pool {
             );
         }
 
+        let cfg = vol.config();
         let v = vid.to_string();
         let mut started_from = None;
         match kind {
-            VolumeKind::Origin if st.config.revisions_to_keep == -1 => {
+            VolumeKind::Origin if cfg.revisions_to_keep == -1 => {
                 // Snapshots disabled: the committed image itself becomes the
                 // dirty image, and stop renames it back.
                 if regular_entry(&dir, vid, &n.img())?.is_none() {
@@ -215,6 +499,9 @@ impl Pool {
                     });
                 }
                 failpoint::hit("start.copied");
+                // Under the lock: a reader of the committed image sees it
+                // or its absence, never a half state.
+                let _life = vol.lock();
                 dir.rename(&v, &n.img(), &n.dirty())
                     .map_err(io_ctx(&dir, "renaming", &n.img()))?;
             }
@@ -223,13 +510,13 @@ impl Pool {
                 self.copy_to_dirty(vid, &dir, &src, &dir.shown(&n.img()), None)?;
             }
             VolumeKind::Snapshot => {
-                let (origin, generation, sdir, src) = self.open_source_image(vid, &st.config)?;
+                let (origin, generation, sdir, src) = self.open_source_image(vid, &cfg)?;
                 let shown = sdir.shown(&Names::of(&origin).img());
-                self.copy_to_dirty(vid, &dir, &src, &shown, Some(st.config.size))?;
+                self.copy_to_dirty(vid, &dir, &src, &shown, Some(cfg.size))?;
                 started_from = Some((origin, generation));
             }
             VolumeKind::Volatile => {
-                dir.create_sparse(&v, &n.dirty_tmp(), st.config.size)
+                dir.create_sparse(&v, &n.dirty_tmp(), cfg.size)
                     .map_err(io_ctx(&dir, "creating", &n.dirty_tmp()))?;
                 failpoint::hit("start.copied");
                 dir.rename(&v, &n.dirty_tmp(), &n.dirty()).map_err(io_ctx(
@@ -242,31 +529,55 @@ impl Pool {
         failpoint::hit("start.renamed");
         dir.sync().map_err(io_ctx(&dir, "syncing", ""))?;
         let file = open_image(&dir, vid, &n.dirty(), libc::O_RDWR)?;
-        let started_sig = FileSig::from_stat(&sys::fstat(file.as_fd()).map_err(io_ctx(
+        let sig = FileSig::from_stat(&sys::fstat(file.as_fd()).map_err(io_ctx(
             &dir,
             "examining",
             &n.dirty(),
         ))?);
         log::info!("{vid}: started ({})", kind.as_str());
-        let limit = Arc::new(AtomicU64::new(started_sig.size));
-        st.run = Some(RunState {
-            started_sig: Some(started_sig),
+        Ok(Started {
+            file,
+            sig,
             started_from,
-            limit: limit.clone(),
-            held: None,
-        });
-        Ok(Run { file, limit })
+        })
     }
 
-    /// The size limit of a running volume's run, shared with whoever does
-    /// its I/O: a resize changes it.
-    pub fn run_limit(&self, vid: &ValidVid) -> Result<Option<Arc<AtomicU64>>> {
-        Ok(self.slot(vid)?.lock().run.as_ref().map(|r| r.limit.clone()))
-    }
-
-    /// Volumes whose run is held by a writer outside reflinkfs.
-    pub fn held_vids(&self) -> Vec<ValidVid> {
-        self.held.lock().iter().cloned().collect()
+    /// The stop of a run taken out of its volume (state Committing): our
+    /// descriptors are closed first, then the dirty image is committed
+    /// (origin) or discarded. Gives the run back for a held outcome.
+    fn stop_io(
+        &self,
+        vol: &Arc<Volume>,
+        cfg: &VolumeConfig,
+        mut run: Run,
+    ) -> Result<(StopOutcome, Run)> {
+        run.file = None;
+        run.attachment = None;
+        let vid = &vol.vid;
+        let dir = self.vm_dir(vid, false)?;
+        let n = Names::of(vid);
+        let outcome = match cfg.kind() {
+            VolumeKind::Origin => self.commit_dirty(vol, &dir, run.started_sig, run.limit())?,
+            kind => {
+                if kind == VolumeKind::Volatile && run.limit() != cfg.size {
+                    // A running resize of a volatile volume persists: the
+                    // run's size, never what writes past the end made of
+                    // the file.
+                    let mut new = cfg.clone();
+                    new.size = run.limit();
+                    self.store_volume(&new)?;
+                    vol.lock().config = Arc::new(new);
+                }
+                dir.remove(&vid.to_string(), &n.dirty()).map_err(io_ctx(
+                    &dir,
+                    "removing",
+                    &n.dirty(),
+                ))?;
+                dir.sync().map_err(io_ctx(&dir, "syncing", ""))?;
+                StopOutcome::Discarded
+            }
+        };
+        Ok((outcome, run))
     }
 
     /// Copies `src` to `N-dirty.img~tmp`, grows it to `min_size` if given,
@@ -306,166 +617,6 @@ impl Pool {
             .map_err(io_ctx(dir, "renaming", &n.dirty_tmp()))
     }
 
-    /// Follows a snapshot volume's source chain down to an origin volume
-    /// (SPEC §2.2). The only place sources are resolved.
-    pub fn resolve_source(&self, config: &VolumeConfig) -> Result<ValidVid> {
-        let mut cur = config.source.clone().ok_or_else(|| Error::Refused {
-            vid: config.vid.to_string(),
-            reason: format!("a {} volume has no source", config.kind().as_str()),
-        })?;
-        for _ in 0..MAX_SOURCE_DEPTH {
-            if cur == config.vid {
-                break;
-            }
-            let slot = self.slot(&cur).map_err(|e| match e {
-                Error::NoSuchVolume(_) => {
-                    Error::NoSuchVolume(format!("{cur} (the source of {})", config.vid))
-                }
-                other => other,
-            })?;
-            let next = {
-                let s = slot.lock();
-                match s.config.kind() {
-                    VolumeKind::Origin => return Ok(cur),
-                    VolumeKind::Snapshot => s.config.source.clone().expect("validated"),
-                    VolumeKind::Volatile => {
-                        return Err(Error::Refused {
-                            vid: config.vid.to_string(),
-                            reason: format!(
-                            "its source {cur} is a volatile volume, which has no committed image"
-                        ),
-                        })
-                    }
-                }
-            };
-            cur = next;
-        }
-        Err(Error::Refused {
-            vid: config.vid.to_string(),
-            reason: format!("its source chain is longer than {MAX_SOURCE_DEPTH} or loops"),
-        })
-    }
-
-    /// Opens the committed image a snapshot volume starts from, together
-    /// with the generation it has, read under the origin's lock so the two
-    /// match.
-    pub(crate) fn open_source_image(
-        &self,
-        vid: &ValidVid,
-        config: &VolumeConfig,
-    ) -> Result<(ValidVid, u64, Dir, File)> {
-        let origin = self.resolve_source(config)?;
-        let slot = self.slot(&origin)?;
-        let ost = slot.lock();
-        if ost.run.is_some() && ost.config.revisions_to_keep == -1 {
-            return Err(Error::Busy {
-                vid: vid.to_string(),
-                reason: format!("its source {origin} is running with revisions_to_keep=-1, so it has no committed image now"),
-            });
-        }
-        let dir = self.vm_dir(&origin, false)?;
-        let file = open_image(&dir, &origin, &Names::of(&origin).img(), libc::O_RDONLY)?;
-        Ok((origin, ost.config.generation, dir, file))
-    }
-
-    /// Stops a running volume (the last release of its `-dirty.img`):
-    /// commits an origin volume, discards the others. On error the dirty
-    /// image is kept, and the next start or recovery commits it.
-    pub fn stop(&self, vid: &ValidVid) -> Result<StopOutcome> {
-        self.stop_logged(vid, true)
-    }
-
-    /// [`Pool::stop`], trying again for up to `grace` while the dirty image
-    /// is held (and saying so only at the end). At unmount the kernel lets
-    /// go of the backing files of a torn-down connection a moment after
-    /// the daemon learns of it.
-    pub fn stop_within(&self, vid: &ValidVid, grace: std::time::Duration) -> Result<StopOutcome> {
-        let end = std::time::Instant::now() + grace;
-        loop {
-            match self.stop_logged(vid, false)? {
-                StopOutcome::Held { .. } if std::time::Instant::now() < end => {
-                    std::thread::sleep(std::time::Duration::from_millis(50))
-                }
-                StopOutcome::Held { holders } => {
-                    log::warn!(
-                        "{vid}: not committed: its dirty image is still open for writing by {holders}; the next pool open commits it once that lets go"
-                    );
-                    return Ok(StopOutcome::Held { holders });
-                }
-                outcome => return Ok(outcome),
-            }
-        }
-    }
-
-    fn stop_logged(&self, vid: &ValidVid, log_hold: bool) -> Result<StopOutcome> {
-        let slot = self.slot(vid)?;
-        let mut st = slot.lock();
-        let Some(run) = st.run.take() else {
-            return Err(Error::Refused {
-                vid: vid.to_string(),
-                reason: "it is not running".into(),
-            });
-        };
-        let dir = match self.vm_dir(vid, false) {
-            Ok(d) => d,
-            Err(e) => {
-                st.run = Some(run);
-                return Err(e);
-            }
-        };
-        let n = Names::of(vid);
-        let was_held = run.held.is_some();
-        let outcome = match st.config.kind() {
-            VolumeKind::Origin => {
-                match self.commit_dirty(&mut st, &dir, run.started_sig, run.limit()) {
-                    Ok(StopOutcome::Held { holders }) => {
-                        if !was_held && log_hold {
-                            log::warn!(
-                                "{vid}: not committed yet: {} is still open for writing by {holders}; it is committed once that lets go, and the volume cannot start again until then",
-                                dir.shown(&n.dirty()).display()
-                            );
-                        }
-                        self.held.lock().insert(vid.clone());
-                        st.run = Some(RunState {
-                            held: Some(holders.clone()),
-                            ..run
-                        });
-                        return Ok(StopOutcome::Held { holders });
-                    }
-                    Ok(o) => o,
-                    Err(e) => {
-                        self.held.lock().remove(vid);
-                        return Err(e);
-                    }
-                }
-            }
-            kind => {
-                if kind == VolumeKind::Volatile && run.limit() != st.config.size {
-                    // A running resize of a volatile volume persists: the
-                    // run's size, never what writes past the end made of
-                    // the file.
-                    let mut cfg = st.config.clone();
-                    cfg.size = run.limit();
-                    self.store_volume(&cfg)?;
-                    st.config = cfg;
-                }
-                dir.remove(&vid.to_string(), &n.dirty()).map_err(io_ctx(
-                    &dir,
-                    "removing",
-                    &n.dirty(),
-                ))?;
-                dir.sync().map_err(io_ctx(&dir, "syncing", ""))?;
-                StopOutcome::Discarded
-            }
-        };
-        if was_held {
-            log::info!("{vid}: the outside writer let go of its dirty image");
-        }
-        self.held.lock().remove(vid);
-        log::info!("{vid}: stopped ({outcome:?})");
-        Ok(outcome)
-    }
-
     /// What holds a dirty image open for writing outside reflinkfs, if
     /// anything does. Looks a few times, a few milliseconds apart: the
     /// kernel drops a closed passthrough file just after it tells the
@@ -499,25 +650,25 @@ impl Pool {
     /// back to `contract`, the volume's size, if writes went past the end.
     pub(crate) fn commit_dirty(
         &self,
-        st: &mut VolumeState,
+        vol: &Volume,
         dir: &Dir,
         started: Option<FileSig>,
         contract: u64,
     ) -> Result<StopOutcome> {
-        let vid = st.config.vid.clone();
-        let n = Names::of(&vid);
-        let dirty = open_image(dir, &vid, &n.dirty(), libc::O_RDONLY)?;
-        if let Some(holders) = self.outside_writers(&vid, dir, &dirty) {
+        let vid = &vol.vid;
+        let n = Names::of(vid);
+        let dirty = open_image(dir, vid, &n.dirty(), libc::O_RDONLY)?;
+        if let Some(holders) = self.outside_writers(vid, dir, &dirty) {
             return Ok(StopOutcome::Held { holders });
         }
-        fit_to_contract(dir, &vid, &n.dirty(), contract)?;
+        fit_to_contract(dir, vid, &n.dirty(), contract)?;
         let sig = FileSig::from_stat(&sys::fstat(dirty.as_fd()).map_err(io_ctx(
             dir,
             "examining",
             &n.dirty(),
         ))?);
-        let img = regular_entry(dir, &vid, &n.img())?;
-        let keeps_snapshots = st.config.revisions_to_keep != -1;
+        let img = regular_entry(dir, vid, &n.img())?;
+        let keeps_snapshots = vol.config().revisions_to_keep != -1;
         if let (Some(started), Some(_)) = (started, img) {
             // Never with revisions_to_keep=-1: there the dirty image is the
             // only copy of the data.
@@ -533,36 +684,39 @@ impl Pool {
                 return Ok(StopOutcome::Unchanged);
             }
         }
-        self.replace_committed(st, dir, &dirty, &n.dirty(), "commit", None)
+        self.replace_committed(vol, dir, &dirty, &n.dirty(), "commit", None)
             .map(|revision| StopOutcome::Committed { revision })
     }
 
     /// Makes the file `new_name` (open as `new`) the committed image of an
     /// origin volume: fsync it, save the current image as a revision when
     /// revisions are kept, rename it over `N.img`, fsync the directory,
-    /// and prune unless told not to. Shared by commit, revert, import and
-    /// clone, whose failpoints are `OP.synced`, `OP.config`, `OP.linked`
-    /// and `OP.renamed`. Returns the new revision's K.
+    /// and prune (a revert prunes by its own rule). Shared by commit,
+    /// revert, import and clone, whose failpoints are `OP.synced`,
+    /// `OP.config`, `OP.linked` and `OP.renamed`. The caller owns the
+    /// volume (Committing, Starting, or an operation's claim). Returns the
+    /// new revision's K.
     pub(crate) fn replace_committed(
         &self,
-        st: &mut VolumeState,
+        vol: &Volume,
         dir: &Dir,
         new: &File,
         new_name: &str,
         op: &str,
         revert_target: Option<&str>,
     ) -> Result<Option<u64>> {
-        let vid = st.config.vid.clone();
+        let vid = &vol.vid;
         let v = vid.to_string();
-        let n = Names::of(&vid);
+        let n = Names::of(vid);
         sys::fsync(new.as_fd()).map_err(io_ctx(dir, "syncing", new_name))?;
         let new_size = sys::fstat(new.as_fd())
             .map_err(io_ctx(dir, "examining", new_name))?
             .st_size as u64;
         failpoint::hit(&format!("{op}.synced"));
 
-        let img = regular_entry(dir, &vid, &n.img())?;
-        let mut cfg = st.config.clone();
+        let img = regular_entry(dir, vid, &n.img())?;
+        let old = vol.config();
+        let mut cfg = (*old).clone();
         let revision = match img {
             Some(_) if cfg.revisions_to_keep > 0 => Some(self.next_revision_number(&cfg, dir)?),
             _ => None,
@@ -575,9 +729,13 @@ impl Pool {
         cfg.kept_by_revert = revert_target.map(str::to_owned);
         cfg.dirty_size = None;
         // The counter is stored before the revision exists, so a crash can
-        // skip a K but never reuse one.
+        // skip a K but never reuse one. In memory, the new generation goes
+        // with the rename below: a reader sees an image with its own.
         self.store_volume(&cfg)?;
-        st.config = cfg;
+        vol.lock().config = Arc::new(VolumeConfig {
+            generation: old.generation,
+            ..cfg.clone()
+        });
         failpoint::hit(&format!("{op}.config"));
 
         if let (Some(k), Some(img_sig)) = (revision, img) {
@@ -589,8 +747,12 @@ impl Pool {
             dir.sync().map_err(io_ctx(dir, "syncing", ""))?;
             failpoint::hit(&format!("{op}.linked"));
         }
-        dir.rename(&v, new_name, &n.img())
-            .map_err(io_ctx(dir, "renaming", new_name))?;
+        {
+            let mut life = vol.lock();
+            dir.rename(&v, new_name, &n.img())
+                .map_err(io_ctx(dir, "renaming", new_name))?;
+            life.config = Arc::new(cfg.clone());
+        }
         failpoint::hit(&format!("{op}.renamed"));
         dir.sync().map_err(io_ctx(dir, "syncing", ""))?;
         log::info!(
@@ -599,11 +761,70 @@ impl Pool {
                 .map(|k| format!(", previous image kept as revision {k}"))
                 .unwrap_or_default()
         );
-        // A revert prunes by its own rule, after this.
         if revert_target.is_none() {
-            self.prune_revisions(&st.config, dir)?;
+            self.prune_revisions(&cfg, dir)?;
         }
         Ok(revision)
+    }
+
+    /// Follows a snapshot volume's source chain down to an origin volume
+    /// (SPEC §2.2). The only place sources are resolved.
+    pub fn resolve_source(&self, config: &VolumeConfig) -> Result<ValidVid> {
+        let mut cur = config.source.clone().ok_or_else(|| Error::Refused {
+            vid: config.vid.to_string(),
+            reason: format!("a {} volume has no source", config.kind().as_str()),
+        })?;
+        for _ in 0..MAX_SOURCE_DEPTH {
+            if cur == config.vid {
+                break;
+            }
+            let vol = self.volume(&cur).map_err(|e| match e {
+                Error::NoSuchVolume(_) => {
+                    Error::NoSuchVolume(format!("{cur} (the source of {})", config.vid))
+                }
+                other => other,
+            })?;
+            let c = vol.config();
+            cur = match c.kind() {
+                VolumeKind::Origin => return Ok(cur),
+                VolumeKind::Snapshot => c.source.clone().expect("validated"),
+                VolumeKind::Volatile => {
+                    return Err(Error::Refused {
+                        vid: config.vid.to_string(),
+                        reason: format!(
+                            "its source {cur} is a volatile volume, which has no committed image"
+                        ),
+                    })
+                }
+            };
+        }
+        Err(Error::Refused {
+            vid: config.vid.to_string(),
+            reason: format!("its source chain is longer than {MAX_SOURCE_DEPTH} or loops"),
+        })
+    }
+
+    /// Opens the committed image a snapshot volume starts from, with the
+    /// generation it has: both are read under the origin's lock, which is
+    /// also taken around the rename that replaces that image, so the two
+    /// always match.
+    pub(crate) fn open_source_image(
+        &self,
+        vid: &ValidVid,
+        config: &VolumeConfig,
+    ) -> Result<(ValidVid, u64, Dir, File)> {
+        let origin = self.resolve_source(config)?;
+        let vol = self.volume(&origin)?;
+        let dir = self.vm_dir(&origin, false)?;
+        let life = vol.lock();
+        if life.run().is_some() && life.config.revisions_to_keep == -1 {
+            return Err(Error::Busy {
+                vid: vid.to_string(),
+                reason: format!("its source {origin} is running with revisions_to_keep=-1, so it has no committed image now"),
+            });
+        }
+        let file = open_image(&dir, &origin, &Names::of(&origin).img(), libc::O_RDONLY)?;
+        Ok((origin, life.config.generation, dir, file))
     }
 
     /// The K for a new revision: never below the stored counter, and never
@@ -686,21 +907,21 @@ impl Pool {
         Ok(doomed.len())
     }
 
-    /// Recovery of every volume (SPEC §4.4). A volume whose recovery fails
-    /// is logged and left for `check`; the pool still opens.
+    /// Recovery of every volume (SPEC §4.4), before anything else can use
+    /// the pool. A volume whose recovery fails is logged and left for
+    /// `check`; the pool still opens.
     pub(crate) fn recover_all(&self) -> Result<()> {
-        let slots: Vec<_> = self.volumes.read().values().cloned().collect();
-        for slot in slots {
-            let mut st = slot.lock();
-            if let Err(e) = self.recover_volume(&mut st) {
-                log::error!("{}: recovery failed: {e}", st.config.vid);
+        let vols: Vec<_> = self.volumes.read().values().cloned().collect();
+        for vol in vols {
+            if let Err(e) = self.recover_volume(&vol) {
+                log::error!("{}: recovery failed: {e}", vol.vid);
             }
         }
         Ok(())
     }
 
-    fn recover_volume(&self, st: &mut VolumeState) -> Result<()> {
-        let vid = st.config.vid.clone();
+    fn recover_volume(&self, vol: &Arc<Volume>) -> Result<()> {
+        let vid = vol.vid.clone();
         let v = vid.to_string();
         let Some(dir) = self.vm_dir_if_exists(&vid)? else {
             return Ok(());
@@ -714,7 +935,7 @@ impl Pool {
             );
             dir.remove(&v, f).map_err(io_ctx(&dir, "removing", f))?;
         }
-        let kind = st.config.kind();
+        let kind = vol.config().kind();
         if kind == VolumeKind::Origin {
             if let Some(img) = regular_entry(&dir, &vid, &n.img())? {
                 for r in self.list_revisions(&vid, Some(&dir))? {
@@ -741,9 +962,9 @@ impl Pool {
                     "{vid}: recovery: committing the leftover {}",
                     dir.shown(&n.dirty()).display()
                 );
-                let contract = st.config.dirty_contract();
+                let contract = vol.config().dirty_contract();
                 if let StopOutcome::Held { holders } =
-                    self.commit_dirty(st, &dir, None, contract)?
+                    self.commit_dirty(vol, &dir, None, contract)?
                 {
                     // Something that outlived the last daemon still writes
                     // it: a commit now would make N.img change after its
@@ -753,11 +974,14 @@ impl Pool {
                         "{vid}: recovery: not committing {}: it is still open for writing by {holders}; it is committed once that lets go, and the volume cannot start again until then",
                         dir.shown(&n.dirty()).display()
                     );
-                    st.run = Some(RunState {
+                    vol.lock().phase = Phase::Running(Run {
+                        leases: 0,
+                        file: None,
                         started_sig: None,
                         started_from: None,
                         limit: Arc::new(AtomicU64::new(contract)),
                         held: Some(holders),
+                        attachment: None,
                     });
                     self.held.lock().insert(vid.clone());
                     return Ok(());
@@ -774,28 +998,45 @@ impl Pool {
         }
         if kind == VolumeKind::Origin {
             if let Some(img) = regular_entry(&dir, &vid, &n.img())? {
-                if img.size != st.config.size {
+                let cfg = vol.config();
+                if img.size != cfg.size {
                     log::warn!(
                         "{vid}: recovery: the size in the config ({}) differs from {} ({}); taking the image's",
-                        st.config.size,
+                        cfg.size,
                         dir.shown(&n.img()).display(),
                         img.size
                     );
-                    let mut cfg = st.config.clone();
-                    cfg.size = img.size;
-                    self.store_volume(&cfg)?;
-                    st.config = cfg;
+                    let mut new = (*cfg).clone();
+                    new.size = img.size;
+                    self.store_volume(&new)?;
+                    vol.lock().config = Arc::new(new);
                 }
             }
             // Finishes the prune of a commit (or revert, import, clone, or
             // lowered revisions_to_keep) that a crash interrupted.
-            let (keep, _) = self.revisions_allowed(&st.config, &dir)?;
+            let cfg = vol.config();
+            let (keep, _) = self.revisions_allowed(&cfg, &dir)?;
             if self.list_revisions(&vid, Some(&dir))?.len() > keep {
                 log::warn!("{vid}: recovery: pruning the revisions an interrupted operation left");
-                self.prune_revisions(&st.config, &dir)?;
+                self.prune_revisions(&cfg, &dir)?;
             }
         }
         dir.sync().map_err(io_ctx(&dir, "syncing", ""))?;
         Ok(())
+    }
+}
+
+/// A new lease on a running run.
+fn lease_of(vid: &ValidVid, vol: &Arc<Volume>, run: &mut Run) -> Lease {
+    run.leases += 1;
+    Lease {
+        vid: vid.clone(),
+        file: run
+            .file
+            .clone()
+            .expect("a run that is not held has its file"),
+        limit: run.limit.clone(),
+        attachment: run.attachment.clone(),
+        volume: vol.clone(),
     }
 }

@@ -1,6 +1,9 @@
 //! The pool and volume engine (SPEC §1–§5, §7, §8). No FUSE in here: the
-//! mount calls [`Pool::start`] on the first open of a `-dirty.img` and
-//! [`Pool::stop`] on its last release, and does I/O on the returned file.
+//! mount takes a [`Lease`] ([`Pool::acquire`]) for every open of a
+//! `-dirty.img`, which starts the volume the first time, gives it back at
+//! release ([`Pool::release`]), and runs the stop the last one asks for
+//! ([`Pool::finish_stop`]) on its committer threads. Each volume is a state
+//! machine (`volume.rs`) whose lock is never held across I/O.
 
 pub mod admin;
 pub mod adopt;
@@ -14,6 +17,7 @@ pub mod revision;
 pub mod size;
 pub mod vid;
 pub mod view;
+pub mod volume;
 
 pub use admin::{CreateOptions, NewKind, Property, ResizeOutcome};
 pub use config::{PoolConfig, VolumeConfig, VolumeKind};
@@ -23,3 +27,4 @@ pub use report::{PoolInfo, Problem, Usage, VolumeInfo, VolumeStateName};
 pub use revision::{Revision, RevisionId};
 pub use size::{format_size, parse_size};
 pub use vid::ValidVid;
+pub use volume::{Attachment, Lease, OpName, PendingStop, Snapshot};

@@ -5,6 +5,7 @@ use super::config::{parse_json, store_json, PoolConfig, VolumeConfig, FORMAT_VER
 use super::fsops::{read_small_file, CopyStrategy, Dir, Entry};
 use super::revision::{now_utc, parse_revision_name, Parsed, Revision};
 use super::vid::{check_component, ValidVid};
+use super::volume::Volume;
 use crate::error::{Error, Result};
 use crate::sys;
 use parking_lot::{Mutex, RwLock};
@@ -14,7 +15,6 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub const META_DIR: &str = ".reflinkfs";
@@ -42,41 +42,6 @@ impl Default for InitOptions {
         }
     }
 }
-
-/// In-memory state of a running volume.
-#[derive(Debug, Clone)]
-pub(crate) struct RunState {
-    /// Signature of the dirty image right after start, to tell whether it
-    /// was modified. `None` for a dirty image found at recovery, which is
-    /// always committed.
-    pub started_sig: Option<super::fsops::FileSig>,
-    /// For snapshot volumes: the origin and the generation of its committed
-    /// image that this start copied.
-    pub started_from: Option<(ValidVid, u64)>,
-    /// The volume's size for this run: its contract with the clients.
-    /// Writes the daemon sees may not go past it, and the stop cuts the
-    /// image back to it (passthrough writes past the end reach the backing
-    /// file without the daemon). Changed only by a resize.
-    pub limit: Arc<AtomicU64>,
-    /// Set when a stop found the dirty image still open for writing outside
-    /// reflinkfs (what holds it): the run is over for reflinkfs, but it is
-    /// not committed until that writer lets go.
-    pub held: Option<String>,
-}
-
-impl RunState {
-    pub fn limit(&self) -> u64 {
-        self.limit.load(Ordering::SeqCst)
-    }
-}
-
-#[derive(Debug)]
-pub(crate) struct VolumeState {
-    pub config: VolumeConfig,
-    pub run: Option<RunState>,
-}
-
-pub(crate) type VolumeSlot = Arc<Mutex<VolumeState>>;
 
 /// File names of one volume's backing files (SPEC §3).
 #[derive(Debug, Clone)]
@@ -134,13 +99,20 @@ pub struct Pool {
     pub(crate) volmeta: Dir,
     _lock: File,
     pub(crate) config: PoolConfig,
-    pub(crate) volumes: RwLock<BTreeMap<ValidVid, VolumeSlot>>,
+    /// Every volume, by id: sorted by class, VM and name, so a VM's volumes
+    /// are one range. Held only to look up, insert or remove (see the lock
+    /// order in `volume.rs`).
+    pub(crate) volumes: RwLock<BTreeMap<ValidVid, Arc<Volume>>>,
     /// Volumes whose config file could not be read: path and reason. They
     /// are listed, and every operation on them fails with the reason.
     pub(crate) corrupt: RwLock<BTreeMap<ValidVid, (PathBuf, String)>>,
-    /// Volumes whose run is held (see [`RunState::held`]), for the daemon
-    /// to retry their commit. Locked after a volume's lock, never before.
+    /// Volumes whose run is held (see `volume::Run::held`), for the daemon
+    /// to retry their commit.
     pub(crate) held: Mutex<BTreeSet<ValidVid>>,
+    /// Ids of volumes being created (a clone's copy can take long): taken
+    /// while the volume is not yet in `volumes`, so no second create of
+    /// the same id can start.
+    pub(crate) creating: Mutex<BTreeSet<ValidVid>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -290,6 +262,7 @@ impl Pool {
             volumes: RwLock::new(BTreeMap::new()),
             corrupt: RwLock::new(BTreeMap::new()),
             held: Mutex::new(BTreeSet::new()),
+            creating: Mutex::new(BTreeSet::new()),
         };
         pool.load_volumes()?;
         pool.recover_all()?;
@@ -452,10 +425,7 @@ impl Pool {
                         });
                     match parsed {
                         Ok(config) => {
-                            volumes.insert(
-                                vid,
-                                Arc::new(Mutex::new(VolumeState { config, run: None })),
-                            );
+                            volumes.insert(vid, Volume::new(config));
                         }
                         Err(e) => {
                             log::error!(
@@ -476,10 +446,10 @@ impl Pool {
         Ok(())
     }
 
-    /// The slot of a volume, or the error that says why there is none.
-    pub(crate) fn slot(&self, vid: &ValidVid) -> Result<VolumeSlot> {
-        if let Some(s) = self.volumes.read().get(vid) {
-            return Ok(s.clone());
+    /// A volume, or the error that says why there is none.
+    pub(crate) fn volume(&self, vid: &ValidVid) -> Result<Arc<Volume>> {
+        if let Some(v) = self.volumes.read().get(vid) {
+            return Ok(v.clone());
         }
         if let Some((path, reason)) = self.corrupt.read().get(vid) {
             return Err(Error::CorruptMetadata {
@@ -508,6 +478,81 @@ impl Pool {
     /// Whether another volume of the same VM owns `file`.
     pub(crate) fn owned_by_sibling(&self, vid: &ValidVid, file: &str) -> bool {
         self.siblings(vid).iter().any(|s| Names::of(s).owns(file))
+    }
+
+    /// The classes that have a volume the mount shows, sorted. Costs one
+    /// range query per class, however many volumes there are.
+    pub fn shown_classes(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut from: Option<ValidVid> = None;
+        loop {
+            let next = {
+                let vols = self.volumes.read();
+                let mut range = match &from {
+                    Some(f) => vols.range(f.clone()..),
+                    None => vols.range(..),
+                };
+                range.next().map(|(v, _)| v.class().to_owned())
+            };
+            let Some(class) = next else { break };
+            if self.class_shown(&class) {
+                out.push(class.clone());
+            }
+            // Past every key of this class: its VM bound "\u{7f}" sorts
+            // after every valid VM name.
+            from = Some(ValidVid::vm_bounds(&class, "\u{7f}").0);
+        }
+        out
+    }
+
+    /// The VMs of `class` that have a volume the mount shows, sorted.
+    pub fn shown_vms(&self, class: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let (mut from, end) = (
+            ValidVid::vm_bounds(class, "").0,
+            ValidVid::vm_bounds(class, "\u{7f}").0,
+        );
+        loop {
+            let next = self
+                .volumes
+                .read()
+                .range(from.clone()..end.clone())
+                .next()
+                .map(|(v, _)| v.vm().to_owned());
+            let Some(vm) = next else { break };
+            if !self.shown_in_vm(class, &vm).is_empty() {
+                out.push(vm.clone());
+            }
+            from = ValidVid::vm_bounds(class, &vm).1;
+        }
+        out
+    }
+
+    /// Whether a class has a volume the mount shows.
+    pub fn class_shown(&self, class: &str) -> bool {
+        let (lo, hi) = (
+            ValidVid::vm_bounds(class, "").0,
+            ValidVid::vm_bounds(class, "\u{7f}").0,
+        );
+        let vids: Vec<ValidVid> = self
+            .volumes
+            .read()
+            .range(lo..hi)
+            .map(|(v, _)| v.clone())
+            .collect();
+        vids.iter().any(|v| self.is_shown(v))
+    }
+
+    /// The volumes of one VM that the mount shows, sorted: one range query.
+    pub fn shown_in_vm(&self, class: &str, vm: &str) -> Vec<ValidVid> {
+        let (lo, hi) = ValidVid::vm_bounds(class, vm);
+        let vids: Vec<ValidVid> = self
+            .volumes
+            .read()
+            .range(lo..hi)
+            .map(|(v, _)| v.clone())
+            .collect();
+        vids.into_iter().filter(|v| self.is_shown(v)).collect()
     }
 
     /// Every known volume id, including corrupt ones, sorted.

@@ -4,9 +4,10 @@
 use super::config::VolumeKind;
 use super::fsops::{Dir, Entry};
 use super::lifecycle::regular_entry;
-use super::pool::{Names, Pool, VolumeState};
+use super::pool::{Names, Pool};
 use super::revision::{parse_revision_name, Parsed, Revision};
 use super::vid::ValidVid;
+use super::volume::Snapshot;
 use crate::error::{Error, Result};
 use crate::sys;
 use serde::Serialize;
@@ -19,6 +20,17 @@ use std::os::fd::AsFd;
 pub enum VolumeStateName {
     Stopped,
     Running,
+    /// Its first open is making the dirty image (a copy, in copy mode).
+    Starting,
+    /// Its last run's commit (or discard) is in progress.
+    Committing,
+    /// An operation is in progress.
+    Importing,
+    Cloning,
+    Resizing,
+    Reverting,
+    Setting,
+    Removing,
     /// Closed, but not committed: its dirty image is still open for
     /// writing outside reflinkfs (a loop device or program that outlived a
     /// daemon, or a mapping); it is committed once that lets go.
@@ -159,8 +171,11 @@ fn file_usage(dir: &Dir, name: &str) -> Result<FileUsage> {
 }
 
 impl Pool {
-    fn volume_info(&self, st: &VolumeState, with_usage: bool) -> Result<VolumeInfo> {
-        let cfg = &st.config;
+    /// The info of a volume from a snapshot of its state: the files are
+    /// read after, with no lock held, so `info` and `list` never wait on a
+    /// volume's I/O.
+    fn volume_info(&self, snap: &Snapshot, with_usage: bool) -> Result<VolumeInfo> {
+        let cfg = &*snap.config;
         let vid = &cfg.vid;
         let n = Names::of(vid);
         // A planted symlink in place of the VM directory makes this volume
@@ -181,10 +196,22 @@ impl Pool {
             Some(d) => matches!(d.entry(&n.dirty()), Ok(Entry::Regular(_))),
             None => false,
         };
-        let running = st.run.is_some();
+        let running = snap.running;
         let mut problem = None;
-        let state = if st.run.as_ref().is_some_and(|r| r.held.is_some()) {
-            VolumeStateName::Held
+        let busy = match snap.state {
+            "starting" => Some(VolumeStateName::Starting),
+            "committing" => Some(VolumeStateName::Committing),
+            "importing" => Some(VolumeStateName::Importing),
+            "cloning" => Some(VolumeStateName::Cloning),
+            "resizing" => Some(VolumeStateName::Resizing),
+            "reverting" => Some(VolumeStateName::Reverting),
+            "setting" => Some(VolumeStateName::Setting),
+            "removing" | "removing a revision" => Some(VolumeStateName::Removing),
+            "held" => Some(VolumeStateName::Held),
+            _ => None,
+        };
+        let state = if let Some(b) = busy {
+            b
         } else if running {
             VolumeStateName::Running
         } else if dirty && kind == VolumeKind::Origin {
@@ -209,7 +236,7 @@ impl Pool {
         } else {
             None
         };
-        let is_outdated = self.outdated(st);
+        let is_outdated = self.outdated(snap);
         let size = if running {
             dir.as_ref()
                 .and_then(|d| regular_entry(d, vid, &n.dirty()).ok().flatten())
@@ -305,9 +332,8 @@ impl Pool {
                 out.push(info);
                 continue;
             }
-            let Ok(slot) = self.slot(&vid) else { continue };
-            let st = slot.lock();
-            let info = self.volume_info(&st, false)?;
+            let Ok(vol) = self.volume(&vid) else { continue };
+            let info = self.volume_info(&vol.snapshot(), false)?;
             if info.optional && info.state == VolumeStateName::Missing {
                 continue;
             }
@@ -318,9 +344,8 @@ impl Pool {
 
     /// All properties and derived values of one volume, with usage.
     pub fn info(&self, vid: &ValidVid) -> Result<VolumeInfo> {
-        let slot = self.slot(vid)?;
-        let st = slot.lock();
-        self.volume_info(&st, true)
+        let snap = self.volume(vid)?.snapshot();
+        self.volume_info(&snap, true)
     }
 
     /// The pool's properties and usage.
@@ -332,8 +357,8 @@ impl Pool {
         let (mut allocated, mut shared, mut running) = (0u64, 0u64, 0usize);
         let vids = self.vids();
         for vid in &vids {
-            let Ok(slot) = self.slot(vid) else { continue };
-            running += usize::from(slot.lock().run.is_some());
+            let Ok(vol) = self.volume(vid) else { continue };
+            running += usize::from(vol.snapshot().running);
             let Ok(Some(dir)) = self.vm_dir_if_exists(vid) else {
                 continue;
             };
@@ -388,7 +413,7 @@ impl Pool {
             })
         };
         if let Some(vid) = only {
-            self.slot(vid)?;
+            self.volume(vid)?;
         }
         for (vid, (path, reason)) in self.corrupt.read().iter() {
             if only.is_none_or(|o| o == vid) {
@@ -416,9 +441,9 @@ impl Pool {
                 Ok(Some(d)) => d,
                 Ok(None) => {
                     for vid in vids {
-                        if let Ok(slot) = self.slot(vid) {
-                            let st = slot.lock();
-                            if st.config.kind() == VolumeKind::Origin && !st.config.optional {
+                        if let Ok(vol) = self.volume(vid) {
+                            let c = vol.config();
+                            if c.kind() == VolumeKind::Origin && !c.optional {
                                 push(
                                     Some(vid),
                                     self.path().join(class).join(vm).display().to_string(),
@@ -463,8 +488,13 @@ impl Pool {
                 if only.is_some_and(|o| o != vid) {
                     continue;
                 }
-                let Ok(slot) = self.slot(vid) else { continue };
-                let st = slot.lock();
+                let Ok(vol) = self.volume(vid) else { continue };
+                let snap = vol.snapshot();
+                if !matches!(snap.state, "running" | "stopped" | "held") {
+                    // A start, commit or operation in progress has files
+                    // in flight: they are no problem.
+                    continue;
+                }
                 // A sibling's files are no problem of this volume's, however
                 // much their names look like its revisions.
                 let mine: Vec<String> = names
@@ -472,7 +502,7 @@ impl Pool {
                     .filter(|f| !vids.iter().any(|o| o != vid && Names::of(o).owns(f)))
                     .cloned()
                     .collect();
-                self.check_volume(&st, &dir, &mine, &mut push);
+                self.check_volume(&snap, &dir, &mine, &mut push);
             }
         }
         Ok(problems)
@@ -480,12 +510,12 @@ impl Pool {
 
     fn check_volume(
         &self,
-        st: &VolumeState,
+        snap: &Snapshot,
         dir: &Dir,
         names: &[String],
         push: &mut impl FnMut(Option<&ValidVid>, String, String),
     ) {
-        let cfg = &st.config;
+        let cfg = &*snap.config;
         let vid = &cfg.vid;
         let n = Names::of(vid);
         let kind = cfg.kind();
@@ -498,7 +528,7 @@ impl Pool {
                 "not a regular file (a symlink?); reflinkfs will not use it".into(),
             ),
             (Entry::Missing, VolumeKind::Origin)
-                if !(cfg.optional || st.run.is_some() && cfg.revisions_to_keep == -1) =>
+                if !(cfg.optional || snap.running && cfg.revisions_to_keep == -1) =>
             {
                 push(
                     Some(vid),
@@ -506,9 +536,7 @@ impl Pool {
                     "the committed image is missing".into(),
                 )
             }
-            (Entry::Regular(sig), VolumeKind::Origin)
-                if sig.size != cfg.size && st.run.is_none() =>
-            {
+            (Entry::Regular(sig), VolumeKind::Origin) if sig.size != cfg.size && !snap.running => {
                 push(
                     Some(vid),
                     shown(&n.img()),
@@ -526,7 +554,7 @@ impl Pool {
             ),
             _ => {}
         }
-        if st.run.is_none() {
+        if !snap.running {
             match dir.entry(&n.dirty()).unwrap_or(Entry::Missing) {
                 Entry::Missing => {}
                 Entry::Regular(_) => push(Some(vid), shown(&n.dirty()), "a dirty image waits to be committed (a stop failed); the next start or pool open commits it".into()),

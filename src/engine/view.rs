@@ -4,20 +4,25 @@
 use super::config::{VolumeConfig, VolumeKind};
 use super::fsops::FileSig;
 use super::lifecycle::{open_image, regular_entry};
-use super::pool::{Names, Pool, VolumeState};
+use super::pool::{Names, Pool};
 use super::vid::ValidVid;
+use super::volume::Snapshot;
 use crate::error::{Error, Result};
 use crate::sys::{self, FsStats};
 use std::fs::File;
+use std::sync::Arc;
 
 /// A volume as the mount shows it.
 #[derive(Debug, Clone)]
 pub struct VolumeView {
-    pub config: VolumeConfig,
+    pub config: Arc<VolumeConfig>,
     pub running: bool,
     /// The run is over but not committed: the dirty image is still open
     /// for writing outside reflinkfs.
     pub held: bool,
+    /// The state's name: `running`, `held`, `stopped`, `starting`,
+    /// `committing`, or an operation in progress (`importing`, …).
+    pub state: &'static str,
     /// Bumped whenever the committed image is replaced.
     pub generation: u64,
     /// The committed image, for origin volumes that have one.
@@ -29,11 +34,11 @@ pub struct VolumeView {
 }
 
 impl Pool {
-    /// The view of one volume: config, state and the signatures of its
-    /// files. Planted symlinks and other non-regular files show as absent.
+    /// The view of one volume: a snapshot of its config and state, taken
+    /// without waiting, and the signatures of its files, read after.
+    /// Planted symlinks and other non-regular files show as absent.
     pub fn volume_view(&self, vid: &ValidVid) -> Result<VolumeView> {
-        let slot = self.slot(vid)?;
-        let st = slot.lock();
+        let snap = self.volume(vid)?.snapshot();
         let n = Names::of(vid);
         let dir = self.vm_dir_if_exists(vid)?;
         let (img, dirty) = match &dir {
@@ -43,10 +48,7 @@ impl Pool {
             ),
             None => (None, None),
         };
-        let config = st.config.clone();
-        let running = st.run.is_some();
-        let held = st.run.as_ref().is_some_and(|r| r.held.is_some());
-        drop(st);
+        let config = snap.config;
         Ok(VolumeView {
             nominal_size: self.nominal_size(&config),
             generation: config.generation,
@@ -56,37 +58,40 @@ impl Pool {
                 None
             },
             dirty,
-            running,
-            held,
+            running: snap.running,
+            held: snap.held.is_some(),
+            state: snap.state,
             config,
         })
     }
 
-    /// Opens the committed image of an origin volume read-only, with the
-    /// generation it belongs to (read under the volume's lock, so the two
-    /// match).
-    pub fn open_committed(&self, vid: &ValidVid) -> Result<(File, u64)> {
-        let slot = self.slot(vid)?;
-        let st = slot.lock();
-        if st.config.kind() != VolumeKind::Origin {
-            return Err(Error::MissingImage {
-                vid: vid.to_string(),
-                path: self
-                    .path()
-                    .join(vid.class())
-                    .join(vid.vm())
-                    .join(Names::of(vid).img()),
-            });
-        }
-        let dir = self.vm_dir(vid, false)?;
-        let f = open_image(&dir, vid, &Names::of(vid).img(), libc::O_RDONLY)?;
-        Ok((f, st.config.generation))
+    /// A snapshot of a volume's config and state, taken without waiting.
+    pub fn snapshot(&self, vid: &ValidVid) -> Result<Snapshot> {
+        Ok(self.volume(vid)?.snapshot())
     }
 
-    /// Opens a revision file read-only, by its file name.
+    /// Opens the committed image of an origin volume read-only, with the
+    /// generation it belongs to: read under the volume's lock, which is
+    /// also held around the rename that replaces the image, so the two
+    /// match.
+    pub fn open_committed(&self, vid: &ValidVid) -> Result<(File, u64)> {
+        let vol = self.volume(vid)?;
+        let dir = self.vm_dir(vid, false)?;
+        let life = vol.lock();
+        if life.config.kind() != VolumeKind::Origin {
+            return Err(Error::MissingImage {
+                vid: vid.to_string(),
+                path: dir.shown(&Names::of(vid).img()),
+            });
+        }
+        let f = open_image(&dir, vid, &Names::of(vid).img(), libc::O_RDONLY)?;
+        Ok((f, life.config.generation))
+    }
+
+    /// Opens a revision file read-only, by its file name. Revisions never
+    /// change; one pruned meanwhile is simply gone (ENOENT).
     pub fn open_revision(&self, vid: &ValidVid, file_name: &str) -> Result<File> {
-        let slot = self.slot(vid)?;
-        let _st = slot.lock();
+        self.volume(vid)?;
         let dir = self.vm_dir(vid, false)?;
         let known = self
             .list_revisions(vid, Some(&dir))?
@@ -105,45 +110,59 @@ impl Pool {
     /// Snapshot volumes: whether the source committed since this volume
     /// started (`None` for other types). Cheap: no file is read.
     pub fn is_outdated(&self, vid: &ValidVid) -> Result<Option<bool>> {
-        let slot = self.slot(vid)?;
-        let st = slot.lock();
-        Ok(self.outdated(&st))
+        Ok(self.outdated(&self.volume(vid)?.snapshot()))
     }
 
-    /// `is_outdated` of a locked volume. Locks the origin briefly, which the
-    /// lock order (a snapshot before its source) allows.
-    pub(crate) fn outdated(&self, st: &VolumeState) -> Option<bool> {
-        if st.config.kind() != VolumeKind::Snapshot {
+    /// `is_outdated` of a snapshot. Reads the origin after the volume, never
+    /// both at once.
+    pub(crate) fn outdated(&self, snap: &Snapshot) -> Option<bool> {
+        if snap.config.kind() != VolumeKind::Snapshot {
             return None;
         }
-        let Some((origin, generation)) = st.run.as_ref().and_then(|r| r.started_from.as_ref())
-        else {
+        let Some((origin, generation)) = snap.started_from.as_ref() else {
             return Some(false);
         };
-        let current = self.slot(origin).map(|s| s.lock().config.generation);
+        let current = self.volume(origin).map(|v| v.config().generation);
         Some(current.map_or(true, |g| g != *generation))
     }
 
     /// Whether the mount shows a volume: all but corrupt ones and optional
     /// volumes without an image (SPEC §1.3). Only those look at the disk.
     pub fn is_shown(&self, vid: &ValidVid) -> bool {
-        let Ok(slot) = self.slot(vid) else {
+        let Ok(vol) = self.volume(vid) else {
             return false;
         };
-        let st = slot.lock();
-        if !st.config.optional || st.config.kind() != VolumeKind::Origin || st.run.is_some() {
+        let snap = vol.snapshot();
+        if !snap.config.optional || snap.config.kind() != VolumeKind::Origin || snap.running {
             return true;
         }
-        drop(st);
         self.vm_dir_if_exists(vid)
             .ok()
             .flatten()
             .is_some_and(|d| matches!(regular_entry(&d, vid, &Names::of(vid).img()), Ok(Some(_))))
     }
 
-    /// Whether a volume runs.
+    /// Whether a volume runs (held runs included).
     pub fn is_running(&self, vid: &ValidVid) -> Result<bool> {
-        Ok(self.slot(vid)?.lock().run.is_some())
+        Ok(self.volume(vid)?.snapshot().running)
+    }
+
+    /// Running volumes with how many leases (open files) each has, and the
+    /// volumes whose state is not plain `running` or `stopped` (a start, a
+    /// commit, a hold or an operation in progress), for `status`.
+    pub fn activity(&self) -> (Vec<(ValidVid, usize)>, Vec<(ValidVid, &'static str)>) {
+        let vols: Vec<Arc<super::volume::Volume>> = self.volumes.read().values().cloned().collect();
+        let (mut open, mut busy) = (Vec::new(), Vec::new());
+        for v in vols {
+            let snap = v.snapshot();
+            if snap.leases > 0 {
+                open.push((v.vid.clone(), snap.leases));
+            }
+            if !matches!(snap.state, "running" | "stopped") {
+                busy.push((v.vid.clone(), snap.state));
+            }
+        }
+        (open, busy)
     }
 
     /// The backing filesystem's numbers, for statfs.

@@ -1,15 +1,25 @@
 //! The filesystem logic of the mount (SPEC §6). It never touches fuser's
-//! reply objects: every operation returns a value or an errno, and
-//! `super::adapter` translates.
+//! reply objects: every operation returns a value or an errno, and the
+//! adapter (`mod.rs`) translates.
+//!
+//! A volume's lifecycle lives in the engine: an open of `N-dirty.img`
+//! takes a [`Lease`], which starts the volume the first time, and its
+//! release gives it back; the stop the last one asks for runs on the
+//! committer threads, never on a FUSE worker. An open that would have to
+//! wait (a start, a commit) is done by the adapter on a thread of its own.
+//!
+//! Generic over `B`, the passthrough registration (fuser's `BackingId` on a
+//! real mount), so that the open, release and commit paths can be tested
+//! without a kernel (see the tests below).
 
-use super::inodes::{Inodes, Node, ROOT_INO};
+use super::inodes::{Inodes, Node};
 use crate::engine::fsops::FileSig;
 use crate::engine::view::VolumeView;
-use crate::engine::{Pool, StopOutcome, ValidVid};
+use crate::engine::{Attachment, Lease, PendingStop, Pool, StopOutcome, ValidVid};
 use crate::error::Error;
 use crate::sys;
 use parking_lot::Mutex;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -18,10 +28,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub type Errno = i32;
 pub type FsResult<T> = Result<T, Errno>;
-
-/// A registered passthrough backing file. The adapter creates it (it needs
-/// the FUSE connection); this layer only keeps it alive while opens exist.
-pub type Backing = fuser::BackingId;
 
 /// The kind of a node, for attributes and directory entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,78 +55,51 @@ pub struct FsOptions {
     pub passthrough: bool,
     /// Mounted `ro`: every volume behaves as `rw=false`.
     pub read_only: bool,
+    /// Threads that run the stops (commits) of volumes.
+    pub committers: usize,
 }
 
-/// An open backing file, shared by every handle of it.
-struct Image {
-    file: File,
-    /// Daemon-mode writes to the file take this lock (see `ReflinkFs::write`).
+/// What the mount attaches to a run at its start: the passthrough
+/// registration (shared by every open of the run: the kernel allows one
+/// backing file per inode) and the lock of daemon-mode writes.
+struct RunIo<B> {
+    backing: Option<Arc<B>>,
+    /// Daemon-mode writes to the image take this lock (see `write`).
     write_lock: Mutex<()>,
-    /// A dirty image's size for this run (the engine's, shared): the
-    /// writes the daemon sees stop there.
-    limit: Option<Arc<AtomicU64>>,
 }
 
-impl Image {
-    fn new(file: File) -> Arc<Self> {
-        Arc::new(Image {
-            file,
-            write_lock: Mutex::new(()),
-            limit: None,
-        })
-    }
+/// One open file handle.
+struct Handle<B> {
+    node: Node,
+    file: Arc<File>,
+    writable: bool,
+    /// A dirty image's run: its lease, size limit and write lock.
+    lease: Option<Lease>,
+    run_io: Option<Arc<RunIo<B>>>,
+    /// Keeps the passthrough registration alive while this handle exists.
+    _backing: Option<Arc<B>>,
+}
 
-    fn dirty(file: File, limit: Arc<AtomicU64>) -> Arc<Self> {
-        Arc::new(Image {
-            file,
-            write_lock: Mutex::new(()),
-            limit: Some(limit),
-        })
-    }
-
+impl<B> Handle<B> {
     /// How many of `len` bytes at `offset` fit before the volume's end.
     /// A volume's size is its contract: writes the daemon sees never grow
     /// it. Like a write against a file size limit (RLIMIT_FSIZE), a write
     /// that starts inside is cut short at the end, and one that starts at
     /// or past the end fails with EFBIG ("file too large").
     fn room(&self, offset: u64, len: u64) -> FsResult<u64> {
-        let Some(limit) = &self.limit else {
+        let Some(lease) = &self.lease else {
             return Ok(len);
         };
-        let end = limit.load(Ordering::SeqCst);
+        let end = lease.limit.load(Ordering::SeqCst);
         if len > 0 && offset >= end {
             log::warn!(
-                "refused a write of {len} bytes at {offset}: the volume ends at {end} (EFBIG); resize it to grow it"
+                "{}: refused a write of {len} bytes at {offset}: the volume ends at {end} (EFBIG); resize it to grow it",
+                lease.vid
             );
             return Err(libc::EFBIG);
         }
         Ok(len.min(end.saturating_sub(offset)))
     }
-}
-
-impl std::ops::Deref for Image {
-    type Target = File;
-
-    fn deref(&self) -> &File {
-        &self.file
-    }
-}
-
-/// One open file handle.
-struct Handle {
-    node: Node,
-    file: Arc<Image>,
-    writable: bool,
-    /// Keeps the passthrough registration alive while this handle exists.
-    _backing: Option<Arc<Backing>>,
-}
-
-/// The open state of one volume's `N-dirty.img`.
-#[derive(Default)]
-struct DirtyState {
-    opens: usize,
-    file: Option<Arc<Image>>,
-    backing: Option<Arc<Backing>>,
 }
 
 /// Request counters, readable as xattrs of the mount's root. They prove
@@ -134,29 +113,108 @@ pub struct Stats {
     /// GETXATTR requests: the kernel's security.capability checks on the
     /// write path would show up here.
     pub getxattrs: AtomicU64,
+    /// Requests that panicked (answered EIO).
+    pub panics: AtomicU64,
 }
 
 /// What `open` hands to the adapter.
-pub struct Opened {
+pub struct Opened<B> {
     pub fh: u64,
     /// `Some` when the open is served by passthrough.
-    pub backing: Option<Arc<Backing>>,
+    pub backing: Option<Arc<B>>,
 }
 
-pub struct ReflinkFs {
+/// Why an open did not complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenError {
+    Errno(Errno),
+    /// It would have to wait (a start, or the commit of the last run):
+    /// do it again with `may_wait` on a thread that may block.
+    WouldWait,
+}
+
+impl From<Errno> for OpenError {
+    fn from(e: Errno) -> Self {
+        OpenError::Errno(e)
+    }
+}
+
+/// Threads that run the stops the last releases ask for, so that ten VMs
+/// shutting down at once never take a FUSE worker.
+struct Committer {
+    tx: Mutex<Option<std::sync::mpsc::Sender<PendingStop>>>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl Committer {
+    fn new(pool: Arc<Pool>, n: usize) -> Committer {
+        let (tx, rx) = std::sync::mpsc::channel::<PendingStop>();
+        let rx = Arc::new(Mutex::new(rx));
+        let mut threads = Vec::new();
+        for i in 0..n.max(1) {
+            let (pool, rx) = (pool.clone(), rx.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("commit-{i}"))
+                .spawn(move || loop {
+                    let next = rx.lock().recv();
+                    let Ok(p) = next else { return };
+                    let vid = p.vid.clone();
+                    match pool.finish_stop(p) {
+                        Ok(None) => log::debug!("{vid}: opened again before its stop; it runs on"),
+                        // The engine said at WARN what holds it; the daemon
+                        // commits it once that lets go (`retry_held`).
+                        Ok(Some(StopOutcome::Held { .. })) => {}
+                        Ok(Some(outcome)) => log::info!("{vid}: last close: {outcome:?}"),
+                        Err(e) => log::error!("{vid}: stop at the last close failed: {e}; the dirty image is kept and will be committed at the next start or pool open"),
+                    }
+                });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => log::error!("cannot start a committer thread: {e}"),
+            }
+        }
+        Committer {
+            tx: Mutex::new(Some(tx)),
+            threads: Mutex::new(threads),
+        }
+    }
+
+    /// Queues a stop; without committer threads (after shutdown) runs it
+    /// here.
+    fn submit(&self, pool: &Pool, p: PendingStop) {
+        let p = match &*self.tx.lock() {
+            Some(tx) => match tx.send(p) {
+                Ok(()) => return,
+                Err(std::sync::mpsc::SendError(p)) => p,
+            },
+            None => p,
+        };
+        if let Err(e) = pool.finish_stop(p) {
+            log::error!("stop at the last close failed: {e}");
+        }
+    }
+
+    /// Lets the queued stops finish and ends the threads.
+    fn drain(&self) {
+        drop(self.tx.lock().take());
+        for t in self.threads.lock().drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+pub struct ReflinkFs<B: Send + Sync + 'static = fuser::BackingId> {
     pool: Arc<Pool>,
     opts: FsOptions,
     /// Whether the kernel granted passthrough (decided at INIT).
     passthrough: AtomicBool,
     inodes: Mutex<Inodes>,
-    dirty: Mutex<HashMap<ValidVid, Arc<Mutex<DirtyState>>>>,
     /// Backing registrations of committed images and revisions, by inode,
     /// shared by the opens of one inode (the kernel allows one per inode).
-    ro_backing: Mutex<HashMap<u64, Weak<Backing>>>,
-    handles: Mutex<HashMap<u64, Handle>>,
-    /// Volumes whose stop (commit) is in progress.
-    committing: Mutex<BTreeSet<ValidVid>>,
+    ro_backing: Mutex<HashMap<u64, Weak<B>>>,
+    handles: Mutex<HashMap<u64, Handle<B>>>,
     next_fh: AtomicU64,
+    committer: Committer,
     pub stats: Stats,
     started: SystemTime,
 }
@@ -168,14 +226,20 @@ fn refuse(what: &str, instead: &str) -> Errno {
 }
 
 /// The errno of an open whose start failed. EIO for all but the few
-/// errors a caller can act on: EROFS, which some errors map to elsewhere,
-/// would say the volume is read-only when it is not. The reason is logged.
+/// errors a caller can act on: EROFS (a read-only volume), EBUSY, ENOSPC,
+/// ENOENT. The reason is logged.
 fn start_errno(vid: &ValidVid, e: &Error) -> Errno {
-    let errno = match e.errno() {
-        e @ (libc::EBUSY | libc::ENOSPC | libc::EDQUOT | libc::ENOENT) => e,
-        _ => libc::EIO,
+    let errno = match e {
+        Error::ReadOnly { .. } => libc::EROFS,
+        e => match e.errno() {
+            e @ (libc::EBUSY | libc::ENOSPC | libc::EDQUOT | libc::ENOENT) => e,
+            _ => libc::EIO,
+        },
     };
-    log::error!("{vid}: cannot start: {e}");
+    match errno {
+        libc::EROFS | libc::EBUSY => log::warn!("{vid}: open refused: {e}"),
+        _ => log::error!("{vid}: cannot start: {e}"),
+    }
     errno
 }
 
@@ -217,18 +281,18 @@ fn sig_attr(ino: u64, sig: &FileSig, perm: u16) -> Attr {
     }
 }
 
-impl ReflinkFs {
-    pub fn new(pool: Arc<Pool>, opts: FsOptions) -> ReflinkFs {
+impl<B: Send + Sync + 'static> ReflinkFs<B> {
+    pub fn new(pool: Arc<Pool>, opts: FsOptions) -> ReflinkFs<B> {
+        let committer = Committer::new(pool.clone(), opts.committers);
         ReflinkFs {
             pool,
             opts,
             passthrough: AtomicBool::new(false),
             inodes: Mutex::new(Inodes::default()),
-            dirty: Mutex::new(HashMap::new()),
             ro_backing: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
-            committing: Mutex::new(BTreeSet::new()),
             next_fh: AtomicU64::new(1),
+            committer,
             stats: Stats::default(),
             started: SystemTime::now(),
         }
@@ -258,21 +322,14 @@ impl ReflinkFs {
         }
     }
 
-    /// Running volumes with their number of open handles.
+    /// Running volumes with their number of open files (leases).
     pub fn open_handles(&self) -> Vec<(ValidVid, usize)> {
-        let mut v: Vec<(ValidVid, usize)> = self
-            .dirty_states()
-            .into_iter()
-            .map(|(k, s)| (k, s.lock().opens))
-            .filter(|(_, n)| *n > 0)
-            .collect();
-        v.sort();
-        v
+        self.pool.activity().0
     }
 
-    /// Volumes whose commit is in progress.
-    pub fn commits_in_flight(&self) -> Vec<ValidVid> {
-        self.committing.lock().iter().cloned().collect()
+    /// Volumes a start, commit, hold or operation is in progress on.
+    pub fn busy_volumes(&self) -> Vec<(ValidVid, &'static str)> {
+        self.pool.activity().1
     }
 
     /// How many volumes have their `N-dirty.img` open.
@@ -280,13 +337,10 @@ impl ReflinkFs {
         self.open_handles().len()
     }
 
-    /// The open states, copied out so no state is locked while the map is.
-    fn dirty_states(&self) -> Vec<(ValidVid, Arc<Mutex<DirtyState>>)> {
-        self.dirty
-            .lock()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
+    /// How many inodes the table holds (an xattr of the root, for tests
+    /// that FORGET bounds it).
+    pub fn inode_count(&self) -> usize {
+        self.inodes.lock().len()
     }
 
     fn node(&self, ino: u64) -> FsResult<Node> {
@@ -305,15 +359,6 @@ impl ReflinkFs {
 
     fn view(&self, vid: &ValidVid) -> FsResult<VolumeView> {
         self.pool.volume_view(vid).map_err(|e| errno_of("view", &e))
-    }
-
-    /// Volumes the mount shows: all but optional ones without an image.
-    fn shown_vids(&self) -> Vec<ValidVid> {
-        self.pool
-            .vids()
-            .into_iter()
-            .filter(|v| self.pool.is_shown(v))
-            .collect()
     }
 
     fn dir_attr(&self, ino: u64) -> Attr {
@@ -336,16 +381,32 @@ impl ReflinkFs {
         }
     }
 
-    /// The attributes of a node, fresh from the backing files.
-    pub fn getattr(&self, ino: u64) -> FsResult<Attr> {
+    /// The attributes of a node. With `fh` (an fstat), those of the open
+    /// file itself, so a reader keeps its own image's attributes; without,
+    /// fresh from the backing files.
+    pub fn getattr(&self, ino: u64, fh: Option<u64>) -> FsResult<Attr> {
         let node = self.node(ino)?;
+        crate::engine::failpoint::panic_if("fuse.getattr", &format!("{node:?}"));
+        if let Some(fh) = fh {
+            let file = self.handles.lock().get(&fh).map(|h| h.file.clone());
+            if let Some(file) = file {
+                let sig = FileSig::from_stat(
+                    &sys::fstat(file.as_fd()).map_err(|e| io_errno("getattr", e))?,
+                );
+                let perm = match &node {
+                    Node::Dirty(vid, _) => self.file_perm(self.view(vid)?.config.rw),
+                    _ => 0o400,
+                };
+                return Ok(sig_attr(ino, &sig, perm));
+            }
+        }
         self.attr_of(ino, &node)
     }
 
     fn attr_of(&self, ino: u64, node: &Node) -> FsResult<Attr> {
         match node {
             Node::Root | Node::Class(_) | Node::Vm(..) => Ok(self.dir_attr(ino)),
-            Node::Dirty(vid) => {
+            Node::Dirty(vid, _) => {
                 let view = self.view(vid)?;
                 let perm = self.file_perm(view.config.rw);
                 match (view.running, view.dirty) {
@@ -367,12 +428,21 @@ impl ReflinkFs {
                     }
                 }
             }
-            Node::Img(vid, _) => {
+            Node::Img(vid, _, generation) => {
+                // An older generation's image never changes: it keeps the
+                // attributes it had, whatever replaced the name since.
+                let remembered = self.inodes.lock().sig(ino);
                 let view = self.view(vid)?;
+                if view.generation != *generation {
+                    return remembered
+                        .map(|s| sig_attr(ino, &s, 0o400))
+                        .ok_or(libc::ENOENT);
+                }
                 let sig = view.img.ok_or(libc::ENOENT)?;
+                self.inodes.lock().remember(ino, sig);
                 Ok(sig_attr(ino, &sig, 0o400))
             }
-            Node::Revision(vid, name) => {
+            Node::Revision(vid, _, name) => {
                 let f = self
                     .pool
                     .open_revision(vid, name)
@@ -384,36 +454,40 @@ impl ReflinkFs {
         }
     }
 
-    /// Which node `name` in directory `parent` is, if it exists.
+    /// Which node `name` in directory `parent` is, if it exists. One range
+    /// query of the pool's sorted volumes: as cheap with 10,000 volumes as
+    /// with 10.
     fn child(&self, parent: &Node, name: &str) -> FsResult<Node> {
-        let vids = self.shown_vids();
         match parent {
-            Node::Root => vids
-                .iter()
-                .any(|v| v.class() == name)
+            Node::Root => self
+                .pool
+                .class_shown(name)
                 .then(|| Node::Class(name.to_owned()))
                 .ok_or(libc::ENOENT),
-            Node::Class(c) => vids
-                .iter()
-                .any(|v| v.class() == c && v.vm() == name)
+            Node::Class(c) => (!self.pool.shown_in_vm(c, name).is_empty())
                 .then(|| Node::Vm(c.clone(), name.to_owned()))
                 .ok_or(libc::ENOENT),
             Node::Vm(c, vm) => {
-                for v in vids.iter().filter(|v| v.class() == c && v.vm() == vm) {
-                    let n = crate::engine::Names::of(v);
+                for v in self.pool.shown_in_vm(c, vm) {
+                    let n = crate::engine::Names::of(&v);
+                    if !name.starts_with(v.name()) {
+                        continue;
+                    }
                     if name == n.dirty() {
-                        return Ok(Node::Dirty(v.clone()));
+                        let view = self.view(&v)?;
+                        return Ok(Node::Dirty(v.clone(), view.config.incarnation));
                     }
                     if name == n.img() || name.starts_with(&format!("{}.img", v.name())) {
-                        let view = self.view(v)?;
+                        let view = self.view(&v)?;
+                        let inc = view.config.incarnation;
                         if name == n.img() {
                             return match view.img {
-                                Some(_) => Ok(Node::Img(v.clone(), view.generation)),
+                                Some(_) => Ok(Node::Img(v.clone(), inc, view.generation)),
                                 None => Err(libc::ENOENT),
                             };
                         }
-                        if self.revisions(v)?.iter().any(|r| r.file_name == name) {
-                            return Ok(Node::Revision(v.clone(), name.to_owned()));
+                        if self.revisions(&v)?.iter().any(|r| r.file_name == name) {
+                            return Ok(Node::Revision(v.clone(), inc, name.to_owned()));
                         }
                     }
                 }
@@ -427,53 +501,84 @@ impl ReflinkFs {
         let parent = self.node(parent)?;
         let node = self.child(&parent, name)?;
         let ino = self.ino_of(&node);
-        self.attr_of(ino, &node)
+        let attr = self.attr_of(ino, &node)?;
+        // Counted only when the reply is about to go out: FORGET balances it.
+        self.inodes.lock().looked_up(&node);
+        Ok(attr)
+    }
+
+    /// FORGET of `n` lookups of `ino`.
+    pub fn forget(&self, ino: u64, n: u64) {
+        self.inodes.lock().forget(ino, n);
+    }
+
+    /// Drops the inode numbers handed out by readdir for files that have
+    /// gone since (replaced images, removed volumes) and that the kernel
+    /// does not hold. The daemon calls it now and then.
+    pub fn sweep_inodes(&self) {
+        let live = |n: &Node| match n {
+            Node::Root | Node::Class(_) | Node::Vm(..) => true,
+            Node::Dirty(v, inc) | Node::Revision(v, inc, _) => self
+                .pool
+                .snapshot(v)
+                .is_ok_and(|s| s.config.incarnation == *inc),
+            Node::Img(v, inc, generation) => self
+                .pool
+                .snapshot(v)
+                .is_ok_and(|s| s.config.incarnation == *inc && s.config.generation == *generation),
+        };
+        // The liveness test reads the pool, so the table is not held during
+        // it: nodes are judged first, then dropped if still unheld.
+        let candidates: Vec<Node> = {
+            let t = self.inodes.lock();
+            t.unheld()
+        };
+        let dead: std::collections::HashSet<Node> =
+            candidates.into_iter().filter(|n| !live(n)).collect();
+        if !dead.is_empty() {
+            let n = self.inodes.lock().sweep(|node| !dead.contains(node));
+            log::debug!("dropped {n} inode number(s) of files that are gone");
+        }
     }
 
     /// The entries of a directory, without `.` and `..`.
     pub fn readdir(&self, ino: u64) -> FsResult<Vec<(u64, Kind, String)>> {
         let node = self.node(ino)?;
-        let vids = self.shown_vids();
         let mut out = Vec::new();
         match &node {
             Node::Root => {
-                let classes: BTreeSet<&str> = vids.iter().map(|v| v.class()).collect();
-                for c in classes {
-                    let n = Node::Class(c.to_owned());
-                    out.push((self.ino_of(&n), Kind::Dir, c.to_owned()));
+                for c in self.pool.shown_classes() {
+                    let n = Node::Class(c.clone());
+                    out.push((self.ino_of(&n), Kind::Dir, c));
                 }
             }
             Node::Class(c) => {
-                let vms: BTreeSet<&str> = vids
-                    .iter()
-                    .filter(|v| v.class() == c)
-                    .map(|v| v.vm())
-                    .collect();
-                for vm in vms {
-                    let n = Node::Vm(c.clone(), vm.to_owned());
-                    out.push((self.ino_of(&n), Kind::Dir, vm.to_owned()));
+                for vm in self.pool.shown_vms(c) {
+                    let n = Node::Vm(c.clone(), vm.clone());
+                    out.push((self.ino_of(&n), Kind::Dir, vm));
                 }
             }
             Node::Vm(c, vm) => {
-                for v in vids.iter().filter(|v| v.class() == c && v.vm() == vm) {
-                    let names = crate::engine::Names::of(v);
-                    let Ok(view) = self.pool.volume_view(v) else {
+                for v in self.pool.shown_in_vm(c, vm) {
+                    let names = crate::engine::Names::of(&v);
+                    let Ok(view) = self.pool.volume_view(&v) else {
                         continue;
                     };
+                    let inc = view.config.incarnation;
                     out.push((
-                        self.ino_of(&Node::Dirty(v.clone())),
+                        self.ino_of(&Node::Dirty(v.clone(), inc)),
                         Kind::File,
                         names.dirty(),
                     ));
                     if view.img.is_some() {
                         out.push((
-                            self.ino_of(&Node::Img(v.clone(), view.generation)),
+                            self.ino_of(&Node::Img(v.clone(), inc, view.generation)),
                             Kind::File,
                             names.img(),
                         ));
                     }
-                    for r in self.revisions(v).unwrap_or_default() {
-                        let n = Node::Revision(v.clone(), r.file_name.clone());
+                    for r in self.revisions(&v).unwrap_or_default() {
+                        let n = Node::Revision(v.clone(), inc, r.file_name.clone());
                         out.push((self.ino_of(&n), Kind::File, r.file_name));
                     }
                 }
@@ -483,77 +588,70 @@ impl ReflinkFs {
         Ok(out)
     }
 
-    fn dirty_state(&self, vid: &ValidVid) -> Arc<Mutex<DirtyState>> {
-        self.dirty.lock().entry(vid.clone()).or_default().clone()
-    }
-
-    fn add_handle(
-        &self,
-        node: Node,
-        file: Arc<Image>,
-        writable: bool,
-        backing: Option<Arc<Backing>>,
-    ) -> Opened {
+    fn add_handle(&self, h: Handle<B>) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::SeqCst);
-        self.handles.lock().insert(
-            fh,
-            Handle {
-                node,
-                file,
-                writable,
-                _backing: backing.clone(),
-            },
-        );
-        Opened { fh, backing }
+        self.handles.lock().insert(fh, h);
+        fh
     }
 
     /// Opens a node. `register` makes a passthrough backing registration
-    /// for a file; it is only called when passthrough is on.
+    /// for a file; it is only called when passthrough is on. Without
+    /// `may_wait`, an open that would have to wait for a start or a commit
+    /// returns [`OpenError::WouldWait`] at once, for the adapter to do it
+    /// again on a thread that may wait: a FUSE worker never waits on a
+    /// volume.
     pub fn open(
         &self,
         ino: u64,
         flags: i32,
-        register: &dyn Fn(&File) -> std::io::Result<Backing>,
-    ) -> FsResult<Opened> {
+        register: &dyn Fn(&File) -> std::io::Result<B>,
+        may_wait: bool,
+    ) -> Result<Opened<B>, OpenError> {
         let node = self.node(ino)?;
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         match &node {
-            Node::Root | Node::Class(_) | Node::Vm(..) => Err(libc::EISDIR),
-            Node::Dirty(vid) => {
+            Node::Root | Node::Class(_) | Node::Vm(..) => Err(libc::EISDIR.into()),
+            Node::Dirty(vid, _) => {
                 if flags & libc::O_TRUNC != 0 {
                     return Err(refuse(
                         &format!("O_TRUNC open of {vid}-dirty.img"),
                         &format!("reflinkfs volume resize {vid} SIZE"),
-                    ));
+                    )
+                    .into());
                 }
-                let view = self.view(vid)?;
-                if writable && (!view.config.rw || self.opts.read_only) {
-                    log::warn!("{vid}: write open refused: the volume is read-only (rw=false or a ro mount)");
-                    return Err(libc::EROFS);
+                if writable && self.opts.read_only {
+                    log::warn!("{vid}: write open refused: the mount is read-only");
+                    return Err(libc::EROFS.into());
                 }
-                let state = self.dirty_state(vid);
-                let mut st = state.lock();
-                if st.opens == 0 {
-                    // The first open starts the volume; a commit of the
-                    // previous run finished before this lock was free.
-                    let run = self.pool.start_run(vid).map_err(|e| start_errno(vid, &e))?;
-                    let file = Image::dirty(run.file, run.limit);
-                    st.backing = None;
-                    if self.passthrough() {
-                        match register(&file) {
-                            Ok(b) => st.backing = Some(Arc::new(b)),
-                            Err(e) => log::error!("{vid}: passthrough registration failed ({e}); serving this run's I/O in the daemon"),
-                        }
+                let lease = match self.pool.try_acquire(vid, writable) {
+                    Ok(Some(lease)) => lease,
+                    Ok(None) if !may_wait => return Err(OpenError::WouldWait),
+                    Ok(None) => {
+                        let attach = |f: &File| self.attach(vid, f, register);
+                        self.pool
+                            .acquire(vid, writable, &attach)
+                            .map_err(|e| start_errno(vid, &e))?
                     }
-                    st.file = Some(file);
-                }
-                let file = st.file.clone().expect("set while opens > 0");
-                st.opens += 1;
-                Ok(self.add_handle(node.clone(), file, writable, st.backing.clone()))
+                    Err(e) => return Err(start_errno(vid, &e).into()),
+                };
+                let run_io = lease
+                    .attachment
+                    .clone()
+                    .and_then(|a| a.downcast::<RunIo<B>>().ok());
+                let backing = run_io.as_ref().and_then(|r| r.backing.clone());
+                let fh = self.add_handle(Handle {
+                    node: node.clone(),
+                    file: lease.file.clone(),
+                    writable,
+                    lease: Some(lease),
+                    run_io,
+                    _backing: backing.clone(),
+                });
+                Ok(Opened { fh, backing })
             }
-            Node::Img(vid, generation) => {
+            Node::Img(vid, _, generation) => {
                 if writable {
-                    return Err(libc::EROFS);
+                    return Err(libc::EROFS.into());
                 }
                 let (file, current) = self
                     .pool
@@ -561,31 +659,72 @@ impl ReflinkFs {
                     .map_err(|e| errno_of("open", &e))?;
                 if current != *generation {
                     // A stale dentry: the kernel retries the lookup on ESTALE.
-                    return Err(libc::ESTALE);
+                    return Err(libc::ESTALE.into());
                 }
-                let backing = self.ro_backing_for(ino, &file, register);
-                Ok(self.add_handle(node.clone(), Image::new(file), false, backing))
+                Ok(self.open_ro(ino, node.clone(), file, register))
             }
-            Node::Revision(vid, name) => {
+            Node::Revision(vid, _, name) => {
                 if writable {
-                    return Err(libc::EROFS);
+                    return Err(libc::EROFS.into());
                 }
                 let file = self
                     .pool
                     .open_revision(vid, name)
                     .map_err(|e| errno_of("open", &e))?;
-                let backing = self.ro_backing_for(ino, &file, register);
-                Ok(self.add_handle(node.clone(), Image::new(file), false, backing))
+                Ok(self.open_ro(ino, node.clone(), file, register))
             }
         }
+    }
+
+    /// What a run gets at its start: the passthrough registration of its
+    /// dirty image (when passthrough is on) and a write lock.
+    fn attach(
+        &self,
+        vid: &ValidVid,
+        file: &File,
+        register: &dyn Fn(&File) -> std::io::Result<B>,
+    ) -> Option<Attachment> {
+        let mut backing = None;
+        if self.passthrough() {
+            match register(file) {
+                Ok(b) => backing = Some(Arc::new(b)),
+                Err(e) => log::error!("{vid}: passthrough registration failed ({e}); serving this run's I/O in the daemon"),
+            }
+        }
+        Some(Arc::new(RunIo {
+            backing,
+            write_lock: Mutex::new(()),
+        }))
+    }
+
+    fn open_ro(
+        &self,
+        ino: u64,
+        node: Node,
+        file: File,
+        register: &dyn Fn(&File) -> std::io::Result<B>,
+    ) -> Opened<B> {
+        if let Ok(st) = sys::fstat(file.as_fd()) {
+            self.inodes.lock().remember(ino, FileSig::from_stat(&st));
+        }
+        let backing = self.ro_backing_for(ino, &file, register);
+        let fh = self.add_handle(Handle {
+            node,
+            file: Arc::new(file),
+            writable: false,
+            lease: None,
+            run_io: None,
+            _backing: backing.clone(),
+        });
+        Opened { fh, backing }
     }
 
     fn ro_backing_for(
         &self,
         ino: u64,
         file: &File,
-        register: &dyn Fn(&File) -> std::io::Result<Backing>,
-    ) -> Option<Arc<Backing>> {
+        register: &dyn Fn(&File) -> std::io::Result<B>,
+    ) -> Option<Arc<B>> {
         if !self.passthrough() {
             return None;
         }
@@ -606,55 +745,70 @@ impl ReflinkFs {
         }
     }
 
-    /// The last release of a handle. For `N-dirty.img`, the last release of
-    /// the volume stops it: commit or discard. Errors cannot reach the
-    /// application; they are logged and the dirty image stays for recovery.
+    /// A RELEASE. The last release of a volume's dirty image queues its
+    /// stop (commit or discard) on the committer threads: errors cannot
+    /// reach the application; they are logged and the dirty image stays.
     pub fn release(&self, fh: u64) {
         let Some(h) = self.handles.lock().remove(&fh) else {
             log::error!("release of unknown handle {fh}");
             return;
         };
-        if let Node::Dirty(vid) = h.node.clone() {
-            let vid = &vid;
-            let state = self.dirty_state(vid);
-            let mut st = state.lock();
-            st.opens = st.opens.saturating_sub(1);
-            if st.opens == 0 {
-                st.backing = None;
-                st.file = None;
-                drop(h);
-                self.committing.lock().insert(vid.clone());
-                let stopped = self.pool.stop(vid);
-                self.committing.lock().remove(vid);
-                match stopped {
-                    // The engine said at WARN what holds it; the watcher
-                    // (`retry_held`) commits it once that lets go.
-                    Ok(StopOutcome::Held { .. }) => {}
-                    Ok(outcome) => log::info!("{vid}: last close: {outcome:?}"),
-                    Err(e) => log::error!("{vid}: stop at the last close failed: {e}; the dirty image is kept and will be committed at the next start or pool open"),
+        let Handle {
+            node,
+            file,
+            lease,
+            run_io,
+            _backing,
+            ..
+        } = h;
+        drop((file, run_io, _backing));
+        match lease {
+            Some(lease) => {
+                if let Some(p) = self.pool.release(lease) {
+                    self.committer.submit(&self.pool, p);
                 }
             }
-        } else {
-            let ino = self.ino_of(&h.node);
-            drop(h);
-            let mut map = self.ro_backing.lock();
-            if map.get(&ino).is_some_and(|w| w.strong_count() == 0) {
-                map.remove(&ino);
+            None => {
+                let ino = self.ino_of(&node);
+                let mut map = self.ro_backing.lock();
+                if map.get(&ino).is_some_and(|w| w.strong_count() == 0) {
+                    map.remove(&ino);
+                }
             }
         }
     }
 
-    fn handle_file(&self, fh: u64, need_write: bool) -> FsResult<Arc<Image>> {
+    fn handle_file(&self, fh: u64, need_write: bool) -> FsResult<Arc<File>> {
         let handles = self.handles.lock();
         let h = handles.get(&fh).ok_or(libc::EBADF)?;
         if need_write && !h.writable {
-            return Err(if matches!(h.node, Node::Dirty(_)) {
+            return Err(if matches!(h.node, Node::Dirty(..)) {
                 libc::EBADF
             } else {
                 libc::EROFS
             });
         }
         Ok(h.file.clone())
+    }
+
+    /// The file of a writable handle, with the room a write of `len` at
+    /// `offset` has before the volume's end, and the run's write lock.
+    fn write_target(
+        &self,
+        fh: u64,
+        offset: u64,
+        len: u64,
+    ) -> FsResult<(Arc<File>, u64, Option<Arc<RunIo<B>>>)> {
+        let handles = self.handles.lock();
+        let h = handles.get(&fh).ok_or(libc::EBADF)?;
+        if !h.writable {
+            return Err(if matches!(h.node, Node::Dirty(..)) {
+                libc::EBADF
+            } else {
+                libc::EROFS
+            });
+        }
+        Ok((h.file.clone(), h.room(offset, len)?, h.run_io.clone()))
     }
 
     /// Daemon-mode read (passthrough reads never come here), into a
@@ -699,10 +853,9 @@ impl ReflinkFs {
     /// (doc/BENCHMARKS.md). Waiters on this lock sleep instead.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
-        let file = self.handle_file(fh, true)?;
-        let n = file.room(offset, data.len() as u64)? as usize;
-        let data = &data[..n];
-        let _one_at_a_time = file.write_lock.lock();
+        let (file, room, run_io) = self.write_target(fh, offset, data.len() as u64)?;
+        let data = &data[..room as usize];
+        let _one_at_a_time = run_io.as_ref().map(|r| r.write_lock.lock());
         crate::engine::fsops::write_all_at(&file, data, offset)
             .map_err(|e| io_errno("write", e))?;
         self.stats
@@ -746,17 +899,17 @@ impl ReflinkFs {
         length: u64,
         mode: i32,
     ) -> FsResult<()> {
-        if !matches!(self.node(ino)?, Node::Dirty(_)) {
+        if !matches!(self.node(ino)?, Node::Dirty(..)) {
             return Err(libc::EROFS);
         }
-        let file = self.handle_file(fh, true)?;
         if mode & (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) != 0 {
             // Both move data and change the size; a volume's size changes
             // only by a resize.
             log::warn!("refused fallocate mode {mode:#x}: it changes the volume's size (use `reflinkfs volume resize`)");
             return Err(libc::EOPNOTSUPP);
         }
-        if mode & libc::FALLOC_FL_KEEP_SIZE == 0 && file.room(offset, length)? < length {
+        let (file, room, _) = self.write_target(fh, offset, length)?;
+        if mode & libc::FALLOC_FL_KEEP_SIZE == 0 && room < length {
             log::warn!(
                 "refused fallocate of {length} bytes at {offset}: it would grow the volume past its end (EFBIG)"
             );
@@ -779,9 +932,9 @@ impl ReflinkFs {
         len: u64,
     ) -> FsResult<u32> {
         let src = self.handle_file(fh_in, false)?;
-        let dst = self.handle_file(fh_out, true)?;
-        let len = dst.room(off_out, len.min(u32::MAX as u64 & !0xfff))? as usize;
-        sys::copy_file_range(src.as_fd(), off_in, dst.as_fd(), off_out, len)
+        let (dst, room, _) =
+            self.write_target(fh_out, off_out, len.min(u32::MAX as u64 & !0xfff))?;
+        sys::copy_file_range(src.as_fd(), off_in, dst.as_fd(), off_out, room as usize)
             .map(|n| n as u32)
             .map_err(|e| io_errno("copy_file_range", e))
     }
@@ -791,7 +944,7 @@ impl ReflinkFs {
     pub fn set_size(&self, ino: u64, size: u64) -> FsResult<Attr> {
         let node = self.node(ino)?;
         let vid = match &node {
-            Node::Dirty(v) | Node::Img(v, _) => v.clone(),
+            Node::Dirty(v, _) | Node::Img(v, _, _) => v.clone(),
             Node::Revision(..) => return Err(libc::EROFS),
             _ => return Err(libc::EISDIR),
         };
@@ -816,14 +969,14 @@ impl ReflinkFs {
                 &format!("reflinkfs volume resize {vid} {size} --allow-shrink"),
             ));
         }
-        // Serialise with opens and releases of the volume.
-        let state = self.dirty_state(&vid);
-        let _st = state.lock();
         self.pool
             .resize(&vid, size, false)
             .map_err(|e| errno_of("resize", &e))?;
         let node = match node {
-            Node::Img(v, _) => Node::Img(v.clone(), self.view(&v)?.generation),
+            Node::Img(v, inc, _) => {
+                let g = self.view(&v)?.generation;
+                Node::Img(v, inc, g)
+            }
             other => other,
         };
         let ino = self.ino_of(&node);
@@ -834,11 +987,11 @@ impl ReflinkFs {
     pub fn unlink(&self, parent: u64, name: &str) -> FsResult<()> {
         let parent = self.node(parent)?;
         match self.child(&parent, name)? {
-            Node::Revision(vid, file) => self
+            Node::Revision(vid, _, file) => self
                 .pool
                 .remove_revision(&vid, &file)
                 .map_err(|e| errno_of("unlink", &e)),
-            Node::Dirty(vid) | Node::Img(vid, _) => Err(refuse(
+            Node::Dirty(vid, _) | Node::Img(vid, _, _) => Err(refuse(
                 &format!("unlink of {name}"),
                 &format!("reflinkfs volume remove {vid}"),
             )),
@@ -858,10 +1011,8 @@ impl ReflinkFs {
     ) -> FsResult<()> {
         let p = self.node(parent)?;
         if parent == newparent && flags == 0 {
-            if let Node::Revision(vid, file) = self.child(&p, name)? {
+            if let Node::Revision(vid, _, file) = self.child(&p, name)? {
                 if newname == crate::engine::Names::of(&vid).img() {
-                    let state = self.dirty_state(&vid);
-                    let _st = state.lock();
                     return self
                         .pool
                         .revert(&vid, Some(&file))
@@ -889,42 +1040,25 @@ impl ReflinkFs {
         let mut put = |k: &str, v: String| out.push((format!("user.reflinkfs.{k}"), v));
         match &node {
             Node::Root => {
+                let n = |c: &AtomicU64| c.load(Ordering::Relaxed).to_string();
                 put("pool", self.pool.path().display().to_string());
                 put("io_mode", self.io_mode().to_owned());
-                put(
-                    "read_requests",
-                    self.stats.reads.load(Ordering::Relaxed).to_string(),
-                );
-                put(
-                    "write_requests",
-                    self.stats.writes.load(Ordering::Relaxed).to_string(),
-                );
-                put(
-                    "read_bytes",
-                    self.stats.read_bytes.load(Ordering::Relaxed).to_string(),
-                );
-                put(
-                    "write_bytes",
-                    self.stats.write_bytes.load(Ordering::Relaxed).to_string(),
-                );
-                put(
-                    "getxattr_requests",
-                    self.stats.getxattrs.load(Ordering::Relaxed).to_string(),
-                );
+                put("read_requests", n(&self.stats.reads));
+                put("write_requests", n(&self.stats.writes));
+                put("read_bytes", n(&self.stats.read_bytes));
+                put("write_bytes", n(&self.stats.write_bytes));
+                put("getxattr_requests", n(&self.stats.getxattrs));
+                put("panics", n(&self.stats.panics));
                 put("open_volumes", self.open_volumes().to_string());
+                put("inodes", self.inode_count().to_string());
             }
             Node::Class(_) | Node::Vm(..) => {}
-            Node::Dirty(vid) | Node::Img(vid, _) | Node::Revision(vid, _) => {
+            Node::Dirty(vid, _) | Node::Img(vid, _, _) | Node::Revision(vid, _, _) => {
                 let view = self.view(vid)?;
                 let c = &view.config;
                 put("vid", vid.to_string());
                 put("type", c.kind().as_str().to_owned());
-                let state = match (view.running, view.held) {
-                    (true, true) => "held",
-                    (true, false) => "running",
-                    _ => "stopped",
-                };
-                put("state", state.to_owned());
+                put("state", view.state.to_owned());
                 put("size", view.nominal_size.to_string());
                 put("rw", c.rw.to_string());
                 put("revisions_to_keep", c.revisions_to_keep.to_string());
@@ -933,7 +1067,7 @@ impl ReflinkFs {
                 if let Some(s) = &c.source {
                     put("source", s.to_string());
                 }
-                if let Node::Revision(_, file) = &node {
+                if let Node::Revision(_, _, file) = &node {
                     if let Some(r) = self
                         .revisions(vid)?
                         .into_iter()
@@ -953,30 +1087,18 @@ impl ReflinkFs {
 
     /// Commits every volume still open when the session ends (the kernel
     /// may drop RELEASE requests of an unmounted connection), so the daemon
-    /// never exits with data only in a dirty image.
+    /// never exits with data only in a dirty image. The queued stops go
+    /// first.
     pub fn shutdown(&self) {
-        let states = self.dirty_states();
+        self.committer.drain();
         self.handles.lock().clear();
-        for (vid, state) in states {
-            let mut st = state.lock();
-            if st.opens > 0 || self.pool.is_running(&vid).unwrap_or(false) {
-                st.opens = 0;
-                st.backing = None;
-                st.file = None;
-                match self
-                    .pool
-                    .stop_within(&vid, std::time::Duration::from_secs(2))
-                {
-                    Ok(o) => log::info!("{vid}: stopped at unmount: {o:?}"),
-                    Err(e) => {
-                        log::error!("{vid}: stop at unmount failed: {e}; recovery will commit it")
-                    }
+        for (vid, _) in self.pool.activity().0 {
+            match self.pool.stop_within(&vid, Duration::from_secs(2)) {
+                Ok(o) => log::info!("{vid}: stopped at unmount: {o:?}"),
+                Err(e) => {
+                    log::error!("{vid}: stop at unmount failed: {e}; recovery will commit it")
                 }
             }
         }
-    }
-
-    pub fn root_ino(&self) -> u64 {
-        ROOT_INO
     }
 }

@@ -1,17 +1,24 @@
 //! The inode table of the mount: every node the kernel has been told about,
-//! and the inode number it got.
+//! the inode number it got, and how many lookups the kernel holds on it.
 //!
-//! A committed image's node includes the generation of the volume's
-//! committed image, so when a commit, revert, resize or import replaces the
-//! backing file the path gets a new inode number. The kernel allows one
-//! passthrough backing file per inode, so a new open must never be handed
-//! an inode that still has opens of the old file. Numbers are never
-//! reused, and FORGET is not acted on: the table holds a few entries per
-//! volume and commit, far less than the kernel's own inode cache.
-//! `N-dirty.img` keeps one
-//! number per volume: its backing file only changes between the last
-//! release and the next first open, when the inode has no opens.
+//! Inode numbers are never reused, and a node names what it shows exactly
+//! enough that a new backing file always gets a new number:
+//! - a volume's files carry its incarnation (drawn when the volume is
+//!   made), so a volume removed and made again under the same id is new;
+//! - `N.img` carries the generation of the committed image, so a commit,
+//!   revert, resize or import gives the path a new number, and a reader of
+//!   the old one keeps the old attributes (remembered here: the old image
+//!   never changes). The kernel allows one passthrough backing file per
+//!   inode, so a new open must never be handed an old inode;
+//! - `N-dirty.img` keeps one number per incarnation: its backing file only
+//!   changes between the last release and the next first open, when the
+//!   inode has no opens.
+//!
+//! FORGET is honoured: a node the kernel has forgotten (and that no
+//! readdir refers to any more) leaves the table, so it does not grow with
+//! every commit.
 
+use crate::engine::fsops::FileSig;
 use crate::engine::ValidVid;
 use std::collections::HashMap;
 
@@ -21,33 +28,30 @@ pub enum Node {
     Root,
     Class(String),
     Vm(String, String),
-    /// `N-dirty.img`.
-    Dirty(ValidVid),
-    /// `N.img` at one generation of the committed image.
-    Img(ValidVid, u64),
+    /// `N-dirty.img` of one incarnation of a volume.
+    Dirty(ValidVid, u64),
+    /// `N.img` of one incarnation, at one generation of the committed image.
+    Img(ValidVid, u64, u64),
     /// A revision, by file name (K never repeats, so names are unique).
-    Revision(ValidVid, String),
-}
-
-impl Node {
-    pub fn is_dir(&self) -> bool {
-        matches!(self, Node::Root | Node::Class(_) | Node::Vm(..))
-    }
-
-    pub fn vid(&self) -> Option<&ValidVid> {
-        match self {
-            Node::Dirty(v) | Node::Img(v, _) | Node::Revision(v, _) => Some(v),
-            _ => None,
-        }
-    }
+    Revision(ValidVid, u64, String),
 }
 
 pub const ROOT_INO: u64 = 1;
 
 #[derive(Debug)]
+struct Entry {
+    node: Node,
+    /// Lookups the kernel holds (LOOKUP replies minus FORGET counts).
+    lookups: u64,
+    /// For immutable files (`N.img`, revisions): the attributes they had
+    /// when first seen, served when the name has moved on.
+    sig: Option<FileSig>,
+}
+
+#[derive(Debug)]
 pub struct Inodes {
     by_node: HashMap<Node, u64>,
-    by_ino: HashMap<u64, Node>,
+    by_ino: HashMap<u64, Entry>,
     next: u64,
 }
 
@@ -59,7 +63,14 @@ impl Default for Inodes {
             next: ROOT_INO + 1,
         };
         t.by_node.insert(Node::Root, ROOT_INO);
-        t.by_ino.insert(ROOT_INO, Node::Root);
+        t.by_ino.insert(
+            ROOT_INO,
+            Entry {
+                node: Node::Root,
+                lookups: 1,
+                sig: None,
+            },
+        );
         t
     }
 }
@@ -74,12 +85,94 @@ impl Inodes {
         let ino = self.next;
         self.next += 1;
         self.by_node.insert(node.clone(), ino);
-        self.by_ino.insert(ino, node.clone());
+        self.by_ino.insert(
+            ino,
+            Entry {
+                node: node.clone(),
+                lookups: 0,
+                sig: None,
+            },
+        );
         ino
     }
 
+    /// A LOOKUP reply about to be sent for `node`: its number, counted.
+    pub fn looked_up(&mut self, node: &Node) -> u64 {
+        let ino = self.ino_of(node);
+        if let Some(e) = self.by_ino.get_mut(&ino) {
+            e.lookups += 1;
+        }
+        ino
+    }
+
+    /// FORGET: the kernel drops `n` lookups of `ino`. At zero the node
+    /// leaves the table (the root never does).
+    pub fn forget(&mut self, ino: u64, n: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        let gone = match self.by_ino.get_mut(&ino) {
+            Some(e) => {
+                e.lookups = e.lookups.saturating_sub(n);
+                e.lookups == 0
+            }
+            None => false,
+        };
+        if gone {
+            if let Some(e) = self.by_ino.remove(&ino) {
+                self.by_node.remove(&e.node);
+            }
+        }
+    }
+
+    /// Drops the entries nobody holds (no lookups) whose node `live` says
+    /// is gone: numbers readdir handed out for files since replaced.
+    pub fn sweep(&mut self, live: impl Fn(&Node) -> bool) -> usize {
+        let dead: Vec<u64> = self
+            .by_ino
+            .iter()
+            .filter(|(ino, e)| **ino != ROOT_INO && e.lookups == 0 && !live(&e.node))
+            .map(|(ino, _)| *ino)
+            .collect();
+        for ino in &dead {
+            if let Some(e) = self.by_ino.remove(ino) {
+                self.by_node.remove(&e.node);
+            }
+        }
+        dead.len()
+    }
+
+    /// The nodes the kernel holds no lookup of (candidates for `sweep`).
+    pub fn unheld(&self) -> Vec<Node> {
+        self.by_ino
+            .iter()
+            .filter(|(ino, e)| **ino != ROOT_INO && e.lookups == 0)
+            .map(|(_, e)| e.node.clone())
+            .collect()
+    }
+
     pub fn node(&self, ino: u64) -> Option<Node> {
-        self.by_ino.get(&ino).cloned()
+        self.by_ino.get(&ino).map(|e| e.node.clone())
+    }
+
+    /// The attributes remembered for an immutable file's inode.
+    pub fn sig(&self, ino: u64) -> Option<FileSig> {
+        self.by_ino.get(&ino).and_then(|e| e.sig)
+    }
+
+    /// Remembers an immutable file's attributes the first time it is seen.
+    pub fn remember(&mut self, ino: u64, sig: FileSig) {
+        if let Some(e) = self.by_ino.get_mut(&ino) {
+            e.sig.get_or_insert(sig);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_ino.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_ino.is_empty()
     }
 }
 
@@ -88,14 +181,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_new_generation_gets_a_new_number() {
+    fn a_new_generation_or_incarnation_gets_a_new_number() {
         let mut t = Inodes::default();
         let v: ValidVid = "appvms/vm/private".parse().unwrap();
-        let a = t.ino_of(&Node::Img(v.clone(), 1));
-        assert_eq!(t.ino_of(&Node::Img(v.clone(), 1)), a);
-        let b = t.ino_of(&Node::Img(v.clone(), 2));
-        assert_ne!(a, b);
-        assert_eq!(t.node(a), Some(Node::Img(v, 1)));
+        let a = t.ino_of(&Node::Img(v.clone(), 7, 1));
+        assert_eq!(t.ino_of(&Node::Img(v.clone(), 7, 1)), a);
+        let b = t.ino_of(&Node::Img(v.clone(), 7, 2));
+        let c = t.ino_of(&Node::Img(v.clone(), 8, 1));
+        assert!(a != b && b != c && a != c);
+        assert_eq!(t.node(a), Some(Node::Img(v, 7, 1)));
         assert_eq!(t.ino_of(&Node::Root), ROOT_INO);
+    }
+
+    #[test]
+    fn forget_and_sweep_bound_the_table() {
+        let mut t = Inodes::default();
+        let v: ValidVid = "appvms/vm/private".parse().unwrap();
+        for generation in 0..1000 {
+            let n = Node::Img(v.clone(), 1, generation);
+            let ino = t.looked_up(&n);
+            t.looked_up(&n);
+            t.forget(ino, 2);
+        }
+        assert_eq!(t.len(), 1, "only the root is left");
+        for generation in 0..100 {
+            t.ino_of(&Node::Img(v.clone(), 1, generation));
+        }
+        assert_eq!(t.sweep(|n| matches!(n, Node::Img(_, _, 99))), 99);
+        assert_eq!(t.len(), 2);
+        t.forget(ROOT_INO, 100);
+        assert_eq!(t.node(ROOT_INO), Some(Node::Root), "the root stays");
     }
 }

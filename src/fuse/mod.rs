@@ -1,6 +1,15 @@
 //! The FUSE mount: a thin adapter from fuser's calls to [`fs::ReflinkFs`].
 //! It translates arguments, calls the filesystem, and maps `Err` to an
 //! errno; all behaviour lives in `fs.rs`.
+//!
+//! Two things only this layer can do:
+//! - every request runs under `catch_unwind`: a panic fails that request
+//!   with EIO (fuser answers a reply dropped unsent with EIO), is logged,
+//!   and the mount keeps serving every other volume;
+//! - an open that would wait for a volume (its start, or the commit of its
+//!   last run) moves, with its reply, to a thread of its own, so that no
+//!   FUSE worker ever waits on a volume: a mount with `threads=1` serves
+//!   every other VM while one volume starts or commits.
 
 pub mod fs;
 pub mod inodes;
@@ -13,6 +22,8 @@ use fuser::{
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use std::ffi::OsStr;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -27,6 +38,33 @@ const MAX_WRITE: u32 = 1 << 20;
 
 pub struct Adapter {
     pub fs: Arc<ReflinkFs>,
+}
+
+impl Adapter {
+    /// Runs one request's handler; a panic in it fails the request (its
+    /// reply, dropped unsent, answers EIO) and is logged.
+    fn guard(&self, op: &str, f: impl FnOnce()) {
+        if let Err(p) = std::panic::catch_unwind(AssertUnwindSafe(f)) {
+            self.fs.stats.panics.fetch_add(1, Ordering::Relaxed);
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "(no message)".into());
+            log::error!(
+                "{op}: the request panicked ({msg}); it was answered EIO, and the mount serves on"
+            );
+        }
+    }
+}
+
+fn opened(reply: ReplyOpen, o: &fs::Opened<fuser::BackingId>) {
+    match &o.backing {
+        Some(b) => reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), b),
+        // No FOPEN_KEEP_CACHE: the kernel drops the inode's page cache
+        // at open, since a restarted volume has a new dirty image.
+        None => reply.opened(FileHandle(o.fh), FopenFlags::empty()),
+    }
 }
 
 fn errno(e: i32) -> Errno {
@@ -109,18 +147,26 @@ impl Filesystem for Adapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let r = name_str(name).and_then(|n| self.fs.lookup(parent.0, n).map_err(errno));
-        match r {
-            Ok(a) => reply.entry_with_ttls(&ttl(&a), &ttl(&a), &file_attr(&a), Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        self.guard("lookup", || {
+            let r = name_str(name).and_then(|n| self.fs.lookup(parent.0, n).map_err(errno));
+            match r {
+                Ok(a) => reply.entry_with_ttls(&ttl(&a), &ttl(&a), &file_attr(&a), Generation(0)),
+                Err(e) => reply.error(e),
+            }
+        })
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.fs.getattr(ino.0) {
-            Ok(a) => reply.attr(&ttl(&a), &file_attr(&a)),
-            Err(e) => reply.error(errno(e)),
-        }
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.guard("getattr", || {
+            match self.fs.getattr(ino.0, fh.map(|f| f.0)) {
+                Ok(a) => reply.attr(&ttl(&a), &file_attr(&a)),
+                Err(e) => reply.error(errno(e)),
+            }
+        })
     }
 
     fn setattr(
@@ -145,14 +191,16 @@ impl Filesystem for Adapter {
             log::warn!("refused setattr of mode, owner or times on inode {}: images take their attributes from the pool", ino.0);
             return reply.error(Errno::EPERM);
         }
-        let r = match size {
-            Some(s) => self.fs.set_size(ino.0, s),
-            None => self.fs.getattr(ino.0),
-        };
-        match r {
-            Ok(a) => reply.attr(&ttl(&a), &file_attr(&a)),
-            Err(e) => reply.error(errno(e)),
-        }
+        self.guard("setattr", || {
+            let r = match size {
+                Some(s) => self.fs.set_size(ino.0, s),
+                None => self.fs.getattr(ino.0, None),
+            };
+            match r {
+                Ok(a) => reply.attr(&ttl(&a), &file_attr(&a)),
+                Err(e) => reply.error(errno(e)),
+            }
+        })
     }
 
     fn mknod(
@@ -165,8 +213,10 @@ impl Filesystem for Adapter {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        log::warn!("refused mknod of {name:?}: use `reflinkfs volume create`");
-        reply.error(Errno::EPERM);
+        self.guard("mknod", || {
+            log::warn!("refused mknod of {name:?}: use `reflinkfs volume create`");
+            reply.error(Errno::EPERM);
+        })
     }
 
     fn mkdir(
@@ -178,20 +228,26 @@ impl Filesystem for Adapter {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        log::warn!("refused mkdir of {name:?}: VM directories appear with their volumes (`reflinkfs volume create`)");
-        reply.error(Errno::EPERM);
+        self.guard("mkdir", || {
+            log::warn!("refused mkdir of {name:?}: VM directories appear with their volumes (`reflinkfs volume create`)");
+            reply.error(Errno::EPERM);
+        })
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match name_str(name).and_then(|n| self.fs.unlink(parent.0, n).map_err(errno)) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.guard("unlink", || {
+            match name_str(name).and_then(|n| self.fs.unlink(parent.0, n).map_err(errno)) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        })
     }
 
     fn rmdir(&self, _req: &Request, _parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        log::warn!("refused rmdir of {name:?}: use `reflinkfs volume remove`");
-        reply.error(Errno::EPERM);
+        self.guard("rmdir", || {
+            log::warn!("refused rmdir of {name:?}: use `reflinkfs volume remove`");
+            reply.error(Errno::EPERM);
+        })
     }
 
     fn symlink(
@@ -202,8 +258,10 @@ impl Filesystem for Adapter {
         _target: &std::path::Path,
         reply: ReplyEntry,
     ) {
-        log::warn!("refused symlink {link_name:?}: the pool holds only volumes");
-        reply.error(Errno::EPERM);
+        self.guard("symlink", || {
+            log::warn!("refused symlink {link_name:?}: the pool holds only volumes");
+            reply.error(Errno::EPERM);
+        })
     }
 
     fn rename(
@@ -216,16 +274,18 @@ impl Filesystem for Adapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let r = name_str(name).and_then(|n| {
-            let nn = name_str(newname)?;
-            self.fs
-                .rename(parent.0, n, newparent.0, nn, flags.bits())
-                .map_err(errno)
-        });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.guard("rename", || {
+            let r = name_str(name).and_then(|n| {
+                let nn = name_str(newname)?;
+                self.fs
+                    .rename(parent.0, n, newparent.0, nn, flags.bits())
+                    .map_err(errno)
+            });
+            match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        })
     }
 
     fn link(
@@ -236,20 +296,47 @@ impl Filesystem for Adapter {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        log::warn!("refused link {newname:?}: use `reflinkfs volume clone`");
-        reply.error(Errno::EPERM);
+        self.guard("link", || {
+            log::warn!("refused link {newname:?}: use `reflinkfs volume clone`");
+            reply.error(Errno::EPERM);
+        })
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let register = |f: &std::fs::File| reply.open_backing(f);
-        match self.fs.open(ino.0, flags.0, &register) {
-            Ok(o) => match &o.backing {
-                Some(b) => reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), b),
-                // No FOPEN_KEEP_CACHE: the kernel drops the inode's page cache
-                // at open, since a restarted volume has a new dirty image.
-                None => reply.opened(FileHandle(o.fh), FopenFlags::empty()),
-            },
-            Err(e) => reply.error(errno(e)),
+        let quick = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let register = |f: &std::fs::File| reply.open_backing(f);
+            self.fs.open(ino.0, flags.0, &register, false)
+        }));
+        match quick {
+            Ok(Ok(o)) => opened(reply, &o),
+            Ok(Err(fs::OpenError::Errno(e))) => reply.error(errno(e)),
+            Ok(Err(fs::OpenError::WouldWait)) => {
+                // A start or a commit is ahead: the open and its reply go
+                // to a thread that may wait, and this worker serves on.
+                let fs = self.fs.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("open".into())
+                    .spawn(move || {
+                        let a = Adapter { fs };
+                        a.guard("open", || {
+                            let register = |f: &std::fs::File| reply.open_backing(f);
+                            match a.fs.open(ino.0, flags.0, &register, true) {
+                                Ok(o) => opened(reply, &o),
+                                Err(fs::OpenError::Errno(e)) => reply.error(errno(e)),
+                                Err(fs::OpenError::WouldWait) => reply.error(Errno::EIO),
+                            }
+                        })
+                    });
+                if let Err(e) = spawned {
+                    log::error!("open: cannot start a thread ({e}); answered EIO");
+                }
+            }
+            Err(_) => {
+                self.fs.stats.panics.fetch_add(1, Ordering::Relaxed);
+                log::error!(
+                    "open: the request panicked; it was answered EIO, and the mount serves on"
+                );
+            }
         }
     }
 
@@ -264,15 +351,17 @@ impl Filesystem for Adapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let mut reply = Some(reply);
-        let sent = self.fs.read(fh.0, offset, size, |d| {
-            if let Some(r) = reply.take() {
-                r.data(d);
+        self.guard("read", || {
+            let mut reply = Some(reply);
+            let sent = self.fs.read(fh.0, offset, size, |d| {
+                if let Some(r) = reply.take() {
+                    r.data(d);
+                }
+            });
+            if let (Err(e), Some(r)) = (sent, reply) {
+                r.error(errno(e));
             }
-        });
-        if let (Err(e), Some(r)) = (sent, reply) {
-            r.error(errno(e));
-        }
+        })
     }
 
     fn write(
@@ -287,10 +376,10 @@ impl Filesystem for Adapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.fs.write(fh.0, offset, data) {
+        self.guard("write", || match self.fs.write(fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),
-        }
+        })
     }
 
     fn flush(
@@ -301,8 +390,10 @@ impl Filesystem for Adapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // Writes go straight to the backing file; there is nothing to flush.
-        reply.ok();
+        self.guard("flush", || {
+            // Writes go straight to the backing file; there is nothing to flush.
+            reply.ok();
+        })
     }
 
     fn release(
@@ -315,10 +406,12 @@ impl Filesystem for Adapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        // Answer first: the kernel does not wait for RELEASE, and a commit
-        // may take a while. A new open of the volume waits for it.
-        reply.ok();
-        self.fs.release(fh.0);
+        self.guard("release", || {
+            // Answer first: the kernel does not wait for RELEASE, and a commit
+            // may take a while. A new open of the volume waits for it.
+            reply.ok();
+            self.fs.release(fh.0);
+        })
     }
 
     fn fsync(
@@ -329,18 +422,18 @@ impl Filesystem for Adapter {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.fs.fsync(fh.0, datasync) {
+        self.guard("fsync", || match self.fs.fsync(fh.0, datasync) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
-        }
+        })
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.getattr(ino.0) {
+        self.guard("opendir", || match self.fs.getattr(ino.0, None) {
             Ok(a) if a.kind == Kind::Dir => reply.opened(FileHandle(0), FopenFlags::empty()),
             Ok(_) => reply.error(Errno::ENOTDIR),
             Err(e) => reply.error(errno(e)),
-        }
+        })
     }
 
     fn readdir(
@@ -351,40 +444,44 @@ impl Filesystem for Adapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let entries = match self.fs.readdir(ino.0) {
-            Ok(e) => e,
-            Err(e) => return reply.error(errno(e)),
-        };
-        let dots = [
-            (ino.0, Kind::Dir, ".".to_owned()),
-            (ino.0, Kind::Dir, "..".to_owned()),
-        ];
-        for (i, (eino, kind, name)) in dots
-            .into_iter()
-            .chain(entries)
-            .enumerate()
-            .skip(offset as usize)
-        {
-            let kind = match kind {
-                Kind::Dir => FileType::Directory,
-                Kind::File => FileType::RegularFile,
+        self.guard("readdir", || {
+            let entries = match self.fs.readdir(ino.0) {
+                Ok(e) => e,
+                Err(e) => return reply.error(errno(e)),
             };
-            if reply.add(INodeNo(eino), (i + 1) as u64, kind, &name) {
-                break;
+            let dots = [
+                (ino.0, Kind::Dir, ".".to_owned()),
+                (ino.0, Kind::Dir, "..".to_owned()),
+            ];
+            for (i, (eino, kind, name)) in dots
+                .into_iter()
+                .chain(entries)
+                .enumerate()
+                .skip(offset as usize)
+            {
+                let kind = match kind {
+                    Kind::Dir => FileType::Directory,
+                    Kind::File => FileType::RegularFile,
+                };
+                if reply.add(INodeNo(eino), (i + 1) as u64, kind, &name) {
+                    break;
+                }
             }
-        }
-        reply.ok();
+            reply.ok();
+        })
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match self.fs.statfs() {
-            // f_bsize 4096: a loop device takes its discard granularity
-            // from it.
-            Ok((blocks, bfree, bavail)) => {
-                reply.statfs(blocks, bfree, bavail, 0, 0, 4096, 255, 4096)
+        self.guard("statfs", || {
+            match self.fs.statfs() {
+                // f_bsize 4096: a loop device takes its discard granularity
+                // from it.
+                Ok((blocks, bfree, bavail)) => {
+                    reply.statfs(blocks, bfree, bavail, 0, 0, 4096, 255, 4096)
+                }
+                Err(e) => reply.error(errno(e)),
             }
-            Err(e) => reply.error(errno(e)),
-        }
+        })
     }
 
     fn setxattr(
@@ -397,51 +494,61 @@ impl Filesystem for Adapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        log::warn!("refused setxattr {name:?}: properties are set with `reflinkfs volume set`");
-        reply.error(Errno::EPERM);
+        self.guard("setxattr", || {
+            log::warn!("refused setxattr {name:?}: properties are set with `reflinkfs volume set`");
+            reply.error(Errno::EPERM);
+        })
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        self.fs
-            .stats
-            .getxattrs
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        // Answer anything that is not ours at once (security.capability,
-        // which the kernel checks once per inode on the write path).
-        if !name.as_encoded_bytes().starts_with(b"user.reflinkfs.") {
-            return reply.error(Errno::NO_XATTR);
-        }
-        let attrs = match self.fs.xattrs(ino.0) {
-            Ok(a) => a,
-            Err(e) => return reply.error(errno(e)),
-        };
-        let Some((_, value)) = attrs.iter().find(|(k, _)| OsStr::new(k) == name) else {
-            return reply.error(Errno::NO_XATTR);
-        };
-        xattr_reply(value.as_bytes(), size, reply);
+        self.guard("getxattr", || {
+            self.fs
+                .stats
+                .getxattrs
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            // Answer anything that is not ours at once (security.capability,
+            // which the kernel checks once per inode on the write path).
+            if !name.as_encoded_bytes().starts_with(b"user.reflinkfs.") {
+                return reply.error(Errno::NO_XATTR);
+            }
+            let attrs = match self.fs.xattrs(ino.0) {
+                Ok(a) => a,
+                Err(e) => return reply.error(errno(e)),
+            };
+            let Some((_, value)) = attrs.iter().find(|(k, _)| OsStr::new(k) == name) else {
+                return reply.error(Errno::NO_XATTR);
+            };
+            xattr_reply(value.as_bytes(), size, reply);
+        })
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let attrs = match self.fs.xattrs(ino.0) {
-            Ok(a) => a,
-            Err(e) => return reply.error(errno(e)),
-        };
-        let mut buf = Vec::new();
-        for (k, _) in attrs {
-            buf.extend_from_slice(k.as_bytes());
-            buf.push(0);
-        }
-        xattr_reply(&buf, size, reply);
+        self.guard("listxattr", || {
+            let attrs = match self.fs.xattrs(ino.0) {
+                Ok(a) => a,
+                Err(e) => return reply.error(errno(e)),
+            };
+            let mut buf = Vec::new();
+            for (k, _) in attrs {
+                buf.extend_from_slice(k.as_bytes());
+                buf.push(0);
+            }
+            xattr_reply(&buf, size, reply);
+        })
     }
 
     fn removexattr(&self, _req: &Request, _ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        log::warn!("refused removexattr {name:?}: the xattrs show volume properties");
-        reply.error(Errno::EPERM);
+        self.guard("removexattr", || {
+            log::warn!("refused removexattr {name:?}: the xattrs show volume properties");
+            reply.error(Errno::EPERM);
+        })
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
-        // default_permissions makes the kernel check modes itself.
-        reply.ok();
+        self.guard("access", || {
+            // default_permissions makes the kernel check modes itself.
+            reply.ok();
+        })
     }
 
     fn create(
@@ -454,8 +561,10 @@ impl Filesystem for Adapter {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        log::warn!("refused create of {name:?}: use `reflinkfs volume create`");
-        reply.error(Errno::EPERM);
+        self.guard("create", || {
+            log::warn!("refused create of {name:?}: use `reflinkfs volume create`");
+            reply.error(Errno::EPERM);
+        })
     }
 
     fn fallocate(
@@ -468,10 +577,12 @@ impl Filesystem for Adapter {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.fs.fallocate(ino.0, fh.0, offset, length, mode) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
-        }
+        self.guard("fallocate", || {
+            match self.fs.fallocate(ino.0, fh.0, offset, length, mode) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(e)),
+            }
+        })
     }
 
     fn lseek(
@@ -483,10 +594,10 @@ impl Filesystem for Adapter {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        match self.fs.lseek(fh.0, offset, whence) {
+        self.guard("lseek", || match self.fs.lseek(fh.0, offset, whence) {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(errno(e)),
-        }
+        })
     }
 
     fn copy_file_range(
@@ -502,13 +613,15 @@ impl Filesystem for Adapter {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        match self
-            .fs
-            .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len)
-        {
-            Ok(n) => reply.written(n),
-            Err(e) => reply.error(errno(e)),
-        }
+        self.guard("copy_file_range", || {
+            match self
+                .fs
+                .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len)
+            {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(errno(e)),
+            }
+        })
     }
 }
 

@@ -1,0 +1,342 @@
+//! One volume in memory: its config and its lifecycle, as one state
+//! machine under one lock that is never held across I/O.
+//!
+//! # States
+//!
+//! ```text
+//!            acquire                 start done
+//!  Stopped ----------> Starting ---------------> Running{leases, run}
+//!     ^                   | start failed             |  last lease returned,
+//!     |<------------------+                          v  finish_stop
+//!     |<------------------------------------ Committing
+//!     |          commit or discard done             | the dirty image is still
+//!     |                                             v  written outside reflinkfs
+//!     |                                   Running{leases: 0, held}
+//!  Removed (terminal: the volume is gone; every waiter fails cleanly)
+//! ```
+//!
+//! Beside the phase, one administration operation may be in progress
+//! ([`OpName`]): while it is, other operations and starts wait for it, or,
+//! for the unbounded ones (an import from a pipe, a clone), are refused
+//! with EBUSY at once, so that nothing ever waits on a client.
+//!
+//! # The lock order, in one place
+//!
+//! 1. `Pool::volumes` (the map of volumes), read or write, held only to
+//!    look a volume up, insert or remove it;
+//! 2. one volume's `life` mutex, held only to read or change its state (or
+//!    around the one rename that replaces its committed image, so that a
+//!    reader sees the image and its generation together);
+//! 3. `Pool::held`, `Pool::creating` (sets of ids), leaves.
+//!
+//! Never two volumes' locks at once: whoever needs another volume (a
+//! snapshot's source) reads it after releasing its own. No lock of this
+//! module is held across I/O that can take long: copies, fsync, commits,
+//! reads from a client.
+
+use super::config::VolumeConfig;
+use super::fsops::FileSig;
+use super::vid::ValidVid;
+use crate::error::{Error, Result};
+use parking_lot::{Condvar, Mutex, MutexGuard};
+use std::any::Any;
+use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// An administration operation in progress on a volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpName {
+    Import,
+    Clone,
+    Resize,
+    Revert,
+    Set,
+    Remove,
+    RemoveRevision,
+}
+
+impl OpName {
+    /// How the operation shows in `status`, `volume list` and `info`.
+    pub fn state(self) -> &'static str {
+        match self {
+            OpName::Import => "importing",
+            OpName::Clone => "cloning",
+            OpName::Resize => "resizing",
+            OpName::Revert => "reverting",
+            OpName::Set => "setting",
+            OpName::Remove => "removing",
+            OpName::RemoveRevision => "removing a revision",
+        }
+    }
+
+    /// Whether others wait for it. An import or a clone into the volume
+    /// reads from a client or copies without bound, so a start or another
+    /// operation is refused at once instead of waiting on it.
+    fn waitable(self) -> bool {
+        !matches!(self, OpName::Import | OpName::Clone)
+    }
+}
+
+/// Something the user of a run attaches to it once, at its start (the
+/// mount's passthrough registration and write lock), and that lives as
+/// long as the run.
+pub type Attachment = Arc<dyn Any + Send + Sync>;
+
+/// A started run of a volume.
+pub(crate) struct Run {
+    /// Open file handles (leases) on the run.
+    pub leases: usize,
+    /// The dirty image, open read-write; `None` once the run is held.
+    pub file: Option<Arc<File>>,
+    /// Signature of the dirty image right after start, to tell whether it
+    /// was modified. `None` for a dirty image found at recovery, which is
+    /// always committed.
+    pub started_sig: Option<FileSig>,
+    /// For snapshot volumes: the origin and the generation of its committed
+    /// image that this start copied.
+    pub started_from: Option<(ValidVid, u64)>,
+    /// The volume's size for this run: its contract with the clients.
+    /// Writes the daemon sees may not go past it, and the stop cuts the
+    /// image back to it (passthrough writes past the end reach the backing
+    /// file without the daemon). Changed only by a resize.
+    pub limit: Arc<AtomicU64>,
+    /// Set when a stop found the dirty image still open for writing outside
+    /// reflinkfs (what holds it): the run is over for reflinkfs, but it is
+    /// not committed until that writer lets go.
+    pub held: Option<String>,
+    pub attachment: Option<Attachment>,
+}
+
+impl Run {
+    pub fn limit(&self) -> u64 {
+        self.limit.load(Ordering::SeqCst)
+    }
+}
+
+pub(crate) enum Phase {
+    Stopped,
+    Starting,
+    Running(Run),
+    Committing,
+    Removed,
+}
+
+/// The state under a volume's lock.
+pub(crate) struct Life {
+    pub config: Arc<VolumeConfig>,
+    pub phase: Phase,
+    pub op: Option<OpName>,
+}
+
+impl Life {
+    pub fn run(&self) -> Option<&Run> {
+        match &self.phase {
+            Phase::Running(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    pub fn run_mut(&mut self) -> Option<&mut Run> {
+        match &mut self.phase {
+            Phase::Running(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// A name for the state, for status and list: an operation in
+    /// progress, then the phase.
+    pub fn state_name(&self) -> &'static str {
+        if let Some(op) = self.op {
+            return op.state();
+        }
+        match &self.phase {
+            Phase::Stopped => "stopped",
+            Phase::Starting => "starting",
+            Phase::Running(r) if r.held.is_some() => "held",
+            Phase::Running(_) => "running",
+            Phase::Committing => "committing",
+            Phase::Removed => "removed",
+        }
+    }
+}
+
+/// What a reader sees of a volume at one instant, taken without waiting.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub config: Arc<VolumeConfig>,
+    /// `stopped`, `starting`, `running`, `held`, `committing`, or an
+    /// operation (`importing`, …).
+    pub state: &'static str,
+    /// Started and not yet committed (running, held, or committing).
+    pub running: bool,
+    pub held: Option<String>,
+    pub leases: usize,
+    pub started_from: Option<(ValidVid, u64)>,
+    pub limit: Option<u64>,
+}
+
+pub(crate) struct Volume {
+    pub vid: ValidVid,
+    life: Mutex<Life>,
+    changed: Condvar,
+}
+
+impl Volume {
+    pub fn new(config: VolumeConfig) -> Arc<Volume> {
+        Arc::new(Volume {
+            vid: config.vid.clone(),
+            life: Mutex::new(Life {
+                config: Arc::new(config),
+                phase: Phase::Stopped,
+                op: None,
+            }),
+            changed: Condvar::new(),
+        })
+    }
+
+    /// The state, locked (briefly: never across I/O).
+    pub fn lock(&self) -> MutexGuard<'_, Life> {
+        self.life.lock()
+    }
+
+    /// Wakes everyone waiting for a change of this volume.
+    pub fn notify(&self) {
+        self.changed.notify_all();
+    }
+
+    pub fn wait(&self, life: &mut MutexGuard<'_, Life>) {
+        self.changed.wait(life);
+    }
+
+    pub fn config(&self) -> Arc<VolumeConfig> {
+        self.lock().config.clone()
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let life = self.lock();
+        let run = life.run();
+        Snapshot {
+            config: life.config.clone(),
+            state: life.state_name(),
+            running: run.is_some() || matches!(life.phase, Phase::Committing),
+            held: run.and_then(|r| r.held.clone()),
+            leases: run.map_or(0, |r| r.leases),
+            started_from: run.and_then(|r| r.started_from.clone()),
+            limit: run.map(Run::limit),
+        }
+    }
+
+    /// Waits until neither a start, a commit nor an operation is in
+    /// progress, or fails when an unbounded operation is (or the volume was
+    /// removed). Returns with the lock held.
+    pub fn wait_settled(&self) -> Result<MutexGuard<'_, Life>> {
+        let mut life = self.lock();
+        loop {
+            if matches!(life.phase, Phase::Removed) {
+                return Err(Error::NoSuchVolume(self.vid.to_string()));
+            }
+            if let Some(op) = life.op {
+                if !op.waitable() {
+                    return Err(Error::Busy {
+                        vid: self.vid.to_string(),
+                        reason: format!("it is {} (an operation in progress)", op.state()),
+                    });
+                }
+            }
+            let transient = matches!(life.phase, Phase::Starting | Phase::Committing);
+            if !transient && life.op.is_none() {
+                return Ok(life);
+            }
+            self.wait(&mut life);
+        }
+    }
+
+    /// Claims the volume for an administration operation: waits until it
+    /// is settled, checks `allowed` against the state, and marks `op` in
+    /// progress until the claim is dropped.
+    pub fn claim(
+        self: &Arc<Self>,
+        op: OpName,
+        allowed: impl FnOnce(&Life) -> Result<()>,
+    ) -> Result<Claim> {
+        let mut life = self.wait_settled()?;
+        allowed(&life)?;
+        life.op = Some(op);
+        drop(life);
+        Ok(Claim {
+            volume: self.clone(),
+            removed: false,
+        })
+    }
+}
+
+/// An administration operation in progress on a volume (see
+/// [`Volume::claim`]). Dropping it ends the operation and wakes waiters.
+pub(crate) struct Claim {
+    pub volume: Arc<Volume>,
+    removed: bool,
+}
+
+impl Claim {
+    pub fn config(&self) -> Arc<VolumeConfig> {
+        self.volume.config()
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, Life> {
+        self.volume.lock()
+    }
+
+    /// Ends the claim by marking the volume removed: every waiter fails.
+    pub fn finish_removed(mut self) {
+        self.volume.lock().phase = Phase::Removed;
+        self.removed = true;
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut life = self.volume.lock();
+        life.op = None;
+        if self.removed {
+            life.phase = Phase::Removed;
+        }
+        drop(life);
+        self.volume.notify();
+    }
+}
+
+/// A lease on a volume's run: what an open file of its dirty image holds.
+/// Give it back with [`super::Pool::release`].
+pub struct Lease {
+    pub vid: ValidVid,
+    /// The dirty image, open read-write.
+    pub file: Arc<File>,
+    /// The run's size limit, shared: a resize changes it.
+    pub limit: Arc<AtomicU64>,
+    /// What was attached to the run at its start.
+    pub attachment: Option<Attachment>,
+    pub(crate) volume: Arc<Volume>,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease").field("vid", &self.vid).finish()
+    }
+}
+
+/// The stop a last release asks for; run it with
+/// [`super::Pool::finish_stop`], on a thread that may wait (a commit
+/// fsyncs).
+pub struct PendingStop {
+    pub vid: ValidVid,
+    pub(crate) volume: Arc<Volume>,
+}
+
+impl std::fmt::Debug for PendingStop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingStop")
+            .field("vid", &self.vid)
+            .finish()
+    }
+}
