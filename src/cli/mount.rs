@@ -406,6 +406,9 @@ fn serve(
             ),
         )
     })?;
+    // Entries and attributes are cached by the kernel from now on, and
+    // dropped at every change of a volume.
+    fs.set_invalidator(Box::new(crate::fuse::Notify(session.notifier())));
     log::info!(
         "mounted pool {} on {} (I/O mode: {}, {} threads{}{})",
         pool.path().display(),
@@ -439,15 +442,22 @@ fn serve(
             ),
         )
     })?;
-    // Commits the runs held by a writer outside reflinkfs once it lets go.
-    let fs_held = fs.clone();
+    // Housekeeping: commits the runs held by a writer outside reflinkfs
+    // once it lets go (every second), and drops inode numbers of files
+    // that are gone (every ten).
+    let fs_house = fs.clone();
     std::thread::Builder::new()
-        .name("held".into())
-        .spawn(move || loop {
-            std::thread::sleep(std::time::Duration::from_secs(1));
-            fs_held.retry_held();
+        .name("housekeeping".into())
+        .spawn(move || {
+            for tick in 1u64.. {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                fs_house.retry_held();
+                if tick % 10 == 0 {
+                    fs_house.sweep_inodes();
+                }
+            }
         })
-        .map_err(|e| fail(&mut pipe, Error::io("starting the held-run thread", e)))?;
+        .map_err(|e| fail(&mut pipe, Error::io("starting the housekeeping thread", e)))?;
     let mnt_owned = mnt.to_owned();
     let fs_sig = fs.clone();
     std::thread::Builder::new()
@@ -539,6 +549,10 @@ impl crate::control::Daemon for DaemonState {
             "commits_in_flight": commits,
             "busy": busy,
         })
+    }
+
+    fn settled(&self) {
+        self.fs.sync_invalidations();
     }
 
     fn resized(&self, vid: &crate::engine::ValidVid) {

@@ -118,6 +118,9 @@ pub trait Daemon: Send + Sync {
     /// Called after a volume was resized: tells the loop devices backed by
     /// its exported path the new capacity.
     fn resized(&self, vid: &ValidVid);
+    /// Called after every request, before the reply: the mount has dropped
+    /// what the kernel cached of what the request changed.
+    fn settled(&self);
 }
 
 fn vid_of(pool: &Pool, input: &str) -> Result<ValidVid> {

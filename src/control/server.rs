@@ -164,7 +164,9 @@ fn serve(mut stream: UnixStream, pool: &Pool, daemon: &dyn Daemon, owner: u32) {
         return;
     }
     log::info!("control: {req:?} from PID {pid} (uid {uid})");
-    match execute(pool, req, fd, Some(daemon)) {
+    let result = execute(pool, req, fd, Some(daemon));
+    daemon.settled();
+    match result {
         Ok(outcome) => send(&mut stream, &Reply::Ok(outcome)),
         Err(e) => {
             log::warn!("control: request from PID {pid} failed: {e}");

@@ -258,14 +258,15 @@ impl Pool {
             self.store_volume(&config)?;
             self.volumes
                 .write()
-                .insert(vid.clone(), Volume::new(config));
+                .insert(vid.clone(), Volume::new(config, self.hooks.clone()));
         } else {
             dir.sync().map_err(io_ctx(&dir, "syncing", ""))?;
             self.store_volume(&config)?;
             self.volumes
                 .write()
-                .insert(vid.clone(), Volume::new(config));
+                .insert(vid.clone(), Volume::new(config, self.hooks.clone()));
         }
+        self.hooks.changed(vid);
         log::info!("{vid}: created ({}, {size} bytes)", kind.as_str());
         Ok(())
     }
@@ -293,6 +294,7 @@ impl Pool {
             ));
         }
         let claim = self.claim_stopped(vid, OpName::Remove, "removing it")?;
+        failpoint::pause("pause.remove", &vid.to_string());
         let v = vid.to_string();
         let n = Names::of(vid);
         if let Some(dir) = self.vm_dir_if_exists(vid)? {

@@ -7,7 +7,9 @@
 //! and nothing after it runs. Other builds ignore the variable (and say so
 //! once), so it can never abort a service in the middle of a commit.
 
-use std::sync::OnceLock;
+use parking_lot::{Condvar, Mutex};
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
 
 /// The environment variable that arms a failpoint.
 pub const ENV: &str = "REFLINKFS_FAILPOINT";
@@ -95,6 +97,87 @@ pub fn panic_if(name: &str, subject: &str) {
 
 /// The panic points: a handler panics there (see [`panic_if`]).
 pub const PANICS: &[&str] = &["fuse.getattr"];
+
+/// The pause points: the work of one volume stops there until released, so
+/// that a test can hold a start, a commit or a removal in progress and
+/// look at everything else meanwhile.
+pub const PAUSES: &[&str] = &["pause.start", "pause.commit", "pause.remove"];
+
+/// The environment variable naming a file whose existence releases an
+/// armed pause point (`REFLINKFS_FAILPOINT=pause.commit`).
+pub const GATE_ENV: &str = "REFLINKFS_FAILPOINT_GATE";
+
+type Gate = Arc<(Mutex<bool>, Condvar)>;
+
+fn pauses() -> &'static Mutex<HashMap<(String, String), Gate>> {
+    static P: OnceLock<Mutex<HashMap<(String, String), Gate>>> = OnceLock::new();
+    P.get_or_init(Default::default)
+}
+
+/// Pauses at `name` for `subject` (a volume id) when armed (only in a
+/// build with failpoints):
+/// - in the environment, `REFLINKFS_FAILPOINT=NAME` pauses every subject
+///   that mentions "pause" until the file named by
+///   `REFLINKFS_FAILPOINT_GATE` exists (a daemon under test);
+/// - in-process, [`pause_for`] pauses one subject until [`resume`].
+pub fn pause(name: &str, subject: &str) {
+    debug_assert!(PAUSES.contains(&name), "pause point {name} is not listed");
+    if !ENABLED {
+        return;
+    }
+    if armed() == Some(name) && subject.contains("pause") {
+        let gate = std::env::var_os(GATE_ENV).map(std::path::PathBuf::from);
+        log::warn!("failpoint {name} reached for {subject}: paused until {gate:?} exists");
+        while gate.as_ref().is_some_and(|g| !g.exists()) {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        log::warn!("failpoint {name} for {subject}: going on");
+        return;
+    }
+    let gate = pauses()
+        .lock()
+        .get(&(name.to_owned(), subject.to_owned()))
+        .cloned();
+    if let Some(g) = gate {
+        let (lock, cv) = &*g;
+        let mut open = lock.lock();
+        *open = false;
+        cv.notify_all();
+        // `false` tells `wait_paused` someone is here; wait for `resume`.
+        while !*open {
+            cv.wait(&mut open);
+        }
+    }
+}
+
+/// Arms a pause point for one subject, in-process. Returns the gate that
+/// [`wait_paused`] and [`resume`] take.
+pub fn pause_for(name: &str, subject: &str) -> Gate {
+    let g: Gate = Arc::new((Mutex::new(true), Condvar::new()));
+    pauses()
+        .lock()
+        .insert((name.to_owned(), subject.to_owned()), g.clone());
+    g
+}
+
+/// Waits until a thread is held at the gate's pause point.
+pub fn wait_paused(g: &Gate) {
+    let (lock, cv) = &**g;
+    let mut open = lock.lock();
+    while *open {
+        cv.wait(&mut open);
+    }
+}
+
+/// Lets the thread held at a pause point go, and disarms it.
+pub fn resume(name: &str, subject: &str, g: &Gate) {
+    pauses()
+        .lock()
+        .remove(&(name.to_owned(), subject.to_owned()));
+    let (lock, cv) = &**g;
+    *lock.lock() = true;
+    cv.notify_all();
+}
 
 #[cfg(test)]
 mod tests {

@@ -140,6 +140,9 @@ fn fit_to_contract(dir: &Dir, vid: &ValidVid, name: &str, contract: u64) -> Resu
     Ok(())
 }
 
+/// What is called once per run, at its start, to attach something to it.
+type AttachFn<'a> = &'a dyn Fn(&File) -> Option<Attachment>;
+
 /// What a start made: the dirty image and what the run remembers of it.
 struct Started {
     file: File,
@@ -194,7 +197,7 @@ impl Pool {
         vid: &ValidVid,
         writable: bool,
         exclusive: bool,
-        attach: Option<&dyn Fn(&File) -> Option<Attachment>>,
+        attach: Option<AttachFn<'_>>,
     ) -> Result<Lease> {
         let vol = self.volume(vid)?;
         let mut life = vol.lock();
@@ -245,6 +248,7 @@ impl Pool {
             (Ok(s), Some(f)) => f(&s.file),
             _ => None,
         };
+        vol.changed();
         let mut life = vol.lock();
         let result = match started {
             Ok(s) => {
@@ -257,7 +261,7 @@ impl Pool {
                     attachment: attachment.clone(),
                     volume: vol.clone(),
                 };
-                life.phase = Phase::Running(Run {
+                life.phase = Phase::Running(Box::new(Run {
                     leases: 1,
                     file: Some(file),
                     started_sig: Some(s.sig),
@@ -265,7 +269,7 @@ impl Pool {
                     limit,
                     held: None,
                     attachment,
-                });
+                }));
                 Ok(lease)
             }
             Err(e) => {
@@ -382,6 +386,7 @@ impl Pool {
         let vid = &vol.vid;
         let was_held = run.held.is_some();
         let result = self.stop_io(vol, &cfg, run);
+        vol.changed();
         let mut life = vol.lock();
         let outcome = match result {
             Ok((StopOutcome::Held { holders }, run)) => {
@@ -390,13 +395,13 @@ impl Pool {
                         "{vid}: not committed yet: its dirty image is still open for writing by {holders}; it is committed once that lets go, and the volume cannot start again until then",
                     );
                 }
-                life.phase = Phase::Running(Run {
+                life.phase = Phase::Running(Box::new(Run {
                     leases: 0,
                     file: None,
                     attachment: None,
                     held: Some(holders.clone()),
-                    ..run
-                });
+                    ..*run
+                }));
                 self.held.lock().insert(vid.clone());
                 Ok(StopOutcome::Held { holders })
             }
@@ -447,6 +452,7 @@ impl Pool {
     /// Makes the dirty image of a volume in state Starting.
     fn start_io(&self, vol: &Arc<Volume>) -> Result<Started> {
         let vid = &vol.vid;
+        failpoint::pause("pause.start", &vid.to_string());
         let dir = self.vm_dir(vid, true)?;
         let n = Names::of(vid);
         let kind = vol.config().kind();
@@ -549,11 +555,12 @@ impl Pool {
         &self,
         vol: &Arc<Volume>,
         cfg: &VolumeConfig,
-        mut run: Run,
-    ) -> Result<(StopOutcome, Run)> {
+        mut run: Box<Run>,
+    ) -> Result<(StopOutcome, Box<Run>)> {
         run.file = None;
         run.attachment = None;
         let vid = &vol.vid;
+        failpoint::pause("pause.commit", &vid.to_string());
         let dir = self.vm_dir(vid, false)?;
         let n = Names::of(vid);
         let outcome = match cfg.kind() {
@@ -974,7 +981,7 @@ impl Pool {
                         "{vid}: recovery: not committing {}: it is still open for writing by {holders}; it is committed once that lets go, and the volume cannot start again until then",
                         dir.shown(&n.dirty()).display()
                     );
-                    vol.lock().phase = Phase::Running(Run {
+                    vol.lock().phase = Phase::Running(Box::new(Run {
                         leases: 0,
                         file: None,
                         started_sig: None,
@@ -982,7 +989,7 @@ impl Pool {
                         limit: Arc::new(AtomicU64::new(contract)),
                         held: Some(holders),
                         attachment: None,
-                    });
+                    }));
                     self.held.lock().insert(vid.clone());
                     return Ok(());
                 }

@@ -5,7 +5,7 @@ use super::config::{parse_json, store_json, PoolConfig, VolumeConfig, FORMAT_VER
 use super::fsops::{read_small_file, CopyStrategy, Dir, Entry};
 use super::revision::{now_utc, parse_revision_name, Parsed, Revision};
 use super::vid::{check_component, ValidVid};
-use super::volume::Volume;
+use super::volume::{ChangeHook, Hooks, Volume};
 use crate::error::{Error, Result};
 use crate::sys;
 use parking_lot::{Mutex, RwLock};
@@ -113,6 +113,8 @@ pub struct Pool {
     /// while the volume is not yet in `volumes`, so no second create of
     /// the same id can start.
     pub(crate) creating: Mutex<BTreeSet<ValidVid>>,
+    /// Told of every change to a volume's files or properties.
+    pub(crate) hooks: Arc<Hooks>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -263,6 +265,7 @@ impl Pool {
             corrupt: RwLock::new(BTreeMap::new()),
             held: Mutex::new(BTreeSet::new()),
             creating: Mutex::new(BTreeSet::new()),
+            hooks: Arc::new(Hooks::default()),
         };
         pool.load_volumes()?;
         pool.recover_all()?;
@@ -272,6 +275,13 @@ impl Pool {
 
     pub fn path(&self) -> &Path {
         self.root.path()
+    }
+
+    /// Calls `hook` whenever a volume's files or properties change: a
+    /// start, a stop, every operation, a create. The mount uses it to drop
+    /// what the kernel caches. See [`ChangeHook`] for when it is called.
+    pub fn on_change(&self, hook: ChangeHook) {
+        self.hooks.add(hook);
     }
 
     /// Where a mounted pool's daemon listens for administration requests.
@@ -425,7 +435,7 @@ impl Pool {
                         });
                     match parsed {
                         Ok(config) => {
-                            volumes.insert(vid, Volume::new(config));
+                            volumes.insert(vid, Volume::new(config, self.hooks.clone()));
                         }
                         Err(e) => {
                             log::error!(

@@ -12,6 +12,16 @@ use crate::sys::{self, FsStats};
 use std::fs::File;
 use std::sync::Arc;
 
+/// What `status` shows of the pool's volumes.
+#[derive(Debug, Clone, Default)]
+pub struct Activity {
+    /// Running volumes, with how many leases (open files) each has.
+    pub open: Vec<(ValidVid, usize)>,
+    /// Volumes a start, a commit, a hold or an operation is in progress on,
+    /// with its name.
+    pub busy: Vec<(ValidVid, &'static str)>,
+}
+
 /// A volume as the mount shows it.
 #[derive(Debug, Clone)]
 pub struct VolumeView {
@@ -142,6 +152,27 @@ impl Pool {
             .is_some_and(|d| matches!(regular_entry(&d, vid, &Names::of(vid).img()), Ok(Some(_))))
     }
 
+    /// The snapshot volumes whose chain of sources leads to `vid`: their
+    /// size shows the source's. Reads every volume's config (no waiting).
+    pub fn snapshots_of(&self, vid: &ValidVid) -> Vec<ValidVid> {
+        let vols: Vec<Arc<super::volume::Volume>> = self.volumes.read().values().cloned().collect();
+        let sources: Vec<(ValidVid, Option<ValidVid>)> = vols
+            .iter()
+            .map(|v| (v.vid.clone(), v.config().source.clone()))
+            .collect();
+        let mut found: Vec<ValidVid> = Vec::new();
+        let mut frontier = vec![vid.clone()];
+        while let Some(cur) = frontier.pop() {
+            for (v, src) in &sources {
+                if src.as_ref() == Some(&cur) && !found.contains(v) && v != vid {
+                    found.push(v.clone());
+                    frontier.push(v.clone());
+                }
+            }
+        }
+        found
+    }
+
     /// Whether a volume runs (held runs included).
     pub fn is_running(&self, vid: &ValidVid) -> Result<bool> {
         Ok(self.volume(vid)?.snapshot().running)
@@ -150,7 +181,7 @@ impl Pool {
     /// Running volumes with how many leases (open files) each has, and the
     /// volumes whose state is not plain `running` or `stopped` (a start, a
     /// commit, a hold or an operation in progress), for `status`.
-    pub fn activity(&self) -> (Vec<(ValidVid, usize)>, Vec<(ValidVid, &'static str)>) {
+    pub fn activity(&self) -> Activity {
         let vols: Vec<Arc<super::volume::Volume>> = self.volumes.read().values().cloned().collect();
         let (mut open, mut busy) = (Vec::new(), Vec::new());
         for v in vols {
@@ -162,7 +193,7 @@ impl Pool {
                 busy.push((v.vid.clone(), snap.state));
             }
         }
-        (open, busy)
+        Activity { open, busy }
     }
 
     /// The backing filesystem's numbers, for statfs.

@@ -83,6 +83,28 @@ impl OpName {
 /// long as the run.
 pub type Attachment = Arc<dyn Any + Send + Sync>;
 
+/// Who is told when a volume's files or properties change (the mount, to
+/// drop what the kernel caches of them). Called with no lock held, on the
+/// thread that made the change, before the change shows in the volume's
+/// state (so a waiter that sees the new state sees fresh attributes).
+pub type ChangeHook = Box<dyn Fn(&ValidVid) + Send + Sync>;
+
+/// The hooks of a pool, shared by its volumes.
+#[derive(Default)]
+pub struct Hooks(parking_lot::RwLock<Vec<ChangeHook>>);
+
+impl Hooks {
+    pub fn add(&self, hook: ChangeHook) {
+        self.0.write().push(hook);
+    }
+
+    pub fn changed(&self, vid: &ValidVid) {
+        for h in self.0.read().iter() {
+            h(vid);
+        }
+    }
+}
+
 /// A started run of a volume.
 pub(crate) struct Run {
     /// Open file handles (leases) on the run.
@@ -117,7 +139,7 @@ impl Run {
 pub(crate) enum Phase {
     Stopped,
     Starting,
-    Running(Run),
+    Running(Box<Run>),
     Committing,
     Removed,
 }
@@ -180,10 +202,11 @@ pub(crate) struct Volume {
     pub vid: ValidVid,
     life: Mutex<Life>,
     changed: Condvar,
+    hooks: Arc<Hooks>,
 }
 
 impl Volume {
-    pub fn new(config: VolumeConfig) -> Arc<Volume> {
+    pub fn new(config: VolumeConfig, hooks: Arc<Hooks>) -> Arc<Volume> {
         Arc::new(Volume {
             vid: config.vid.clone(),
             life: Mutex::new(Life {
@@ -192,7 +215,14 @@ impl Volume {
                 op: None,
             }),
             changed: Condvar::new(),
+            hooks,
         })
+    }
+
+    /// Tells the pool's hooks that this volume's files or properties
+    /// changed. Never called with the lock held.
+    pub fn changed(&self) {
+        self.hooks.changed(&self.vid);
     }
 
     /// The state, locked (briefly: never across I/O).
@@ -289,19 +319,25 @@ impl Claim {
 
     /// Ends the claim by marking the volume removed: every waiter fails.
     pub fn finish_removed(mut self) {
-        self.volume.lock().phase = Phase::Removed;
         self.removed = true;
     }
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        let mut life = self.volume.lock();
-        life.op = None;
         if self.removed {
+            // Gone first, so that the hooks see it gone; waiters fail.
+            let mut life = self.volume.lock();
+            life.op = None;
             life.phase = Phase::Removed;
+            drop(life);
+            self.volume.changed();
+        } else {
+            // What the operation changed is announced before it shows as
+            // done.
+            self.volume.changed();
+            self.volume.lock().op = None;
         }
-        drop(life);
         self.volume.notify();
     }
 }

@@ -46,6 +46,39 @@ pub struct Attr {
     pub perm: u16,
     pub mtime: SystemTime,
     pub ctime: SystemTime,
+    /// Whether the kernel may cache these attributes (until told that they
+    /// changed): all but a running dirty image's, which its writes change.
+    pub cacheable: bool,
+}
+
+/// Drops what the kernel caches (the daemon gives fuser's notifier).
+pub trait Invalidate: Send + Sync {
+    /// The entry `name` in directory `parent`.
+    fn entry(&self, parent: u64, name: &str);
+    /// The attributes of `ino`.
+    fn inode(&self, ino: u64);
+    /// The cached listing of directory `ino` (FOPEN_CACHE_DIR).
+    fn listing(&self, ino: u64);
+}
+
+thread_local! {
+    /// Set while this thread runs a FUSE request: an invalidation from it
+    /// is queued, never sent, since the kernel may wait for this very
+    /// request to finish before it takes the notification.
+    static IN_REQUEST: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` as (part of) a FUSE request's handler.
+pub fn in_request<R>(f: impl FnOnce() -> R) -> R {
+    let was = IN_REQUEST.with(|c| c.replace(true));
+    let r = f();
+    IN_REQUEST.with(|c| c.set(was));
+    r
+}
+
+enum Notice {
+    Volume(ValidVid),
+    Barrier(std::sync::mpsc::Sender<()>),
 }
 
 /// Mount options that change behaviour.
@@ -100,6 +133,14 @@ impl<B> Handle<B> {
         }
         Ok(len.min(end.saturating_sub(offset)))
     }
+}
+
+/// Where a write goes: the file, how many bytes fit before the volume's
+/// end, and the run's write lock.
+struct WriteTarget<B> {
+    file: Arc<File>,
+    room: u64,
+    run_io: Option<Arc<RunIo<B>>>,
 }
 
 /// Request counters, readable as xattrs of the mount's root. They prove
@@ -215,6 +256,10 @@ pub struct ReflinkFs<B: Send + Sync + 'static = fuser::BackingId> {
     handles: Mutex<HashMap<u64, Handle<B>>>,
     next_fh: AtomicU64,
     committer: Committer,
+    /// Where invalidations go, once the daemon has a session.
+    invalidator: std::sync::OnceLock<Box<dyn Invalidate>>,
+    /// Invalidations made inside requests, for the notifier thread.
+    notices: Mutex<Option<std::sync::mpsc::Sender<Notice>>>,
     pub stats: Stats,
     started: SystemTime,
 }
@@ -278,6 +323,7 @@ fn sig_attr(ino: u64, sig: &FileSig, perm: u16) -> Attr {
         perm,
         mtime: time_of(sig.mtime),
         ctime: time_of(sig.ctime),
+        cacheable: true,
     }
 }
 
@@ -293,8 +339,133 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             committer,
+            invalidator: std::sync::OnceLock::new(),
+            notices: Mutex::new(None),
             stats: Stats::default(),
             started: SystemTime::now(),
+        }
+    }
+
+    /// Starts caching: from now on every change of a volume (a start, a
+    /// commit, an operation) drops what the kernel caches of its files,
+    /// through `inv`. Without it (tests), nothing is cached that could go
+    /// stale: see [`ReflinkFs::caching`].
+    pub fn set_invalidator(self: &Arc<Self>, inv: Box<dyn Invalidate>) {
+        if self.invalidator.set(inv).is_err() {
+            return;
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<Notice>();
+        *self.notices.lock() = Some(tx);
+        let weak = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("invalidate".into())
+            .spawn(move || {
+                for n in rx {
+                    let Some(fs) = weak.upgrade() else { return };
+                    match n {
+                        Notice::Volume(v) => fs.invalidate_now(&v),
+                        Notice::Barrier(done) => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            log::error!("cannot start the invalidation thread: {e}");
+        }
+        let weak = Arc::downgrade(self);
+        self.pool.on_change(Box::new(move |vid| {
+            if let Some(fs) = weak.upgrade() {
+                fs.invalidate(vid);
+            }
+        }));
+    }
+
+    /// Whether the kernel may cache entries and attributes (an invalidator
+    /// is set).
+    pub fn caching(&self) -> bool {
+        self.invalidator.get().is_some()
+    }
+
+    /// A volume changed: drop what the kernel caches of its files, and of
+    /// the snapshots that show its size. From inside a request it is
+    /// queued for the notifier thread; elsewhere it is done at once.
+    fn invalidate(&self, vid: &ValidVid) {
+        if self.invalidator.get().is_none() {
+            return;
+        }
+        if IN_REQUEST.with(|c| c.get()) {
+            if let Some(tx) = &*self.notices.lock() {
+                let _ = tx.send(Notice::Volume(vid.clone()));
+            }
+            return;
+        }
+        self.invalidate_now(vid);
+    }
+
+    fn invalidate_now(&self, vid: &ValidVid) {
+        let Some(inv) = self.invalidator.get() else {
+            return;
+        };
+        let mut vids = vec![vid.clone()];
+        vids.extend(self.pool.snapshots_of(vid));
+        for v in &vids {
+            let (files, vm, class) = {
+                let t = self.inodes.lock();
+                (
+                    t.of_volume(v),
+                    t.peek(&Node::Vm(v.class().to_owned(), v.vm().to_owned())),
+                    t.peek(&Node::Class(v.class().to_owned())),
+                )
+            };
+            let incarnation = self
+                .pool
+                .snapshot(v)
+                .ok()
+                .filter(|s| s.state != "removed")
+                .map(|s| s.config.incarnation);
+            for (ino, parent, name, node) in files {
+                inv.inode(ino);
+                // `N-dirty.img` names one inode for its volume's whole life:
+                // its entry stays (dropping it would make the file of a
+                // loop device on it look deleted), until the volume is gone.
+                let same = matches!(node, Node::Dirty(_, inc) if Some(inc) == incarnation);
+                if let (Some(p), false) = (parent, same) {
+                    inv.entry(p, &name);
+                }
+            }
+            // The listings that may show it: its VM's (revisions come and
+            // go with commits), its class's and the root's (a create or a
+            // remove). A removed volume may also have taken its VM's or
+            // class's last file, and their entries, with it. New names need
+            // no entry invalidation: the mount never answers with a
+            // negative entry the kernel could cache.
+            if let Some(vm) = vm {
+                inv.listing(vm);
+            }
+            if let Some(c) = class {
+                inv.listing(c);
+                if incarnation.is_none() {
+                    inv.entry(c, v.vm());
+                }
+            }
+            inv.listing(super::inodes::ROOT_INO);
+            if incarnation.is_none() {
+                inv.entry(super::inodes::ROOT_INO, v.class());
+            }
+        }
+    }
+
+    /// Waits until the invalidations queued so far are sent: the control
+    /// socket calls it before it answers, so a client that changed a volume
+    /// sees the change on the mount at once.
+    pub fn sync_invalidations(&self) {
+        let tx = self.notices.lock().clone();
+        if let Some(tx) = tx {
+            let (done, wait) = std::sync::mpsc::channel();
+            if tx.send(Notice::Barrier(done)).is_ok() {
+                let _ = wait.recv();
+            }
         }
     }
 
@@ -324,12 +495,12 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
 
     /// Running volumes with their number of open files (leases).
     pub fn open_handles(&self) -> Vec<(ValidVid, usize)> {
-        self.pool.activity().0
+        self.pool.activity().open
     }
 
     /// Volumes a start, commit, hold or operation is in progress on.
     pub fn busy_volumes(&self) -> Vec<(ValidVid, &'static str)> {
-        self.pool.activity().1
+        self.pool.activity().busy
     }
 
     /// How many volumes have their `N-dirty.img` open.
@@ -370,6 +541,7 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
             perm: 0o755,
             mtime: self.started,
             ctime: self.started,
+            cacheable: true,
         }
     }
 
@@ -386,7 +558,6 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
     /// fresh from the backing files.
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> FsResult<Attr> {
         let node = self.node(ino)?;
-        crate::engine::failpoint::panic_if("fuse.getattr", &format!("{node:?}"));
         if let Some(fh) = fh {
             let file = self.handles.lock().get(&fh).map(|h| h.file.clone());
             if let Some(file) = file {
@@ -397,20 +568,26 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
                     Node::Dirty(vid, _) => self.file_perm(self.view(vid)?.config.rw),
                     _ => 0o400,
                 };
-                return Ok(sig_attr(ino, &sig, perm));
+                let mut a = sig_attr(ino, &sig, perm);
+                a.cacheable = !matches!(node, Node::Dirty(..));
+                return Ok(a);
             }
         }
         self.attr_of(ino, &node)
     }
 
     fn attr_of(&self, ino: u64, node: &Node) -> FsResult<Attr> {
+        crate::engine::failpoint::panic_if("fuse.getattr", &format!("{node:?}"));
         match node {
             Node::Root | Node::Class(_) | Node::Vm(..) => Ok(self.dir_attr(ino)),
             Node::Dirty(vid, _) => {
                 let view = self.view(vid)?;
                 let perm = self.file_perm(view.config.rw);
                 match (view.running, view.dirty) {
-                    (true, Some(sig)) => Ok(sig_attr(ino, &sig, perm)),
+                    (true, Some(sig)) => Ok(Attr {
+                        cacheable: false,
+                        ..sig_attr(ino, &sig, perm)
+                    }),
                     _ => {
                         let (mtime, ctime, blocks) = view
                             .img
@@ -424,6 +601,7 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
                             perm,
                             mtime,
                             ctime,
+                            cacheable: true,
                         })
                     }
                 }
@@ -500,11 +678,12 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
     pub fn lookup(&self, parent: u64, name: &str) -> FsResult<Attr> {
         let parent = self.node(parent)?;
         let node = self.child(&parent, name)?;
-        let ino = self.ino_of(&node);
-        let attr = self.attr_of(ino, &node)?;
-        // Counted only when the reply is about to go out: FORGET balances it.
-        self.inodes.lock().looked_up(&node);
-        Ok(attr)
+        // The number and its count are taken together: a FORGET of earlier
+        // lookups that runs meanwhile on another worker cannot drop the
+        // entry this reply names. FORGET balances the count.
+        let ino = self.inodes.lock().looked_up(&node);
+        self.attr_of(ino, &node)
+            .inspect_err(|_| self.forget(ino, 1))
     }
 
     /// FORGET of `n` lookups of `ino`.
@@ -586,6 +765,30 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
             _ => return Err(libc::ENOTDIR),
         }
         Ok(out)
+    }
+
+    /// readdirplus: the entries with their attributes. Each one the
+    /// adapter sends counts as a lookup (see [`ReflinkFs::looked_up`]).
+    pub fn readdir_plus(&self, ino: u64) -> FsResult<Vec<(Kind, String, Attr)>> {
+        let mut out = Vec::new();
+        for (eino, kind, name) in self.readdir(ino)? {
+            let Some(node) = self.inodes.lock().node(eino) else {
+                continue;
+            };
+            // An entry gone since the listing is left out.
+            if let Ok(a) = self.attr_of(eino, &node) {
+                out.push((kind, name, a));
+            }
+        }
+        Ok(out)
+    }
+
+    /// An entry of a readdirplus reply went out: the kernel holds a lookup.
+    pub fn looked_up(&self, ino: u64) {
+        let node = self.inodes.lock().node(ino);
+        if let Some(n) = node {
+            self.inodes.lock().looked_up(&n);
+        }
     }
 
     fn add_handle(&self, h: Handle<B>) -> u64 {
@@ -793,12 +996,7 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
 
     /// The file of a writable handle, with the room a write of `len` at
     /// `offset` has before the volume's end, and the run's write lock.
-    fn write_target(
-        &self,
-        fh: u64,
-        offset: u64,
-        len: u64,
-    ) -> FsResult<(Arc<File>, u64, Option<Arc<RunIo<B>>>)> {
+    fn write_target(&self, fh: u64, offset: u64, len: u64) -> FsResult<WriteTarget<B>> {
         let handles = self.handles.lock();
         let h = handles.get(&fh).ok_or(libc::EBADF)?;
         if !h.writable {
@@ -808,7 +1006,11 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
                 libc::EROFS
             });
         }
-        Ok((h.file.clone(), h.room(offset, len)?, h.run_io.clone()))
+        Ok(WriteTarget {
+            file: h.file.clone(),
+            room: h.room(offset, len)?,
+            run_io: h.run_io.clone(),
+        })
     }
 
     /// Daemon-mode read (passthrough reads never come here), into a
@@ -853,7 +1055,8 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
     /// (doc/BENCHMARKS.md). Waiters on this lock sleep instead.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
-        let (file, room, run_io) = self.write_target(fh, offset, data.len() as u64)?;
+        let WriteTarget { file, room, run_io } =
+            self.write_target(fh, offset, data.len() as u64)?;
         let data = &data[..room as usize];
         let _one_at_a_time = run_io.as_ref().map(|r| r.write_lock.lock());
         crate::engine::fsops::write_all_at(&file, data, offset)
@@ -908,7 +1111,7 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
             log::warn!("refused fallocate mode {mode:#x}: it changes the volume's size (use `reflinkfs volume resize`)");
             return Err(libc::EOPNOTSUPP);
         }
-        let (file, room, _) = self.write_target(fh, offset, length)?;
+        let WriteTarget { file, room, .. } = self.write_target(fh, offset, length)?;
         if mode & libc::FALLOC_FL_KEEP_SIZE == 0 && room < length {
             log::warn!(
                 "refused fallocate of {length} bytes at {offset}: it would grow the volume past its end (EFBIG)"
@@ -932,8 +1135,9 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
         len: u64,
     ) -> FsResult<u32> {
         let src = self.handle_file(fh_in, false)?;
-        let (dst, room, _) =
-            self.write_target(fh_out, off_out, len.min(u32::MAX as u64 & !0xfff))?;
+        let WriteTarget {
+            file: dst, room, ..
+        } = self.write_target(fh_out, off_out, len.min(u32::MAX as u64 & !0xfff))?;
         sys::copy_file_range(src.as_fd(), off_in, dst.as_fd(), off_out, room as usize)
             .map(|n| n as u32)
             .map_err(|e| io_errno("copy_file_range", e))
@@ -1092,13 +1296,304 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
     pub fn shutdown(&self) {
         self.committer.drain();
         self.handles.lock().clear();
-        for (vid, _) in self.pool.activity().0 {
+        for (vid, _) in self.pool.activity().open {
             match self.pool.stop_within(&vid, Duration::from_secs(2)) {
                 Ok(o) => log::info!("{vid}: stopped at unmount: {o:?}"),
                 Err(e) => {
                     log::error!("{vid}: stop at unmount failed: {e}; recovery will commit it")
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The open, release and commit paths without a kernel: a pool in a
+    //! temporary directory (copy mode), driven through the same calls the
+    //! adapter makes, with a fake passthrough registration.
+    use super::*;
+    use crate::engine::{CreateOptions, InitOptions, Property};
+    use std::os::unix::fs::FileExt;
+    use std::time::Instant;
+
+    /// What a registration would be on a real mount.
+    #[derive(Debug)]
+    struct FakeBacking;
+
+    fn register(_: &File) -> std::io::Result<FakeBacking> {
+        Ok(FakeBacking)
+    }
+
+    const MIB: u64 = 1 << 20;
+
+    struct Setup {
+        fs: Arc<ReflinkFs<FakeBacking>>,
+        dir: tempfile::TempDir,
+    }
+
+    fn setup(volumes: &[&str], passthrough: bool) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Pool::init(
+            &dir.path().join("pool"),
+            &InitOptions {
+                setup_check: false,
+                revisions_to_keep: 1,
+                read_only: false,
+            },
+        )
+        .unwrap();
+        for v in volumes {
+            pool.create(&v.parse().unwrap(), &CreateOptions::origin(MIB))
+                .unwrap();
+        }
+        let fs = ReflinkFs::<FakeBacking>::new(
+            Arc::new(pool),
+            FsOptions {
+                passthrough,
+                read_only: false,
+                committers: 2,
+            },
+        );
+        fs.set_passthrough(passthrough);
+        Setup {
+            fs: Arc::new(fs),
+            dir,
+        }
+    }
+
+    impl Setup {
+        fn ino(&self, path: &str) -> u64 {
+            let mut ino = 1;
+            for part in path.split('/') {
+                ino = self.fs.lookup(ino, part).unwrap().ino;
+            }
+            ino
+        }
+
+        fn open(&self, path: &str, may_wait: bool) -> Result<u64, OpenError> {
+            let ino = self.ino(path);
+            self.fs
+                .open(ino, libc::O_RDWR, &register, may_wait)
+                .map(|o| o.fh)
+        }
+
+        fn state(&self, vid: &str) -> &'static str {
+            self.fs.pool.snapshot(&vid.parse().unwrap()).unwrap().state
+        }
+
+        fn wait_stopped(&self, vid: &str) {
+            let end = Instant::now() + Duration::from_secs(30);
+            while self.state(vid) != "stopped" {
+                assert!(Instant::now() < end, "{vid} did not stop");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+
+        fn committed(&self, vid: &str, off: u64, len: usize) -> Vec<u8> {
+            let f = File::open(self.dir.path().join("pool").join(format!("{vid}.img"))).unwrap();
+            let mut buf = vec![0u8; len];
+            f.read_exact_at(&mut buf, off).unwrap();
+            buf
+        }
+    }
+
+    #[test]
+    fn the_last_release_commits_on_a_committer_thread() {
+        let s = setup(&["c/v/a"], true);
+        let first = s.open("c/v/a-dirty.img", true).unwrap();
+        let second = s
+            .open("c/v/a-dirty.img", false)
+            .expect("a running volume opens at once");
+        assert_eq!(s.fs.write(first, 0, b"one").unwrap(), 3);
+        assert_eq!(s.fs.write(second, 3, b"two").unwrap(), 3);
+        s.fs.release(first);
+        assert_eq!(s.state("c/v/a"), "running", "one lease is left");
+        s.fs.release(second);
+        s.wait_stopped("c/v/a");
+        assert_eq!(s.committed("c/v/a", 0, 6), b"onetwo");
+    }
+
+    #[test]
+    fn writes_stop_at_the_volumes_end() {
+        let s = setup(&["c/v/a"], false);
+        let fh = s.open("c/v/a-dirty.img", true).unwrap();
+        assert_eq!(s.fs.write(fh, MIB - 2, b"abcd").unwrap(), 2);
+        assert_eq!(s.fs.write(fh, MIB, b"x"), Err(libc::EFBIG));
+        let ino = s.ino("c/v/a-dirty.img");
+        assert_eq!(
+            s.fs.fallocate(ino, fh, MIB - 4096, 8192, 0),
+            Err(libc::EFBIG)
+        );
+        s.fs.release(fh);
+        s.wait_stopped("c/v/a");
+    }
+
+    /// Many threads open, write and close four volumes at once: every
+    /// commit lands, no volume is left running, nothing fails.
+    #[test]
+    fn concurrent_opens_and_closes_of_four_volumes_all_commit() {
+        let vols = ["c/v/a", "c/v/b", "c/w/a", "d/x/y"];
+        let s = Arc::new(setup(&vols, true));
+        let mut threads = Vec::new();
+        for t in 0..8u8 {
+            let s = s.clone();
+            threads.push(std::thread::spawn(move || {
+                for round in 0..40u8 {
+                    let v = vols[usize::from(round + t) % vols.len()];
+                    let fh = s.open(&format!("{v}-dirty.img"), true).unwrap();
+                    let data = [t ^ round; 512];
+                    s.fs.write(fh, u64::from(t) * 512, &data).unwrap();
+                    s.fs.release(fh);
+                }
+            }));
+        }
+        for t in threads {
+            t.join().unwrap();
+        }
+        for v in vols {
+            s.wait_stopped(v);
+        }
+        // Each thread's last write to each volume is committed.
+        for t in 0..8u8 {
+            for (i, v) in vols.iter().enumerate() {
+                let last = (0..40u8)
+                    .rfind(|r| usize::from(r + t) % vols.len() == i)
+                    .unwrap();
+                assert_eq!(
+                    s.committed(v, u64::from(t) * 512, 512),
+                    vec![t ^ last; 512],
+                    "{v}, thread {t}"
+                );
+            }
+        }
+    }
+
+    /// `rw` is checked under the volume's lock at start: however opens and
+    /// `set rw` interleave, a writable lease never exists while the volume
+    /// is read-only.
+    #[test]
+    fn a_writable_open_never_races_past_set_rw_false() {
+        let s = Arc::new(setup(&["c/v/a"], false));
+        let vid: ValidVid = "c/v/a".parse().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let setter = {
+            let (s, vid, stop) = (s.clone(), vid.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    // Refused while running; that is fine.
+                    let _ = s.fs.pool.set(&vid, Property::Rw(n % 2 == 0));
+                    n += 1;
+                }
+            })
+        };
+        let (mut writable, mut refused) = (0, 0);
+        let end = Instant::now() + Duration::from_secs(20);
+        while (writable < 20 || refused < 20) && Instant::now() < end {
+            match s.open("c/v/a-dirty.img", true) {
+                Ok(fh) => {
+                    writable += 1;
+                    assert!(
+                        s.fs.pool.snapshot(&vid).unwrap().config.rw,
+                        "a writable lease on a read-only volume"
+                    );
+                    s.fs.release(fh);
+                }
+                Err(OpenError::Errno(libc::EROFS)) => refused += 1,
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        stop.store(true, Ordering::SeqCst);
+        setter.join().unwrap();
+        assert!(
+            writable > 0 && refused > 0,
+            "{writable} opens, {refused} refused"
+        );
+    }
+
+    #[cfg(feature = "failpoints")]
+    mod paused {
+        use super::*;
+        use crate::engine::failpoint;
+
+        /// A commit held in progress: an open of that volume would wait
+        /// (and the adapter does it on a thread of its own), while every
+        /// other volume opens, commits, lists and stats as usual.
+        #[test]
+        fn a_held_commit_stalls_nothing_but_its_own_volume() {
+            let s = Arc::new(setup(&["c/v/apause", "c/v/b"], true));
+            let a = "c/v/apause";
+            let gate = failpoint::pause_for("pause.commit", a);
+            let fh = s.open(&format!("{a}-dirty.img"), true).unwrap();
+            s.fs.write(fh, 0, b"held").unwrap();
+            s.fs.release(fh);
+            failpoint::wait_paused(&gate);
+            assert_eq!(s.state(a), "committing");
+            assert_eq!(
+                s.open(&format!("{a}-dirty.img"), false).unwrap_err(),
+                OpenError::WouldWait
+            );
+            // Everything else goes on.
+            let b = s.open("c/v/b-dirty.img", true).unwrap();
+            s.fs.write(b, 0, b"free").unwrap();
+            s.fs.release(b);
+            s.wait_stopped("c/v/b");
+            assert_eq!(s.committed("c/v/b", 0, 4), b"free");
+            let vm = s.ino("c/v");
+            assert_eq!(s.fs.readdir(vm).unwrap().len(), 5, "readdir of the VM");
+            s.fs.getattr(s.ino(&format!("{a}-dirty.img")), None)
+                .unwrap();
+            s.fs.xattrs(s.ino(&format!("{a}-dirty.img"))).unwrap();
+            assert!(s.fs.pool.list().is_ok());
+            assert!(s.fs.pool.info(&a.parse().unwrap()).is_ok());
+            // A waiting open of the held volume returns once it commits.
+            let waiter = {
+                let s = s.clone();
+                std::thread::spawn(move || s.open(&format!("{a}-dirty.img"), true))
+            };
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(!waiter.is_finished(), "the open waits for the commit");
+            failpoint::resume("pause.commit", a, &gate);
+            let fh = waiter.join().unwrap().unwrap();
+            s.fs.release(fh);
+            s.wait_stopped(a);
+            assert_eq!(s.committed(a, 0, 4), b"held");
+        }
+
+        /// An open that waits on a volume being removed fails cleanly
+        /// (ENOENT) when the removal is done, and leaves no file behind.
+        #[test]
+        fn an_open_waiting_on_a_removal_fails_and_orphans_nothing() {
+            let s = Arc::new(setup(&["c/v/rpause", "c/v/other"], true));
+            let vid = "c/v/rpause";
+            let ino = s.ino(&format!("{vid}-dirty.img"));
+            let gate = failpoint::pause_for("pause.remove", vid);
+            let remover = {
+                let s = s.clone();
+                std::thread::spawn(move || s.fs.pool.remove(&vid.parse().unwrap()))
+            };
+            failpoint::wait_paused(&gate);
+            assert_eq!(s.state(vid), "removing");
+            let opener = {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    s.fs.open(ino, libc::O_RDWR, &register, true).map(|o| o.fh)
+                })
+            };
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(!opener.is_finished(), "the open waits for the removal");
+            failpoint::resume("pause.remove", vid, &gate);
+            remover.join().unwrap().unwrap();
+            assert_eq!(
+                opener.join().unwrap().unwrap_err(),
+                OpenError::Errno(libc::ENOENT)
+            );
+            let left: Vec<String> = std::fs::read_dir(s.dir.path().join("pool/c/v"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            assert_eq!(left, vec!["other.img".to_owned()], "nothing orphaned");
         }
     }
 }

@@ -48,10 +48,22 @@ struct Entry {
     sig: Option<FileSig>,
 }
 
+impl Node {
+    /// The volume a file node belongs to.
+    pub fn vid(&self) -> Option<&ValidVid> {
+        match self {
+            Node::Dirty(v, _) | Node::Img(v, _, _) | Node::Revision(v, _, _) => Some(v),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Inodes {
     by_node: HashMap<Node, u64>,
     by_ino: HashMap<u64, Entry>,
+    /// The inode numbers of each volume's files, to invalidate them.
+    by_vid: HashMap<ValidVid, Vec<u64>>,
     next: u64,
 }
 
@@ -60,6 +72,7 @@ impl Default for Inodes {
         let mut t = Inodes {
             by_node: HashMap::new(),
             by_ino: HashMap::new(),
+            by_vid: HashMap::new(),
             next: ROOT_INO + 1,
         };
         t.by_node.insert(Node::Root, ROOT_INO);
@@ -84,6 +97,9 @@ impl Inodes {
         }
         let ino = self.next;
         self.next += 1;
+        if let Some(v) = node.vid() {
+            self.by_vid.entry(v.clone()).or_default().push(ino);
+        }
         self.by_node.insert(node.clone(), ino);
         self.by_ino.insert(
             ino,
@@ -119,10 +135,55 @@ impl Inodes {
             None => false,
         };
         if gone {
-            if let Some(e) = self.by_ino.remove(&ino) {
-                self.by_node.remove(&e.node);
+            self.remove(ino);
+        }
+    }
+
+    fn remove(&mut self, ino: u64) {
+        if let Some(e) = self.by_ino.remove(&ino) {
+            self.by_node.remove(&e.node);
+            if let Some(v) = e.node.vid() {
+                if let Some(list) = self.by_vid.get_mut(v) {
+                    list.retain(|i| *i != ino);
+                    if list.is_empty() {
+                        self.by_vid.remove(v);
+                    }
+                }
             }
         }
+    }
+
+    /// The inode numbers the kernel may cache of a volume's files, with
+    /// their names and the number of their directory (when known), and the
+    /// numbers of its VM directory and class directory.
+    pub fn of_volume(&self, vid: &ValidVid) -> Vec<(u64, Option<u64>, String, Node)> {
+        let vm = self
+            .by_node
+            .get(&Node::Vm(vid.class().to_owned(), vid.vm().to_owned()))
+            .copied();
+        let names = crate::engine::Names::of(vid);
+        self.by_vid
+            .get(vid)
+            .map(|inos| {
+                inos.iter()
+                    .filter_map(|ino| {
+                        let e = self.by_ino.get(ino)?;
+                        let name = match &e.node {
+                            Node::Dirty(..) => names.dirty(),
+                            Node::Img(..) => names.img(),
+                            Node::Revision(_, _, f) => f.clone(),
+                            _ => return None,
+                        };
+                        Some((*ino, vm, name, e.node.clone()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The number of a directory node, if the kernel was told of it.
+    pub fn peek(&self, node: &Node) -> Option<u64> {
+        self.by_node.get(node).copied()
     }
 
     /// Drops the entries nobody holds (no lookups) whose node `live` says
@@ -135,9 +196,7 @@ impl Inodes {
             .map(|(ino, _)| *ino)
             .collect();
         for ino in &dead {
-            if let Some(e) = self.by_ino.remove(ino) {
-                self.by_node.remove(&e.node);
-            }
+            self.remove(*ino);
         }
         dead.len()
     }

@@ -18,8 +18,8 @@ use fs::{Attr, Kind, ReflinkFs};
 use fuser::{
     AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use std::ffi::OsStr;
 use std::panic::AssertUnwindSafe;
@@ -29,7 +29,13 @@ use std::time::{Duration, SystemTime};
 
 /// Files are looked up and stat'ed afresh every time: their backing files
 /// change under them at every commit. Directories change rarely.
-const FILE_TTL: Duration = Duration::ZERO;
+/// How long the kernel may cache entries and attributes when the daemon
+/// invalidates them at every change (a start, a commit, an operation):
+/// the bound on staleness if a notification is lost in a race. A running
+/// dirty image's attributes are never cached: its writes change them.
+const CACHE_TTL: Duration = Duration::from_secs(10);
+/// Without invalidation (no session notifier), only directories are
+/// cached, briefly.
 const DIR_TTL: Duration = Duration::from_secs(1);
 
 /// Largest request the daemon asks the kernel for (the kernel caps it at
@@ -44,7 +50,8 @@ impl Adapter {
     /// Runs one request's handler; a panic in it fails the request (its
     /// reply, dropped unsent, answers EIO) and is logged.
     fn guard(&self, op: &str, f: impl FnOnce()) {
-        if let Err(p) = std::panic::catch_unwind(AssertUnwindSafe(f)) {
+        let r = fs::in_request(|| std::panic::catch_unwind(AssertUnwindSafe(f)));
+        if let Err(p) = r {
             self.fs.stats.panics.fetch_add(1, Ordering::Relaxed);
             let msg = p
                 .downcast_ref::<&str>()
@@ -55,6 +62,27 @@ impl Adapter {
                 "{op}: the request panicked ({msg}); it was answered EIO, and the mount serves on"
             );
         }
+    }
+}
+
+/// Invalidations through fuser's notifier.
+pub struct Notify(pub fuser::Notifier);
+
+impl fs::Invalidate for Notify {
+    fn entry(&self, parent: u64, name: &str) {
+        // ENOENT: the kernel had nothing cached; nothing to do.
+        let _ = self.0.inval_entry(INodeNo(parent), OsStr::new(name));
+    }
+
+    fn inode(&self, ino: u64) {
+        // Attributes only (offset -1): the data goes through passthrough
+        // or the backing file's page cache, never the mount's.
+        let _ = self.0.inval_inode(INodeNo(ino), -1, 0);
+    }
+
+    fn listing(&self, ino: u64) {
+        // From offset 0: the directory's cached listing goes.
+        let _ = self.0.inval_inode(INodeNo(ino), 0, 0);
     }
 }
 
@@ -94,11 +122,24 @@ fn file_attr(a: &Attr) -> FileAttr {
     }
 }
 
-fn ttl(a: &Attr) -> Duration {
-    if a.kind == Kind::Dir {
-        DIR_TTL
-    } else {
-        FILE_TTL
+impl Adapter {
+    /// How long the kernel may cache an entry's name -> inode mapping.
+    fn entry_ttl(&self, a: &Attr) -> Duration {
+        match (self.fs.caching(), a.kind) {
+            (true, _) => CACHE_TTL,
+            (false, Kind::Dir) => DIR_TTL,
+            (false, Kind::File) => Duration::ZERO,
+        }
+    }
+
+    /// How long the kernel may cache attributes.
+    fn attr_ttl(&self, a: &Attr) -> Duration {
+        match (self.fs.caching(), a.kind, a.cacheable) {
+            (_, _, false) => Duration::ZERO,
+            (true, _, true) => CACHE_TTL,
+            (false, Kind::Dir, true) => DIR_TTL,
+            (false, Kind::File, true) => Duration::ZERO,
+        }
     }
 }
 
@@ -113,6 +154,10 @@ impl Filesystem for Adapter {
                 | InitFlags::FUSE_PARALLEL_DIROPS
                 | InitFlags::FUSE_ATOMIC_O_TRUNC,
         );
+        // readdirplus: a listing carries the attributes, so `ls -l` of a VM
+        // directory is one request, not one per file.
+        let _ = config
+            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         // HANDLE_KILLPRIV_V2 makes the kernel mark the superblock SB_NOSEC,
         // so after one check an inode without suid bits or capabilities is
         // flagged S_NOSEC and writes stop asking the daemon for
@@ -150,7 +195,12 @@ impl Filesystem for Adapter {
         self.guard("lookup", || {
             let r = name_str(name).and_then(|n| self.fs.lookup(parent.0, n).map_err(errno));
             match r {
-                Ok(a) => reply.entry_with_ttls(&ttl(&a), &ttl(&a), &file_attr(&a), Generation(0)),
+                Ok(a) => reply.entry_with_ttls(
+                    &self.entry_ttl(&a),
+                    &self.attr_ttl(&a),
+                    &file_attr(&a),
+                    Generation(0),
+                ),
                 Err(e) => reply.error(e),
             }
         })
@@ -163,7 +213,7 @@ impl Filesystem for Adapter {
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         self.guard("getattr", || {
             match self.fs.getattr(ino.0, fh.map(|f| f.0)) {
-                Ok(a) => reply.attr(&ttl(&a), &file_attr(&a)),
+                Ok(a) => reply.attr(&self.attr_ttl(&a), &file_attr(&a)),
                 Err(e) => reply.error(errno(e)),
             }
         })
@@ -197,7 +247,7 @@ impl Filesystem for Adapter {
                 None => self.fs.getattr(ino.0, None),
             };
             match r {
-                Ok(a) => reply.attr(&ttl(&a), &file_attr(&a)),
+                Ok(a) => reply.attr(&self.attr_ttl(&a), &file_attr(&a)),
                 Err(e) => reply.error(errno(e)),
             }
         })
@@ -430,7 +480,18 @@ impl Filesystem for Adapter {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.guard("opendir", || match self.fs.getattr(ino.0, None) {
-            Ok(a) if a.kind == Kind::Dir => reply.opened(FileHandle(0), FopenFlags::empty()),
+            // With invalidation, the kernel keeps a directory's listing
+            // (FOPEN_CACHE_DIR) until a change of one of its volumes drops
+            // it: `ls -lR` of a large pool does not read every directory
+            // from the daemon again.
+            Ok(a) if a.kind == Kind::Dir => {
+                let flags = if self.fs.caching() {
+                    FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+                } else {
+                    FopenFlags::empty()
+                };
+                reply.opened(FileHandle(0), flags)
+            }
             Ok(_) => reply.error(Errno::ENOTDIR),
             Err(e) => reply.error(errno(e)),
         })
@@ -465,6 +526,53 @@ impl Filesystem for Adapter {
                 };
                 if reply.add(INodeNo(eino), (i + 1) as u64, kind, &name) {
                     break;
+                }
+            }
+            reply.ok();
+        })
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        self.guard("readdirplus", || {
+            let entries = match self.fs.readdir_plus(ino.0) {
+                Ok(e) => e,
+                Err(e) => return reply.error(errno(e)),
+            };
+            let dir = match self.fs.getattr(ino.0, None) {
+                Ok(a) => a,
+                Err(e) => return reply.error(errno(e)),
+            };
+            let dots = [
+                (Kind::Dir, ".".to_owned(), dir),
+                (Kind::Dir, "..".to_owned(), dir),
+            ];
+            for (i, (_, name, a)) in dots
+                .into_iter()
+                .chain(entries)
+                .enumerate()
+                .skip(offset as usize)
+            {
+                let full = reply.add(
+                    INodeNo(a.ino),
+                    (i + 1) as u64,
+                    &name,
+                    &self.attr_ttl(&a).min(self.entry_ttl(&a)),
+                    &file_attr(&a),
+                    Generation(0),
+                );
+                if full {
+                    break;
+                }
+                // The kernel takes every entry but . and .. as a lookup.
+                if i >= 2 {
+                    self.fs.looked_up(a.ino);
                 }
             }
             reply.ok();
@@ -506,10 +614,23 @@ impl Filesystem for Adapter {
                 .stats
                 .getxattrs
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            // Answer anything that is not ours at once (security.capability,
-            // which the kernel checks once per inode on the write path).
-            if !name.as_encoded_bytes().starts_with(b"user.reflinkfs.") {
-                return reply.error(Errno::NO_XATTR);
+            // Anything not ours is answered at once. The security and system
+            // namespaces (SELinux labels, POSIX ACLs, capabilities) are not
+            // supported at all: EOPNOTSUPP says so, and `ls -l` then stops
+            // asking for every file of the mount (it remembers that per
+            // device), instead of costing two round trips per file. The
+            // kernel's security.capability check on the write path takes
+            // any error as "no capabilities".
+            let n = name.as_encoded_bytes();
+            if !n.starts_with(b"user.reflinkfs.") {
+                let unsupported = n.starts_with(b"security.")
+                    || n.starts_with(b"system.")
+                    || n.starts_with(b"trusted.");
+                return reply.error(if unsupported {
+                    Errno::EOPNOTSUPP
+                } else {
+                    Errno::NO_XATTR
+                });
             }
             let attrs = match self.fs.xattrs(ino.0) {
                 Ok(a) => a,

@@ -162,6 +162,30 @@ impl Mounted {
         );
     }
 
+    /// Aborts the mount's FUSE connection (through fusectl), which frees
+    /// every process stuck on a request the daemon never answers: a test
+    /// that finds a hang calls it before it fails, so nothing is left in D
+    /// state. `dev` is the mount's st_dev, taken while it still answered.
+    pub fn abort_connection(dev: u64) {
+        let conns = Path::new("/sys/fs/fuse/connections");
+        let mounted = std::fs::read_to_string("/proc/mounts")
+            .is_ok_and(|m| m.lines().any(|l| l.contains(" /sys/fs/fuse/connections ")));
+        if !mounted {
+            let _ = Command::new("mount")
+                .args(["-t", "fusectl", "none"])
+                .arg(conns)
+                .status();
+        }
+        let minor = libc::minor(dev);
+        let _ = std::fs::write(conns.join(minor.to_string()).join("abort"), "1");
+    }
+
+    /// The mount's st_dev, for [`Mounted::abort_connection`].
+    pub fn dev(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&self.mnt).unwrap().dev()
+    }
+
     /// Marks the mount as gone (the test unmounted it some other way).
     pub fn forget(mut self) {
         self.done = true;

@@ -1,0 +1,378 @@
+#!/usr/bin/env python3
+"""The metadata and liveness part of the benchmarks (issue 10), run by
+`benches/meta` (and `benches/run --meta`).
+
+  meta.py scale BIN FS_DIR N [--samples K]     one pool of N volumes
+  meta.py liveness BIN XFS_DIR EXT4_DIR [--secs S]
+  meta.py report OUT_DIR                       JSON lines -> meta.md
+
+Everything is measured against something measured in the same run (the
+plain pool directory, the idle mount); nothing here is a pass or fail.
+"""
+
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+MIB = 1 << 20
+
+
+def sh(*args, **kw):
+    return subprocess.run(list(args), check=True, capture_output=True, text=True, **kw)
+
+
+def pct(xs, p):
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def state(path):
+    try:
+        return os.getxattr(path, "user.reflinkfs.state").decode()
+    except OSError:
+        return None
+
+
+def wait_state(path, want, timeout=600):
+    end = time.time() + timeout
+    while state(path) != want:
+        if time.time() > end:
+            raise SystemExit(f"meta: {path} not {want} after {timeout}s")
+        time.sleep(0.002)
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return None
+
+
+def daemon_pid(pool):
+    with open(os.path.join(pool, ".reflinkfs/lock")) as f:
+        return int(f.read().strip())
+
+
+def make_pool(binary, pool, n):
+    """A pool of n volumes in n/3 VMs (private, root: origins; volatile),
+    written directly in the documented on-disk format: the CLI would open
+    the whole pool once per volume."""
+    sh(binary, "pool", "init", "--pool", pool)
+    sh(binary, "volume", "create", "--pool", pool, "appvms/template/private", "--size", "1M")
+    tpl_path = os.path.join(pool, ".reflinkfs/volumes/appvms/template/private.json")
+    with open(tpl_path) as f:
+        tpl = json.load(f)
+    sh(binary, "volume", "remove", "--pool", pool, "appvms/template/private")
+    names = ["private", "root", "volatile"]
+    made = 0
+    vm = 0
+    while made < n:
+        vmname = f"vm{vm:05d}"
+        meta = os.path.join(pool, ".reflinkfs/volumes/appvms", vmname)
+        img = os.path.join(pool, "appvms", vmname)
+        os.makedirs(meta, mode=0o700, exist_ok=True)
+        os.makedirs(img, mode=0o700, exist_ok=True)
+        for name in names:
+            if made >= n:
+                break
+            cfg = dict(tpl)
+            cfg["vid"] = f"appvms/{vmname}/{name}"
+            cfg["incarnation"] = random.getrandbits(63) + 1
+            if name == "volatile":
+                cfg.update(snap_on_start=False, save_on_stop=False, revisions_to_keep=0)
+            else:
+                fd = os.open(os.path.join(img, f"{name}.img"), os.O_WRONLY | os.O_CREAT, 0o600)
+                os.ftruncate(fd, MIB)
+                os.close(fd)
+            with open(os.path.join(meta, f"{name}.json"), "w") as f:
+                json.dump(cfg, f)
+            made += 1
+        vm += 1
+    os.sync()
+    return [f"appvms/vm{i // 3:05d}/{names[i % 3]}" for i in range(n)]
+
+
+def mount(binary, pool, mnt, opts=""):
+    os.makedirs(mnt, exist_ok=True)
+    args = [binary, "mount", pool, mnt] + (["-o", opts] if opts else [])
+    t0 = time.perf_counter()
+    sh(*args)
+    return time.perf_counter() - t0
+
+
+def unmount(binary, mnt):
+    subprocess.run([binary, "unmount", mnt], capture_output=True)
+
+
+def timed(f):
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0
+
+
+def drop_caches():
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")
+
+
+def cmd_scale(args):
+    binary, fsdir, n = args[0], args[1], int(args[2])
+    samples = int(args[args.index("--samples") + 1]) if "--samples" in args else 2000
+    pool, mnt = os.path.join(fsdir, f"pool{n}"), os.path.join(fsdir, f"mnt{n}")
+    vids = make_pool(binary, pool, n)
+    out = {"part": "scale", "volumes": n}
+    drop_caches()
+    out["mount_s"] = mount(binary, pool, mnt)
+    pid = daemon_pid(pool)
+    out["rss_after_mount_kib"] = rss_kib(pid)
+    rng = random.Random(n)
+    # lookup + getattr: a stat of a volume's file through the mount (the
+    # mount caches no entry or attribute of an image: every stat asks).
+    lat = []
+    for _ in range(samples):
+        v = rng.choice(vids)
+        p = os.path.join(mnt, f"{v}-dirty.img")
+        t0 = time.perf_counter()
+        os.stat(p)
+        lat.append(time.perf_counter() - t0)
+    out["stat_p50_us"] = pct(lat, 50) * 1e6
+    out["stat_p99_us"] = pct(lat, 99) * 1e6
+    # ls -lR of the mount against the pool directory, warm, best of three.
+    def ls(d):
+        return timed(lambda: subprocess.run(["ls", "-lR", d], stdout=subprocess.DEVNULL, check=True))
+    out["ls_lR_mount_s"] = min(ls(mnt) for _ in range(3))
+    out["ls_lR_pool_s"] = min(ls(pool) for _ in range(3))
+    out["ls_ratio"] = out["ls_lR_mount_s"] / out["ls_lR_pool_s"]
+    # open+close of an unmodified volume, until it is stopped again.
+    oc = []
+    origins = [v for v in vids if not v.endswith("volatile")]
+    for _ in range(min(50, len(origins))):
+        p = os.path.join(mnt, f"{rng.choice(origins)}-dirty.img")
+        t0 = time.perf_counter()
+        fd = os.open(p, os.O_RDWR)
+        os.close(fd)
+        wait_state(p, "stopped")
+        oc.append(time.perf_counter() - t0)
+    out["open_close_p50_ms"] = pct(oc, 50) * 1e3
+    out["open_close_p99_ms"] = pct(oc, 99) * 1e3
+    out["rss_after_kib"] = rss_kib(pid)
+    unmount(binary, mnt)
+    print(json.dumps(out), flush=True)
+
+
+class Sampler:
+    """stat and fsync of volume A, in a loop, until told to stop."""
+
+    def __init__(self, path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR)
+        self.block = os.urandom(4096)
+
+    def run(self, until):
+        stat, fsync = [], []
+        i = 0
+        while not until():
+            t0 = time.perf_counter()
+            os.stat(self.path)
+            t1 = time.perf_counter()
+            os.pwrite(self.fd, self.block, (i % 64) * 4096)
+            t2 = time.perf_counter()
+            os.fsync(self.fd)
+            t3 = time.perf_counter()
+            stat.append(t1 - t0)
+            fsync.append(t3 - t2)
+            i += 1
+        return stat, fsync
+
+    def close(self):
+        os.close(self.fd)
+
+
+def summary(name, stat, fsync):
+    return {
+        "condition": name,
+        "samples": len(stat),
+        "stat_p50_us": pct(stat, 50) * 1e6 if stat else None,
+        "stat_p99_us": pct(stat, 99) * 1e6 if stat else None,
+        "fsync_p50_us": pct(fsync, 50) * 1e6 if fsync else None,
+        "fsync_p99_us": pct(fsync, 99) * 1e6 if fsync else None,
+    }
+
+
+def scattered_writes(path, n, size):
+    fd = os.open(path, os.O_RDWR)
+    block = os.urandom(4096)
+    stride = size // n // 4096 * 4096
+    for i in range(n):
+        os.pwrite(fd, block, i * stride)
+    return fd
+
+
+def cmd_liveness(args):
+    binary, xfs, ext4 = args[0], args[1], args[2]
+    secs = float(args[args.index("--secs") + 1]) if "--secs" in args else 2.0
+    extents = int(args[args.index("--extents") + 1]) if "--extents" in args else 10000
+    copy_mib = int(args[args.index("--copy-mib") + 1]) if "--copy-mib" in args else 1024
+    rounds = int(args[args.index("--rounds") + 1]) if "--rounds" in args else 3
+    results = []
+
+    # XFS: A is sampled while B commits, and while an import waits.
+    pool, mnt = os.path.join(xfs, "livepool"), os.path.join(xfs, "livemnt")
+    sh(binary, "pool", "init", "--pool", pool)
+    for v, size in (("appvms/a/private", "64M"), ("appvms/b/private", "10G"), ("appvms/c/private", "64M")):
+        sh(binary, "volume", "create", "--pool", pool, v, "--size", size)
+    mount(binary, pool, mnt)
+    a = Sampler(os.path.join(mnt, "appvms/a/private-dirty.img"))
+    t_end = time.time() + secs
+    results.append(summary("idle", *a.run(lambda: time.time() > t_end)))
+
+    stat, fsync, commit_s = [], [], []
+    b = os.path.join(mnt, "appvms/b/private-dirty.img")
+    for _ in range(rounds):
+        fd = scattered_writes(b, extents, 10 << 30)
+        t0 = time.perf_counter()
+        os.close(fd)
+        s, f = a.run(lambda: state(b) == "stopped")
+        commit_s.append(time.perf_counter() - t0)
+        stat += s
+        fsync += f
+    r = summary(f"B commits {extents} dirty extents", stat, fsync)
+    r["commit_s"] = statistics.median(commit_s)
+    results.append(r)
+
+    # An import of C from a pipe nobody feeds.
+    imp = subprocess.Popen(
+        [binary, "volume", "import", "--pool", pool, "appvms/c/private", "-"],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    time.sleep(0.2)
+    t_end = time.time() + secs
+    results.append(summary("C imports from a stalled pipe", *a.run(lambda: time.time() > t_end)))
+    imp.kill()
+    imp.wait()
+    a.close()
+    wait_state(os.path.join(mnt, "appvms/a/private-dirty.img"), "stopped")
+    unmount(binary, mnt)
+
+    # ext4 (copy mode): A2 is sampled while B2 starts, copying its data.
+    pool, mnt = os.path.join(ext4, "livepool"), os.path.join(ext4, "livemnt")
+    sh(binary, "pool", "init", "--pool", pool, "--setup-check=no")
+    for v, size in (("appvms/a/private", "64M"), ("appvms/b/private", f"{copy_mib}M")):
+        sh(binary, "volume", "create", "--pool", pool, v, "--size", size)
+    data = os.path.join(ext4, "data.img")
+    with open(data, "wb") as f:
+        chunk = os.urandom(MIB)
+        for _ in range(copy_mib):
+            f.write(chunk)
+    sh(binary, "volume", "import", "--pool", pool, "appvms/b/private", data)
+    os.unlink(data)
+    mount(binary, pool, mnt)
+    a = Sampler(os.path.join(mnt, "appvms/a/private-dirty.img"))
+    t_end = time.time() + secs
+    idle2 = summary("idle (ext4)", *a.run(lambda: time.time() > t_end))
+    results.append(idle2)
+    b = os.path.join(mnt, "appvms/b/private-dirty.img")
+    stat, fsync, start_s = [], [], []
+    for _ in range(rounds):
+        drop_caches()
+        done = threading.Event()
+        opened = []
+
+        def opener():
+            t0 = time.perf_counter()
+            opened.append(os.open(b, os.O_RDONLY))
+            start_s.append(time.perf_counter() - t0)
+            done.set()
+
+        t = threading.Thread(target=opener)
+        t.start()
+        s, f = a.run(done.is_set)
+        t.join()
+        os.close(opened[0])
+        wait_state(b, "stopped")
+        stat += s
+        fsync += f
+    r = summary(f"B starts in copy mode ({copy_mib} MiB)", stat, fsync)
+    r["start_s"] = statistics.median(start_s)
+    results.append(r)
+    a.close()
+    unmount(binary, mnt)
+    for r in results:
+        r["part"] = "liveness"
+        print(json.dumps(r), flush=True)
+
+
+def fmt(v, d=1):
+    return "-" if v is None else f"{v:.{d}f}"
+
+
+def cmd_report(args):
+    out_dir = args[0]
+    rows = []
+    with open(os.path.join(out_dir, "meta.json")) as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+    scale = [r for r in rows if r["part"] == "scale"]
+    live = [r for r in rows if r["part"] == "liveness"]
+    md = ["# Metadata and liveness", ""]
+    md += [
+        "| volumes | mount (s) | RSS after mount (MiB) | RSS after (MiB) | stat p50 (µs) | stat p99 (µs) | ls -lR mount (s) | ls -lR pool (s) | ratio | open+close p50 (ms) | p99 (ms) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in scale:
+        md.append(
+            f"| {r['volumes']} | {fmt(r['mount_s'], 3)} | {fmt(r['rss_after_mount_kib'] / 1024)} | "
+            f"{fmt(r['rss_after_kib'] / 1024)} | {fmt(r['stat_p50_us'])} | {fmt(r['stat_p99_us'])} | "
+            f"{fmt(r['ls_lR_mount_s'], 3)} | {fmt(r['ls_lR_pool_s'], 3)} | {fmt(r['ls_ratio'], 2)} | "
+            f"{fmt(r['open_close_p50_ms'], 2)} | {fmt(r['open_close_p99_ms'], 2)} |"
+        )
+    if scale:
+        small, big = scale[0], scale[-1]
+        ratio = big["stat_p99_us"] / small["stat_p99_us"]
+        md += [
+            "",
+            f"- lookup p99 at {big['volumes']} volumes / at {small['volumes']}: {ratio:.2f} (target ≤ 2): {'met' if ratio <= 2 else 'missed'}",
+            f"- ls -lR ratio at {big['volumes']} volumes: {big['ls_ratio']:.2f} (target ≤ 3): {'met' if big['ls_ratio'] <= 3 else 'missed'}",
+            f"- mount at {big['volumes']} volumes: {big['mount_s']:.3f} s (target < 1 s): {'met' if big['mount_s'] < 1 else 'missed'}",
+            f"- RSS at {big['volumes']} volumes: {big['rss_after_kib'] / 1024:.1f} MiB (target < 64 MiB): {'met' if big['rss_after_kib'] < 65536 else 'missed'}",
+        ]
+    md += ["", "| condition | samples | stat p50 (µs) | stat p99 (µs) | fsync p50 (µs) | fsync p99 (µs) | p99 vs idle (stat, fsync) |", "|---|---|---|---|---|---|---|"]
+    idle = None
+    for r in live:
+        if r["condition"].startswith("idle"):
+            idle = r
+        vs = "-"
+        if idle and idle is not r:
+            vs = f"{r['stat_p99_us'] / idle['stat_p99_us']:.2f}, {r['fsync_p99_us'] / idle['fsync_p99_us']:.2f}"
+        extra = ""
+        if "commit_s" in r:
+            extra = f" (commit {r['commit_s']:.2f} s)"
+        if "start_s" in r:
+            extra = f" (start {r['start_s']:.2f} s)"
+        md.append(
+            f"| {r['condition']}{extra} | {r['samples']} | {fmt(r['stat_p50_us'])} | {fmt(r['stat_p99_us'])} | "
+            f"{fmt(r['fsync_p50_us'])} | {fmt(r['fsync_p99_us'])} | {vs} |"
+        )
+    with open(os.path.join(out_dir, "meta.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+COMMANDS = {"scale": cmd_scale, "liveness": cmd_liveness, "report": cmd_report}
+
+if __name__ == "__main__":
+    cmd = COMMANDS.get(sys.argv[1]) if len(sys.argv) > 1 else None
+    if cmd is None:
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
+    sys.exit(cmd(sys.argv[2:]) or 0)

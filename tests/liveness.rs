@@ -1,0 +1,509 @@
+//! One volume never stalls another (issue 10), on real mounts.
+//!
+//! Deterministic, with no time asserted: the slow thing is held by the
+//! test (an import's input pipe it does not feed, a commit paused at a
+//! failpoint), every probe must return while it is held, and only then is
+//! it let go. A probe that hangs fails the test after a generous watchdog,
+//! which first aborts the FUSE connection so nothing stays in D state.
+//!
+//! Also here: the races of issue 10 that need a kernel (a reader of an old
+//! `N.img` keeps its attributes across a resize and across remove and
+//! create; an import from a file on the same mount), a request that panics,
+//! and FORGET keeping the inode table bounded.
+
+mod common;
+
+use common::mount::*;
+use common::*;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+fn rf(args: &[&str]) -> std::process::Output {
+    run(Command::new(bin()).args(args))
+}
+
+fn xfs() -> TestFs {
+    let all = filesystems();
+    all.iter()
+        .find(|f| f.name == "xfs")
+        .cloned()
+        .unwrap_or_else(|| all[0].clone())
+}
+
+const IMPORT_SIZE: u64 = MIB;
+
+/// A pool of a few VMs, mounted with `opts` and `env`.
+fn pool_with(
+    fs: &TestFs,
+    test: &str,
+    vols: &[&str],
+    opts: &str,
+    env: &[(&str, String)],
+) -> Mounted {
+    let (pool, path) = new_pool(fs, test);
+    for v in vols {
+        create_origin(&pool, v, MIB);
+    }
+    drop(pool);
+    let mnt = path.parent().unwrap().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mut cmd = Command::new(bin());
+    cmd.arg("mount").arg(&path).arg(&mnt);
+    if !opts.is_empty() {
+        cmd.args(["-o", opts]);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    run_ok(&mut cmd);
+    Mounted::adopt(&path, &mnt)
+}
+
+/// An import whose input the test holds: it waits on its pipe until fed.
+struct StalledImport {
+    child: Child,
+}
+
+impl StalledImport {
+    fn start(pool: &Path, vid: &str) -> StalledImport {
+        let child = Command::new(bin())
+            .args(["volume", "import", "--pool", &s(pool), vid, "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        StalledImport { child }
+    }
+
+    /// Feeds the input and checks the import succeeded.
+    fn feed(mut self) {
+        let mut stdin = self.child.stdin.take().unwrap();
+        stdin
+            .write_all(&pattern(0x1f, IMPORT_SIZE as usize))
+            .unwrap();
+        drop(stdin);
+        let status = self.child.wait().unwrap();
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        assert!(status.success(), "the import: {err}");
+    }
+}
+
+impl Drop for StalledImport {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `probe` on a thread; it must return within the watchdog, or the
+/// mount's connection is aborted and the test fails naming it.
+fn must_return<T: Send + 'static>(
+    what: &str,
+    dev: u64,
+    probe: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let t = std::thread::spawn(probe);
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    while !t.is_finished() {
+        if std::time::Instant::now() > end {
+            Mounted::abort_connection(dev);
+            panic!("{what} did not return while the slow operation was held");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    t.join().unwrap()
+}
+
+fn state_of(pool: &Path, vid: &str) -> String {
+    let out = rf(&["volume", "info", "--pool", &s(pool), vid, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["state"].as_str().unwrap().to_owned()
+}
+
+/// The probes: each on its own thread, each must return.
+fn probes(m: &Mounted, other_open: &File) {
+    let dev = m.dev();
+    let (mnt, pool) = (m.mnt.clone(), m.pool.clone());
+    must_return("ls -lR of the mount", dev, move || {
+        run_ok(Command::new("ls").arg("-lR").arg(&mnt));
+    });
+    let mnt = m.mnt.clone();
+    must_return("a start and commit of another volume", dev, move || {
+        let p = mnt.join("appvms/busy/free-dirty.img");
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(b"free", 0).unwrap();
+        drop(f);
+        wait_for("the other volume's commit", 60, || {
+            xattr(&p, "user.reflinkfs.state").as_deref() == Some("stopped")
+        });
+    });
+    let f = other_open.try_clone().unwrap();
+    must_return("fsync of an open volume", dev, move || {
+        f.write_all_at(b"sync", 0).unwrap();
+        f.sync_all().unwrap();
+    });
+    for args in [
+        vec!["status", "--pool", &s(&pool)],
+        vec!["volume", "list", "--pool", &s(&pool)],
+        vec!["volume", "info", "--pool", &s(&pool), "appvms/busy/open"],
+    ] {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        must_return(&format!("reflinkfs {}", args.join(" ")), dev, move || {
+            run_ok(Command::new(bin()).args(&args));
+        });
+    }
+}
+
+const VOLS: &[&str] = &[
+    "appvms/busy/open",
+    "appvms/busy/free",
+    "appvms/imp/private",
+    "appvms/held/pause",
+];
+
+#[test]
+fn nothing_waits_for_an_import_that_waits_for_its_input() {
+    if !require(&["ls"]) {
+        return;
+    }
+    let fs = xfs();
+    let m = pool_with(&fs, "live-import", VOLS, "", &[]);
+    let open = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.path("appvms/busy/open-dirty.img"))
+        .unwrap();
+    let import = StalledImport::start(&m.pool, "appvms/imp/private");
+    wait_for("the import to wait for its input", 30, || {
+        state_of(&m.pool, "appvms/imp/private") == "importing"
+    });
+    let status = rf(&["status", "--pool", &s(&m.pool)]);
+    assert!(
+        String::from_utf8_lossy(&status.stdout).contains("importing"),
+        "status shows the operation"
+    );
+    probes(&m, &open);
+    // An open of the importing volume is refused at once, not held.
+    let e = OpenOptions::new()
+        .write(true)
+        .open(m.path("appvms/imp/private-dirty.img"))
+        .unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EBUSY), "{e}");
+    import.feed();
+    assert_eq!(
+        read_committed(&m.pool, &vid("appvms/imp/private"), 0, 4096),
+        pattern(0x1f, 4096)
+    );
+    drop(open);
+    m.wait_stopped("appvms/busy/open-dirty.img");
+    m.unmount();
+}
+
+#[test]
+fn one_worker_serves_every_volume_while_a_commit_is_held() {
+    if !require(&["ls"]) || !require_failpoints() {
+        return;
+    }
+    let fs = xfs();
+    let gate = scratch_dir(&fs, "live-gate").join("open");
+    let m = pool_with(
+        &fs,
+        "live-held",
+        VOLS,
+        "threads=1",
+        &[
+            ("REFLINKFS_FAILPOINT", "pause.commit".to_owned()),
+            ("REFLINKFS_FAILPOINT_GATE", s(&gate)),
+        ],
+    );
+    let dev = m.dev();
+    let open = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.path("appvms/busy/open-dirty.img"))
+        .unwrap();
+    // The held volume's commit stops at the failpoint.
+    let held = m.path("appvms/held/pause-dirty.img");
+    let f = OpenOptions::new().write(true).open(&held).unwrap();
+    f.write_all_at(b"held", 0).unwrap();
+    drop(f);
+    wait_for("the commit to be held", 30, || {
+        xattr(&held, "user.reflinkfs.state").as_deref() == Some("committing")
+    });
+    let import = StalledImport::start(&m.pool, "appvms/imp/private");
+    wait_for("the import to wait for its input", 30, || {
+        state_of(&m.pool, "appvms/imp/private") == "importing"
+    });
+    probes(&m, &open);
+    // An open of the committing volume waits for the commit (on its own
+    // thread in the daemon): release the commit, and it completes.
+    let reopen = {
+        let held = held.clone();
+        std::thread::spawn(move || OpenOptions::new().write(true).open(&held))
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let mnt = m.mnt.clone();
+    must_return(
+        "a stat while an open waits for the commit",
+        dev,
+        move || {
+            std::fs::metadata(mnt.join("appvms/busy/free-dirty.img")).unwrap();
+        },
+    );
+    File::create(&gate).unwrap();
+    let f = must_return("the open of the committed volume", dev, move || {
+        reopen.join().unwrap()
+    })
+    .unwrap();
+    drop(f);
+    m.wait_stopped("appvms/held/pause-dirty.img");
+    import.feed();
+    drop(open);
+    m.wait_stopped("appvms/busy/open-dirty.img");
+    m.unmount();
+}
+
+#[test]
+fn an_import_from_a_file_on_the_same_mount_completes() {
+    let fs = xfs();
+    let m = pool_with(&fs, "live-self-import", &["c/v/src", "c/v/dst"], "", &[]);
+    let src = m.path("c/v/src-dirty.img");
+    let f = OpenOptions::new().write(true).open(&src).unwrap();
+    f.write_all_at(&pattern(0x42, 65536), 0).unwrap();
+    drop(f);
+    m.wait_stopped("c/v/src-dirty.img");
+    let dev = m.dev();
+    // From another volume's image, then into the very volume it reads from.
+    for (what, from) in [
+        ("an import from the mount", "c/v/src.img"),
+        ("an import of a volume from itself", "c/v/dst.img"),
+    ] {
+        let (pool, from) = (m.pool.clone(), m.path(from));
+        must_return(what, dev, move || {
+            run_ok(
+                Command::new(bin())
+                    .args(["volume", "import", "--pool", &s(&pool), "c/v/dst"])
+                    .arg(&from),
+            );
+        });
+        assert_eq!(
+            read_committed(&m.pool, &vid("c/v/dst"), 0, 65536),
+            pattern(0x42, 65536),
+            "{what}"
+        );
+    }
+    m.unmount();
+}
+
+/// What a reader of `N.img` sees through its open file.
+fn fstat_of(f: &File) -> (u64, u64) {
+    let m = f.metadata().unwrap();
+    (m.ino(), m.len())
+}
+
+#[test]
+fn a_reader_of_an_old_image_keeps_its_attributes_across_resize_and_recreate() {
+    let fs = xfs();
+    let m = pool_with(&fs, "live-old-reader", &["c/v/n"], "", &[]);
+    let dirty = m.path("c/v/n-dirty.img");
+    let f = OpenOptions::new().write(true).open(&dirty).unwrap();
+    f.write_all_at(&pattern(1, 4096), 0).unwrap();
+    drop(f);
+    m.wait_stopped("c/v/n-dirty.img");
+    let img = m.path("c/v/n.img");
+
+    // A resize replaces N.img.
+    let reader = File::open(&img).unwrap();
+    let before = fstat_of(&reader);
+    assert_eq!(before.1, MIB);
+    run_ok(Command::new(bin()).args(["volume", "resize", "--pool", &s(&m.pool), "c/v/n", "2M"]));
+    assert_eq!(
+        fstat_of(&reader),
+        before,
+        "the reader keeps its inode and size"
+    );
+    assert_eq!(read_at(&reader, 0, 4096), pattern(1, 4096));
+    let now = std::fs::metadata(&img).unwrap();
+    assert_eq!(now.len(), 2 * MIB);
+    assert_ne!(now.ino(), before.0, "the new image has a new inode number");
+    drop(reader);
+
+    // Remove, then create again under the same id.
+    let reader = File::open(&img).unwrap();
+    let before = fstat_of(&reader);
+    run_ok(Command::new(bin()).args(["volume", "remove", "--pool", &s(&m.pool), "c/v/n"]));
+    run_ok(Command::new(bin()).args([
+        "volume",
+        "create",
+        "--pool",
+        &s(&m.pool),
+        "c/v/n",
+        "--size",
+        "3M",
+    ]));
+    let f = OpenOptions::new().write(true).open(&dirty).unwrap();
+    f.write_all_at(&pattern(2, 4096), 0).unwrap();
+    drop(f);
+    m.wait_stopped("c/v/n-dirty.img");
+    assert_eq!(
+        fstat_of(&reader),
+        before,
+        "the old reader keeps the old volume's image"
+    );
+    assert_eq!(read_at(&reader, 0, 4096), pattern(1, 4096));
+    let now = std::fs::metadata(&img).unwrap();
+    assert_eq!(now.len(), 3 * MIB);
+    assert_ne!(now.ino(), before.0);
+    assert_ne!(
+        std::fs::metadata(&dirty).unwrap().ino(),
+        0,
+        "the new volume's dirty image is a file"
+    );
+    drop(reader);
+    m.unmount();
+}
+
+#[test]
+fn a_request_that_panics_fails_alone() {
+    if !require_failpoints() {
+        return;
+    }
+    let fs = xfs();
+    let m = pool_with(
+        &fs,
+        "live-panic",
+        &["c/v/panic", "c/v/n"],
+        "",
+        &[("REFLINKFS_FAILPOINT", "fuse.getattr".to_owned())],
+    );
+    let open = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.path("c/v/n-dirty.img"))
+        .unwrap();
+    let e = std::fs::metadata(m.path("c/v/panic-dirty.img")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    // Everything else serves on.
+    std::fs::metadata(m.path("c/v/n-dirty.img")).unwrap();
+    open.write_all_at(b"alive", 0).unwrap();
+    open.sync_all().unwrap();
+    run_ok(Command::new(bin()).args(["status", "--pool", &s(&m.pool)]));
+    assert!(m.root_counter("panics") >= 1);
+    let log = std::fs::read_to_string(m.pool.join(".reflinkfs/daemon.log")).unwrap();
+    assert!(log.contains("the request panicked"), "{log}");
+    drop(open);
+    m.wait_stopped("c/v/n-dirty.img");
+    m.unmount();
+}
+
+#[test]
+fn forget_keeps_the_inode_table_bounded() {
+    if !require(&["sync"]) {
+        return;
+    }
+    let fs = xfs();
+    let m = pool_with(&fs, "live-forget", &["c/v/n"], "", &[]);
+    let dirty = m.path("c/v/n-dirty.img");
+    let img = m.path("c/v/n.img");
+    for i in 0..100u8 {
+        let f = OpenOptions::new().write(true).open(&dirty).unwrap();
+        f.write_all_at(&[i; 512], 0).unwrap();
+        drop(f);
+        m.wait_stopped("c/v/n-dirty.img");
+        // A lookup of each new N.img: a new inode every time.
+        std::fs::metadata(&img).unwrap_or_else(|e| panic!("round {i}: {e}"));
+    }
+    // Without FORGET the table would hold one entry per commit; the kernel
+    // forgets each old N.img once nothing caches it (drop_caches makes
+    // sure), and the table stays small.
+    run_ok(&mut Command::new("sync"));
+    std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+    wait_for("the kernel's FORGETs", 30, || m.root_counter("inodes") < 20);
+    m.unmount();
+}
+
+/// Listings and attributes are cached by the kernel (and dropped at every
+/// change): whatever changes, through the mount or the CLI, shows at once.
+#[test]
+fn the_mount_shows_every_change_at_once_despite_caching() {
+    let fs = xfs();
+    let m = pool_with(&fs, "live-cache", &["c/v/a"], "", &[]);
+    let list = |rel: &str| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(m.path(rel))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    let cli = |args: &[&str]| {
+        let mut a = args.to_vec();
+        let p = s(&m.pool);
+        a.extend(["--pool", &p]);
+        run_ok(Command::new(bin()).args(&a));
+    };
+    assert_eq!(list("c/v"), ["a-dirty.img", "a.img"]);
+    assert_eq!(list("c"), ["v"]);
+    // A new volume, in this VM and in a new one.
+    cli(&["volume", "create", "c/v/b", "--size", "1M"]);
+    cli(&["volume", "create", "c/w/x", "--size", "1M"]);
+    assert_eq!(
+        list("c/v"),
+        ["a-dirty.img", "a.img", "b-dirty.img", "b.img"]
+    );
+    assert_eq!(list("c"), ["v", "w"]);
+    // A commit: a revision appears, N.img is a new file.
+    let img_ino = std::fs::metadata(m.path("c/v/a.img")).unwrap().ino();
+    let f = OpenOptions::new()
+        .write(true)
+        .open(m.path("c/v/a-dirty.img"))
+        .unwrap();
+    f.write_all_at(b"x", 0).unwrap();
+    drop(f);
+    m.wait_stopped("c/v/a-dirty.img");
+    let names = list("c/v");
+    assert!(names.iter().any(|n| n.starts_with("a.img.1@")), "{names:?}");
+    assert_ne!(
+        std::fs::metadata(m.path("c/v/a.img")).unwrap().ino(),
+        img_ino
+    );
+    // A resize shows its size, stopped and committed.
+    cli(&["volume", "resize", "c/v/b", "3M"]);
+    assert_eq!(
+        std::fs::metadata(m.path("c/v/b.img")).unwrap().len(),
+        3 * MIB
+    );
+    assert_eq!(
+        std::fs::metadata(m.path("c/v/b-dirty.img")).unwrap().len(),
+        3 * MIB
+    );
+    // rw=false shows in the mode.
+    cli(&["volume", "set", "c/v/b", "rw", "false"]);
+    let mode = std::fs::metadata(m.path("c/v/b-dirty.img")).unwrap().mode() & 0o777;
+    assert_eq!(mode, 0o400);
+    // Removals: the files go, and a VM whose last volume went goes.
+    cli(&["volume", "remove", "c/v/b"]);
+    cli(&["volume", "remove", "c/w/x"]);
+    let names = list("c/v");
+    assert!(!names.iter().any(|n| n.starts_with("b")), "{names:?}");
+    assert_eq!(list("c"), ["v"]);
+    assert!(std::fs::metadata(m.path("c/w")).is_err());
+    m.unmount();
+}
