@@ -705,6 +705,17 @@ pub fn random_u64() -> u64 {
     u64::from_ne_bytes(buf)
 }
 
+/// Lowers the calling thread's CPU priority (nice +`n`): the daemon's
+/// threads that copy and commit yield the CPU to the threads that answer
+/// requests. Errors (no permission to renice) leave it as it was.
+pub fn lower_thread_priority(n: libc::c_int) {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: setpriority only changes the scheduling of thread `tid`, this
+    // thread; who = a TID is what Linux takes for PRIO_PROCESS.
+    let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, n) };
+}
+
 /// The real user id of the process.
 pub fn getuid() -> u32 {
     // SAFETY: getuid cannot fail.

@@ -75,6 +75,21 @@ impl Pool {
         })
     }
 
+    /// The signature of a running volume's dirty image, read through the
+    /// run's own descriptor (one fstat, no path walk), with its config's
+    /// `rw`; `None` when it does not run (or is held).
+    pub fn running_dirty(&self, vid: &ValidVid) -> Result<Option<(FileSig, bool)>> {
+        let vol = self.volume(vid)?;
+        let (file, rw) = {
+            let life = vol.lock();
+            (life.run().and_then(|r| r.file.clone()), life.config.rw)
+        };
+        let Some(file) = file else { return Ok(None) };
+        let st = sys::fstat(std::os::fd::AsFd::as_fd(&*file))
+            .map_err(|e| Error::io(format!("examining the dirty image of {vid}"), e))?;
+        Ok(Some((FileSig::from_stat(&st), rw)))
+    }
+
     /// A snapshot of a volume's config and state, taken without waiting.
     pub fn snapshot(&self, vid: &ValidVid) -> Result<Snapshot> {
         Ok(self.volume(vid)?.snapshot())

@@ -196,18 +196,11 @@ impl Committer {
             let (pool, rx) = (pool.clone(), rx.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("commit-{i}"))
-                .spawn(move || loop {
-                    let next = rx.lock().recv();
-                    let Ok(p) = next else { return };
-                    let vid = p.vid.clone();
-                    match pool.finish_stop(p) {
-                        Ok(None) => log::debug!("{vid}: opened again before its stop; it runs on"),
-                        // The engine said at WARN what holds it; the daemon
-                        // commits it once that lets go (`retry_held`).
-                        Ok(Some(StopOutcome::Held { .. })) => {}
-                        Ok(Some(outcome)) => log::info!("{vid}: last close: {outcome:?}"),
-                        Err(e) => log::error!("{vid}: stop at the last close failed: {e}; the dirty image is kept and will be committed at the next start or pool open"),
-                    }
+                .spawn(move || {
+                    // A commit's fsync writes a VM's data back: it yields the
+                    // CPU to the threads that answer the other VMs' requests.
+                    sys::lower_thread_priority(10);
+                    Self::commit_loop(&pool, &rx)
                 });
             match spawned {
                 Ok(t) => threads.push(t),
@@ -217,6 +210,23 @@ impl Committer {
         Committer {
             tx: Mutex::new(Some(tx)),
             threads: Mutex::new(threads),
+        }
+    }
+
+    /// A committer thread: runs the queued stops until the queue closes.
+    fn commit_loop(pool: &Pool, rx: &Mutex<std::sync::mpsc::Receiver<PendingStop>>) {
+        loop {
+            let next = rx.lock().recv();
+            let Ok(p) = next else { return };
+            let vid = p.vid.clone();
+            match pool.finish_stop(p) {
+                Ok(None) => log::debug!("{vid}: opened again before its stop; it runs on"),
+                // The engine said at WARN what holds it; the daemon commits
+                // it once that lets go (`retry_held`).
+                Ok(Some(StopOutcome::Held { .. })) => {}
+                Ok(Some(outcome)) => log::info!("{vid}: last close: {outcome:?}"),
+                Err(e) => log::error!("{vid}: stop at the last close failed: {e}; the dirty image is kept and will be committed at the next start or pool open"),
+            }
         }
     }
 
@@ -581,6 +591,14 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
         match node {
             Node::Root | Node::Class(_) | Node::Vm(..) => Ok(self.dir_attr(ino)),
             Node::Dirty(vid, _) => {
+                // A running volume: one fstat of its dirty image, nothing
+                // else (a VM's disk is stat'ed while others load the disk).
+                if let Ok(Some((sig, rw))) = self.pool.running_dirty(vid) {
+                    return Ok(Attr {
+                        cacheable: false,
+                        ..sig_attr(ino, &sig, self.file_perm(rw))
+                    });
+                }
                 let view = self.view(vid)?;
                 let perm = self.file_perm(view.config.rw);
                 match (view.running, view.dirty) {

@@ -367,6 +367,9 @@ impl Filesystem for Adapter {
                 let spawned = std::thread::Builder::new()
                     .name("open".into())
                     .spawn(move || {
+                        // A start copies (in copy mode, the whole image):
+                        // it yields the CPU to the threads answering requests.
+                        crate::sys::lower_thread_priority(10);
                         let a = Adapter { fs };
                         a.guard("open", || {
                             let register = |f: &std::fs::File| reply.open_backing(f);
@@ -479,21 +482,21 @@ impl Filesystem for Adapter {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        self.guard("opendir", || match self.fs.getattr(ino.0, None) {
-            // With invalidation, the kernel keeps a directory's listing
-            // (FOPEN_CACHE_DIR) until a change of one of its volumes drops
-            // it: `ls -lR` of a large pool does not read every directory
-            // from the daemon again.
-            Ok(a) if a.kind == Kind::Dir => {
-                let flags = if self.fs.caching() {
-                    FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
-                } else {
-                    FopenFlags::empty()
-                };
-                reply.opened(FileHandle(0), flags)
+        self.guard("opendir", || {
+            // With invalidation (the daemon always has it), ENOSYS tells the
+            // kernel to open directories by itself from now on, and then it
+            // keeps each listing cached (FOPEN_CACHE_DIR, its default without
+            // OPENDIR) until a change of one of its volumes drops it: `ls -lR`
+            // of a large pool costs no OPENDIR, READDIR or RELEASEDIR round
+            // trips once it has been read.
+            if self.fs.caching() {
+                return reply.error(Errno::ENOSYS);
             }
-            Ok(_) => reply.error(Errno::ENOTDIR),
-            Err(e) => reply.error(errno(e)),
+            match self.fs.getattr(ino.0, None) {
+                Ok(a) if a.kind == Kind::Dir => reply.opened(FileHandle(0), FopenFlags::empty()),
+                Ok(_) => reply.error(Errno::ENOTDIR),
+                Err(e) => reply.error(errno(e)),
+            }
         })
     }
 
