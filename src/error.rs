@@ -77,6 +77,10 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// A client and a daemon that do not speak the same protocol.
+    #[error("{reason}")]
+    Protocol { reason: String },
+
     /// An error the daemon reported for a request sent to it.
     #[error("{message}")]
     Remote { class: ErrorClass, message: String },
@@ -112,12 +116,14 @@ pub enum ErrorClass {
     Unsupported,
     /// The volume or pool already exists.
     Exists,
+    /// The CLI and the daemon speak different major protocol versions.
+    Protocol,
 }
 
 impl ErrorClass {
     /// Every class with its exit status and a short description, for
     /// `--help`, the README and the tests.
-    pub const ALL: [(ErrorClass, u8, &'static str); 9] = [
+    pub const ALL: [(ErrorClass, u8, &'static str); 10] = [
         (ErrorClass::Io, 1, "I/O or other unexpected error"),
         (
             ErrorClass::InvalidInput,
@@ -155,6 +161,11 @@ impl ErrorClass {
             "reflinks unsupported (see --setup-check=no)",
         ),
         (ErrorClass::Exists, 10, "volume or pool already exists"),
+        (
+            ErrorClass::Protocol,
+            11,
+            "the CLI and the pool's daemon speak different protocol versions",
+        ),
     ];
 
     pub fn exit_code(self) -> u8 {
@@ -183,6 +194,7 @@ impl ErrorClass {
             ErrorClass::Corrupt => "corrupt",
             ErrorClass::Unsupported => "unsupported",
             ErrorClass::Exists => "exists",
+            ErrorClass::Protocol => "protocol",
         }
     }
 }
@@ -215,6 +227,7 @@ impl Error {
             Error::ReflinkUnsupported { .. } => ErrorClass::Unsupported,
             Error::VolumeExists(_) | Error::PoolExists { .. } => ErrorClass::Exists,
             Error::Remote { class, .. } => *class,
+            Error::Protocol { .. } => ErrorClass::Protocol,
             Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOENT) => {
                 ErrorClass::NotFound
             }
@@ -247,7 +260,7 @@ impl Error {
             Error::CorruptMetadata { .. } => libc::EIO,
             Error::ReflinkUnsupported { .. } => libc::EOPNOTSUPP,
             Error::VolumeExists(_) | Error::PoolExists { .. } => libc::EEXIST,
-            Error::Remote { .. } => libc::EIO,
+            Error::Remote { .. } | Error::Protocol { .. } => libc::EIO,
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         }
     }

@@ -8,6 +8,7 @@
 
 pub mod cli;
 pub mod control;
+pub mod daemon;
 pub mod engine;
 pub mod error;
 pub mod fuse;

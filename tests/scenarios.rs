@@ -787,13 +787,10 @@ fn usage_reports_shared_and_exclusive_bytes() {
         }
         let p = pool.pool_info().unwrap();
         assert!(p.backing.size > 0 && p.pool_allocated >= 5 * MIB, "{p:?}");
-        assert_eq!(
-            p.backing.filesystem,
-            if fs.name == "tmp" {
-                p.backing.filesystem
-            } else {
-                fs.name.as_str()
-            }
-        );
+        // The scratch filesystems are named after their type; a pool on
+        // the temporary directory may be on anything.
+        if fs.name != "tmp" {
+            assert_eq!(p.backing.filesystem, fs.name);
+        }
     }
 }

@@ -6,7 +6,7 @@ mod mount;
 pub(crate) mod output;
 mod progress;
 
-use crate::control::{self, client, Outcome, Request};
+use crate::control::{self, client, Request, Response};
 use crate::engine::admin::check_revisions_to_keep;
 use crate::engine::{parse_size, InitOptions, Pool, Property, ValidVid};
 use crate::error::{Error, ErrorClass, Result};
@@ -206,6 +206,8 @@ pub enum VolumeCommand {
         /// The image may be missing (e.g. a kernel's modules.img).
         #[arg(long)]
         optional: bool,
+        #[command(flatten)]
+        json: JsonArg,
     },
     /// List the volumes.
     #[command(after_help = exit_status_help())]
@@ -244,6 +246,8 @@ pub enum VolumeCommand {
         /// Allow a smaller size (data past the new end is lost).
         #[arg(long)]
         allow_shrink: bool,
+        #[command(flatten)]
+        json: JsonArg,
     },
     /// Go back to a revision (default: the newest). The current image is
     /// kept as a new revision first.
@@ -254,6 +258,8 @@ pub enum VolumeCommand {
         vid: String,
         /// A revision number K, or a timestamp for a legacy revision.
         revision: Option<String>,
+        #[command(flatten)]
+        json: JsonArg,
     },
     /// Set a property: revisions_to_keep (an integer >= -1) or rw (true or
     /// false). Lowering revisions_to_keep prunes at once.
@@ -265,6 +271,8 @@ pub enum VolumeCommand {
         property: String,
         #[arg(allow_negative_numbers = true)]
         value: String,
+        #[command(flatten)]
+        json: JsonArg,
     },
     /// Replace a stopped origin volume's data with FILE (`-` for stdin).
     /// The data must be exactly the size, or nothing changes; the previous
@@ -278,6 +286,8 @@ pub enum VolumeCommand {
         /// The size the data must have (default: the volume's size).
         #[arg(long, allow_hyphen_values = true)]
         size: Option<String>,
+        #[command(flatten)]
+        json: JsonArg,
     },
     /// Copy a volume's committed image (or a revision) to FILE (`-` for
     /// stdout). FILE must not exist.
@@ -290,6 +300,8 @@ pub enum VolumeCommand {
         /// Export revision K instead of the committed image.
         #[arg(long, value_name = "K")]
         revision: Option<String>,
+        #[command(flatten)]
+        json: JsonArg,
     },
     /// Copy a volume's committed image into another volume, creating it
     /// if needed, in this pool or in --to-pool.
@@ -302,6 +314,8 @@ pub enum VolumeCommand {
         /// The pool of DST_VID (default: the same pool).
         #[arg(long, value_name = "PATH")]
         to_pool: Option<PathBuf>,
+        #[command(flatten)]
+        json: JsonArg,
     },
     /// Delete a volume with its images and revisions.
     #[command(after_help = exit_status_help())]
@@ -309,6 +323,8 @@ pub enum VolumeCommand {
         #[command(flatten)]
         pool: PoolArg,
         vid: String,
+        #[command(flatten)]
+        json: JsonArg,
     },
 }
 
@@ -494,6 +510,7 @@ fn run_volume(cmd: VolumeCommand) -> Result<ExitCode> {
             revisions_to_keep,
             read_only,
             optional,
+            json,
         } => {
             let req = Request::VolumeCreate {
                 vid,
@@ -504,7 +521,7 @@ fn run_volume(cmd: VolumeCommand) -> Result<ExitCode> {
                 read_only,
                 optional,
             };
-            dispatch(&pool.pool, req, None, false)
+            dispatch(&pool.pool, req, None, json.json)
         }
         VolumeCommand::List { pool, json } => {
             dispatch(&pool.pool, Request::VolumeList, None, json.json)
@@ -523,29 +540,32 @@ fn run_volume(cmd: VolumeCommand) -> Result<ExitCode> {
             vid,
             size,
             allow_shrink,
+            json,
         } => {
             let req = Request::VolumeResize {
                 vid,
                 size: parse_size(&size)?,
                 allow_shrink,
             };
-            dispatch(&pool.pool, req, None, false)
+            dispatch(&pool.pool, req, None, json.json)
         }
         VolumeCommand::Revert {
             pool,
             vid,
             revision,
+            json,
         } => dispatch(
             &pool.pool,
             Request::VolumeRevert { vid, revision },
             None,
-            false,
+            json.json,
         ),
         VolumeCommand::Set {
             pool,
             vid,
             property,
             value,
+            json,
         } => {
             Property::parse(&property, &value)?;
             dispatch(
@@ -556,7 +576,7 @@ fn run_volume(cmd: VolumeCommand) -> Result<ExitCode> {
                     value,
                 },
                 None,
-                false,
+                json.json,
             )
         }
         VolumeCommand::Import {
@@ -564,6 +584,7 @@ fn run_volume(cmd: VolumeCommand) -> Result<ExitCode> {
             vid,
             file,
             size,
+            json,
         } => {
             let size = size.as_deref().map(parse_size).transpose()?;
             let source = open_input(&file)?;
@@ -574,13 +595,9 @@ fn run_volume(cmd: VolumeCommand) -> Result<ExitCode> {
                         .filter(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG)
                         .map(|st| st.st_blocks as u64 * 512)
                         .or(size);
-                    let target = call(&pool.pool, Request::VolumeInfo { vid: vid.clone() }, None)
+                    let target = volume_info(&pool.pool, &vid)
                         .ok()
-                        .and_then(|o| {
-                            o.value["image"]
-                                .as_str()
-                                .map(|p| p.replace(".img", "-import.img"))
-                        });
+                        .map(|v| v.image.replace(".img", "-import.img"));
                     target.map(|t| {
                         progress::Progress::start(
                             format!("importing {}", file.display()),
@@ -595,7 +612,7 @@ fn run_volume(cmd: VolumeCommand) -> Result<ExitCode> {
                 size,
                 source: file.display().to_string(),
             };
-            let result = dispatch(&pool.pool, req, Some(source), false);
+            let result = dispatch(&pool.pool, req, Some(source), json.json);
             if let Some(b) = bar {
                 b.finish();
             }
@@ -606,14 +623,24 @@ fn run_volume(cmd: VolumeCommand) -> Result<ExitCode> {
             vid,
             file,
             revision,
+            json,
         } => {
             let to_stdout = file == Path::new("-");
+            if to_stdout && json.json {
+                return Err(Error::InvalidValue {
+                    property: "--json".into(),
+                    reason:
+                        "an export to stdout (-) prints the image there; give a FILE to get JSON"
+                            .into(),
+                });
+            }
             let dest = open_output(&file)?;
             let bar = (!to_stdout && progress::wanted(false))
                 .then(|| {
-                    let total = call(&pool.pool, Request::VolumeInfo { vid: vid.clone() }, None)
-                        .ok()
-                        .and_then(|o| o.value["usage"]["files"][0]["allocated"].as_u64());
+                    let total = volume_info(&pool.pool, &vid).ok().and_then(|v| {
+                        v.usage
+                            .and_then(|u| u.files.first().map(|f| f.usage.allocated))
+                    });
                     dest.try_clone().ok().map(|f| {
                         progress::Progress::start(
                             format!("exporting to {}", file.display()),
@@ -628,7 +655,7 @@ fn run_volume(cmd: VolumeCommand) -> Result<ExitCode> {
                 revision,
                 dest: file.display().to_string(),
             };
-            let result = dispatch(&pool.pool, req, Some(dest), false);
+            let result = dispatch(&pool.pool, req, Some(dest), json.json);
             if let Some(b) = bar {
                 b.finish();
             }
@@ -642,9 +669,10 @@ fn run_volume(cmd: VolumeCommand) -> Result<ExitCode> {
             src_vid,
             dst_vid,
             to_pool,
+            json,
         } => match to_pool {
             Some(tp) if !same_dir(&tp, &pool.pool) => {
-                clone_across(&pool.pool, &src_vid, &tp, &dst_vid)
+                clone_across(&pool.pool, &src_vid, &tp, &dst_vid, json.json)
             }
             _ => dispatch(
                 &pool.pool,
@@ -653,32 +681,37 @@ fn run_volume(cmd: VolumeCommand) -> Result<ExitCode> {
                     dst: dst_vid,
                 },
                 None,
-                false,
+                json.json,
             ),
         },
-        VolumeCommand::Remove { pool, vid } => {
-            dispatch(&pool.pool, Request::VolumeRemove { vid }, None, false)
+        VolumeCommand::Remove { pool, vid, json } => {
+            dispatch(&pool.pool, Request::VolumeRemove { vid }, None, json.json)
         }
     }
 }
 
 /// Runs a request through the daemon when the pool is mounted, else
-/// against the pool opened here; prints the outcome.
+/// against the pool opened here; prints the response, as text or JSON.
 fn dispatch(pool: &Path, req: Request, fd: Option<File>, json: bool) -> Result<ExitCode> {
-    let outcome = call(pool, req, fd)?;
+    let response = call(pool, req, fd)?;
+    Ok(show(&response, json))
+}
+
+/// Prints a response, as text or JSON, and gives its exit status.
+fn show(response: &Response, json: bool) -> ExitCode {
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&outcome.value).expect("values serialise")
+            serde_json::to_string_pretty(&output::json(response)).expect("values serialise")
         );
     } else {
-        print!("{}", outcome.text);
+        print!("{}", output::text(response));
     }
-    Ok(ExitCode::from(outcome.exit))
+    ExitCode::from(output::exit_code(response))
 }
 
-/// The outcome of a request, online or offline.
-fn call(pool: &Path, req: Request, fd: Option<File>) -> Result<Outcome> {
+/// The response to a request, online or offline.
+fn call(pool: &Path, req: Request, fd: Option<File>) -> Result<Response> {
     match client::connect(pool)? {
         Some(stream) => {
             log::debug!(
@@ -694,19 +727,35 @@ fn call(pool: &Path, req: Request, fd: Option<File>) -> Result<Outcome> {
     }
 }
 
+/// The info of one volume, online or offline.
+fn volume_info(pool: &Path, vid: &str) -> Result<crate::engine::VolumeInfo> {
+    match call(
+        pool,
+        Request::VolumeInfo {
+            vid: vid.to_owned(),
+        },
+        None,
+    )? {
+        Response::Volume(v) => Ok(*v),
+        other => Err(Error::Protocol {
+            reason: format!("the daemon answered volume info with {other:?}"),
+        }),
+    }
+}
+
 /// A clone into another pool, each side online or offline: export the
 /// source into a file beside the destination pool (a reflink when the two
 /// share a filesystem), then create or import the destination from it.
-fn clone_across(src_pool: &Path, src: &str, dst_pool: &Path, dst: &str) -> Result<ExitCode> {
-    let info = call(
-        src_pool,
-        Request::VolumeInfo {
-            vid: src.to_owned(),
-        },
-        None,
-    )?;
-    let size = info.value["size"].as_u64().unwrap_or(0);
-    let src_vid = info.value["vid"].as_str().unwrap_or(src).to_owned();
+fn clone_across(
+    src_pool: &Path,
+    src: &str,
+    dst_pool: &Path,
+    dst: &str,
+    json: bool,
+) -> Result<ExitCode> {
+    let info = volume_info(src_pool, src)?;
+    let size = info.size;
+    let src_vid = info.vid.clone();
     let tmp_dir = dst_pool.join(crate::engine::pool::META_DIR);
     if !tmp_dir.is_dir() {
         return Err(Error::NotAPool {
@@ -725,14 +774,7 @@ fn clone_across(src_pool: &Path, src: &str, dst_pool: &Path, dst: &str) -> Resul
             },
             Some(dest),
         )?;
-        let exists = call(
-            dst_pool,
-            Request::VolumeInfo {
-                vid: dst.to_owned(),
-            },
-            None,
-        )
-        .is_ok();
+        let exists = volume_info(dst_pool, dst).is_ok();
         if !exists {
             call(
                 dst_pool,
@@ -759,12 +801,19 @@ fn clone_across(src_pool: &Path, src: &str, dst_pool: &Path, dst: &str) -> Resul
             },
             Some(source),
         )?;
-        Ok(out.value["vid"].as_str().unwrap_or(dst).to_owned())
+        Ok(match out {
+            Response::Imported { vid, .. } => vid,
+            _ => dst.to_owned(),
+        })
     })();
     let _ = std::fs::remove_file(&tmp);
     let dst_vid = result?;
-    println!("cloned {src_vid} to {dst_vid} in {}", dst_pool.display());
-    Ok(ExitCode::SUCCESS)
+    let response = Response::Cloned {
+        src: src_vid,
+        dst: dst_vid,
+        pool: dst_pool.display().to_string(),
+    };
+    Ok(show(&response, json))
 }
 
 /// Checks the syntax of a volume id as typed (`CLASS/VM/NAME` or

@@ -1,9 +1,12 @@
 //! Human and JSON output of the CLI. The JSON is the engine's report types
 //! serialised as they are, so it stays stable as long as they do.
 
+use crate::control::{Response, Status};
 use crate::engine::report::{PoolInfo, Problem, VolumeInfo};
 use crate::engine::size::{format_approx, format_size};
 use crate::engine::{ResizeOutcome, Revision};
+use crate::error::ErrorClass;
+use serde_json::{json, Value};
 
 pub fn pool_info(p: &PoolInfo) -> String {
     let b = &p.backing;
@@ -198,58 +201,142 @@ pub fn resize_outcome(o: ResizeOutcome, size: u64) -> String {
     }
 }
 
-/// `reflinkfs status`, from the daemon's JSON.
-pub fn status(v: &serde_json::Value) -> String {
-    if v["mounted"] != true {
-        return format!(
-            "pool {} is not mounted\n",
-            v["pool"].as_str().unwrap_or("?")
-        );
+/// `reflinkfs status`.
+pub fn status(v: &Status) -> String {
+    if !v.mounted {
+        return format!("pool {} is not mounted\n", v.pool);
     }
-    let mountpoint = match (v["mountpoint"].as_str(), v["detached_from"].as_str()) {
-        (Some(m), _) => m.to_owned(),
+    let mountpoint = match (&v.mountpoint, &v.detached_from) {
+        (Some(m), _) => m.clone(),
         (None, Some(old)) => format!(
             "none: lazily unmounted from {old}; the daemon serves the files still open and exits when they close"
         ),
         (None, None) => "?".to_owned(),
     };
     let mut s = format!(
-        "pool:        {}\nmountpoint:  {}\nI/O mode:    {}\ndaemon:      PID {}, up {} s\n",
-        v["pool"].as_str().unwrap_or("?"),
+        "pool:        {}\nmountpoint:  {}\nI/O mode:    {}\ndaemon:      PID {}, up {} s, protocol {}\n",
+        v.pool,
         mountpoint,
-        v["io_mode"].as_str().unwrap_or("?"),
-        v["pid"],
-        v["uptime_seconds"],
+        v.io_mode.as_deref().unwrap_or("?"),
+        v.pid.map_or("?".into(), |p| p.to_string()),
+        v.uptime_seconds.unwrap_or(0),
+        v.protocol.as_deref().unwrap_or("?"),
     );
-    let running = v["running"].as_array().cloned().unwrap_or_default();
-    s.push_str(&format!("running:     {} volume(s)\n", running.len()));
-    for r in running {
+    s.push_str(&format!("running:     {} volume(s)\n", v.running.len()));
+    for r in &v.running {
         s.push_str(&format!(
             "  {}  ({} open handle(s))\n",
-            r["vid"].as_str().unwrap_or("?"),
-            r["open_handles"]
+            r.vid, r.open_handles
         ));
     }
-    let busy = v["busy"].as_array().cloned().unwrap_or_default();
-    let busy: Vec<_> = busy.iter().filter(|b| b["state"] != "held").collect();
+    let busy: Vec<_> = v.busy.iter().filter(|b| b.state != "held").collect();
     s.push_str(&format!(
         "busy:        {} (a start, commit or operation in progress)\n",
         busy.len()
     ));
     for b in busy {
-        s.push_str(&format!(
-            "  {}  ({})\n",
-            b["vid"].as_str().unwrap_or("?"),
-            b["state"].as_str().unwrap_or("?")
-        ));
+        s.push_str(&format!("  {}  ({})\n", b.vid, b.state));
     }
-    let held = v["held"].as_array().cloned().unwrap_or_default();
     s.push_str(&format!(
         "held:        {} (closed, but still written outside reflinkfs; committed once that lets go)\n",
-        held.len()
+        v.held.len()
     ));
-    for h in held {
-        s.push_str(&format!("  {}\n", h.as_str().unwrap_or("?")));
+    for h in &v.held {
+        s.push_str(&format!("  {h}\n"));
     }
     s
+}
+
+/// How a response reads to a person.
+pub fn text(r: &Response) -> String {
+    match r {
+        Response::PoolInfo(p) => pool_info(p),
+        Response::Problems(list) => problems(list),
+        Response::Status(st) => status(st),
+        Response::Created { vid } => format!("created {vid}\n"),
+        Response::Volumes(list) => volume_list(list),
+        Response::Volume(v) => volume_info(v),
+        Response::Revisions(list) => revisions(list),
+        Response::Resized { vid, size, outcome } => {
+            format!("{vid}: {}\n", resize_outcome(*outcome, *size))
+        }
+        Response::Reverted {
+            vid,
+            revision,
+            saved_as,
+        } => match saved_as {
+            Some(k) => format!(
+                "{vid}: reverted to revision {revision}; the previous image is revision {k}\n"
+            ),
+            None => format!("{vid}: reverted to revision {revision}\n"),
+        },
+        Response::Set {
+            vid,
+            property,
+            value,
+        } => format!("{vid}: {property} = {value}\n"),
+        Response::Imported {
+            vid,
+            source,
+            saved_as,
+        } => format!(
+            "{vid}: imported {source}{}\n",
+            saved_as
+                .map(|k| format!("; the previous image is revision {k}"))
+                .unwrap_or_default()
+        ),
+        Response::Exported { vid, dest, bytes } => {
+            if dest == "-" {
+                String::new()
+            } else {
+                format!("{vid}: exported {bytes} bytes to {dest}\n")
+            }
+        }
+        Response::Cloned { src, dst, pool } => format!("cloned {src} to {dst} in {pool}\n"),
+        Response::Removed { vid } => format!("removed {vid}\n"),
+    }
+}
+
+fn v<T: serde::Serialize + ?Sized>(x: &T) -> Value {
+    serde_json::to_value(x).expect("responses serialise")
+}
+
+/// The `--json` output of a response: the same, online and offline.
+pub fn json(r: &Response) -> Value {
+    match r {
+        Response::PoolInfo(p) => v(&**p),
+        Response::Problems(list) => v(list),
+        Response::Status(st) if !st.mounted => json!({ "pool": st.pool, "mounted": false }),
+        Response::Status(st) => v(st),
+        Response::Created { vid } => json!({ "vid": vid, "created": true }),
+        Response::Volumes(list) => v(list),
+        Response::Volume(info) => v(&**info),
+        Response::Revisions(list) => v(list),
+        Response::Resized { vid, size, outcome } => {
+            json!({ "vid": vid, "size": size, "outcome": outcome })
+        }
+        Response::Reverted {
+            vid,
+            revision,
+            saved_as,
+        } => json!({ "vid": vid, "revision": revision, "saved_as": saved_as }),
+        Response::Set {
+            vid,
+            property,
+            value,
+        } => json!({ "vid": vid, "property": property, "value": value }),
+        Response::Imported { vid, saved_as, .. } => json!({ "vid": vid, "saved_as": saved_as }),
+        Response::Exported { vid, bytes, .. } => json!({ "vid": vid, "bytes": bytes }),
+        Response::Cloned { src, dst, pool } => json!({ "src": src, "dst": dst, "pool": pool }),
+        Response::Removed { vid } => json!({ "vid": vid, "removed": true }),
+    }
+}
+
+/// The exit status a response gives: `pool check` that found problems
+/// exits like corrupt metadata; everything else succeeded.
+pub fn exit_code(r: &Response) -> u8 {
+    match r {
+        Response::Problems(list) if !list.is_empty() => ErrorClass::Corrupt.exit_code(),
+        _ => 0,
+    }
 }

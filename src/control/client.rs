@@ -1,6 +1,6 @@
 //! The CLI's side of the control socket.
 
-use super::{Outcome, Reply, Request};
+use super::{major_of, version_mismatch, Message, Reply, ReplyOutcome, Request, Response};
 use crate::error::{Error, ErrorClass, Result};
 use crate::sys;
 use std::io::{BufRead, BufReader};
@@ -82,9 +82,10 @@ pub fn connect(pool: &Path) -> Result<Option<UnixStream>> {
 }
 
 /// Sends a request (with `fd` for import and export) and waits for the
-/// reply.
-pub fn call(stream: UnixStream, req: &Request, fd: Option<BorrowedFd<'_>>) -> Result<Outcome> {
-    let mut line = serde_json::to_vec(req).expect("requests serialise");
+/// reply. A daemon of another major protocol version (an older or newer
+/// reflinkfs still mounted) is refused with an error that says what to do.
+pub fn call(stream: UnixStream, req: &Request, fd: Option<BorrowedFd<'_>>) -> Result<Response> {
+    let mut line = serde_json::to_vec(&Message::new(req.clone())).expect("requests serialise");
     line.push(b'\n');
     let mut sent = 0;
     let mut fd = fd;
@@ -113,15 +114,36 @@ pub fn call(stream: UnixStream, req: &Request, fd: Option<BorrowedFd<'_>>) -> Re
             std::io::Error::from_raw_os_error(libc::ECONNRESET),
         ));
     }
+    let fix = "unmount the pool and mount it again with this reflinkfs (or use the reflinkfs that mounted it)";
     match serde_json::from_str::<Reply>(&reply) {
-        Ok(Reply::Ok(o)) => Ok(o),
-        Ok(Reply::Error(w)) => Err(Error::Remote {
-            class: ErrorClass::from_name(&w.class).unwrap_or(ErrorClass::Io),
+        Ok(r) if major_of(&r.protocol) != Some(super::PROTOCOL_MAJOR) => {
+            Err(version_mismatch(&r.protocol, "the pool's daemon", fix))
+        }
+        Ok(Reply {
+            outcome: ReplyOutcome::Ok(r),
+            ..
+        }) => Ok(*r),
+        Ok(Reply {
+            outcome: ReplyOutcome::Error(w),
+            ..
+        }) => Err(Error::Remote {
+            class: ErrorClass::from_name(&w.kind).unwrap_or(ErrorClass::Io),
             message: w.message,
         }),
-        Err(e) => Err(Error::io(
-            format!("the daemon's reply is not valid: {e}"),
-            std::io::Error::from_raw_os_error(libc::EPROTO),
-        )),
+        Err(e) => {
+            // A daemon from before versioned replies answers in a shape
+            // this client cannot read.
+            if reply.contains("\"protocol\"") {
+                return Err(Error::io(
+                    format!("the daemon's reply is not valid: {e}"),
+                    std::io::Error::from_raw_os_error(libc::EPROTO),
+                ));
+            }
+            Err(version_mismatch(
+                "0 (unversioned)",
+                "the pool's daemon",
+                fix,
+            ))
+        }
     }
 }

@@ -1,17 +1,31 @@
-//! Administration requests: one JSON type for every §5 operation, executed
-//! by the same function offline (the CLI opens the pool itself) and online
-//! (the daemon serves them on `POOL/.reflinkfs/control.sock`), so both give
-//! the same output, JSON and exit statuses.
+//! The control protocol: a typed request for every §5 operation and a
+//! typed response with its data, executed by the same function offline (the
+//! CLI opens the pool itself) and online (the daemon serves them on
+//! `POOL/.reflinkfs/control.sock`). Results are data; how they read to a
+//! person is the CLI's business (`cli::output`), so a daemon left running
+//! across an upgrade never decides the new CLI's output, and any other
+//! client (the Qubes driver) gets data. `doc/CONTROL.md` documents it.
 
 pub mod client;
 pub mod server;
 
 use crate::engine::admin::CreateOptions;
-use crate::engine::{NewKind, Pool, Property, ValidVid};
-use crate::error::{Error, ErrorClass, Result};
+use crate::engine::report::{PoolInfo, Problem, VolumeInfo};
+use crate::engine::{NewKind, Pool, Property, ResizeOutcome, Revision, ValidVid};
+use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 use std::fs::File;
+
+/// The protocol's version: a client and a daemon talk only when the major
+/// numbers match; a minor number grows with additions an older peer can
+/// ignore (a new request, a new optional field).
+pub const PROTOCOL_MAJOR: u32 = 1;
+pub const PROTOCOL_MINOR: u32 = 0;
+
+/// `MAJOR.MINOR` of this build.
+pub fn protocol_version() -> String {
+    format!("{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}")
+}
 
 /// The largest request line the daemon reads.
 pub const MAX_REQUEST: usize = 1 << 20;
@@ -31,9 +45,12 @@ pub enum Request {
         vid: String,
         size: u64,
         snapshot_of: Option<String>,
+        #[serde(default)]
         volatile: bool,
         revisions_to_keep: Option<i64>,
+        #[serde(default)]
         read_only: bool,
+        #[serde(default)]
         optional: bool,
     },
     VolumeList,
@@ -46,6 +63,7 @@ pub enum Request {
     VolumeResize {
         vid: String,
         size: u64,
+        #[serde(default)]
         allow_shrink: bool,
     },
     VolumeRevert {
@@ -62,6 +80,7 @@ pub enum Request {
         vid: String,
         size: Option<u64>,
         /// How the source is shown in the reply.
+        #[serde(default)]
         source: String,
     },
     /// The destination comes as the passed file descriptor.
@@ -69,6 +88,7 @@ pub enum Request {
         vid: String,
         revision: Option<String>,
         /// How the destination is shown; `-` for stdout (no message).
+        #[serde(default)]
         dest: String,
     },
     /// A clone within this pool.
@@ -91,30 +111,129 @@ impl Request {
     }
 }
 
-/// What a request produced: the machine-readable value (`--json`), the
-/// text for people, and the exit status.
+/// What a client sends: the request, and the protocol version it speaks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Outcome {
-    pub value: Value,
-    pub text: String,
-    pub exit: u8,
+#[serde(deny_unknown_fields)]
+pub struct Message {
+    /// `MAJOR.MINOR`.
+    pub protocol: String,
+    pub request: Request,
 }
 
-impl Outcome {
-    fn ok(value: Value, text: String) -> Outcome {
-        Outcome {
-            value,
-            text,
-            exit: 0,
+impl Message {
+    pub fn new(request: Request) -> Message {
+        Message {
+            protocol: protocol_version(),
+            request,
         }
     }
 }
 
+/// A running volume, in `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenVolume {
+    pub vid: String,
+    pub open_handles: usize,
+}
+
+/// A volume a start, commit, hold or operation is in progress on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BusyVolume {
+    pub vid: String,
+    /// `starting`, `committing`, `held`, `importing`, …
+    pub state: String,
+}
+
+/// `reflinkfs status`: whether the pool is mounted, and what its daemon is
+/// doing. Offline, only `pool` and `mounted` (false).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Status {
+    pub pool: String,
+    pub mounted: bool,
+    /// `None` once the mount was lazily unmounted (`detached_from` says
+    /// where it was).
+    #[serde(default)]
+    pub mountpoint: Option<String>,
+    #[serde(default)]
+    pub detached_from: Option<String>,
+    #[serde(default)]
+    pub io_mode: Option<String>,
+    #[serde(default)]
+    pub pid: Option<u32>,
+    #[serde(default)]
+    pub uptime_seconds: Option<u64>,
+    #[serde(default)]
+    pub running: Vec<OpenVolume>,
+    #[serde(default)]
+    pub busy: Vec<BusyVolume>,
+    #[serde(default)]
+    pub held: Vec<String>,
+    #[serde(default)]
+    pub commits_in_flight: Vec<String>,
+    /// The protocol version of the daemon (`None` offline).
+    #[serde(default)]
+    pub protocol: Option<String>,
+}
+
+/// What a request produced: data, one variant per request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "result", content = "data", rename_all = "snake_case")]
+pub enum Response {
+    PoolInfo(PoolInfoBox),
+    /// `pool check`: every problem found (none: the pool is consistent).
+    Problems(Vec<Problem>),
+    Status(Status),
+    Created {
+        vid: String,
+    },
+    Volumes(Vec<VolumeInfo>),
+    Volume(Box<VolumeInfo>),
+    Revisions(Vec<Revision>),
+    Resized {
+        vid: String,
+        size: u64,
+        outcome: ResizeOutcome,
+    },
+    Reverted {
+        vid: String,
+        /// The revision gone back to (its number, or `@TIMESTAMP`).
+        revision: String,
+        /// The revision the previous image was saved as, if one was kept.
+        saved_as: Option<u64>,
+    },
+    Set {
+        vid: String,
+        property: String,
+        value: String,
+    },
+    Imported {
+        vid: String,
+        source: String,
+        saved_as: Option<u64>,
+    },
+    Exported {
+        vid: String,
+        dest: String,
+        bytes: u64,
+    },
+    Cloned {
+        src: String,
+        dst: String,
+        pool: String,
+    },
+    Removed {
+        vid: String,
+    },
+}
+
+/// `PoolInfo`, boxed (it is much larger than the other responses).
+pub type PoolInfoBox = Box<PoolInfo>;
+
 /// What only a running daemon knows.
 pub trait Daemon: Send + Sync {
-    /// `reflinkfs status`: mountpoint, I/O mode, running volumes, commits
-    /// in flight, PID, uptime.
-    fn status(&self) -> Value;
+    /// `reflinkfs status`: mountpoint, I/O mode, running volumes, busy and
+    /// held volumes, PID, uptime.
+    fn status(&self) -> Status;
     /// Called after a volume was resized: tells the loop devices backed by
     /// its exported path the new capacity.
     fn resized(&self, vid: &ValidVid);
@@ -160,10 +279,6 @@ fn new_vid(pool: &Pool, input: &str) -> Result<ValidVid> {
     }
 }
 
-fn to_value<T: Serialize>(v: &T) -> Value {
-    serde_json::to_value(v).expect("reports serialise")
-}
-
 /// Executes a request against an open pool. `fd` is the file of an import
 /// (its source) or export (its destination).
 pub fn execute(
@@ -171,41 +286,26 @@ pub fn execute(
     req: Request,
     fd: Option<File>,
     daemon: Option<&dyn Daemon>,
-) -> Result<Outcome> {
-    use crate::cli::output;
+) -> Result<Response> {
     let need_fd = |fd: Option<File>| -> Result<File> {
         fd.ok_or_else(|| Error::InvalidValue {
             property: "request".into(),
             reason: "this operation needs a file descriptor passed with the request".into(),
         })
     };
-    match req {
-        Request::PoolInfo => {
-            let info = pool.pool_info()?;
-            Ok(Outcome::ok(to_value(&info), output::pool_info(&info)))
-        }
+    Ok(match req {
+        Request::PoolInfo => Response::PoolInfo(Box::new(pool.pool_info()?)),
         Request::PoolCheck { volume } => {
             let only = volume.as_deref().map(|v| vid_of(pool, v)).transpose()?;
-            let problems = pool.check(only.as_ref())?;
-            let exit = if problems.is_empty() {
-                0
-            } else {
-                ErrorClass::Corrupt.exit_code()
-            };
-            Ok(Outcome {
-                value: to_value(&problems),
-                text: output::problems(&problems),
-                exit,
-            })
+            Response::Problems(pool.check(only.as_ref())?)
         }
-        Request::Status => {
-            let value = match daemon {
-                Some(d) => d.status(),
-                None => json!({ "pool": pool.path().display().to_string(), "mounted": false }),
-            };
-            let text = output::status(&value);
-            Ok(Outcome::ok(value, text))
-        }
+        Request::Status => Response::Status(match daemon {
+            Some(d) => d.status(),
+            None => Status {
+                pool: pool.path().display().to_string(),
+                ..Status::default()
+            },
+        }),
         Request::VolumeCreate {
             vid,
             size,
@@ -229,22 +329,14 @@ pub fn execute(
                 optional,
             };
             pool.create(&vid, &opts)?;
-            Ok(Outcome::ok(
-                json!({ "vid": vid.to_string(), "created": true }),
-                format!("created {vid}\n"),
-            ))
+            Response::Created {
+                vid: vid.to_string(),
+            }
         }
-        Request::VolumeList => {
-            let list = pool.list()?;
-            Ok(Outcome::ok(to_value(&list), output::volume_list(&list)))
-        }
-        Request::VolumeInfo { vid } => {
-            let info = pool.info(&vid_of(pool, &vid)?)?;
-            Ok(Outcome::ok(to_value(&info), output::volume_info(&info)))
-        }
+        Request::VolumeList => Response::Volumes(pool.list()?),
+        Request::VolumeInfo { vid } => Response::Volume(Box::new(pool.info(&vid_of(pool, &vid)?)?)),
         Request::VolumeRevisions { vid } => {
-            let revs = pool.revisions(&vid_of(pool, &vid)?)?;
-            Ok(Outcome::ok(to_value(&revs), output::revisions(&revs)))
+            Response::Revisions(pool.revisions(&vid_of(pool, &vid)?)?)
         }
         Request::VolumeResize {
             vid,
@@ -256,25 +348,28 @@ pub fn execute(
             if let Some(d) = daemon {
                 d.resized(&vid);
             }
-            Ok(Outcome::ok(
-                json!({ "vid": vid.to_string(), "size": size, "outcome": format!("{outcome:?}").to_lowercase() }),
-                format!("{vid}: {}\n", output::resize_outcome(outcome, size)),
-            ))
+            Response::Resized {
+                vid: vid.to_string(),
+                size,
+                outcome,
+            }
         }
         Request::VolumeRevert { vid, revision } => {
             let vid = vid_of(pool, &vid)?;
-            let saved = pool.revert(&vid, revision.as_deref())?;
-            let target = revision.as_deref().unwrap_or("(newest)");
-            let text = match saved {
-                Some(k) => format!(
-                    "{vid}: reverted to revision {target}; the previous image is revision {k}\n"
-                ),
-                None => format!("{vid}: reverted to revision {target}\n"),
+            let target = match &revision {
+                Some(r) => r.clone(),
+                None => pool
+                    .revisions(&vid)?
+                    .last()
+                    .map(|r| r.id.to_string())
+                    .unwrap_or_default(),
             };
-            Ok(Outcome::ok(
-                json!({ "vid": vid.to_string(), "saved_as": saved }),
-                text,
-            ))
+            let saved_as = pool.revert(&vid, revision.as_deref())?;
+            Response::Reverted {
+                vid: vid.to_string(),
+                revision: target,
+                saved_as,
+            }
         }
         Request::VolumeSet {
             vid,
@@ -284,24 +379,21 @@ pub fn execute(
             let prop = Property::parse(&property, &value)?;
             let vid = vid_of(pool, &vid)?;
             pool.set(&vid, prop)?;
-            Ok(Outcome::ok(
-                json!({ "vid": vid.to_string(), "property": property, "value": value }),
-                format!("{vid}: {property} = {value}\n"),
-            ))
+            Response::Set {
+                vid: vid.to_string(),
+                property,
+                value,
+            }
         }
         Request::VolumeImport { vid, size, source } => {
             let file = need_fd(fd)?;
             let vid = vid_of(pool, &vid)?;
-            let saved = pool.import(&vid, &file, size)?;
-            Ok(Outcome::ok(
-                json!({ "vid": vid.to_string(), "saved_as": saved }),
-                format!(
-                    "{vid}: imported {source}{}\n",
-                    saved
-                        .map(|k| format!("; the previous image is revision {k}"))
-                        .unwrap_or_default()
-                ),
-            ))
+            let saved_as = pool.import(&vid, &file, size)?;
+            Response::Imported {
+                vid: vid.to_string(),
+                source,
+                saved_as,
+            }
         }
         Request::VolumeExport {
             vid,
@@ -311,15 +403,11 @@ pub fn execute(
             let file = need_fd(fd)?;
             let vid = vid_of(pool, &vid)?;
             let bytes = pool.export(&vid, &file, revision.as_deref())?;
-            let text = if dest == "-" {
-                String::new()
-            } else {
-                format!("{vid}: exported {bytes} bytes to {dest}\n")
-            };
-            Ok(Outcome::ok(
-                json!({ "vid": vid.to_string(), "bytes": bytes }),
-                text,
-            ))
+            Response::Exported {
+                vid: vid.to_string(),
+                dest,
+                bytes,
+            }
         }
         Request::VolumeClone { src, dst } => {
             let src = vid_of(pool, &src)?;
@@ -327,26 +415,31 @@ pub fn execute(
                 .resolve_vid(&dst)
                 .or_else(|_| dst.parse::<ValidVid>())?;
             pool.clone_volume(&src, pool, &dst)?;
-            Ok(Outcome::ok(
-                json!({ "src": src.to_string(), "dst": dst.to_string() }),
-                format!("cloned {src} to {dst} in {}\n", pool.path().display()),
-            ))
+            Response::Cloned {
+                src: src.to_string(),
+                dst: dst.to_string(),
+                pool: pool.path().display().to_string(),
+            }
         }
         Request::VolumeRemove { vid } => {
             let vid = vid_of(pool, &vid)?;
             pool.remove(&vid)?;
-            Ok(Outcome::ok(
-                json!({ "vid": vid.to_string(), "removed": true }),
-                format!("removed {vid}\n"),
-            ))
+            Response::Removed {
+                vid: vid.to_string(),
+            }
         }
-    }
+    })
 }
 
-/// An error as it crosses the socket.
+/// An error as it crosses the socket: its kind (the error class, which
+/// also gives the CLI's exit status) and a one-line message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WireError {
-    pub class: String,
+    /// `invalid-input`, `not-found`, `busy`, `refused`, `no-space`,
+    /// `corrupt`, `unsupported`, `exists`, `io`, or `protocol` (the peers
+    /// do not speak the same major version).
+    pub kind: String,
+    /// The CLI's exit status for it.
     pub code: u8,
     pub message: String,
 }
@@ -354,17 +447,56 @@ pub struct WireError {
 impl From<&Error> for WireError {
     fn from(e: &Error) -> WireError {
         WireError {
-            class: e.class().name().to_owned(),
+            kind: e.class().name().to_owned(),
             code: e.class().exit_code(),
             message: e.to_string(),
         }
     }
 }
 
-/// One line the daemon sends back.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// What the daemon sends back: one JSON line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reply {
+    /// The daemon's `MAJOR.MINOR`.
+    pub protocol: String,
+    #[serde(flatten)]
+    pub outcome: ReplyOutcome,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Reply {
-    Ok(Outcome),
+pub enum ReplyOutcome {
+    Ok(Box<Response>),
     Error(WireError),
+}
+
+impl Reply {
+    pub fn ok(r: Response) -> Reply {
+        Reply {
+            protocol: protocol_version(),
+            outcome: ReplyOutcome::Ok(Box::new(r)),
+        }
+    }
+
+    pub fn error(e: WireError) -> Reply {
+        Reply {
+            protocol: protocol_version(),
+            outcome: ReplyOutcome::Error(e),
+        }
+    }
+}
+
+/// The major number of a `MAJOR.MINOR` version string.
+pub fn major_of(version: &str) -> Option<u32> {
+    version.split('.').next()?.trim().parse().ok()
+}
+
+/// The error of peers that do not speak the same major version.
+pub fn version_mismatch(theirs: &str, who: &str, fix: &str) -> Error {
+    Error::Protocol {
+        reason: format!(
+            "{who} speaks control protocol {theirs}, this reflinkfs speaks {}; {fix}",
+            protocol_version()
+        ),
+    }
 }

@@ -6,7 +6,10 @@
 //! oversized or unknown request gets an error reply, and the daemon keeps
 //! serving.
 
-use super::{execute, Daemon, Reply, Request, WireError, MAX_REQUEST};
+use super::{
+    execute, major_of, protocol_version, version_mismatch, Daemon, Message, Reply, WireError,
+    MAX_REQUEST, PROTOCOL_MAJOR,
+};
 use crate::engine::Pool;
 use crate::error::Error;
 use crate::sys;
@@ -78,7 +81,7 @@ fn send(stream: &mut UnixStream, reply: &Reply) {
 }
 
 fn refuse(stream: &mut UnixStream, e: &Error) {
-    send(stream, &Reply::Error(WireError::from(e)));
+    send(stream, &Reply::error(WireError::from(e)));
 }
 
 fn bad_request(reason: impl Into<String>) -> Error {
@@ -145,15 +148,43 @@ fn serve(mut stream: UnixStream, pool: &Pool, daemon: &dyn Daemon, owner: u32) {
             return;
         }
     };
-    let req: Request = match serde_json::from_slice(&line) {
-        Ok(r) => r,
+    let msg: Message = match serde_json::from_slice(&line) {
+        Ok(m) => m,
         Err(e) => {
-            let err = bad_request(format!("not a valid request: {e}"));
+            // An unversioned request (`{"op": …}`) comes from a client older
+            // than the protocol's versions.
+            let unversioned = serde_json::from_slice::<serde_json::Value>(&line)
+                .is_ok_and(|v| v.get("op").is_some() && v.get("protocol").is_none());
+            let err = if unversioned {
+                version_mismatch(
+                    "0 (unversioned)",
+                    "the client",
+                    "use the reflinkfs that mounted this pool, or mount it with the client's",
+                )
+            } else {
+                bad_request(format!("not a valid request: {e}"))
+            };
             log::warn!("control: {err} (PID {pid})");
             refuse(&mut stream, &err);
             return;
         }
     };
+    if major_of(&msg.protocol) != Some(PROTOCOL_MAJOR) {
+        let err = version_mismatch(
+            &msg.protocol,
+            "the client",
+            "use the reflinkfs that mounted this pool, or mount it with the client's",
+        );
+        log::warn!("control: refused PID {pid}: {err}");
+        refuse(&mut stream, &err);
+        return;
+    }
+    let req = msg.request;
+    log::debug!(
+        "control: protocol {} (daemon {})",
+        msg.protocol,
+        protocol_version()
+    );
     let _ = stream.set_read_timeout(None);
     let fd = fd.map(File::from);
     if req.takes_fd() && fd.is_none() {
@@ -167,7 +198,7 @@ fn serve(mut stream: UnixStream, pool: &Pool, daemon: &dyn Daemon, owner: u32) {
     let result = execute(pool, req, fd, Some(daemon));
     daemon.settled();
     match result {
-        Ok(outcome) => send(&mut stream, &Reply::Ok(outcome)),
+        Ok(response) => send(&mut stream, &Reply::ok(response)),
         Err(e) => {
             log::warn!("control: request from PID {pid} failed: {e}");
             refuse(&mut stream, &e);

@@ -102,7 +102,8 @@ pub fn check_revisions_to_keep(n: i64) -> Result<i64> {
 }
 
 /// What a resize did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ResizeOutcome {
     Unchanged,
     /// The dirty image of a running volume was resized.

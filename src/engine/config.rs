@@ -27,7 +27,7 @@ pub struct PoolConfig {
 }
 
 /// The three volume types of SPEC §2.2.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VolumeKind {
     Origin,

@@ -10,12 +10,12 @@ use super::vid::ValidVid;
 use super::volume::Snapshot;
 use crate::error::{Error, Result};
 use crate::sys;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::os::fd::AsFd;
 
 /// The state of a volume.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VolumeStateName {
     Stopped,
@@ -44,7 +44,7 @@ pub enum VolumeStateName {
 }
 
 /// Bytes held by the files of a volume (SPEC §1.5).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
     /// Bytes allocated on disk.
     pub allocated: u64,
@@ -62,7 +62,7 @@ impl std::ops::AddAssign for Usage {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FileUsage {
     pub file: String,
     pub size: u64,
@@ -70,7 +70,7 @@ pub struct FileUsage {
     pub usage: Usage,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VolumeInfo {
     pub vid: String,
     #[serde(rename = "type")]
@@ -100,22 +100,22 @@ pub struct VolumeInfo {
     pub problem: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VolumeUsage {
     pub total: Usage,
     pub files: Vec<FileUsage>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FsUsage {
-    pub filesystem: &'static str,
+    pub filesystem: String,
     pub size: u64,
     pub used: u64,
     pub free: u64,
     pub available: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PoolInfo {
     pub path: String,
     pub format: u32,
@@ -133,7 +133,7 @@ pub struct PoolInfo {
 }
 
 /// One problem found by `check`.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Problem {
     pub vid: Option<String>,
     pub path: String,
@@ -390,7 +390,7 @@ impl Pool {
             volumes: vids.len(),
             running,
             backing: FsUsage {
-                filesystem: sys::fs_type_name(magic),
+                filesystem: sys::fs_type_name(magic).to_owned(),
                 size: fs.blocks * fs.block_size,
                 used: (fs.blocks - fs.blocks_free) * fs.block_size,
                 free: fs.blocks_free * fs.block_size,

@@ -1,7 +1,7 @@
 //! Revision names (SPEC §3): `N.img.K@YYYY-MM-DDTHH:MM:SSZ`, and the legacy
 //! Qubes form `N.img@YYYY-MM-DDTHH:MM:SSZ`.
 
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::cmp::Ordering;
 use std::fmt;
 
@@ -45,8 +45,23 @@ impl Serialize for RevisionId {
     }
 }
 
+impl<'de> Deserialize<'de> for RevisionId {
+    /// The form [`fmt::Display`] gives: `K`, or `@TIMESTAMP` for a legacy
+    /// revision.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.strip_prefix('@') {
+            Some(ts) => Ok(RevisionId::Legacy(ts.to_owned())),
+            None => s
+                .parse()
+                .map(RevisionId::Numbered)
+                .map_err(|_| serde::de::Error::custom(format!("not a revision id: {s:?}"))),
+        }
+    }
+}
+
 /// A revision found on disk.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Revision {
     pub id: RevisionId,
     /// UTC commit time of this content, as in the file name.

@@ -1,0 +1,290 @@
+//! The daemon of a mount: it opens the pool, mounts it, detaches once the
+//! mount is ready, starts the control socket, the housekeeping and signal
+//! threads, and closes the pool when the mount goes away.
+
+mod logfile;
+pub mod mounts;
+pub mod options;
+mod signals;
+mod state;
+
+use self::logfile::{init_daemon_logging, log_cap, LogSink};
+pub use self::logfile::{log_path, DEFAULT_LOG_MAX, LOG_FILE, LOG_MAX_ENV, OLD_LOG_FILE};
+use self::mounts::mount_id;
+pub use self::options::MountOpts;
+use self::state::DaemonState;
+use crate::engine::{InitOptions, Pool};
+use crate::error::{Error, Result};
+use crate::fuse::fs::{FsOptions, ReflinkFs};
+use crate::fuse::Adapter;
+use crate::sys;
+use fuser::{Config, MountOption, SessionACL};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+/// What the detached child tells the waiting parent.
+fn report(pipe: &mut Option<File>, msg: &str) {
+    if let Some(p) = pipe.as_mut() {
+        let _ = p.write_all(msg.as_bytes());
+    }
+}
+
+/// `reflinkfs mount POOL MOUNTPOINT [-o OPTIONS] [-f]`.
+pub fn mount(
+    pool: &Path,
+    mountpoint: &Path,
+    options: &[String],
+    foreground: bool,
+    verbose: u8,
+) -> Result<ExitCode> {
+    let opts = MountOpts::parse(options)?;
+    let mnt = std::path::absolute(mountpoint).unwrap_or_else(|_| mountpoint.to_owned());
+    match std::fs::metadata(&mnt) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(Error::InvalidValue {
+                property: "mountpoint".into(),
+                reason: format!("{} is not a directory", mnt.display()),
+            })
+        }
+        Err(e) => return Err(Error::io(format!("mountpoint {}", mnt.display()), e)),
+    }
+    if foreground {
+        let sink = init_daemon_logging(verbose);
+        sink.set_foreground();
+        return serve(pool, &mnt, &opts, None, sink);
+    }
+    // Fork before any thread exists; the parent waits for the child's word
+    // that the mount is ready.
+    let (rd, wr) = sys::pipe().map_err(|e| Error::io("creating a pipe", e))?;
+    match sys::fork().map_err(|e| Error::io("fork", e))? {
+        sys::Forked::Parent { child } => {
+            drop(wr);
+            let mut msg = String::new();
+            let _ = File::from(rd).read_to_string(&mut msg);
+            if let Some(rest) = msg.strip_prefix("ok ") {
+                log::debug!("daemon {child} ready: {rest}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            if let Some(rest) = msg.strip_prefix("err ") {
+                let (code, text) = rest.split_once(' ').unwrap_or(("1", rest));
+                eprintln!("reflinkfs: error: {}", text.trim_end());
+                return Ok(ExitCode::from(code.parse::<u8>().unwrap_or(1)));
+            }
+            eprintln!(
+                "reflinkfs: error: the daemon (PID {child}) exited before the mount was ready; see {}",
+                log_path(pool).display()
+            );
+            Ok(ExitCode::from(1))
+        }
+        sys::Forked::Child => {
+            drop(rd);
+            let _ = sys::setsid();
+            let sink = init_daemon_logging(verbose);
+            let code = match serve(pool, &mnt, &opts, Some(File::from(wr)), sink.clone()) {
+                Ok(_) => 0,
+                Err(e) => {
+                    // Before it detached, the error went to the waiting
+                    // parent, which prints it: logging it here too would
+                    // print it twice.
+                    if sink.detached() {
+                        log::error!("{e}");
+                    }
+                    e.class().exit_code() as i32
+                }
+            };
+            std::process::exit(code);
+        }
+    }
+}
+
+/// Opens the pool, mounts, reports readiness, and serves until unmounted.
+fn serve(
+    pool_path: &Path,
+    mnt: &Path,
+    opts: &MountOpts,
+    pipe: Option<File>,
+    sink: LogSink,
+) -> Result<ExitCode> {
+    let mut pipe = pipe;
+    let fail = |pipe: &mut Option<File>, e: Error| -> Error {
+        report(pipe, &format!("err {} {e}\n", e.class().exit_code()));
+        e
+    };
+    // Signals are taken by one thread; every thread started later inherits
+    // the blocked mask.
+    let signals = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+    sys::block_signals(&signals).map_err(|e| fail(&mut pipe, Error::io("blocking signals", e)))?;
+
+    let pool = match Pool::open(pool_path) {
+        Ok(p) => p,
+        Err(Error::NotAPool { .. }) if is_empty_dir(pool_path) => {
+            log::info!(
+                "{} is an empty directory: initialising a pool there",
+                pool_path.display()
+            );
+            let init = InitOptions {
+                setup_check: opts.setup_check,
+                ..InitOptions::default()
+            };
+            Pool::init(pool_path, &init).map_err(|e| fail(&mut pipe, e))?
+        }
+        Err(e) => return Err(fail(&mut pipe, e)),
+    };
+    let pool = Arc::new(pool);
+    // The detached daemon's log, opened through the metadata directory's fd,
+    // never through a symlink a pool owner planted there: a mount that
+    // could not log is refused before anything is mounted.
+    let log_file = match pipe.is_some() {
+        true => Some(pool.open_meta_append(LOG_FILE).map_err(|e| {
+            let path = pool.meta_path(LOG_FILE);
+            let err = if e.raw_os_error() == Some(libc::ELOOP)
+                || e.raw_os_error() == Some(libc::EINVAL)
+            {
+                Error::NotRegular {
+                    what: "the daemon's log".into(),
+                    path,
+                }
+            } else {
+                Error::io(format!("opening {}", path.display()), e)
+            };
+            fail(&mut pipe, err)
+        })?),
+        false => None,
+    };
+    let fs = Arc::new(ReflinkFs::new(
+        pool.clone(),
+        FsOptions {
+            passthrough: opts.passthrough,
+            read_only: opts.read_only,
+            committers: 2,
+        },
+    ));
+    let mut mount_options = vec![
+        MountOption::FSName(pool.path().display().to_string()),
+        MountOption::Subtype("reflinkfs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoSuid,
+        MountOption::NoDev,
+    ];
+    if opts.read_only {
+        mount_options.push(MountOption::RO);
+    }
+    if opts.noexec {
+        mount_options.push(MountOption::NoExec);
+    }
+    if opts.noatime {
+        mount_options.push(MountOption::NoAtime);
+    }
+    let mut config = Config::default();
+    config.mount_options = mount_options;
+    config.acl = if opts.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(opts.threads);
+    config.clone_fd = true;
+
+    let session = fuser::Session::new(Adapter { fs: fs.clone() }, mnt, &config).map_err(|e| {
+        fail(
+            &mut pipe,
+            Error::io(
+                format!("mounting {} on {}", pool.path().display(), mnt.display()),
+                e,
+            ),
+        )
+    })?;
+    // Entries and attributes are cached by the kernel from now on, and
+    // dropped at every change of a volume.
+    fs.set_invalidator(Box::new(crate::fuse::Notify(session.notifier())));
+    log::info!(
+        "mounted pool {} on {} (I/O mode: {}, {} threads{}{})",
+        pool.path().display(),
+        mnt.display(),
+        if fs.passthrough() {
+            "passthrough"
+        } else {
+            "daemon (pread/pwrite)"
+        },
+        opts.threads,
+        if opts.read_only { ", read-only" } else { "" },
+        if opts.allow_other {
+            ", allow_other"
+        } else {
+            ""
+        },
+    );
+
+    let daemon = Arc::new(DaemonState {
+        fs: fs.clone(),
+        mountpoint: mnt.to_owned(),
+        mount_id: mount_id(mnt, pool.path()),
+        started: std::time::Instant::now(),
+    });
+    crate::control::server::spawn(pool.clone(), daemon).map_err(|e| {
+        fail(
+            &mut pipe,
+            Error::io(
+                format!("starting the control socket of {}", pool.path().display()),
+                e,
+            ),
+        )
+    })?;
+    // Housekeeping: commits the runs held by a writer outside reflinkfs
+    // once it lets go (every second), and drops inode numbers of files
+    // that are gone (every ten).
+    let fs_house = fs.clone();
+    std::thread::Builder::new()
+        .name("housekeeping".into())
+        .spawn(move || {
+            for tick in 1u64.. {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                fs_house.retry_held();
+                if tick % 10 == 0 {
+                    fs_house.sweep_inodes();
+                }
+            }
+        })
+        .map_err(|e| fail(&mut pipe, Error::io("starting the housekeeping thread", e)))?;
+    let mnt_owned = mnt.to_owned();
+    let fs_sig = fs.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || signals::signal_loop(&signals, &mnt_owned, &fs_sig))
+        .map_err(|e| fail(&mut pipe, Error::io("starting the signal thread", e)))?;
+
+    if let Some(mut p) = pipe.take() {
+        // Detach: logs go to the pool's log file, stdio to /dev/null.
+        if let Some(f) = log_file {
+            sink.switch_to(pool.clone(), f, log_cap());
+        }
+        let _ = p.write_all(format!("ok {}\n", std::process::id()).as_bytes());
+        drop(p);
+        if let Ok(null) = File::options().read(true).write(true).open("/dev/null") {
+            for fd in 0..3 {
+                let _ = sys::dup2(null.as_fd(), fd);
+            }
+        }
+    }
+    let result = session.run();
+    fs.shutdown();
+    crate::control::server::remove(&pool);
+    match result {
+        Ok(()) => {
+            log::info!("unmounted {}; the pool is closed", mnt.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => Err(Error::io(format!("serving {}", mnt.display()), e)),
+    }
+}
+
+fn is_empty_dir(p: &Path) -> bool {
+    std::fs::read_dir(p)
+        .map(|mut d| d.next().is_none())
+        .unwrap_or(false)
+}

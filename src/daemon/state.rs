@@ -1,0 +1,115 @@
+//! What the control server asks of a mounted pool's daemon: its status,
+//! what to do after a resize, and when the kernel's caches are settled.
+
+use super::mounts::fuse_mounts;
+use crate::control::{BusyVolume, OpenVolume, Status};
+use crate::fuse::fs::ReflinkFs;
+use crate::sys;
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The daemon of one mount, as the control server sees it.
+pub(super) struct DaemonState {
+    pub(super) fs: Arc<ReflinkFs>,
+    pub(super) mountpoint: PathBuf,
+    /// The mount's id in /proc/self/mountinfo: once it is gone there (a
+    /// lazy unmount), the daemon only serves the files still open.
+    pub(super) mount_id: Option<u64>,
+    pub(super) started: std::time::Instant,
+}
+
+impl DaemonState {
+    /// Whether the mount is still attached at its mountpoint.
+    fn attached(&self) -> bool {
+        match self.mount_id {
+            Some(id) => fuse_mounts().iter().any(|m| m.id == id),
+            None => true,
+        }
+    }
+}
+
+impl crate::control::Daemon for DaemonState {
+    fn status(&self) -> Status {
+        let running = self
+            .fs
+            .open_handles()
+            .into_iter()
+            .map(|(vid, open_handles)| OpenVolume {
+                vid: vid.to_string(),
+                open_handles,
+            })
+            .collect();
+        let busy = self.fs.busy_volumes();
+        let commits_in_flight = busy
+            .iter()
+            .filter(|(_, st)| *st == "committing")
+            .map(|(v, _)| v.to_string())
+            .collect();
+        let busy = busy
+            .into_iter()
+            .map(|(v, st)| BusyVolume {
+                vid: v.to_string(),
+                state: st.to_owned(),
+            })
+            .collect();
+        let held = self
+            .fs
+            .pool()
+            .held_vids()
+            .iter()
+            .map(|v| v.to_string())
+            .collect();
+        let attached = self.attached();
+        let shown = self.mountpoint.display().to_string();
+        Status {
+            pool: self.fs.pool().path().display().to_string(),
+            mounted: true,
+            mountpoint: attached.then(|| shown.clone()),
+            detached_from: (!attached).then_some(shown),
+            io_mode: Some(self.fs.io_mode().to_owned()),
+            pid: Some(std::process::id()),
+            uptime_seconds: Some(self.started.elapsed().as_secs()),
+            running,
+            busy,
+            held,
+            commits_in_flight,
+            protocol: Some(crate::control::protocol_version()),
+        }
+    }
+
+    fn settled(&self) {
+        self.fs.sync_invalidations();
+    }
+
+    fn resized(&self, vid: &crate::engine::ValidVid) {
+        let path = self
+            .mountpoint
+            .join(vid.class())
+            .join(vid.vm())
+            .join(crate::engine::Names::of(vid).dirty());
+        // The resize dropped the kernel's cached attributes of the file: a
+        // stat through the mount fetches the new size, which the loop
+        // driver then reads.
+        if let Err(e) = std::fs::metadata(&path) {
+            log::warn!("{vid}: stat of {} after resize: {e}", path.display());
+        }
+        for dev in loop_devices_backed_by(&path) {
+            match File::open(&dev).and_then(|f| sys::loop_set_capacity(f.as_fd())) {
+                Ok(()) => log::info!("{vid}: told {} the new capacity", dev.display()),
+                Err(e) => log::error!("{vid}: LOOP_SET_CAPACITY on {}: {e}", dev.display()),
+            }
+        }
+    }
+}
+
+/// Loop devices whose backing file is `path` (from sysfs).
+fn loop_devices_backed_by(path: &Path) -> Vec<PathBuf> {
+    let want = path.display().to_string();
+    sys::loop_backing_files()
+        .into_iter()
+        .filter(|(_, backing)| *backing == want)
+        .map(|(dev, _)| dev)
+        .collect()
+}

@@ -1,0 +1,226 @@
+//! The filesystem logic of the mount (SPEC §6). It never touches fuser's
+//! reply objects: every operation returns a value or an errno, and the
+//! adapter (`mod.rs`) translates.
+//!
+//! A volume's lifecycle lives in the engine: an open of `N-dirty.img`
+//! takes a [`Lease`], which starts the volume the first time, and its
+//! release gives it back; the stop the last one asks for runs on the
+//! committer threads, never on a FUSE worker. An open that would have to
+//! wait (a start, a commit) is done by the adapter on a thread of its own.
+//!
+//! Generic over `B`, the passthrough registration (fuser's `BackingId` on a
+//! real mount), so that the open, release and commit paths can be tested
+//! without a kernel (see the tests below).
+
+mod changes;
+mod committer;
+mod errno;
+mod handles;
+mod invalidate;
+#[cfg(test)]
+mod tests;
+mod tree;
+
+use self::committer::Committer;
+use self::errno::{errno_of, io_errno, refuse, start_errno};
+use self::handles::Handle;
+pub use self::handles::{OpenError, Opened};
+use self::invalidate::Notice;
+pub use self::invalidate::{in_request, Invalidate};
+use super::inodes::{Inodes, Node};
+use crate::engine::fsops::FileSig;
+use crate::engine::view::VolumeView;
+use crate::engine::{Attachment, Lease, PendingStop, Pool, StopOutcome, ValidVid};
+use crate::error::Error;
+use crate::sys;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub type Errno = i32;
+pub type FsResult<T> = Result<T, Errno>;
+
+/// The kind of a node, for attributes and directory entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Dir,
+    File,
+}
+
+/// Attributes of a node, independent of fuser's types.
+#[derive(Debug, Clone, Copy)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    pub size: u64,
+    pub blocks: u64,
+    pub perm: u16,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+    /// Whether the kernel may cache these attributes (until told that they
+    /// changed): all but a running dirty image's, which its writes change.
+    pub cacheable: bool,
+}
+
+/// Mount options that change behaviour.
+#[derive(Debug, Clone)]
+pub struct FsOptions {
+    /// Use kernel passthrough when the kernel offers it.
+    pub passthrough: bool,
+    /// Mounted `ro`: every volume behaves as `rw=false`.
+    pub read_only: bool,
+    /// Threads that run the stops (commits) of volumes.
+    pub committers: usize,
+}
+
+/// Request counters, readable as xattrs of the mount's root. They prove
+/// that passthrough I/O never reaches the daemon.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub write_bytes: AtomicU64,
+    /// GETXATTR requests: the kernel's security.capability checks on the
+    /// write path would show up here.
+    pub getxattrs: AtomicU64,
+    /// Requests that panicked (answered EIO).
+    pub panics: AtomicU64,
+}
+
+pub struct ReflinkFs<B: Send + Sync + 'static = fuser::BackingId> {
+    pool: Arc<Pool>,
+    opts: FsOptions,
+    /// Whether the kernel granted passthrough (decided at INIT).
+    passthrough: AtomicBool,
+    inodes: Mutex<Inodes>,
+    /// Backing registrations of committed images and revisions, by inode,
+    /// shared by the opens of one inode (the kernel allows one per inode).
+    ro_backing: Mutex<HashMap<u64, Weak<B>>>,
+    handles: Mutex<HashMap<u64, Handle<B>>>,
+    next_fh: AtomicU64,
+    committer: Committer,
+    /// Where invalidations go, once the daemon has a session.
+    invalidator: std::sync::OnceLock<Box<dyn Invalidate>>,
+    /// Invalidations made inside requests, for the notifier thread.
+    notices: Mutex<Option<std::sync::mpsc::Sender<Notice>>>,
+    pub stats: Stats,
+    started: SystemTime,
+}
+
+impl<B: Send + Sync + 'static> ReflinkFs<B> {
+    pub fn new(pool: Arc<Pool>, opts: FsOptions) -> ReflinkFs<B> {
+        let committer = Committer::new(pool.clone(), opts.committers);
+        ReflinkFs {
+            pool,
+            opts,
+            passthrough: AtomicBool::new(false),
+            inodes: Mutex::new(Inodes::default()),
+            ro_backing: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            committer,
+            invalidator: std::sync::OnceLock::new(),
+            notices: Mutex::new(None),
+            stats: Stats::default(),
+            started: SystemTime::now(),
+        }
+    }
+
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    pub fn wants_passthrough(&self) -> bool {
+        self.opts.passthrough
+    }
+
+    pub fn set_passthrough(&self, on: bool) {
+        self.passthrough.store(on, Ordering::SeqCst);
+    }
+
+    pub fn passthrough(&self) -> bool {
+        self.passthrough.load(Ordering::SeqCst)
+    }
+
+    pub fn io_mode(&self) -> &'static str {
+        if self.passthrough() {
+            "passthrough"
+        } else {
+            "daemon"
+        }
+    }
+
+    /// Running volumes with their number of open files (leases).
+    pub fn open_handles(&self) -> Vec<(ValidVid, usize)> {
+        self.pool.activity().open
+    }
+
+    /// Volumes a start, commit, hold or operation is in progress on.
+    pub fn busy_volumes(&self) -> Vec<(ValidVid, &'static str)> {
+        self.pool.activity().busy
+    }
+
+    /// How many volumes have their `N-dirty.img` open.
+    pub fn open_volumes(&self) -> usize {
+        self.open_handles().len()
+    }
+
+    /// How many inodes the table holds (an xattr of the root, for tests
+    /// that FORGET bounds it).
+    pub fn inode_count(&self) -> usize {
+        self.inodes.lock().len()
+    }
+
+    pub(super) fn node(&self, ino: u64) -> FsResult<Node> {
+        self.inodes.lock().node(ino).ok_or(libc::ENOENT)
+    }
+
+    pub(super) fn ino_of(&self, node: &Node) -> u64 {
+        self.inodes.lock().ino_of(node)
+    }
+
+    pub(super) fn revisions(&self, vid: &ValidVid) -> FsResult<Vec<crate::engine::Revision>> {
+        self.pool
+            .revisions(vid)
+            .map_err(|e| errno_of("revisions", &e))
+    }
+
+    pub(super) fn view(&self, vid: &ValidVid) -> FsResult<VolumeView> {
+        self.pool.volume_view(vid).map_err(|e| errno_of("view", &e))
+    }
+
+    /// Commits the volumes whose stop found their dirty image still open
+    /// for writing outside reflinkfs, once that has let go. The daemon
+    /// calls it every second.
+    pub fn retry_held(&self) {
+        for vid in self.pool.held_vids() {
+            match self.pool.stop(&vid) {
+                Ok(StopOutcome::Held { .. }) => {}
+                Ok(outcome) => log::info!("{vid}: committed once its outside writer let go: {outcome:?}"),
+                Err(e) => log::error!("{vid}: stop after its outside writer let go failed: {e}; the dirty image is kept and will be committed at the next start or pool open"),
+            }
+        }
+    }
+
+    /// Commits every volume still open when the session ends (the kernel
+    /// may drop RELEASE requests of an unmounted connection), so the daemon
+    /// never exits with data only in a dirty image. The queued stops go
+    /// first.
+    pub fn shutdown(&self) {
+        self.committer.drain();
+        self.handles.lock().clear();
+        for (vid, _) in self.pool.activity().open {
+            match self.pool.stop_within(&vid, Duration::from_secs(2)) {
+                Ok(o) => log::info!("{vid}: stopped at unmount: {o:?}"),
+                Err(e) => {
+                    log::error!("{vid}: stop at unmount failed: {e}; recovery will commit it")
+                }
+            }
+        }
+    }
+}
