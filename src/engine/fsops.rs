@@ -66,6 +66,8 @@ pub struct FileSig {
     pub dev: u64,
     pub ino: u64,
     pub size: u64,
+    /// The permission bits (`st_mode & 0o7777`).
+    pub mode: u32,
     pub blocks: u64,
     pub mtime: (i64, i64),
     pub ctime: (i64, i64),
@@ -78,6 +80,7 @@ impl FileSig {
             dev: st.st_dev,
             ino: st.st_ino,
             size: st.st_size as u64,
+            mode: st.st_mode & 0o7777,
             blocks: st.st_blocks as u64,
             mtime: (st.st_mtime, st.st_mtime_nsec),
             ctime: (st.st_ctime, st.st_ctime_nsec),

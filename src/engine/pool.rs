@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -173,7 +173,7 @@ impl Pool {
             return Err(Error::PoolExists { path });
         }
         let copy_mode = if opts.setup_check {
-            check_reflink(&root)?;
+            reflink_check(&root, &path, true)?;
             false
         } else {
             log::warn!(
@@ -700,31 +700,68 @@ pub fn check_short_vid(input: &str) -> Result<()> {
     Ok(())
 }
 
-/// Clones a small non-empty file with FICLONE and compares the content
-/// (SPEC §1.2), with named files in `dir` that are removed again.
-fn check_reflink(root: &Dir) -> Result<()> {
-    named_reflink_check(root, root.path())
+/// The reflink check (SPEC §1.2): clones a small non-empty file with
+/// FICLONE and compares the content. The two files are unnamed
+/// (`O_TMPFILE`) in `dir`, so the check leaves nothing behind, not even
+/// after a crash, and a dry run can make it. Where the filesystem has no
+/// `O_TMPFILE`, it uses two named files in `dir` (removed again) if `named`
+/// allows, else it returns `Ok(false)`: not run. Errors name `path`.
+pub(crate) fn reflink_check(dir: &Dir, path: &Path, named: bool) -> Result<bool> {
+    let io_error = |e| Error::io(format!("reflink check in {}", path.display()), e);
+    let result = match open_unnamed(dir) {
+        Ok(src) => {
+            let dst = open_unnamed(dir).map_err(io_error)?;
+            clone_and_compare(&src, &dst)
+        }
+        Err(e)
+            if !matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
+            ) =>
+        {
+            return Err(io_error(e))
+        }
+        Err(_) if !named => return Ok(false),
+        Err(_) => {
+            let (a, b) = (".reflinkfs-setup-check~src", ".reflinkfs-setup-check~dst");
+            let _ = sys::unlinkat(dir.fd(), a);
+            let _ = sys::unlinkat(dir.fd(), b);
+            let result = (|| {
+                let src = dir.create_new(a)?;
+                let dst = dir.create_new(b)?;
+                clone_and_compare(&src, &dst)
+            })();
+            let _ = sys::unlinkat(dir.fd(), a);
+            let _ = sys::unlinkat(dir.fd(), b);
+            result
+        }
+    };
+    result.map_err(|e| reflink_error(path, e))?;
+    Ok(true)
 }
 
-/// The reflink check with two named files in `dir` (removed again);
-/// errors name `path`.
-pub(crate) fn named_reflink_check(dir: &Dir, path: &Path) -> Result<()> {
-    let (a, b) = (".reflinkfs-setup-check~src", ".reflinkfs-setup-check~dst");
-    let _ = sys::unlinkat(dir.fd(), a);
-    let _ = sys::unlinkat(dir.fd(), b);
-    let result = (|| {
-        let src = dir.create_new(a)?;
-        let dst = dir.create_new(b)?;
-        clone_and_compare(&src, &dst)
-    })();
-    let _ = sys::unlinkat(dir.fd(), a);
-    let _ = sys::unlinkat(dir.fd(), b);
-    result.map_err(|e| reflink_error(path, e))
+/// A new unnamed file (`O_TMPFILE`, mode 0600) in `dir`: in the directory
+/// open as `dir` exactly, through /proc, or by its path without /proc.
+fn open_unnamed(dir: &Dir) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let open = |p: &Path| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .mode(super::fsops::FILE_MODE)
+            .custom_flags(libc::O_TMPFILE)
+            .open(p)
+    };
+    let exact = PathBuf::from(format!("/proc/self/fd/{}", dir.fd().as_raw_fd()));
+    match open(&exact) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => open(dir.path()),
+        other => other,
+    }
 }
 
 /// Writes a small non-empty pattern to `src`, clones it into `dst` with
 /// FICLONE and compares the content.
-pub(crate) fn clone_and_compare(src: &File, dst: &File) -> io::Result<()> {
+fn clone_and_compare(src: &File, dst: &File) -> io::Result<()> {
     let content: Vec<u8> = (0..65536u32).map(|i| (i * 7 + 3) as u8).collect();
     super::fsops::write_all_at(src, &content, 0)?;
     sys::fsync(src.as_fd())?;
@@ -741,7 +778,7 @@ pub(crate) fn clone_and_compare(src: &File, dst: &File) -> io::Result<()> {
 
 /// The error of a failed reflink check: "unsupported" (with the
 /// setup_check=no hint) when the kernel or the content says so.
-pub(crate) fn reflink_error(path: &Path, e: io::Error) -> Error {
+fn reflink_error(path: &Path, e: io::Error) -> Error {
     if sys::is_reflink_unsupported(&e) || e.kind() == io::ErrorKind::Other {
         Error::ReflinkUnsupported {
             path: path.to_owned(),
@@ -772,12 +809,14 @@ pub(crate) fn open_subdir_checked(
     })
 }
 
-/// Takes the pool's flock and writes our PID into the lock file. A second
-/// owner gets an error naming the holder's PID.
-fn take_lock(pool: &Path, meta: &Dir) -> Result<File> {
-    let shown = meta.shown(LOCK_FILE);
+/// Flocks the lock file of `dir` (made with mode 0600 when missing) and,
+/// when it got the lock, writes our PID in it for whoever finds the lock
+/// taken. The flag says whether it got it; the lock lasts while the file
+/// is open.
+pub(crate) fn lock_with_pid(dir: &Dir) -> Result<(File, bool)> {
+    let shown = dir.shown(LOCK_FILE);
     let fd = sys::openat(
-        meta.fd(),
+        dir.fd(),
         LOCK_FILE,
         libc::O_RDWR | libc::O_CREAT,
         super::fsops::FILE_MODE,
@@ -785,6 +824,19 @@ fn take_lock(pool: &Path, meta: &Dir) -> Result<File> {
     .map_err(io_at(&shown, "opening lock file"))?;
     let file = File::from(fd);
     if !sys::try_lock_exclusive(file.as_fd()).map_err(io_at(&shown, "locking"))? {
+        return Ok((file, false));
+    }
+    let pid = format!("{}\n", std::process::id());
+    sys::ftruncate(file.as_fd(), 0).map_err(io_at(&shown, "writing"))?;
+    super::fsops::write_all_at(&file, pid.as_bytes(), 0).map_err(io_at(&shown, "writing"))?;
+    Ok((file, true))
+}
+
+/// Takes the pool's lock (see [`lock_with_pid`]). A second owner gets an
+/// error naming the holder's PID.
+fn take_lock(pool: &Path, meta: &Dir) -> Result<File> {
+    let (file, locked) = lock_with_pid(meta)?;
+    if !locked {
         let mut buf = [0u8; 64];
         let n = sys::pread(file.as_fd(), &mut buf, 0).unwrap_or(0);
         let text = String::from_utf8_lossy(&buf[..n]).trim().to_owned();
@@ -796,11 +848,8 @@ fn take_lock(pool: &Path, meta: &Dir) -> Result<File> {
         return Err(Error::PoolLocked {
             pool: pool.to_owned(),
             holder,
-            lock: shown,
+            lock: meta.shown(LOCK_FILE),
         });
     }
-    let pid = format!("{}\n", std::process::id());
-    sys::ftruncate(file.as_fd(), 0).map_err(io_at(&shown, "writing"))?;
-    super::fsops::write_all_at(&file, pid.as_bytes(), 0).map_err(io_at(&shown, "writing"))?;
     Ok(file)
 }
