@@ -306,8 +306,6 @@ pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> io::Result<usize> {
     })
 }
 
-/// `flock(fd, LOCK_EX | LOCK_NB)`. Returns `Ok(false)` when another open
-/// file description holds the lock.
 /// Whether process `pid` exists and has not exited: a zombie's files are
 /// already closed, so it counts as gone. Reads `/proc/PID/stat`.
 pub fn process_running(pid: u32) -> bool {
@@ -318,6 +316,8 @@ pub fn process_running(pid: u32) -> bool {
     })
 }
 
+/// `flock(fd, LOCK_EX | LOCK_NB)`. Returns `Ok(false)` when another open
+/// file description holds the lock.
 pub fn try_lock_exclusive(fd: BorrowedFd<'_>) -> io::Result<bool> {
     // SAFETY: plain syscall on an open fd.
     let r = unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
@@ -603,12 +603,15 @@ pub enum Forked {
     Child,
 }
 
-/// `fork()`. Only safe to use while the process has a single thread, which
-/// is how the mount command uses it: before any thread is started.
-pub fn fork() -> io::Result<Forked> {
-    // SAFETY: the caller forks before starting threads, so the child's copy
-    // of the address space has no locks held by threads that do not exist
-    // in it.
+/// `fork()`.
+///
+/// # Safety
+///
+/// The process must have a single thread. The child of a multi-threaded
+/// process gets copies of locks (the allocator's, stdio's) held by threads
+/// that do not exist in it, and may deadlock on its first allocation.
+pub unsafe fn fork() -> io::Result<Forked> {
+    // SAFETY: the caller guarantees a single thread (see above).
     match unsafe { libc::fork() } {
         -1 => Err(io::Error::last_os_error()),
         0 => Ok(Forked::Child),
@@ -622,11 +625,16 @@ pub fn setsid() -> io::Result<()> {
     cvt(unsafe { libc::setsid() }).map(drop)
 }
 
-/// `dup2(from, to)`: used to point stdin, stdout and stderr at a file.
-pub fn dup2(from: BorrowedFd<'_>, to: libc::c_int) -> io::Result<()> {
-    // SAFETY: `from` is open; `to` is one of the standard descriptors, which
-    // dup2 closes and replaces atomically.
-    cvt(unsafe { libc::dup2(from.as_raw_fd(), to) }).map(drop)
+/// Points stdin, stdout and stderr at `file` (`dup2` onto 0, 1 and 2).
+/// Only the three standard descriptors can be replaced this way: an fd
+/// that Rust code owns is never closed behind its owner's back.
+pub fn redirect_stdio(file: BorrowedFd<'_>) -> io::Result<()> {
+    for to in [libc::STDIN_FILENO, libc::STDOUT_FILENO, libc::STDERR_FILENO] {
+        // SAFETY: `file` is open; `to` is a standard descriptor, which no
+        // Rust object owns, and dup2 closes and replaces it atomically.
+        cvt(unsafe { libc::dup2(file.as_raw_fd(), to) })?;
+    }
+    Ok(())
 }
 
 /// Blocks `signals` in the calling thread (and in threads it starts later),
@@ -808,8 +816,12 @@ pub fn recv_with_fd(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, 
     unsafe {
         let mut c = libc::CMSG_FIRSTHDR(&msg);
         while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let payload = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+            // A header whose length is shorter than a header carries no fd
+            // (and must not wrap around into a huge count).
+            let payload = ((*c).cmsg_len as usize).checked_sub(libc::CMSG_LEN(0) as usize);
+            if let (libc::SOL_SOCKET, libc::SCM_RIGHTS, Some(payload)) =
+                ((*c).cmsg_level, (*c).cmsg_type, payload)
+            {
                 let count = payload / std::mem::size_of::<libc::c_int>();
                 let data = libc::CMSG_DATA(c).cast::<libc::c_int>();
                 for i in 0..count {

@@ -224,6 +224,63 @@ fn rw_false_gives_erofs_and_o_trunc_gives_eperm() {
 }
 
 #[test]
+fn a_read_only_mount_serves_reads_and_changes_nothing() {
+    if !require(&[]) {
+        return;
+    }
+    let fs = xfs().unwrap();
+    let m = mounted(&fs, "ro-mount", "", |p| {
+        p.set(&vid("appvms/vm/private"), Property::RevisionsToKeep(2))
+            .unwrap();
+    });
+    write_and_close(&m, PRIV, 0, &pattern(1, 4096));
+    write_and_close(&m, PRIV, 0, &pattern(2, 4096));
+    let (pool, mnt) = (m.pool.clone(), m.mnt.clone());
+    m.unmount();
+    let before = revisions_on_disk(&pool, "vm", "private");
+    assert_eq!(before.len(), 2, "{before:?}");
+    let m = Mounted::mount(&pool, &mnt, "ro");
+    use std::os::unix::fs::PermissionsExt;
+    for name in [PRIV, "appvms/vm/private.img"] {
+        let mode = std::fs::metadata(m.path(name))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o400, "{name} shows 0400 on a ro mount");
+    }
+    // Reads work; every change is refused with EROFS.
+    let f = File::open(m.path(PRIV)).unwrap();
+    assert_eq!(read_at(&f, 0, 4096), pattern(2, 4096));
+    drop(f);
+    m.wait_stopped(PRIV);
+    let e = OpenOptions::new()
+        .write(true)
+        .open(m.path(PRIV))
+        .unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    let rev = before
+        .iter()
+        .find(|r| r.starts_with("private.img.1@"))
+        .unwrap();
+    let e = std::fs::remove_file(m.path(&format!("appvms/vm/{rev}"))).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    let e = std::fs::rename(
+        m.path(&format!("appvms/vm/{rev}")),
+        m.path("appvms/vm/private.img"),
+    )
+    .unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    m.unmount();
+    assert_eq!(
+        revisions_on_disk(&pool, "vm", "private"),
+        before,
+        "a read of a ro mount adds no revision and removes none"
+    );
+    let img = File::open(pool.join("appvms/vm/private.img")).unwrap();
+    assert_eq!(read_at(&img, 0, 4096), pattern(2, 4096));
+}
+
+#[test]
 fn unlinking_a_revision_deletes_it_and_renaming_one_onto_n_img_reverts() {
     if !require(&[]) {
         return;

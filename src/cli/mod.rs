@@ -2,6 +2,7 @@
 //! human or `--json` output, and turns errors into one line on stderr and
 //! the exit status of their class.
 
+mod adopt_report;
 mod mount;
 pub(crate) mod output;
 mod progress;
@@ -456,7 +457,7 @@ fn run_pool(cmd: PoolCommand) -> Result<ExitCode> {
                     serde_json::to_string_pretty(&report).expect("reports serialise")
                 );
             } else {
-                print!("{}", report.to_text());
+                print!("{}", adopt_report::text(&report));
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -122,11 +122,77 @@ impl Write for LogSink {
 pub(super) fn init_daemon_logging(verbose: u8) -> LogSink {
     let sink = LogSink::default();
     let level = if verbose > 1 { "debug" } else { "info" };
-    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+    let logger = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
         .format_timestamp_millis()
         .target(env_logger::Target::Pipe(Box::new(sink.clone())))
-        .try_init();
+        .build();
+    let max = logger.filter();
+    if log::set_boxed_logger(Box::new(Demote(logger))).is_ok() {
+        log::set_max_level(max);
+    }
     sink
+}
+
+/// fuser's own log lines about what is normal for this daemon, at the
+/// level they deserve, with what they mean; `None` for every other line.
+fn demoted(record: &log::Record<'_>) -> Option<(log::Level, &'static str)> {
+    let target = record.target();
+    if !target.starts_with("fuser") || record.level() > log::Level::Warn {
+        return None;
+    }
+    let text = record.args().to_string();
+    if text.starts_with("Failed to send FUSE reply: No such file or directory") {
+        // The kernel forgets a request that was interrupted (a signal to
+        // its caller) or whose connection was aborted, and refuses its
+        // late reply with ENOENT.
+        return Some((
+            log::Level::Debug,
+            " (the request was interrupted; the kernel no longer waited for it)",
+        ));
+    }
+    if text.starts_with("Failed to umount filesystem") {
+        // An unmount (`reflinkfs unmount`, umount, a signal) has already
+        // taken the mount away when the session ends.
+        return Some((log::Level::Debug, " (it was already unmounted)"));
+    }
+    if text.starts_with("[Not Implemented]") {
+        return Some((log::Level::Debug, ""));
+    }
+    None
+}
+
+/// The daemon's logger: env_logger, with fuser's routine lines demoted.
+struct Demote(env_logger::Logger);
+
+impl log::Log for Demote {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        self.0.enabled(m)
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let Some((level, note)) = demoted(record) else {
+            return self.0.log(record);
+        };
+        let meta = log::Metadata::builder()
+            .level(level)
+            .target(record.target())
+            .build();
+        if self.0.enabled(&meta) {
+            self.0.log(
+                &log::Record::builder()
+                    .metadata(meta)
+                    .args(format_args!("{}{note}", record.args()))
+                    .module_path(record.module_path())
+                    .file(record.file())
+                    .line(record.line())
+                    .build(),
+            );
+        }
+    }
+
+    fn flush(&self) {
+        self.0.flush()
+    }
 }
 
 /// The daemon's log file, beside the pool's metadata.

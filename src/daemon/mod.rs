@@ -61,7 +61,10 @@ pub fn mount(
     // Fork before any thread exists; the parent waits for the child's word
     // that the mount is ready.
     let (rd, wr) = sys::pipe().map_err(|e| Error::io("creating a pipe", e))?;
-    match sys::fork().map_err(|e| Error::io("fork", e))? {
+    // SAFETY: no thread has been started yet: logging is not set up, the
+    // pool is not open, and fuser and the control socket start theirs in
+    // the child.
+    match unsafe { sys::fork() }.map_err(|e| Error::io("fork", e))? {
         sys::Forked::Parent { child } => {
             drop(wr);
             let mut msg = String::new();
@@ -160,7 +163,6 @@ fn serve(
         pool.clone(),
         FsOptions {
             passthrough: opts.passthrough,
-            read_only: opts.read_only,
             committers: 2,
         },
     ));
@@ -190,7 +192,15 @@ fn serve(
     config.n_threads = Some(opts.threads);
     config.clone_fd = true;
 
-    let session = fuser::Session::new(Adapter { fs: fs.clone() }, mnt, &config).map_err(|e| {
+    let session = fuser::Session::new(
+        Adapter {
+            fs: fs.clone(),
+            read_only: opts.read_only,
+        },
+        mnt,
+        &config,
+    )
+    .map_err(|e| {
         fail(
             &mut pipe,
             Error::io(
@@ -266,9 +276,7 @@ fn serve(
         let _ = p.write_all(format!("ok {}\n", std::process::id()).as_bytes());
         drop(p);
         if let Ok(null) = File::options().read(true).write(true).open("/dev/null") {
-            for fd in 0..3 {
-                let _ = sys::dup2(null.as_fd(), fd);
-            }
+            let _ = sys::redirect_stdio(null.as_fd());
         }
     }
     let result = session.run();

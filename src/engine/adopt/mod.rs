@@ -23,7 +23,6 @@
 mod plan;
 mod qubes_xml;
 mod scan;
-mod text;
 mod write;
 
 use super::config::{PoolConfig, VolumeKind, FORMAT_VERSION};

@@ -14,15 +14,14 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
             Node::Revision(..) => return Err(libc::EROFS),
             _ => return Err(libc::EISDIR),
         };
-        if self.opts.read_only {
-            return Err(libc::EROFS);
-        }
         let view = self.view(&vid)?;
         if matches!(node, Node::Img(..)) && view.running {
-            log::warn!(
-                "{vid}: truncate of N.img refused while the volume runs; truncate its -dirty.img"
-            );
-            return Err(libc::EBUSY);
+            return Err(fail(
+                libc::EBUSY,
+                format_args!(
+                    "{vid}: truncate of N.img refused while the volume runs; truncate its -dirty.img"
+                ),
+            ));
         }
         let current = if view.running {
             view.dirty.map(|d| d.size).unwrap_or(view.nominal_size)

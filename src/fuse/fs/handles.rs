@@ -37,11 +37,13 @@ impl<B> Handle<B> {
         };
         let end = lease.limit.load(Ordering::SeqCst);
         if len > 0 && offset >= end {
-            log::warn!(
-                "{}: refused a write of {len} bytes at {offset}: the volume ends at {end} (EFBIG); resize it to grow it",
-                lease.vid
-            );
-            return Err(libc::EFBIG);
+            return Err(fail(
+                libc::EFBIG,
+                format_args!(
+                    "{}: refused a write of {len} bytes at {offset}: the volume ends at {end}; resize it to grow it",
+                    lease.vid
+                ),
+            ));
         }
         Ok(len.min(end.saturating_sub(offset)))
     }
@@ -108,10 +110,6 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
                         &format!("reflinkfs volume resize {vid} SIZE"),
                     )
                     .into());
-                }
-                if writable && self.opts.read_only {
-                    log::warn!("{vid}: write open refused: the mount is read-only");
-                    return Err(libc::EROFS.into());
                 }
                 let lease = match self.pool.try_acquire(vid, writable) {
                     Ok(Some(lease)) => lease,
@@ -362,10 +360,7 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
         } else {
             sys::fsync(file.as_fd())
         };
-        r.map_err(|e| {
-            log::error!("fsync failed: {e}");
-            e.raw_os_error().unwrap_or(libc::EIO)
-        })
+        r.map_err(|e| io_errno("fsync", e))
     }
 
     pub fn fallocate(
@@ -382,15 +377,17 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
         if mode & (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) != 0 {
             // Both move data and change the size; a volume's size changes
             // only by a resize.
-            log::warn!("refused fallocate mode {mode:#x}: it changes the volume's size (use `reflinkfs volume resize`)");
-            return Err(libc::EOPNOTSUPP);
+            return Err(fail(
+                libc::EOPNOTSUPP,
+                format_args!("refused fallocate mode {mode:#x}: it changes the volume's size (use `reflinkfs volume resize`)"),
+            ));
         }
         let WriteTarget { file, room, .. } = self.write_target(fh, offset, length)?;
         if mode & libc::FALLOC_FL_KEEP_SIZE == 0 && room < length {
-            log::warn!(
-                "refused fallocate of {length} bytes at {offset}: it would grow the volume past its end (EFBIG)"
-            );
-            return Err(libc::EFBIG);
+            return Err(fail(
+                libc::EFBIG,
+                format_args!("refused fallocate of {length} bytes at {offset}: it would grow the volume past its end"),
+            ));
         }
         sys::fallocate(file.as_fd(), mode, offset, length).map_err(|e| io_errno("fallocate", e))
     }

@@ -22,7 +22,8 @@ mod tests;
 mod tree;
 
 use self::committer::Committer;
-use self::errno::{errno_of, io_errno, refuse, start_errno};
+use self::errno::{errno_of, io_errno, start_errno};
+pub use self::errno::{fail, level_of, refuse};
 use self::handles::Handle;
 pub use self::handles::{OpenError, Opened};
 use self::invalidate::Notice;
@@ -71,8 +72,6 @@ pub struct Attr {
 pub struct FsOptions {
     /// Use kernel passthrough when the kernel offers it.
     pub passthrough: bool,
-    /// Mounted `ro`: every volume behaves as `rw=false`.
-    pub read_only: bool,
     /// Threads that run the stops (commits) of volumes.
     pub committers: usize,
 }

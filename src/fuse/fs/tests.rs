@@ -40,7 +40,6 @@ fn setup(volumes: &[&str], passthrough: bool) -> Setup {
         Arc::new(pool),
         FsOptions {
             passthrough,
-            read_only: false,
             committers: 2,
         },
     );

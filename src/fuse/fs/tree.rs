@@ -40,7 +40,7 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
     }
 
     pub(super) fn file_perm(&self, writable: bool) -> u16 {
-        if writable && !self.opts.read_only {
+        if writable {
             0o600
         } else {
             0o400
