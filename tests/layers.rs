@@ -101,10 +101,10 @@ fn unsafe_code_lives_in_sys() {
                 f.display(),
                 n + 1
             );
-            if !f.ends_with("sys.rs") {
+            if !f.components().any(|c| c.as_os_str() == "sys") {
                 assert!(
                     !code.contains("libc::"),
-                    "{}:{}: a raw syscall outside sys.rs",
+                    "{}:{}: a raw syscall outside src/sys/",
                     f.display(),
                     n + 1
                 );

@@ -7,14 +7,18 @@
 
 pub mod admin;
 pub mod adopt;
+mod commit;
 pub mod config;
 pub mod failpoint;
 pub mod fsops;
 pub mod lifecycle;
+pub mod listing;
 pub mod pool;
+mod recovery;
 pub mod report;
 pub mod revision;
 pub mod size;
+mod transfer;
 pub mod vid;
 pub mod view;
 pub mod volume;

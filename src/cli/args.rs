@@ -1,0 +1,317 @@
+//! The command line: its commands, options and help texts (clap derive).
+
+use crate::error::ErrorClass;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+fn exit_status_help() -> String {
+    let mut rows: Vec<(u8, &str)> = ErrorClass::ALL.iter().map(|(_, c, w)| (*c, *w)).collect();
+    rows.push((0, "success"));
+    rows.push((2, "usage error (unknown command or option)"));
+    rows.sort();
+    let mut s = String::from("Exit status:\n");
+    for (code, what) in rows {
+        s.push_str(&format!("  {code:<3} {what}\n"));
+    }
+    s.push_str("\nThe pool defaults to $REFLINKFS_POOL. Sizes take K, M, G and T suffixes (powers of 1024).\nLogs go to stderr: -v shows every copy, reflink, rename and remove; RUST_LOG overrides.");
+    s
+}
+
+/// reflinkfs: VM disk volumes as image files in a pool, snapshotted by
+/// reflink on start and committed on stop.
+#[derive(Debug, Parser)]
+#[command(name = "reflinkfs", version, after_help = exit_status_help(), propagate_version = true)]
+pub struct Cli {
+    /// More log output on stderr (-v: every file operation, -vv: debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create, inspect and check pools.
+    #[command(subcommand, after_help = exit_status_help())]
+    Pool(PoolCommand),
+    /// Create, inspect and change volumes.
+    #[command(subcommand, after_help = exit_status_help())]
+    Volume(VolumeCommand),
+    /// Mount a pool: each VM directory shows N-dirty.img (opening it starts
+    /// the volume, the last close commits), N.img and the revisions.
+    /// Detaches once the mount is ready (exit 0) unless -f is given; logs
+    /// go to POOL/.reflinkfs/daemon.log.
+    #[command(after_help = MOUNT_HELP)]
+    Mount {
+        /// The pool directory (an empty directory becomes a new pool).
+        pool: PathBuf,
+        mountpoint: PathBuf,
+        /// Comma-separated options (see below). May be repeated.
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+        /// Stay in the foreground and log to stderr.
+        #[arg(short = 'f', long)]
+        foreground: bool,
+    },
+    /// Show whether a pool is mounted, and if so its mountpoint, I/O mode,
+    /// running volumes with their open handles, commits in flight, and the
+    /// daemon's PID and uptime.
+    #[command(after_help = exit_status_help())]
+    Status {
+        #[command(flatten)]
+        pool: PoolArg,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Print a shell completion script (e.g. `reflinkfs completions bash >
+    /// /etc/bash_completion.d/reflinkfs`).
+    Completions {
+        #[arg(value_parser = ["bash", "zsh", "fish"])]
+        shell: String,
+    },
+    /// Print the man page (roff), generated from this command line's
+    /// definitions (e.g. `reflinkfs manpage | man -l -`).
+    Manpage,
+    /// Unmount a pool. Refused while volumes are open; waits until the
+    /// daemon has committed and released the pool.
+    #[command(after_help = exit_status_help())]
+    Unmount { mountpoint: PathBuf },
+}
+
+const MOUNT_HELP: &str = "Options (-o):
+  passthrough=on|off  kernel FUSE passthrough for reads and writes (default on;
+                      off, or a kernel without it, serves them in the daemon)
+  threads=N           worker threads (default 4)
+  allow_other         let other users in (file modes still apply: 0600, root)
+  ro                  every volume read-only
+  setup_check=no      when POOL is an empty directory, make it a copy-mode pool
+  noexec, noatime, nosuid, nodev, rw, defaults   the usual mount flags
+
+SIGTERM, SIGINT and SIGHUP unmount when no volume is open.
+With mount(8): mount -t reflinkfs POOL MOUNTPOINT -o OPTIONS (mount-helper/).";
+
+#[derive(Debug, Args)]
+pub struct PoolArg {
+    /// The pool directory.
+    #[arg(long, env = "REFLINKFS_POOL", value_name = "PATH")]
+    pub pool: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct JsonArg {
+    /// Print stable, machine-readable JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PoolCommand {
+    /// Make a directory a pool. Checks that the filesystem makes reflinks
+    /// (XFS with reflink=1, btrfs); elsewhere give --setup-check=no for a
+    /// copy-mode pool, where every snapshot is a full sparse copy.
+    #[command(after_help = exit_status_help())]
+    Init {
+        #[command(flatten)]
+        pool: PoolArg,
+        /// `no` skips the reflink check and records the pool as copy mode.
+        #[arg(long, value_name = "yes|no", default_value = "yes", value_parser = ["yes", "no"])]
+        setup_check: String,
+        /// Default revisions_to_keep of new origin volumes (-1 disables snapshots).
+        #[arg(long, value_name = "N", allow_negative_numbers = true)]
+        revisions_to_keep: Option<String>,
+        /// Kernel-pool mode: every volume is rw=false with revisions_to_keep=0.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Bring an existing Qubes `file-reflink` or `file` pool directory under
+    /// management in place, without copying data: discover its images and
+    /// revisions, remove leftover `-cow.img` files of the `file` driver, and
+    /// write the volume configs (from qubes.xml when given, else inferred
+    /// from the names, with a report of every guess).
+    #[command(after_help = exit_status_help())]
+    Adopt {
+        #[command(flatten)]
+        pool: PoolArg,
+        /// Take volume properties from this qubes.xml.
+        #[arg(long, value_name = "FILE")]
+        qubes_xml: Option<PathBuf>,
+        /// Show the plan and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// `no` records the pool as copy mode instead of checking reflinks.
+        #[arg(long, value_name = "yes|no", default_value = "yes", value_parser = ["yes", "no"])]
+        setup_check: String,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Show the pool's mode, defaults and usage.
+    #[command(after_help = exit_status_help())]
+    Info {
+        #[command(flatten)]
+        pool: PoolArg,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Check the pool's consistency and report every problem found (exit
+    /// status 8 when there is one).
+    #[command(after_help = exit_status_help())]
+    Check {
+        #[command(flatten)]
+        pool: PoolArg,
+        /// Check only this volume.
+        #[arg(long, value_name = "VID")]
+        volume: Option<String>,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Create a volume: an origin (default), a snapshot of another volume,
+    /// or a volatile one. VID is CLASS/VM/NAME, e.g. appvms/work/private.
+    #[command(after_help = exit_status_help())]
+    Create {
+        #[command(flatten)]
+        pool: PoolArg,
+        vid: String,
+        /// Size in bytes, with an optional K, M, G or T suffix.
+        #[arg(long, allow_hyphen_values = true)]
+        size: String,
+        /// Make a snapshot volume whose every start copies SRC_VID's
+        /// committed image and whose stop discards its writes.
+        #[arg(long, value_name = "SRC_VID", conflicts_with = "volatile")]
+        snapshot_of: Option<String>,
+        /// Make a volatile volume: empty at every start, discarded at stop.
+        #[arg(long)]
+        volatile: bool,
+        /// Revisions to keep (origin volumes; -1 disables snapshots).
+        #[arg(long, value_name = "N", allow_negative_numbers = true)]
+        revisions_to_keep: Option<String>,
+        /// Create it with rw=false.
+        #[arg(long)]
+        read_only: bool,
+        /// The image may be missing (e.g. a kernel's modules.img).
+        #[arg(long)]
+        optional: bool,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// List the volumes.
+    #[command(after_help = exit_status_help())]
+    List {
+        #[command(flatten)]
+        pool: PoolArg,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Show all properties, derived values and usage of a volume.
+    #[command(after_help = exit_status_help())]
+    Info {
+        #[command(flatten)]
+        pool: PoolArg,
+        vid: String,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// List a volume's revisions, oldest first.
+    #[command(after_help = exit_status_help())]
+    Revisions {
+        #[command(flatten)]
+        pool: PoolArg,
+        vid: String,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Change a volume's size. Shrinking needs --allow-shrink.
+    #[command(after_help = exit_status_help())]
+    Resize {
+        #[command(flatten)]
+        pool: PoolArg,
+        vid: String,
+        #[arg(allow_hyphen_values = true)]
+        size: String,
+        /// Allow a smaller size (data past the new end is lost).
+        #[arg(long)]
+        allow_shrink: bool,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Go back to a revision (default: the newest). The current image is
+    /// kept as a new revision first.
+    #[command(after_help = exit_status_help())]
+    Revert {
+        #[command(flatten)]
+        pool: PoolArg,
+        vid: String,
+        /// A revision number K, or a timestamp for a legacy revision.
+        revision: Option<String>,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Set a property: revisions_to_keep (an integer >= -1) or rw (true or
+    /// false). Lowering revisions_to_keep prunes at once.
+    #[command(after_help = exit_status_help())]
+    Set {
+        #[command(flatten)]
+        pool: PoolArg,
+        vid: String,
+        property: String,
+        #[arg(allow_negative_numbers = true)]
+        value: String,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Replace a stopped origin volume's data with FILE (`-` for stdin).
+    /// The data must be exactly the size, or nothing changes; the previous
+    /// image becomes a revision.
+    #[command(after_help = exit_status_help())]
+    Import {
+        #[command(flatten)]
+        pool: PoolArg,
+        vid: String,
+        file: PathBuf,
+        /// The size the data must have (default: the volume's size).
+        #[arg(long, allow_hyphen_values = true)]
+        size: Option<String>,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Copy a volume's committed image (or a revision) to FILE (`-` for
+    /// stdout). FILE must not exist.
+    #[command(after_help = exit_status_help())]
+    Export {
+        #[command(flatten)]
+        pool: PoolArg,
+        vid: String,
+        file: PathBuf,
+        /// Export revision K instead of the committed image.
+        #[arg(long, value_name = "K")]
+        revision: Option<String>,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Copy a volume's committed image into another volume, creating it
+    /// if needed, in this pool or in --to-pool.
+    #[command(after_help = exit_status_help())]
+    Clone {
+        #[command(flatten)]
+        pool: PoolArg,
+        src_vid: String,
+        dst_vid: String,
+        /// The pool of DST_VID (default: the same pool).
+        #[arg(long, value_name = "PATH")]
+        to_pool: Option<PathBuf>,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Delete a volume with its images and revisions.
+    #[command(after_help = exit_status_help())]
+    Remove {
+        #[command(flatten)]
+        pool: PoolArg,
+        vid: String,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+}

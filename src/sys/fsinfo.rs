@@ -1,0 +1,217 @@
+//! What a filesystem, a file's extents, its writers and loop devices are:
+//! statvfs, the filesystem type, FIEMAP, leases, sysfs, flock, umount.
+
+use super::cvt;
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+/// Whether process `pid` exists and has not exited: a zombie's files are
+/// already closed, so it counts as gone. Reads `/proc/PID/stat`.
+pub fn process_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // The state follows the command name, which ends with ')'.
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+    })
+}
+
+/// `flock(fd, LOCK_EX | LOCK_NB)`. Returns `Ok(false)` when another open
+/// file description holds the lock.
+pub fn try_lock_exclusive(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: plain syscall on an open fd.
+    let r = unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r == -1 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Ok(false);
+        }
+        return Err(e);
+    }
+    Ok(true)
+}
+
+/// Filesystem numbers from `fstatvfs`.
+#[derive(Debug, Clone, Copy)]
+pub struct FsStats {
+    pub block_size: u64,
+    pub blocks: u64,
+    pub blocks_free: u64,
+    pub blocks_avail: u64,
+}
+
+/// `fstatvfs(fd)`.
+pub fn fstatvfs(fd: BorrowedFd<'_>) -> io::Result<FsStats> {
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `st` is writable memory of the right size; read only on success.
+    cvt(unsafe { libc::fstatvfs(fd.as_raw_fd(), st.as_mut_ptr()) })?;
+    // SAFETY: fstatvfs succeeded, so the buffer is initialised.
+    let st = unsafe { st.assume_init() };
+    Ok(FsStats {
+        block_size: st.f_frsize,
+        blocks: st.f_blocks,
+        blocks_free: st.f_bfree,
+        blocks_avail: st.f_bavail,
+    })
+}
+
+/// `fstatfs(fd).f_type`: the filesystem's magic number.
+pub fn fs_type(fd: BorrowedFd<'_>) -> io::Result<i64> {
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `st` is writable memory of the right size; read only on success.
+    cvt(unsafe { libc::fstatfs(fd.as_raw_fd(), st.as_mut_ptr()) })?;
+    // SAFETY: fstatfs succeeded, so the buffer is initialised.
+    Ok(unsafe { st.assume_init() }.f_type)
+}
+
+/// Human name of a filesystem magic number, for logs and `pool info`.
+pub fn fs_type_name(magic: i64) -> &'static str {
+    match magic {
+        0x5846_5342 => "xfs",
+        0x9123_683e => "btrfs",
+        0xef53 => "ext4",
+        0x0102_1994 => "tmpfs",
+        0x6573_5546 => "fuse",
+        _ => "other",
+    }
+}
+
+/// One extent reported by FIEMAP.
+#[derive(Debug, Clone, Copy)]
+pub struct Extent {
+    pub logical: u64,
+    pub length: u64,
+    pub shared: bool,
+}
+
+/// All extents of a file, through `ioctl(FS_IOC_FIEMAP)` with
+/// `FIEMAP_FLAG_SYNC` off (delayed allocations are reported as they are).
+/// Errors: `EOPNOTSUPP` on filesystems without FIEMAP.
+pub fn fiemap(fd: BorrowedFd<'_>) -> io::Result<Vec<Extent>> {
+    const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+    const FIEMAP_EXTENT_LAST: u32 = 0x1;
+    const FIEMAP_EXTENT_SHARED: u32 = 0x2000;
+    const BATCH: usize = 256;
+
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct RawExtent {
+        logical: u64,
+        physical: u64,
+        length: u64,
+        reserved64: [u64; 2],
+        flags: u32,
+        reserved: [u32; 3],
+    }
+    #[repr(C)]
+    struct Request {
+        start: u64,
+        length: u64,
+        flags: u32,
+        mapped_extents: u32,
+        extent_count: u32,
+        reserved: u32,
+        extents: [RawExtent; BATCH],
+    }
+
+    let mut out = Vec::new();
+    let mut start = 0u64;
+    loop {
+        let mut req = Request {
+            start,
+            length: u64::MAX - start,
+            flags: 0,
+            mapped_extents: 0,
+            extent_count: BATCH as u32,
+            reserved: 0,
+            extents: [RawExtent::default(); BATCH],
+        };
+        // SAFETY: `req` is a correctly laid out `struct fiemap` followed by
+        // room for `extent_count` extents, and lives across the call.
+        cvt(unsafe { libc::ioctl(fd.as_raw_fd(), FS_IOC_FIEMAP as _, &mut req) })?;
+        let n = req.mapped_extents as usize;
+        if n == 0 {
+            return Ok(out);
+        }
+        let mut last = false;
+        for e in &req.extents[..n] {
+            out.push(Extent {
+                logical: e.logical,
+                length: e.length,
+                shared: e.flags & FIEMAP_EXTENT_SHARED != 0,
+            });
+            last |= e.flags & FIEMAP_EXTENT_LAST != 0;
+        }
+        let tail = req.extents[n - 1];
+        if last || n < BATCH {
+            return Ok(out);
+        }
+        start = tail.logical + tail.length;
+    }
+}
+
+/// `ioctl(loopfd, LOOP_SET_CAPACITY, 0)`: makes a loop device re-read the
+/// size of its backing file. Errors: `ENXIO` when the device is unbound.
+pub fn loop_set_capacity(fd: BorrowedFd<'_>) -> io::Result<()> {
+    const LOOP_SET_CAPACITY: libc::c_ulong = 0x4C07;
+    // SAFETY: LOOP_SET_CAPACITY takes no argument; the fd is open.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), LOOP_SET_CAPACITY as _, 0) }).map(drop)
+}
+
+/// Whether any open file other than read-only ones holds the inode of
+/// `fd` open for writing: a loop device, a program, or a shared writable
+/// mapping, of this process or another. `fd` must be open read-only.
+///
+/// It asks for a read lease (`F_SETLEASE`, `F_RDLCK`), which the kernel
+/// grants only when the inode is open for writing nowhere, and gives it
+/// back at once. Only the file's owner or a process with `CAP_LEASE` may
+/// ask. Errors: `EINVAL` when leases are disabled (`fs.leases-enable=0`)
+/// or the filesystem has none, `EACCES` for another user's file.
+pub fn has_other_writers(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: F_SETLEASE takes an int argument and changes only the lease
+    // state of this open file; the fd is open.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EAGAIN) => Ok(true),
+            _ => Err(e),
+        };
+    }
+    // SAFETY: as above; F_UNLCK gives the lease back.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) })?;
+    Ok(false)
+}
+
+/// Every bound loop device with the path of its backing file, from sysfs
+/// (`/sys/block/loopN/loop/backing_file`, as the kernel printed it when
+/// asked: a deleted file ends in ` (deleted)`).
+pub fn loop_backing_files() -> Vec<(std::path::PathBuf, String)> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        if let Ok(backing) = std::fs::read_to_string(e.path().join("loop/backing_file")) {
+            let backing = backing.trim_end_matches('\n').to_owned();
+            out.push((std::path::PathBuf::from("/dev").join(&name), backing));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `umount2(path, flags)`. Errors: `EBUSY` while files on the mount are
+/// open (a loop device counts), `EINVAL` when `path` is not a mountpoint,
+/// `EPERM` without CAP_SYS_ADMIN.
+pub fn umount2(path: &std::path::Path, flags: libc::c_int) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+    cvt(unsafe { libc::umount2(c.as_ptr(), flags) }).map(drop)
+}
