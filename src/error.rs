@@ -64,8 +64,25 @@ pub enum Error {
     #[error("{path} is not a reflinkfs pool (no .reflinkfs/pool.json)")]
     NotAPool { path: PathBuf },
 
+    #[error("the pool directory {path} does not exist")]
+    NoSuchPool { path: PathBuf },
+
+    #[error("{what} {path}: permission denied; {who}")]
+    NoAccess {
+        what: String,
+        path: PathBuf,
+        /// Who may use it, and how.
+        who: String,
+    },
+
     #[error("{path} is not the mountpoint of a reflinkfs pool")]
     NotAMount { path: PathBuf },
+
+    #[error("cannot unmount {mountpoint}: {holders}")]
+    MountBusy {
+        mountpoint: PathBuf,
+        holders: String,
+    },
 
     #[error("{path} is already a reflinkfs pool")]
     PoolExists { path: PathBuf },
@@ -138,7 +155,7 @@ impl ErrorClass {
         (
             ErrorClass::Busy,
             5,
-            "volume running or dirty, or pool locked by another process",
+            "volume running or dirty, pool locked by another process, or mount in use",
         ),
         (
             ErrorClass::Refused,
@@ -219,9 +236,14 @@ impl Error {
             | Error::UnknownRevision { .. }
             | Error::MissingImage { .. }
             | Error::NotAPool { .. }
+            | Error::NoSuchPool { .. }
             | Error::NotAMount { .. } => ErrorClass::NotFound,
-            Error::Busy { .. } | Error::PoolLocked { .. } => ErrorClass::Busy,
-            Error::Refused { .. } | Error::ReadOnly { .. } => ErrorClass::Refused,
+            Error::Busy { .. } | Error::PoolLocked { .. } | Error::MountBusy { .. } => {
+                ErrorClass::Busy
+            }
+            Error::Refused { .. } | Error::ReadOnly { .. } | Error::NoAccess { .. } => {
+                ErrorClass::Refused
+            }
             Error::NoSpace { .. } => ErrorClass::NoSpace,
             Error::CorruptMetadata { .. } | Error::NotRegular { .. } => ErrorClass::Corrupt,
             Error::ReflinkUnsupported { .. } => ErrorClass::Unsupported,
@@ -243,14 +265,16 @@ impl Error {
             Error::InvalidVid { .. } | Error::InvalidSize { .. } | Error::InvalidValue { .. } => {
                 libc::EINVAL
             }
-            Error::NoSuchVolume(_) | Error::UnknownRevision { .. } | Error::NotAPool { .. } => {
-                libc::ENOENT
-            }
+            Error::NoSuchVolume(_)
+            | Error::UnknownRevision { .. }
+            | Error::NotAPool { .. }
+            | Error::NoSuchPool { .. } => libc::ENOENT,
+            Error::NoAccess { .. } => libc::EACCES,
             Error::NotAMount { .. } => libc::EINVAL,
             // The volume exists but its image does not: the file the caller
             // named is gone, so ENOENT, as for a deleted file.
             Error::MissingImage { .. } => libc::ENOENT,
-            Error::Busy { .. } | Error::PoolLocked { .. } => libc::EBUSY,
+            Error::Busy { .. } | Error::PoolLocked { .. } | Error::MountBusy { .. } => libc::EBUSY,
             // Refusals are about write access (rw=false, read-only pool).
             Error::Refused { .. } | Error::ReadOnly { .. } => libc::EROFS,
             Error::NoSpace { source, .. } => source.raw_os_error().unwrap_or(libc::ENOSPC),

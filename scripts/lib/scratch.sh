@@ -69,7 +69,25 @@ install_packages() {
     done
     if [ "$need" = 1 ] || [ "${CI:-}" = true ]; then
         export DEBIAN_FRONTEND=noninteractive
+        echo "apt-get install: xfsprogs btrfs-progs e2fsprogs util-linux fuse3 fio attr"
         apt-get update -qq
         apt-get install -y -qq xfsprogs btrfs-progs e2fsprogs util-linux fuse3 fio attr >/dev/null
+    fi
+}
+
+# Refuses to go on without a Rust toolchain of at least the version
+# Cargo.toml asks for, saying how to get one (Debian's own rustc is older).
+require_rust() {
+    local want have
+    want=$(sed -n 's/^rust-version = "\(.*\)"/\1/p' Cargo.toml)
+    if ! command -v cargo >/dev/null 2>&1; then
+        echo "no cargo on PATH: reflinkfs needs Rust >= $want; install it with rustup:" >&2
+        echo "  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh" >&2
+        return 1
+    fi
+    have=$(rustc --version | awk '{print $2}')
+    if [ "$(printf '%s\n%s\n' "$want" "$have" | sort -V | head -1)" != "$want" ]; then
+        echo "rustc $have is older than $want, which reflinkfs needs: rustup update" >&2
+        return 1
     fi
 }

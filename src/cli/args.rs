@@ -17,8 +17,8 @@ fn exit_status_help() -> String {
     s
 }
 
-/// reflinkfs: VM disk volumes as image files in a pool, snapshotted by
-/// reflink on start and committed on stop.
+/// VM disk volumes as image files in a pool, snapshotted by reflink on
+/// start and committed on stop.
 #[derive(Debug, Parser)]
 #[command(name = "reflinkfs", version, after_help = exit_status_help(), propagate_version = true)]
 pub struct Cli {
@@ -45,6 +45,7 @@ pub enum Command {
     Mount {
         /// The pool directory (an empty directory becomes a new pool).
         pool: PathBuf,
+        /// The directory to mount the pool on (it must exist).
         mountpoint: PathBuf,
         /// Comma-separated options (see below). May be repeated.
         #[arg(short = 'o', value_name = "OPTIONS")]
@@ -67,6 +68,7 @@ pub enum Command {
     /// /etc/bash_completion.d/reflinkfs`).
     Completions {
         #[arg(value_parser = ["bash", "zsh", "fish"])]
+        /// The shell: bash, zsh or fish.
         shell: String,
     },
     /// Print the man page (roff), generated from this command line's
@@ -75,7 +77,10 @@ pub enum Command {
     /// Unmount a pool. Refused while volumes are open; waits until the
     /// daemon has committed and released the pool.
     #[command(after_help = exit_status_help())]
-    Unmount { mountpoint: PathBuf },
+    Unmount {
+        /// Where the pool is mounted.
+        mountpoint: PathBuf,
+    },
 }
 
 const MOUNT_HELP: &str = "Options (-o):
@@ -174,8 +179,10 @@ pub enum VolumeCommand {
     Create {
         #[command(flatten)]
         pool: PoolArg,
+        /// The volume: CLASS/VM/NAME (e.g. appvms/work/private).
         vid: String,
-        /// Size in bytes, with an optional K, M, G or T suffix.
+        /// Size in bytes, with an optional K, M, G or T suffix (powers of
+        /// 1024; KiB, MiB, GiB, TiB also work, KB, MB, GB, TB do not).
         #[arg(long, allow_hyphen_values = true)]
         size: String,
         /// Make a snapshot volume whose every start copies SRC_VID's
@@ -210,6 +217,7 @@ pub enum VolumeCommand {
     Info {
         #[command(flatten)]
         pool: PoolArg,
+        /// The volume: CLASS/VM/NAME (e.g. appvms/work/private), or VM:NAME.
         vid: String,
         #[command(flatten)]
         json: JsonArg,
@@ -219,6 +227,7 @@ pub enum VolumeCommand {
     Revisions {
         #[command(flatten)]
         pool: PoolArg,
+        /// The volume: CLASS/VM/NAME (e.g. appvms/work/private), or VM:NAME.
         vid: String,
         #[command(flatten)]
         json: JsonArg,
@@ -228,7 +237,10 @@ pub enum VolumeCommand {
     Resize {
         #[command(flatten)]
         pool: PoolArg,
+        /// The volume: CLASS/VM/NAME (e.g. appvms/work/private), or VM:NAME.
         vid: String,
+        /// The new size in bytes, with an optional K, M, G or T suffix
+        /// (powers of 1024).
         #[arg(allow_hyphen_values = true)]
         size: String,
         /// Allow a smaller size (data past the new end is lost).
@@ -243,6 +255,7 @@ pub enum VolumeCommand {
     Revert {
         #[command(flatten)]
         pool: PoolArg,
+        /// The volume: CLASS/VM/NAME (e.g. appvms/work/private), or VM:NAME.
         vid: String,
         /// A revision number K, or a timestamp for a legacy revision.
         revision: Option<String>,
@@ -255,8 +268,11 @@ pub enum VolumeCommand {
     Set {
         #[command(flatten)]
         pool: PoolArg,
+        /// The volume: CLASS/VM/NAME (e.g. appvms/work/private), or VM:NAME.
         vid: String,
+        /// revisions_to_keep or rw.
         property: String,
+        /// An integer >= -1 for revisions_to_keep; true or false for rw.
         #[arg(allow_negative_numbers = true)]
         value: String,
         #[command(flatten)]
@@ -269,7 +285,9 @@ pub enum VolumeCommand {
     Import {
         #[command(flatten)]
         pool: PoolArg,
+        /// The volume: CLASS/VM/NAME (e.g. appvms/work/private), or VM:NAME.
         vid: String,
+        /// The data: a file, a block device, or - for stdin.
         file: PathBuf,
         /// The size the data must have (default: the volume's size).
         #[arg(long, allow_hyphen_values = true)]
@@ -283,7 +301,9 @@ pub enum VolumeCommand {
     Export {
         #[command(flatten)]
         pool: PoolArg,
+        /// The volume: CLASS/VM/NAME (e.g. appvms/work/private), or VM:NAME.
         vid: String,
+        /// Where to write it: a new file, or - for stdout.
         file: PathBuf,
         /// Export revision K instead of the committed image.
         #[arg(long, value_name = "K")]
@@ -297,7 +317,9 @@ pub enum VolumeCommand {
     Clone {
         #[command(flatten)]
         pool: PoolArg,
+        /// The volume to copy: CLASS/VM/NAME or VM:NAME.
         src_vid: String,
+        /// The volume to copy into (created if it does not exist).
         dst_vid: String,
         /// The pool of DST_VID (default: the same pool).
         #[arg(long, value_name = "PATH")]
@@ -310,8 +332,44 @@ pub enum VolumeCommand {
     Remove {
         #[command(flatten)]
         pool: PoolArg,
+        /// The volume: CLASS/VM/NAME (e.g. appvms/work/private), or VM:NAME.
         vid: String,
         #[command(flatten)]
         json: JsonArg,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every command and every argument of every command says what it is,
+    /// in `--help` and in the man page.
+    #[test]
+    fn every_command_and_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let path = format!("{path} {}", cmd.get_name());
+            if cmd.get_about().is_none() && !path.ends_with(" help") {
+                missing.push(format!("{path}: no about"));
+            }
+            for a in cmd.get_arguments() {
+                let builtin = ["help", "version"].contains(&a.get_id().as_str());
+                if a.get_help().is_none() && !builtin {
+                    missing.push(format!("{path} <{}>", a.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "", &mut missing);
+        assert!(missing.is_empty(), "without help: {missing:#?}");
+        let about = Cli::command().get_about().unwrap().to_string();
+        assert!(
+            !about.starts_with("reflinkfs"),
+            "the man page's NAME line repeats the name: {about}"
+        );
+    }
 }

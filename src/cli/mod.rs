@@ -390,6 +390,9 @@ fn dispatch(pool: &Path, req: Request, fd: Option<File>, json: bool) -> Result<E
 
 /// Prints a response, as text or JSON, and gives its exit status.
 fn show(response: &Response, json: bool) -> ExitCode {
+    if let Some(w) = output::warning(response) {
+        eprintln!("reflinkfs: warning: {w}");
+    }
     if json {
         println!(
             "{}",

@@ -1,7 +1,8 @@
 //! `reflinkfs mount` and `reflinkfs unmount`: the mount hands over to the
 //! daemon; the unmount waits for the daemon to commit and let go.
 
-use crate::daemon::mounts::pool_of_mount;
+use crate::control::{client, Request, Response};
+use crate::daemon::mounts::{pool_of_mount, who_holds};
 use crate::error::{Error, Result};
 use crate::sys;
 use std::fs::File;
@@ -25,16 +26,27 @@ pub fn mount(
 pub fn unmount(mountpoint: &Path) -> Result<ExitCode> {
     let mnt = std::fs::canonicalize(mountpoint)
         .map_err(|e| Error::io(format!("mountpoint {}", mountpoint.display()), e))?;
-    let Some(pool) = pool_of_mount(&mnt) else {
+    let pool = pool_of_mount(&mnt);
+    if sys::getuid() != 0 && (pool.is_some() || is_fuse_mount(&mnt)) {
+        return Err(Error::NoAccess {
+            what: "unmounting".into(),
+            path: mnt.clone(),
+            who: format!(
+                "only root may unmount a pool, as only root may mount one; run `sudo reflinkfs unmount {}`",
+                mnt.display()
+            ),
+        });
+    }
+    let Some(pool) = pool else {
         return Err(Error::NotAMount { path: mnt });
     };
     let daemon = daemon_pid(&pool);
     match sys::umount2(&mnt, 0) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-            return Err(Error::Busy {
-                vid: mnt.display().to_string(),
-                reason: "files on the mount are open (a running volume, a loop device, or a reader); stop them first".into(),
+            return Err(Error::MountBusy {
+                holders: who_holds(&mnt, &open_volumes(&pool)),
+                mountpoint: mnt,
             })
         }
         Err(e) => return Err(Error::io(format!("unmounting {}", mnt.display()), e)),
@@ -49,6 +61,30 @@ pub fn unmount(mountpoint: &Path) -> Result<ExitCode> {
     }
     println!("unmounted {} (pool {})", mnt.display(), pool.display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether `mnt` is a FUSE mount (of anyone's).
+fn is_fuse_mount(mnt: &Path) -> bool {
+    let want = mnt.display().to_string();
+    crate::daemon::mounts::fuse_mounts()
+        .iter()
+        .any(|m| m.mountpoint == want)
+}
+
+/// The volumes open on a mounted pool, from its daemon's status.
+fn open_volumes(pool: &Path) -> Vec<(String, usize)> {
+    let status = client::connect(pool)
+        .ok()
+        .flatten()
+        .and_then(|s| client::call(s, &Request::Status, None).ok());
+    match status {
+        Some(Response::Status(st)) => st
+            .running
+            .into_iter()
+            .map(|r| (r.vid, r.open_handles))
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 fn lock_path(pool: &Path) -> PathBuf {

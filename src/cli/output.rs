@@ -253,11 +253,13 @@ pub fn text(r: &Response) -> String {
         Response::PoolInfo(p) => pool_info(p),
         Response::Problems(list) => problems(list),
         Response::Status(st) => status(st),
-        Response::Created { vid } => format!("created {vid}\n"),
+        Response::Created { vid, .. } => format!("created {vid}\n"),
         Response::Volumes(list) => volume_list(list),
         Response::Volume(v) => volume_info(v),
         Response::Revisions(list) => revisions(list),
-        Response::Resized { vid, size, outcome } => {
+        Response::Resized {
+            vid, size, outcome, ..
+        } => {
             format!("{vid}: {}\n", resize_outcome(*outcome, *size))
         }
         Response::Reverted {
@@ -308,13 +310,18 @@ pub fn json(r: &Response) -> Value {
         Response::Problems(list) => v(list),
         Response::Status(st) if !st.mounted => json!({ "pool": st.pool, "mounted": false }),
         Response::Status(st) => v(st),
-        Response::Created { vid } => json!({ "vid": vid, "created": true }),
+        Response::Created { vid, warning } => {
+            json!({ "vid": vid, "created": true, "warning": warning })
+        }
         Response::Volumes(list) => v(list),
         Response::Volume(info) => v(&**info),
         Response::Revisions(list) => v(list),
-        Response::Resized { vid, size, outcome } => {
-            json!({ "vid": vid, "size": size, "outcome": outcome })
-        }
+        Response::Resized {
+            vid,
+            size,
+            outcome,
+            warning,
+        } => json!({ "vid": vid, "size": size, "outcome": outcome, "warning": warning }),
         Response::Reverted {
             vid,
             revision,
@@ -329,6 +336,14 @@ pub fn json(r: &Response) -> Value {
         Response::Exported { vid, bytes, .. } => json!({ "vid": vid, "bytes": bytes }),
         Response::Cloned { src, dst, pool } => json!({ "src": src, "dst": dst, "pool": pool }),
         Response::Removed { vid } => json!({ "vid": vid, "removed": true }),
+    }
+}
+
+/// What a person should hear about on stderr, whatever the output format.
+pub fn warning(r: &Response) -> Option<&str> {
+    match r {
+        Response::Created { warning, .. } | Response::Resized { warning, .. } => warning.as_deref(),
+        _ => None,
     }
 }
 

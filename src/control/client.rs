@@ -17,7 +17,7 @@ use std::path::Path;
 /// be root, the caller, or the pool's owner: a request (and the file an
 /// import or export hands over) never goes to a stranger's socket.
 pub fn connect(pool: &Path) -> Result<Option<UnixStream>> {
-    use crate::engine::pool::{CONTROL_SOCKET, META_DIR};
+    use crate::engine::pool::{no_access, CONTROL_SOCKET, META_DIR};
     let path = pool.join(META_DIR).join(CONTROL_SOCKET);
     let gone = |e: &std::io::Error| {
         matches!(
@@ -29,9 +29,11 @@ pub fn connect(pool: &Path) -> Result<Option<UnixStream>> {
         what: what.to_owned(),
         path: path.clone(),
     };
+    let denied = |e: &std::io::Error| e.raw_os_error() == Some(libc::EACCES);
     let root = match sys::open_dir_path(pool) {
         Ok(fd) => fd,
         Err(e) if gone(&e) => return Ok(None),
+        Err(e) if denied(&e) => return Err(no_access("pool directory", pool, pool)),
         Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
             return Err(Error::NotRegular {
                 what: "pool directory".into(),
@@ -43,6 +45,7 @@ pub fn connect(pool: &Path) -> Result<Option<UnixStream>> {
     let meta = match sys::open_subdir(root.as_fd(), META_DIR) {
         Ok(fd) => fd,
         Err(e) if gone(&e) => return Ok(None),
+        Err(e) if denied(&e) => return Err(no_access("pool", pool, pool)),
         Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
             return Err(refuse("metadata directory of the control socket"))
         }
@@ -52,11 +55,13 @@ pub fn connect(pool: &Path) -> Result<Option<UnixStream>> {
         Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFSOCK => {}
         Ok(_) => return Err(refuse("control socket")),
         Err(e) if gone(&e) => return Ok(None),
+        Err(e) if denied(&e) => return Err(no_access("pool", pool, pool)),
         Err(e) => return Err(Error::io(format!("examining {}", path.display()), e)),
     }
     let stream = match UnixStream::connect(sys::path_in_dir_fd(meta.as_fd(), CONTROL_SOCKET)) {
         Ok(s) => s,
         Err(e) if gone(&e) => return Ok(None),
+        Err(e) if denied(&e) => return Err(no_access("the control socket", &path, pool)),
         Err(e) => {
             return Err(Error::io(
                 format!("connecting to the daemon at {}", path.display()),

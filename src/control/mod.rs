@@ -185,6 +185,10 @@ pub enum Response {
     Status(Status),
     Created {
         vid: String,
+        /// Set when the volume is larger than the free space of the pool's
+        /// filesystem (allowed: images are sparse).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        warning: Option<String>,
     },
     Volumes(Vec<VolumeInfo>),
     Volume(Box<VolumeInfo>),
@@ -193,6 +197,9 @@ pub enum Response {
         vid: String,
         size: u64,
         outcome: ResizeOutcome,
+        /// As for `Created`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        warning: Option<String>,
     },
     Reverted {
         vid: String,
@@ -240,6 +247,21 @@ pub trait Daemon: Send + Sync {
     /// Called after every request, before the reply: the mount has dropped
     /// what the kernel cached of what the request changed.
     fn settled(&self);
+}
+
+/// A volume may be larger than the free space (its image is sparse, and
+/// that is how thin provisioning works), but its creator should know: the
+/// guest's writes fail with ENOSPC once the filesystem fills.
+fn space_warning(pool: &Pool, vid: &ValidVid, size: u64) -> Option<String> {
+    let st = pool.fs_stats().ok()?;
+    let free = st.blocks_avail.saturating_mul(st.block_size);
+    (size > free).then(|| {
+        format!(
+            "{vid} is {} but the pool's filesystem has {} free: the image is sparse, and writes to it will fail (ENOSPC) once the filesystem is full",
+            crate::engine::size::format_approx(size),
+            crate::engine::size::format_approx(free)
+        )
+    })
 }
 
 fn vid_of(pool: &Pool, input: &str) -> Result<ValidVid> {
@@ -330,6 +352,7 @@ pub fn execute(
             };
             pool.create(&vid, &opts)?;
             Response::Created {
+                warning: space_warning(pool, &vid, size),
                 vid: vid.to_string(),
             }
         }
@@ -349,6 +372,7 @@ pub fn execute(
                 d.resized(&vid);
             }
             Response::Resized {
+                warning: space_warning(pool, &vid, size),
                 vid: vid.to_string(),
                 size,
                 outcome,

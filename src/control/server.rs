@@ -38,6 +38,10 @@ pub fn spawn(pool: Arc<Pool>, daemon: Arc<dyn Daemon>) -> std::io::Result<()> {
     sys::umask(old_mask);
     let listener = bound?;
     let owner = pool.owner_uid()?;
+    // The pool's owner may administer it: the 0600 socket is theirs.
+    if owner != sys::getuid() {
+        pool.give_meta_file_to_owner(crate::engine::pool::CONTROL_SOCKET)?;
+    }
     log::info!(
         "control socket {} (root and uid {owner} may use it)",
         path.display()

@@ -42,6 +42,17 @@ pub fn mount(
     verbose: u8,
 ) -> Result<ExitCode> {
     let opts = MountOpts::parse(options)?;
+    if sys::getuid() != 0 {
+        // FUSE passthrough (the native-speed data path) and the loop
+        // devices of `volume attach` need CAP_SYS_ADMIN; a user's mount
+        // would be a slower, different filesystem. Root mounts a user's
+        // pool with allow_other, and the files show as the user's.
+        return Err(Error::NoAccess {
+            what: "mounting".into(),
+            path: pool.to_owned(),
+            who: "reflinkfs mounts need root (kernel FUSE passthrough needs CAP_SYS_ADMIN); as root, `reflinkfs mount POOL MOUNTPOINT -o allow_other` shows the pool's files as owned by the pool directory's owner, who can then use them".into(),
+        });
+    }
     let mnt = std::path::absolute(mountpoint).unwrap_or_else(|_| mountpoint.to_owned());
     match std::fs::metadata(&mnt) {
         Ok(m) if m.is_dir() => {}
@@ -192,10 +203,17 @@ fn serve(
     config.n_threads = Some(opts.threads);
     config.clone_fd = true;
 
+    let owner = pool.owner().map_err(|e| {
+        fail(
+            &mut pipe,
+            Error::io(format!("examining {}", pool.path().display()), e),
+        )
+    })?;
     let session = fuser::Session::new(
         Adapter {
             fs: fs.clone(),
             read_only: opts.read_only,
+            owner,
         },
         mnt,
         &config,

@@ -3,14 +3,14 @@
 use std::path::{Path, PathBuf};
 
 /// One FUSE mount of /proc/self/mountinfo: its id, mountpoint and source.
-pub(crate) struct FuseMount {
+pub struct FuseMount {
     pub id: u64,
     pub mountpoint: String,
     pub source: String,
 }
 
 /// The FUSE mounts of this mount namespace.
-pub(crate) fn fuse_mounts() -> Vec<FuseMount> {
+pub fn fuse_mounts() -> Vec<FuseMount> {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return Vec::new();
     };
@@ -85,6 +85,50 @@ fn unescape_mount(s: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// What keeps a mount busy, for a person: the volumes open on it (from
+/// the daemon) and who holds files there: loop devices, and processes with
+/// a file open or their working directory on it.
+pub fn who_holds(mnt: &Path, open: &[(String, usize)]) -> String {
+    let shown = |p: &Path| match p.strip_prefix(mnt) {
+        Ok(rel) if rel.as_os_str().is_empty() => ".".to_owned(),
+        Ok(rel) => rel.display().to_string(),
+        Err(_) => p.display().to_string(),
+    };
+    let mut out = String::new();
+    if !open.is_empty() {
+        let list: Vec<String> = open
+            .iter()
+            .map(|(vid, n)| format!("{vid} ({n} open file(s))"))
+            .collect();
+        out = format!("{} volume(s) open: {}; ", open.len(), list.join(", "));
+    }
+    let mut holders = Vec::new();
+    for (dev, backing) in crate::sys::loop_backing_files() {
+        if Path::new(&backing).starts_with(mnt) {
+            holders.push(format!(
+                "loop device {} on {}",
+                dev.display(),
+                shown(Path::new(&backing))
+            ));
+        }
+    }
+    for u in crate::sys::processes_using(mnt) {
+        let what = match u.how {
+            "open" => format!("has {} open", shown(&u.path)),
+            "cwd" => format!("has its working directory in {}", shown(&u.path)),
+            _ => format!("has its root directory in {}", shown(&u.path)),
+        };
+        holders.push(format!("{} (PID {}) {what}", u.command, u.pid));
+    }
+    if holders.is_empty() {
+        out.push_str("held by something this command cannot see (a process of another PID namespace, or the kernel)");
+    } else {
+        out.push_str(&format!("held by {}", holders.join("; ")));
+    }
+    out.push_str("; stop them (shut the VMs down, `losetup -d` the loop devices, leave the directory) and unmount again");
+    out
 }
 
 #[cfg(test)]

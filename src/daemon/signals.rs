@@ -15,26 +15,33 @@ pub(super) fn signal_loop(signals: &[libc::c_int], mnt: &Path, fs: &ReflinkFs) {
                 return;
             }
         };
-        let open = fs.open_volumes();
-        if open > 0 {
+        let name = sys::signal_name(sig);
+        let open: Vec<(String, usize)> = fs
+            .open_handles()
+            .into_iter()
+            .map(|(v, n)| (v.to_string(), n))
+            .collect();
+        if !open.is_empty() {
             log::warn!(
-                "signal {sig}: not unmounting {}: {open} volume(s) open",
-                mnt.display()
+                "{name}: not unmounting {}: {}",
+                mnt.display(),
+                super::mounts::who_holds(mnt, &open)
             );
             continue;
         }
         match sys::umount2(mnt, 0) {
             Ok(()) => {
-                log::info!("signal {sig}: unmounted {}", mnt.display());
+                log::info!("{name}: unmounted {}", mnt.display());
                 return;
             }
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                 log::warn!(
-                    "signal {sig}: not unmounting {}: it is busy (files are open on it)",
-                    mnt.display()
+                    "{name}: not unmounting {}: {}",
+                    mnt.display(),
+                    super::mounts::who_holds(mnt, &[])
                 )
             }
-            Err(e) => log::error!("signal {sig}: unmounting {} failed: {e}", mnt.display()),
+            Err(e) => log::error!("{name}: unmounting {} failed: {e}", mnt.display()),
         }
     }
 }

@@ -130,6 +130,28 @@ fn io_at(path: &Path, what: &str) -> impl FnOnce(io::Error) -> Error {
     move |e| Error::io(context, e)
 }
 
+/// A pool this user may not open: who may, from the owner of `pool`.
+pub fn no_access(what: &str, path: &Path, pool: &Path) -> Error {
+    use std::os::unix::fs::MetadataExt;
+    let who = match std::fs::metadata(pool) {
+        Ok(m) => format!(
+            "only root and the pool's owner (uid {}) may administer it{}",
+            m.uid(),
+            if sys::getuid() == 0 {
+                ""
+            } else {
+                "; run the command as one of them (e.g. with sudo)"
+            }
+        ),
+        Err(_) => "only root and the pool's owner may administer it".to_owned(),
+    };
+    Error::NoAccess {
+        what: what.to_owned(),
+        path: path.to_owned(),
+        who,
+    }
+}
+
 fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
 }
@@ -216,7 +238,13 @@ impl Pool {
         let root = match Dir::open_path(&path) {
             Ok(d) => d,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                return Err(Error::NoSuchPool { path })
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
                 return Err(Error::NotAPool { path })
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+                return Err(no_access("pool directory", &path, &path))
             }
             Err(e) => return Err(Error::io(format!("opening pool {}", path.display()), e)),
         };
@@ -224,6 +252,9 @@ impl Pool {
             Ok(d) => d,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
                 return Err(Error::NotAPool { path })
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+                return Err(no_access("pool", &path, &path))
             }
             Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
                 return Err(Error::NotRegular {
@@ -305,6 +336,13 @@ impl Pool {
         }
     }
 
+    /// Gives a file of the metadata directory (the control socket) to the
+    /// pool's owner, without following a symlink.
+    pub fn give_meta_file_to_owner(&self, name: &str) -> io::Result<()> {
+        let (uid, gid) = self.owner()?;
+        sys::chown_entry(self.meta.fd(), name, uid, gid)
+    }
+
     /// Opens a file of the metadata directory for appending (the daemon's
     /// log), never through a symlink (ELOOP) and never a FIFO or device
     /// (EINVAL). It is created with mode 0600, and an older file's mode is
@@ -335,7 +373,14 @@ impl Pool {
 
     /// The owner of the pool directory (who may administer it beside root).
     pub fn owner_uid(&self) -> io::Result<u32> {
-        Ok(sys::fstat(self.root.fd())?.st_uid)
+        Ok(self.owner()?.0)
+    }
+
+    /// The user and group that own the pool directory: the mount shows
+    /// every file and directory as theirs.
+    pub fn owner(&self) -> io::Result<(u32, u32)> {
+        let st = sys::fstat(self.root.fd())?;
+        Ok((st.st_uid, st.st_gid))
     }
 
     /// The path of a file of the metadata directory, for messages.

@@ -30,7 +30,10 @@ pub fn check_size(bytes: u64, input: &str) -> Result<u64> {
     Ok(bytes)
 }
 
-/// Parses `123`, `4K`, `10M`, `20G`, `1T` (also `KiB`-style and lower case).
+/// Parses `123`, `4K`, `10M`, `20G`, `1T`, in either case, and the same
+/// with `iB` (`4KiB`, `20GiB`): powers of 1024. `GB`, `Mb` and the like are
+/// refused: they read as powers of 1000 (or bits) to many people, and a
+/// volume's size must not depend on how its creator read a suffix.
 pub fn parse_size(input: &str) -> Result<u64> {
     let s = input.trim();
     if s.starts_with('-') {
@@ -44,16 +47,29 @@ pub fn parse_size(input: &str) -> Result<u64> {
             "expected a number of bytes with an optional K, M, G or T suffix",
         ));
     }
-    let shift = match suffix.to_ascii_uppercase().as_str() {
-        "" | "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        "T" | "TB" | "TIB" => 40,
+    let unit = match suffix.strip_suffix("iB") {
+        Some(u) if u.len() == 1 => u,
+        _ => suffix,
+    };
+    let shift = match unit {
+        "" => 0,
+        "K" | "k" => 10,
+        "M" | "m" => 20,
+        "G" | "g" => 30,
+        "T" | "t" => 40,
+        _ if suffix.len() == 2 && suffix.ends_with(['B', 'b']) => {
+            let p = &suffix[..1].to_ascii_uppercase();
+            return Err(invalid(
+                input,
+                format!(
+                    "{suffix:?} is ambiguous (powers of 1000, or bits?); sizes are in powers of 1024: write {p} or {p}iB"
+                ),
+            ));
+        }
         _ => {
             return Err(invalid(
                 input,
-                format!("unknown suffix {suffix:?}; use K, M, G or T (powers of 1024)"),
+                format!("unknown suffix {suffix:?}; use K, M, G or T (or KiB, MiB, GiB, TiB): powers of 1024"),
             ))
         }
     };
@@ -105,6 +121,21 @@ mod tests {
         assert_eq!(parse_size("2g").unwrap(), 2 << 30);
         assert_eq!(parse_size("1T").unwrap(), 1 << 40);
         assert_eq!(parse_size("3GiB").unwrap(), 3 << 30);
+        assert_eq!(parse_size("8KiB").unwrap(), 8 << 10);
+    }
+
+    #[test]
+    fn refuses_suffixes_that_read_as_powers_of_1000() {
+        for bad in [
+            "1Gb", "1GB", "1gb", "4KB", "2MB", "1TB", "512B", "1GIB", "1gib", "1Gi",
+        ] {
+            let e = parse_size(bad).unwrap_err().to_string();
+            assert!(e.contains("1024"), "{bad}: {e}");
+        }
+        assert!(parse_size("1Gb")
+            .unwrap_err()
+            .to_string()
+            .contains("ambiguous"));
     }
 
     #[test]

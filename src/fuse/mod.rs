@@ -51,6 +51,10 @@ pub struct Adapter {
     pub fs: Arc<ReflinkFs>,
     /// Mounted `ro`: every volume behaves as `rw=false`.
     pub read_only: bool,
+    /// Who every file and directory belongs to: the pool directory's owner
+    /// and group, so that the owner of a pool that root mounted (with
+    /// `allow_other`) can use their volumes.
+    pub owner: (u32, u32),
 }
 
 /// A reply that can carry an errno.
@@ -213,6 +217,7 @@ impl Adapter {
 
     fn attr(&self, a: &Attr) -> FileAttr {
         let mut f = file_attr(a);
+        (f.uid, f.gid) = self.owner;
         if self.read_only {
             f.perm &= !0o222;
         }

@@ -205,6 +205,66 @@ pub fn loop_backing_files() -> Vec<(std::path::PathBuf, String)> {
     out
 }
 
+/// A process that uses a file under some directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub pid: u32,
+    /// Its command name (`/proc/PID/comm`).
+    pub command: String,
+    /// The file it has open, or its working or root directory.
+    pub path: std::path::PathBuf,
+    /// `open`, `cwd` or `root`.
+    pub how: &'static str,
+}
+
+/// The processes (of this PID namespace, as far as /proc shows them) that
+/// have a file under `dir` open, or their working or root directory there.
+/// Reads `/proc/PID/{fd/*,cwd,root}`; processes that vanish or that this
+/// user may not inspect are skipped.
+pub fn processes_using(dir: &std::path::Path) -> Vec<User> {
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    let me = std::process::id();
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let base = p.path();
+        let command = std::fs::read_to_string(base.join("comm"))
+            .map(|c| c.trim_end().to_owned())
+            .unwrap_or_default();
+        let mut seen = |path: std::path::PathBuf, how: &'static str| {
+            if path.starts_with(dir) && !out.iter().any(|u: &User| u.pid == pid && u.path == path) {
+                out.push(User {
+                    pid,
+                    command: command.clone(),
+                    path,
+                    how,
+                });
+            }
+        };
+        for (link, how) in [("cwd", "cwd"), ("root", "root")] {
+            if let Ok(t) = std::fs::read_link(base.join(link)) {
+                seen(t, how);
+            }
+        }
+        if let Ok(fds) = std::fs::read_dir(base.join("fd")) {
+            for fd in fds.flatten() {
+                if let Ok(t) = std::fs::read_link(fd.path()) {
+                    seen(t, "open");
+                }
+            }
+        }
+    }
+    out.sort_by(|a, b| (&a.path, a.pid).cmp(&(&b.path, b.pid)));
+    out
+}
+
 /// `umount2(path, flags)`. Errors: `EBUSY` while files on the mount are
 /// open (a loop device counts), `EINVAL` when `path` is not a mountpoint,
 /// `EPERM` without CAP_SYS_ADMIN.

@@ -181,6 +181,23 @@ pub fn fchmod(fd: BorrowedFd<'_>, mode: libc::mode_t) -> io::Result<()> {
     cvt(unsafe { libc::fchmod(fd.as_raw_fd(), mode) }).map(drop)
 }
 
+/// `fchownat(dir, name, uid, gid, AT_SYMLINK_NOFOLLOW)`: changes the owner
+/// of the entry `name` itself, never what a symlink there points to.
+pub fn chown_entry(dir: BorrowedFd<'_>, name: &str, uid: u32, gid: u32) -> io::Result<()> {
+    let c = c_name(name)?;
+    // SAFETY: `c` is a valid C string and `dir` an open fd.
+    cvt(unsafe {
+        libc::fchownat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            uid,
+            gid,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
 /// Sets the modification time of an open file, leaving atime alone.
 pub fn set_mtime(fd: BorrowedFd<'_>, sec: i64, nsec: i64) -> io::Result<()> {
     let times = [

@@ -79,6 +79,16 @@ fn sigset(signals: &[libc::c_int]) -> libc::sigset_t {
     }
 }
 
+/// `SIGTERM` for 15, and so on, for logs.
+pub fn signal_name(sig: libc::c_int) -> String {
+    match sig {
+        libc::SIGTERM => "SIGTERM".into(),
+        libc::SIGINT => "SIGINT".into(),
+        libc::SIGHUP => "SIGHUP".into(),
+        n => format!("signal {n}"),
+    }
+}
+
 /// Waits for one of `signals` (which must be blocked) and returns it.
 pub fn wait_signal(signals: &[libc::c_int]) -> io::Result<libc::c_int> {
     let set = sigset(signals);
