@@ -257,35 +257,35 @@ impl Error {
         }
     }
 
-    /// The errno a FUSE reply carries for this error.
+    /// The errno a FUSE reply carries for this error: its class's, but for
+    /// the errors that carry a more exact one.
     pub fn errno(&self) -> i32 {
         match self {
-            // Bad input from a FUSE request can only come through a name or
-            // a size the kernel passed on: EINVAL is what a syscall gives.
-            Error::InvalidVid { .. } | Error::InvalidSize { .. } | Error::InvalidValue { .. } => {
-                libc::EINVAL
-            }
-            Error::NoSuchVolume(_)
-            | Error::UnknownRevision { .. }
-            | Error::NotAPool { .. }
-            | Error::NoSuchPool { .. } => libc::ENOENT,
-            Error::NoAccess { .. } => libc::EACCES,
-            Error::NotAMount { .. } => libc::EINVAL,
-            // The volume exists but its image does not: the file the caller
-            // named is gone, so ENOENT, as for a deleted file.
-            Error::MissingImage { .. } => libc::ENOENT,
-            Error::Busy { .. } | Error::PoolLocked { .. } | Error::MountBusy { .. } => libc::EBUSY,
-            // Refusals are about write access (rw=false, read-only pool).
-            Error::Refused { .. } | Error::ReadOnly { .. } => libc::EROFS,
+            Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             Error::NoSpace { source, .. } => source.raw_os_error().unwrap_or(libc::ENOSPC),
+            // Not a mountpoint: what umount(2) says.
+            Error::NotAMount { .. } => libc::EINVAL,
+            Error::NoAccess { .. } => libc::EACCES,
             // A planted symlink is what ELOOP means for O_NOFOLLOW.
             Error::NotRegular { .. } => libc::ELOOP,
-            // Corrupt metadata is an I/O-level failure for the caller.
-            Error::CorruptMetadata { .. } => libc::EIO,
-            Error::ReflinkUnsupported { .. } => libc::EOPNOTSUPP,
-            Error::VolumeExists(_) | Error::PoolExists { .. } => libc::EEXIST,
-            Error::Remote { .. } | Error::Protocol { .. } => libc::EIO,
-            Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            _ => match self.class() {
+                // Bad input from a FUSE request can only come through a
+                // name or a size the kernel passed on: EINVAL is what a
+                // syscall gives.
+                ErrorClass::InvalidInput => libc::EINVAL,
+                // A volume whose image is missing: the file the caller
+                // named is gone, as for a deleted file.
+                ErrorClass::NotFound => libc::ENOENT,
+                ErrorClass::Busy => libc::EBUSY,
+                // Refusals are about write access (rw=false, read-only
+                // pool).
+                ErrorClass::Refused => libc::EROFS,
+                ErrorClass::NoSpace => libc::ENOSPC,
+                // Corrupt metadata is an I/O-level failure for the caller.
+                ErrorClass::Corrupt | ErrorClass::Io | ErrorClass::Protocol => libc::EIO,
+                ErrorClass::Unsupported => libc::EOPNOTSUPP,
+                ErrorClass::Exists => libc::EEXIST,
+            },
         }
     }
 }

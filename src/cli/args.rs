@@ -176,34 +176,7 @@ pub enum VolumeCommand {
     /// Create a volume: an origin (default), a snapshot of another volume,
     /// or a volatile one. VID is CLASS/VM/NAME, e.g. appvms/work/private.
     #[command(after_help = exit_status_help())]
-    Create {
-        #[command(flatten)]
-        pool: PoolArg,
-        /// The volume: CLASS/VM/NAME (e.g. appvms/work/private).
-        vid: String,
-        /// Size in bytes, with an optional K, M, G or T suffix (powers of
-        /// 1024; KiB, MiB, GiB, TiB also work, KB, MB, GB, TB do not).
-        #[arg(long, allow_hyphen_values = true)]
-        size: String,
-        /// Make a snapshot volume whose every start copies SRC_VID's
-        /// committed image and whose stop discards its writes.
-        #[arg(long, value_name = "SRC_VID", conflicts_with = "volatile")]
-        snapshot_of: Option<String>,
-        /// Make a volatile volume: empty at every start, discarded at stop.
-        #[arg(long)]
-        volatile: bool,
-        /// Revisions to keep (origin volumes; -1 disables snapshots).
-        #[arg(long, value_name = "N", allow_negative_numbers = true)]
-        revisions_to_keep: Option<String>,
-        /// Create it with rw=false.
-        #[arg(long)]
-        read_only: bool,
-        /// The image may be missing (e.g. a kernel's modules.img).
-        #[arg(long)]
-        optional: bool,
-        #[command(flatten)]
-        json: JsonArg,
-    },
+    Create(CreateArgs),
     /// List the volumes.
     #[command(after_help = exit_status_help())]
     List {
@@ -214,24 +187,10 @@ pub enum VolumeCommand {
     },
     /// Show all properties, derived values and usage of a volume.
     #[command(after_help = exit_status_help())]
-    Info {
-        #[command(flatten)]
-        pool: PoolArg,
-        /// The volume: CLASS/VM/NAME (e.g. appvms/work/private), or VM:NAME.
-        vid: String,
-        #[command(flatten)]
-        json: JsonArg,
-    },
+    Info(VolumeRef),
     /// List a volume's revisions, oldest first.
     #[command(after_help = exit_status_help())]
-    Revisions {
-        #[command(flatten)]
-        pool: PoolArg,
-        /// The volume: CLASS/VM/NAME (e.g. appvms/work/private), or VM:NAME.
-        vid: String,
-        #[command(flatten)]
-        json: JsonArg,
-    },
+    Revisions(VolumeRef),
     /// Change a volume's size. Shrinking needs --allow-shrink.
     #[command(after_help = exit_status_help())]
     Resize {
@@ -329,14 +288,49 @@ pub enum VolumeCommand {
     },
     /// Delete a volume with its images and revisions.
     #[command(after_help = exit_status_help())]
-    Remove {
-        #[command(flatten)]
-        pool: PoolArg,
-        /// The volume: CLASS/VM/NAME (e.g. appvms/work/private), or VM:NAME.
-        vid: String,
-        #[command(flatten)]
-        json: JsonArg,
-    },
+    Remove(VolumeRef),
+}
+
+/// The arguments of `volume create`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    #[command(flatten)]
+    pub pool: PoolArg,
+    /// The volume: CLASS/VM/NAME (e.g. appvms/work/private).
+    pub vid: String,
+    /// Size in bytes, with an optional K, M, G or T suffix (powers of
+    /// 1024; KiB, MiB, GiB, TiB also work, KB, MB, GB, TB do not).
+    #[arg(long, allow_hyphen_values = true)]
+    pub size: String,
+    /// Make a snapshot volume whose every start copies SRC_VID's
+    /// committed image and whose stop discards its writes.
+    #[arg(long, value_name = "SRC_VID", conflicts_with = "volatile")]
+    pub snapshot_of: Option<String>,
+    /// Make a volatile volume: empty at every start, discarded at stop.
+    #[arg(long)]
+    pub volatile: bool,
+    /// Revisions to keep (origin volumes; -1 disables snapshots).
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub revisions_to_keep: Option<String>,
+    /// Create it with rw=false.
+    #[arg(long)]
+    pub read_only: bool,
+    /// The image may be missing (e.g. a kernel's modules.img).
+    #[arg(long)]
+    pub optional: bool,
+    #[command(flatten)]
+    pub json: JsonArg,
+}
+
+/// A command on one volume: its pool, its id, and `--json`.
+#[derive(Debug, Args)]
+pub struct VolumeRef {
+    #[command(flatten)]
+    pub pool: PoolArg,
+    /// The volume: CLASS/VM/NAME (e.g. appvms/work/private), or VM:NAME.
+    pub vid: String,
+    #[command(flatten)]
+    pub json: JsonArg,
 }
 
 #[cfg(test)]

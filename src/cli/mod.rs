@@ -69,7 +69,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             mountpoint,
             options,
             foreground,
-        } => mount::mount(&pool, &mountpoint, &options, foreground, cli.verbose),
+        } => crate::daemon::mount(&pool, &mountpoint, &options, foreground, cli.verbose),
         Command::Unmount { mountpoint } => mount::unmount(&mountpoint),
         Command::Completions { shell } => {
             use clap::CommandFactory;
@@ -166,20 +166,18 @@ fn run_pool(cmd: PoolCommand) -> Result<ExitCode> {
 /// The volume ids a command names, as typed.
 fn vids_in(cmd: &VolumeCommand) -> Vec<&str> {
     match cmd {
-        VolumeCommand::Create {
-            vid, snapshot_of, ..
-        } => std::iter::once(vid.as_str())
-            .chain(snapshot_of.as_deref())
+        VolumeCommand::Create(c) => std::iter::once(c.vid.as_str())
+            .chain(c.snapshot_of.as_deref())
             .collect(),
         VolumeCommand::List { .. } => Vec::new(),
-        VolumeCommand::Info { vid, .. }
-        | VolumeCommand::Revisions { vid, .. }
-        | VolumeCommand::Resize { vid, .. }
+        VolumeCommand::Info(v) | VolumeCommand::Revisions(v) | VolumeCommand::Remove(v) => {
+            vec![v.vid.as_str()]
+        }
+        VolumeCommand::Resize { vid, .. }
         | VolumeCommand::Revert { vid, .. }
         | VolumeCommand::Set { vid, .. }
         | VolumeCommand::Import { vid, .. }
-        | VolumeCommand::Export { vid, .. }
-        | VolumeCommand::Remove { vid, .. } => vec![vid.as_str()],
+        | VolumeCommand::Export { vid, .. } => vec![vid.as_str()],
         VolumeCommand::Clone {
             src_vid, dst_vid, ..
         } => vec![src_vid.as_str(), dst_vid.as_str()],
@@ -192,40 +190,23 @@ fn run_volume(cmd: VolumeCommand) -> Result<ExitCode> {
         precheck_vid(v)?;
     }
     match cmd {
-        VolumeCommand::Create {
-            pool,
-            vid,
-            size,
-            snapshot_of,
-            volatile,
-            revisions_to_keep,
-            read_only,
-            optional,
-            json,
-        } => {
+        VolumeCommand::Create(c) => {
             let req = Request::VolumeCreate {
-                vid,
-                size: parse_size(&size)?,
-                snapshot_of,
-                volatile,
-                revisions_to_keep: parse_revisions(&revisions_to_keep)?,
-                read_only,
-                optional,
+                size: parse_size(&c.size)?,
+                revisions_to_keep: parse_revisions(&c.revisions_to_keep)?,
+                vid: c.vid,
+                snapshot_of: c.snapshot_of,
+                volatile: c.volatile,
+                read_only: c.read_only,
+                optional: c.optional,
             };
-            dispatch(&pool.pool, req, None, json.json)
+            dispatch(&c.pool.pool, req, None, c.json.json)
         }
         VolumeCommand::List { pool, json } => {
             dispatch(&pool.pool, Request::VolumeList, None, json.json)
         }
-        VolumeCommand::Info { pool, vid, json } => {
-            dispatch(&pool.pool, Request::VolumeInfo { vid }, None, json.json)
-        }
-        VolumeCommand::Revisions { pool, vid, json } => dispatch(
-            &pool.pool,
-            Request::VolumeRevisions { vid },
-            None,
-            json.json,
-        ),
+        VolumeCommand::Info(v) => v.dispatch(|vid| Request::VolumeInfo { vid }),
+        VolumeCommand::Revisions(v) => v.dispatch(|vid| Request::VolumeRevisions { vid }),
         VolumeCommand::Resize {
             pool,
             vid,
@@ -279,35 +260,13 @@ fn run_volume(cmd: VolumeCommand) -> Result<ExitCode> {
         } => {
             let size = size.as_deref().map(parse_size).transpose()?;
             let source = open_input(&file)?;
-            let bar = progress::wanted(false)
-                .then(|| {
-                    let total = crate::sys::fstat(source.as_fd())
-                        .ok()
-                        .filter(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG)
-                        .map(|st| st.st_blocks as u64 * 512)
-                        .or(size);
-                    let target = volume_info(&pool.pool, &vid)
-                        .ok()
-                        .map(|v| v.image.replace(".img", "-import.img"));
-                    target.map(|t| {
-                        progress::Progress::start(
-                            format!("importing {}", file.display()),
-                            total,
-                            progress::Watch::Path(t.into()),
-                        )
-                    })
-                })
-                .flatten();
+            let bar = import_progress(&pool.pool, &vid, &file, &source, size);
             let req = Request::VolumeImport {
                 vid,
                 size,
                 source: file.display().to_string(),
             };
-            let result = dispatch(&pool.pool, req, Some(source), json.json);
-            if let Some(b) = bar {
-                b.finish();
-            }
-            result
+            progress::during(bar, || dispatch(&pool.pool, req, Some(source), json.json))
         }
         VolumeCommand::Export {
             pool,
@@ -326,30 +285,16 @@ fn run_volume(cmd: VolumeCommand) -> Result<ExitCode> {
                 });
             }
             let dest = open_output(&file)?;
-            let bar = (!to_stdout && progress::wanted(false))
-                .then(|| {
-                    let total = volume_info(&pool.pool, &vid).ok().and_then(|v| {
-                        v.usage
-                            .and_then(|u| u.files.first().map(|f| f.usage.allocated))
-                    });
-                    dest.try_clone().ok().map(|f| {
-                        progress::Progress::start(
-                            format!("exporting to {}", file.display()),
-                            total,
-                            progress::Watch::Fd(f),
-                        )
-                    })
-                })
-                .flatten();
+            let bar = match to_stdout {
+                true => None,
+                false => export_progress(&pool.pool, &vid, &file, &dest),
+            };
             let req = Request::VolumeExport {
                 vid,
                 revision,
                 dest: file.display().to_string(),
             };
-            let result = dispatch(&pool.pool, req, Some(dest), json.json);
-            if let Some(b) = bar {
-                b.finish();
-            }
+            let result = progress::during(bar, || dispatch(&pool.pool, req, Some(dest), json.json));
             if result.is_err() && !to_stdout {
                 let _ = std::fs::remove_file(&file);
             }
@@ -375,10 +320,59 @@ fn run_volume(cmd: VolumeCommand) -> Result<ExitCode> {
                 json.json,
             ),
         },
-        VolumeCommand::Remove { pool, vid, json } => {
-            dispatch(&pool.pool, Request::VolumeRemove { vid }, None, json.json)
-        }
+        VolumeCommand::Remove(v) => v.dispatch(|vid| Request::VolumeRemove { vid }),
     }
+}
+
+impl args::VolumeRef {
+    /// Runs the request `make` builds from the volume id.
+    fn dispatch(self, make: impl FnOnce(String) -> Request) -> Result<ExitCode> {
+        dispatch(&self.pool.pool, make(self.vid), None, self.json.json)
+    }
+}
+
+/// The progress of an import from `file`, shown by the growth of the
+/// volume's `N-import.img`, on a terminal.
+fn import_progress(
+    pool: &Path,
+    vid: &str,
+    file: &Path,
+    source: &File,
+    size: Option<u64>,
+) -> Option<progress::Progress> {
+    if !progress::wanted(false) {
+        return None;
+    }
+    let total = crate::sys::fstat(source.as_fd())
+        .ok()
+        .filter(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG)
+        .map(|st| st.st_blocks as u64 * 512)
+        .or(size);
+    let target = volume_info(pool, vid)
+        .ok()?
+        .image
+        .replace(".img", "-import.img");
+    let label = format!("importing {}", file.display());
+    Some(progress::Progress::start(
+        label,
+        total,
+        progress::Watch::Path(target.into()),
+    ))
+}
+
+/// The progress of an export to `file`, shown by the growth of `dest`, on
+/// a terminal.
+fn export_progress(pool: &Path, vid: &str, file: &Path, dest: &File) -> Option<progress::Progress> {
+    if !progress::wanted(false) {
+        return None;
+    }
+    let total = volume_info(pool, vid)
+        .ok()
+        .and_then(|v| v.usage)
+        .and_then(|u| u.files.first().map(|f| f.usage.allocated));
+    let watch = progress::Watch::Fd(dest.try_clone().ok()?);
+    let label = format!("exporting to {}", file.display());
+    Some(progress::Progress::start(label, total, watch))
 }
 
 /// Runs a request through the daemon when the pool is mounted, else
@@ -539,27 +533,23 @@ fn same_dir(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// A standard stream as a `File` of its own (`-` on the command line).
+fn std_stream(fd: std::os::fd::BorrowedFd<'_>, what: &str) -> Result<File> {
+    let own = fd.try_clone_to_owned().map_err(|e| Error::io(what, e))?;
+    Ok(File::from(own))
+}
+
 fn open_input(path: &Path) -> Result<File> {
-    use std::os::fd::AsFd;
     if path == Path::new("-") {
-        let fd = std::io::stdin()
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|e| Error::io("reading standard input", e))?;
-        return Ok(File::from(fd));
+        return std_stream(std::io::stdin().as_fd(), "reading standard input");
     }
     File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))
 }
 
 fn open_output(path: &Path) -> Result<File> {
-    use std::os::fd::AsFd;
     use std::os::unix::fs::OpenOptionsExt;
     if path == Path::new("-") {
-        let fd = std::io::stdout()
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|e| Error::io("writing standard output", e))?;
-        return Ok(File::from(fd));
+        return std_stream(std::io::stdout().as_fd(), "writing standard output");
     }
     std::fs::OpenOptions::new()
         .write(true)

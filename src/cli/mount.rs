@@ -1,5 +1,6 @@
-//! `reflinkfs mount` and `reflinkfs unmount`: the mount hands over to the
-//! daemon; the unmount waits for the daemon to commit and let go.
+//! `reflinkfs unmount`: refused while the mount is busy, naming what holds
+//! it; waits for the daemon to commit and let go. (`reflinkfs mount` is
+//! the daemon's: `crate::daemon::mount`.)
 
 use crate::control::{client, Request, Response};
 use crate::daemon::mounts::{pool_of_mount, who_holds};
@@ -9,17 +10,6 @@ use std::fs::File;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-
-/// `reflinkfs mount POOL MOUNTPOINT [-o OPTIONS] [-f]`.
-pub fn mount(
-    pool: &Path,
-    mountpoint: &Path,
-    options: &[String],
-    foreground: bool,
-    verbose: u8,
-) -> Result<ExitCode> {
-    crate::daemon::mount(pool, mountpoint, options, foreground, verbose)
-}
 
 /// `reflinkfs unmount MOUNTPOINT`: refused while volumes are open; waits
 /// for the daemon to commit and release the pool.

@@ -96,3 +96,12 @@ impl Progress {
         }
     }
 }
+
+/// Runs `f` while `bar` (if any) shows its progress, and stops the bar.
+pub fn during<T>(bar: Option<Progress>, f: impl FnOnce() -> T) -> T {
+    let r = f();
+    if let Some(b) = bar {
+        b.finish();
+    }
+    r
+}

@@ -147,31 +147,22 @@ pub struct BusyVolume {
 /// `reflinkfs status`: whether the pool is mounted, and what its daemon is
 /// doing. Offline, only `pool` and `mounted` (false).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
 pub struct Status {
     pub pool: String,
     pub mounted: bool,
     /// `None` once the mount was lazily unmounted (`detached_from` says
     /// where it was).
-    #[serde(default)]
     pub mountpoint: Option<String>,
-    #[serde(default)]
     pub detached_from: Option<String>,
-    #[serde(default)]
     pub io_mode: Option<String>,
-    #[serde(default)]
     pub pid: Option<u32>,
-    #[serde(default)]
     pub uptime_seconds: Option<u64>,
-    #[serde(default)]
     pub running: Vec<OpenVolume>,
-    #[serde(default)]
     pub busy: Vec<BusyVolume>,
-    #[serde(default)]
     pub held: Vec<String>,
-    #[serde(default)]
     pub commits_in_flight: Vec<String>,
     /// The protocol version of the daemon (`None` offline).
-    #[serde(default)]
     pub protocol: Option<String>,
 }
 

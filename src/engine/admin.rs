@@ -134,6 +134,40 @@ impl Pool {
             .claim(op, |life| not_running(vid, life, what))
     }
 
+    /// Claims a stopped, clean origin volume for an operation that replaces
+    /// its committed image (`doing` says which, for messages); `writes`:
+    /// the volume must be writable too. Gives the claim, its config and
+    /// the VM's directory.
+    pub(super) fn claim_origin(
+        &self,
+        vid: &ValidVid,
+        op: OpName,
+        doing: &str,
+        writes: bool,
+    ) -> Result<(Claim, Arc<VolumeConfig>, Dir)> {
+        let claim = self.claim_stopped(vid, op, doing)?;
+        let cfg = claim.config();
+        let dir = self.vm_dir(vid, true)?;
+        self.check_clean(vid, Some(&dir), doing)?;
+        let kind = cfg.kind();
+        if kind != VolumeKind::Origin {
+            return Err(refused(
+                vid,
+                format!(
+                    "{doing} needs an origin volume; this is a {} one",
+                    kind.as_str()
+                ),
+            ));
+        }
+        if writes && !cfg.rw {
+            return Err(refused(
+                vid,
+                format!("it is read-only (rw=false); {doing} is refused"),
+            ));
+        }
+        Ok((claim, cfg, dir))
+    }
+
     /// Claims a volume for `op` once it is settled, running or not.
     fn claim_any(&self, vid: &ValidVid, op: OpName) -> Result<Claim> {
         self.volume(vid)?
@@ -465,19 +499,7 @@ impl Pool {
     /// `which` stays in the list. Returns the K the current image was
     /// saved as.
     pub fn revert(&self, vid: &ValidVid, which: Option<&str>) -> Result<Option<u64>> {
-        let claim = self.claim_stopped(vid, OpName::Revert, "reverting it")?;
-        let cfg = claim.config();
-        let dir = self.vm_dir(vid, true)?;
-        self.check_clean(vid, Some(&dir), "reverting it")?;
-        if cfg.kind() != VolumeKind::Origin {
-            return Err(refused(
-                vid,
-                format!(
-                    "a {} volume has no revisions to revert to",
-                    cfg.kind().as_str()
-                ),
-            ));
-        }
+        let (claim, cfg, dir) = self.claim_origin(vid, OpName::Revert, "reverting it", false)?;
         if cfg.revisions_to_keep == -1 {
             return Err(refused(
                 vid,

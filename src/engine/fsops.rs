@@ -202,22 +202,20 @@ impl Dir {
 
     pub fn rename(&self, vid: &str, from: &str, to: &str) -> io::Result<()> {
         sys::renameat(self.fd(), from, to)?;
-        log::info!(
-            "{vid}: renamed {} -> {}",
-            self.shown(from).display(),
-            self.shown(to).display()
-        );
+        self.log_move(vid, "renamed", from, to);
         Ok(())
     }
 
     pub fn link(&self, vid: &str, from: &str, to: &str) -> io::Result<()> {
         sys::linkat(self.fd(), from, to)?;
-        log::info!(
-            "{vid}: linked {} -> {}",
-            self.shown(from).display(),
-            self.shown(to).display()
-        );
+        self.log_move(vid, "linked", from, to);
         Ok(())
+    }
+
+    /// The log line of a rename or link: `VID: renamed FROM -> TO`.
+    fn log_move(&self, vid: &str, what: &str, from: &str, to: &str) {
+        let (from, to) = (self.shown(from), self.shown(to));
+        log::info!("{vid}: {what} {} -> {}", from.display(), to.display());
     }
 
     pub fn remove(&self, vid: &str, name: &str) -> io::Result<()> {

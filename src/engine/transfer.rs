@@ -120,25 +120,8 @@ impl Pool {
         // Claimed as an unbounded operation: while it reads its source, a
         // start or another operation on this volume is refused at once, and
         // nothing else in the pool waits for it.
-        let claim = self.claim_stopped(vid, OpName::Import, "importing into it")?;
-        let cfg = claim.config();
-        let dir = self.vm_dir(vid, true)?;
-        self.check_clean(vid, Some(&dir), "importing into it")?;
-        if cfg.kind() != VolumeKind::Origin {
-            return Err(refused(
-                vid,
-                format!(
-                    "data can only be imported into an origin volume, not a {} one",
-                    cfg.kind().as_str()
-                ),
-            ));
-        }
-        if !cfg.rw {
-            return Err(refused(
-                vid,
-                "it is read-only (rw=false); importing is refused",
-            ));
-        }
+        let (claim, cfg, dir) =
+            self.claim_origin(vid, OpName::Import, "importing into it", true)?;
         let size = match size {
             Some(s) => check_size(s, &s.to_string())?,
             None => cfg.size,
@@ -279,25 +262,7 @@ impl Pool {
             log::info!("{dst}: cloned from {src}");
             return Ok(());
         }
-        let claim = dst_pool.claim_stopped(dst, OpName::Clone, "cloning into it")?;
-        let cfg = claim.config();
-        let dir = dst_pool.vm_dir(dst, true)?;
-        dst_pool.check_clean(dst, Some(&dir), "cloning into it")?;
-        if cfg.kind() != VolumeKind::Origin {
-            return Err(refused(
-                dst,
-                format!(
-                    "a clone can only go into an origin volume, not a {} one",
-                    cfg.kind().as_str()
-                ),
-            ));
-        }
-        if !cfg.rw {
-            return Err(refused(
-                dst,
-                "it is read-only (rw=false); cloning into it is refused",
-            ));
-        }
+        let (claim, _, dir) = dst_pool.claim_origin(dst, OpName::Clone, "cloning into it", true)?;
         let v = dst.to_string();
         let tmp = Names::of(dst).import();
         dir.remove_if_exists(&v, &tmp)

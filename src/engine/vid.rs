@@ -226,23 +226,19 @@ mod tests {
     #[test]
     fn vm_bounds_enclose_exactly_one_vm() {
         let (lo, hi) = ValidVid::vm_bounds("appvms", "vm");
-        for inside in [
-            "appvms/vm/a",
-            "appvms/vm/zzz",
-            "appvms/vm/9",
-            "appvms/vm/A_b-c.d",
-        ] {
-            let v: ValidVid = inside.parse().unwrap();
-            assert!(lo < v && v < hi, "{inside}");
-        }
-        for outside in [
-            "appvms/vm-2/a",
-            "appvms/vl/a",
-            "appvms/vm0/a",
-            "appvmt/vm/a",
-        ] {
-            let v: ValidVid = outside.parse().unwrap();
-            assert!(!(lo < v && v < hi), "{outside}");
+        let cases = [
+            ("appvms/vm/a", true),
+            ("appvms/vm/zzz", true),
+            ("appvms/vm/9", true),
+            ("appvms/vm/A_b-c.d", true),
+            ("appvms/vm-2/a", false),
+            ("appvms/vl/a", false),
+            ("appvms/vm0/a", false),
+            ("appvmt/vm/a", false),
+        ];
+        for (vid, inside) in cases {
+            let v: ValidVid = vid.parse().unwrap();
+            assert_eq!(lo < v && v < hi, inside, "{vid}");
         }
     }
 

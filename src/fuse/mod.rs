@@ -233,13 +233,12 @@ impl Adapter {
         }
     }
 
-    /// How long the kernel may cache attributes.
+    /// How long the kernel may cache attributes: as long as the entry,
+    /// unless they change without the daemon knowing (a running image).
     fn attr_ttl(&self, a: &Attr) -> Duration {
-        match (self.fs.caching(), a.kind, a.cacheable) {
-            (_, _, false) => Duration::ZERO,
-            (true, _, true) => CACHE_TTL,
-            (false, Kind::Dir, true) => DIR_TTL,
-            (false, Kind::File, true) => Duration::ZERO,
+        match a.cacheable {
+            true => self.entry_ttl(a),
+            false => Duration::ZERO,
         }
     }
 }
