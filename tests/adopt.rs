@@ -7,35 +7,21 @@
 
 mod common;
 
-use assert_cmd::Command;
-use common::mount::{require, Mounted};
-use common::{pattern, scratch_dir, TestFs};
+use common::cli::*;
+use common::mount::{open_rw, require, Mounted};
+use common::tree::{assert_same_tree, tree_metadata};
+use common::{pattern, s, scratch_dir, TestFs, MIB};
 use reflinkfs::engine::adopt::{adopt, AdoptOptions, ConfigFrom, ADOPT_DIR};
 use reflinkfs::engine::{Pool, VolumeKind};
 use reflinkfs::ErrorClass;
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
-
-const MIB: u64 = 1 << 20;
 
 // ---------------------------------------------------------------------------
 // Helpers.
-
-fn reflinkfs() -> Command {
-    let mut c = Command::cargo_bin("reflinkfs").expect("the reflinkfs binary is built");
-    c.env_remove("REFLINKFS_POOL")
-        .env_remove("RUST_LOG")
-        .timeout(Duration::from_secs(120));
-    c
-}
-
-fn s(p: &Path) -> String {
-    p.to_str().expect("scratch paths are UTF-8").to_owned()
-}
 
 /// `--setup-check=no` where the filesystem has no reflinks.
 fn setup_check(fs: &TestFs) -> &'static str {
@@ -46,45 +32,12 @@ fn setup_check(fs: &TestFs) -> &'static str {
     }
 }
 
-/// Runs `reflinkfs ARGS`, which must succeed; returns stdout.
-#[track_caller]
-fn ok(args: &[&str]) -> String {
-    let out = reflinkfs().args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "reflinkfs {args:?} failed ({:?})\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-#[track_caller]
-fn ok_json(args: &[&str]) -> Value {
-    let mut a = args.to_vec();
-    a.push("--json");
-    let text = ok(&a);
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {text}"))
-}
-
-/// Runs `reflinkfs ARGS`, which must fail with the exit status of `class`
-/// and one `reflinkfs: error:` line; returns stderr.
-#[track_caller]
-fn fails(args: &[&str], class: ErrorClass) -> String {
-    let out = reflinkfs().args(args).output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(
-        out.status.code(),
-        Some(i32::from(class.exit_code())),
-        "reflinkfs {args:?}: expected {class:?}\nstdout: {}\nstderr: {stderr}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert!(
-        stderr.starts_with("reflinkfs: error: ") && stderr.trim_end().lines().count() == 1,
-        "{args:?}: one error line expected, got {stderr:?}"
-    );
-    stderr
+/// The words of `pool adopt EXTRA`, with the `--setup-check` of `fs`.
+fn adopt_args<'a>(fs: &TestFs, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["pool", "adopt"];
+    args.extend(extra);
+    args.push(setup_check(fs));
+    args
 }
 
 /// Writes a file of `size` bytes with `data` at offset 0, mode `mode`.
@@ -97,70 +50,20 @@ fn put(path: &Path, size: u64, data: &[u8], mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
+/// An image of `size` bytes that starts with 8 KiB of pattern `tag`.
+fn img(path: &Path, size: u64, tag: u8, mode: u32) {
+    put(path, size, &pattern(tag, 8192), mode);
+}
+
 fn read(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// Everything about a tree that adopt could change: for each path, its
-/// type, mode, size, inode, mtime and ctime, and the bytes of files and the
-/// targets of symlinks.
-fn snapshot(root: &Path) -> BTreeMap<PathBuf, String> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, String>) {
-        let mut entries: Vec<_> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        entries.sort();
-        for p in entries {
-            let m = std::fs::symlink_metadata(&p).unwrap();
-            let rel = p.strip_prefix(root).unwrap().to_owned();
-            let mut desc = format!(
-                "mode={:o} size={} ino={} mtime={}.{} ctime={}.{}",
-                m.mode(),
-                m.size(),
-                m.ino(),
-                m.mtime(),
-                m.mtime_nsec(),
-                m.ctime(),
-                m.ctime_nsec()
-            );
-            if m.file_type().is_symlink() {
-                desc += &format!(" -> {}", std::fs::read_link(&p).unwrap().display());
-            } else if m.is_file() {
-                let bytes = std::fs::read(&p).unwrap();
-                let sum = bytes.iter().enumerate().fold(0u64, |h, (i, b)| {
-                    h.wrapping_mul(1_000_003) ^ (*b as u64 + i as u64)
-                });
-                desc += &format!(" sum={sum:x}");
-            }
-            out.insert(rel, desc);
-            if m.is_dir() {
-                walk(root, &p, out);
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(root, root, &mut out);
-    out
-}
-
+/// Asserts that nothing below `root` changed since `before`, a
+/// [`tree_metadata`] of it.
 #[track_caller]
-fn assert_unchanged(before: &BTreeMap<PathBuf, String>, root: &Path, ctx: &str) {
-    let after = snapshot(root);
-    if *before != after {
-        let mut diff = String::new();
-        for (k, v) in before {
-            match after.get(k) {
-                None => diff += &format!("  removed {}\n", k.display()),
-                Some(a) if a != v => diff += &format!("  changed {}: {v} => {a}\n", k.display()),
-                _ => {}
-            }
-        }
-        for k in after.keys().filter(|k| !before.contains_key(*k)) {
-            diff += &format!("  added {}\n", k.display());
-        }
-        panic!("{ctx}: the tree changed:\n{diff}");
-    }
+fn assert_unchanged(before: &BTreeMap<String, String>, root: &Path, ctx: &str) {
+    assert_same_tree(before, &tree_metadata(root), ctx);
 }
 
 fn volume<'a>(report: &'a Value, vid: &str) -> &'a Value {
@@ -172,13 +75,17 @@ fn volume<'a>(report: &'a Value, vid: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no volume {vid} in {report:#}"))
 }
 
-fn ids(revisions: &Value) -> Vec<String> {
-    revisions
-        .as_array()
+/// The values of `key` in a JSON array of objects.
+fn column<'a>(rows: &'a Value, key: &str) -> Vec<&'a str> {
+    rows.as_array()
         .unwrap()
         .iter()
-        .map(|r| r["id"].as_str().unwrap().to_owned())
+        .map(|r| r[key].as_str().unwrap())
         .collect()
+}
+
+fn ids(revisions: &Value) -> Vec<&str> {
+    column(revisions, "id")
 }
 
 // ---------------------------------------------------------------------------
@@ -198,68 +105,73 @@ const T_PRIV: u8 = 0x31;
 /// of an unclean stop, and Qubes' non-image files.
 fn file_reflink_tree(p: &Path) {
     let t = p.join("vm-templates/fedora");
-    put(&t.join("root.img"), 4 * MIB, &pattern(T_ROOT, 8192), 0o600);
-    put(
-        &t.join("root.img.3@2024-01-01T00:00:00Z"),
-        4 * MIB,
-        &pattern(T_ROOT_REV3, 8192),
-        0o600,
+    img(&t.join("root.img"), 4 * MIB, T_ROOT, 0o600);
+    let (rev3, legacy) = (
+        "root.img.3@2024-01-01T00:00:00Z",
+        "root.img@2023-12-01T00:00:00Z",
     );
-    put(
-        &t.join("root.img@2023-12-01T00:00:00Z"),
-        4 * MIB,
-        &pattern(T_ROOT_LEGACY, 8192),
-        0o600,
-    );
+    img(&t.join(rev3), 4 * MIB, T_ROOT_REV3, 0o600);
+    img(&t.join(legacy), 4 * MIB, T_ROOT_LEGACY, 0o600);
     std::fs::copy(t.join("root.img"), t.join("root-precache.img")).unwrap();
     put(&t.join("private.img"), MIB, &pattern(T_PRIV, 4096), 0o600);
     put(&t.join("private.img~a1b2c3"), 4096, b"partial", 0o600);
     let w = p.join("appvms/work");
-    put(
-        &w.join("private.img"),
-        2 * MIB,
-        &pattern(W_PRIV, 8192),
-        0o664,
-    );
-    put(
-        &w.join("private.img.1@2024-02-01T00:00:00Z"),
-        2 * MIB,
-        &pattern(W_PRIV_REV, 8192),
-        0o600,
-    );
-    put(
-        &w.join("private-dirty.img"),
-        2 * MIB,
-        &pattern(W_PRIV_DIRTY, 8192),
-        0o600,
-    );
+    img(&w.join("private.img"), 2 * MIB, W_PRIV, 0o664);
+    let rev1 = "private.img.1@2024-02-01T00:00:00Z";
+    img(&w.join(rev1), 2 * MIB, W_PRIV_REV, 0o600);
+    img(&w.join("private-dirty.img"), 2 * MIB, W_PRIV_DIRTY, 0o600);
     put(&w.join("firewall.xml"), 10, b"<firewall/>", 0o644);
 }
+
+/// The device-mapper copy-on-write files of [`file_driver_tree`].
+const COW_FILES: [&str; 5] = [
+    "vm-templates/fedora/root-cow.img",
+    "vm-templates/fedora/root-cow.img.old",
+    "vm-templates/fedora/private-cow.img",
+    "appvms/work/private-cow.img",
+    "appvms/work/root-cow.img",
+];
 
 /// A Qubes `file` driver pool directory (Qubes 4.0): images with their
 /// device-mapper copy-on-write files.
 fn file_driver_tree(p: &Path) {
     let t = p.join("vm-templates/fedora");
-    put(&t.join("root.img"), 4 * MIB, &pattern(T_ROOT, 8192), 0o664);
-    put(&t.join("root-cow.img"), MIB, b"SnAp", 0o664);
-    put(&t.join("root-cow.img.old"), MIB, b"SnAp", 0o664);
+    img(&t.join("root.img"), 4 * MIB, T_ROOT, 0o664);
     put(&t.join("private.img"), MIB, &pattern(T_PRIV, 4096), 0o664);
-    put(&t.join("private-cow.img"), MIB, b"SnAp", 0o664);
-    let w = p.join("appvms/work");
-    put(
-        &w.join("private.img"),
-        2 * MIB,
-        &pattern(W_PRIV, 8192),
-        0o664,
-    );
-    put(&w.join("private-cow.img"), MIB, b"SnAp", 0o664);
-    put(&w.join("root-cow.img"), MIB, b"SnAp", 0o664);
-    put(
-        &w.join("volatile.img"),
-        8 * MIB,
-        b"old volatile data",
-        0o664,
-    );
+    img(&p.join("appvms/work/private.img"), 2 * MIB, W_PRIV, 0o664);
+    for cow in COW_FILES {
+        put(&p.join(cow), MIB, b"SnAp", 0o664);
+    }
+    let volatile = p.join("appvms/work/volatile.img");
+    put(&volatile, 8 * MIB, b"old volatile data", 0o664);
+}
+
+/// A [`file_reflink_tree`] at `p`, with the AppVMs of a [`file_driver_tree`]
+/// (made beside it) under the class `class`.
+fn both_trees(p: &Path, class: &str) {
+    file_reflink_tree(p);
+    let other = p.with_file_name(class);
+    file_driver_tree(&other);
+    std::fs::rename(other.join("appvms"), p.join(class)).unwrap();
+}
+
+/// A scratch directory on `fs` and in it the directory `pool`, which
+/// `tree` fills.
+fn tree_at(fs: &TestFs, test: &str, tree: impl FnOnce(&Path)) -> (PathBuf, PathBuf) {
+    let dir = scratch_dir(fs, test);
+    let p = dir.join("pool");
+    tree(&p);
+    (dir, p)
+}
+
+/// An [`xml_tree`] with its [`qubes_xml`] beside it, adopted from that;
+/// returns the directory, the pool, and the report of the adopt.
+fn adopted_from_xml(fs: &TestFs, test: &str) -> (PathBuf, PathBuf, Value) {
+    let (dir, p) = tree_at(fs, test, xml_tree);
+    let xml = dir.join("qubes.xml");
+    std::fs::write(&xml, qubes_xml(&s(&p))).unwrap();
+    let report = rf_json(&p, adopt_args(fs, &["--qubes-xml", &s(&xml)]));
+    (dir, p, report)
 }
 
 // ---------------------------------------------------------------------------
@@ -269,14 +181,13 @@ fn file_driver_tree(p: &Path) {
 fn a_file_reflink_tree_is_adopted_in_place_with_revisions_in_both_name_forms() {
     for fs in common::filesystems() {
         let ctx = format!("[{}]", fs.name);
-        let p = scratch_dir(&fs, "adopt-reflink").join("pool");
-        file_reflink_tree(&p);
+        let (_, p) = tree_at(&fs, "adopt-reflink", file_reflink_tree);
         let t = p.join("vm-templates/fedora");
         let w = p.join("appvms/work");
         let root_ino = std::fs::metadata(t.join("root.img")).unwrap().ino();
         let priv_ino = std::fs::metadata(w.join("private.img")).unwrap().ino();
 
-        let report = ok_json(&["pool", "adopt", "--pool", &s(&p), setup_check(&fs)]);
+        let report = rf_json(&p, adopt_args(&fs, &[]));
         assert_eq!(report["dry_run"], false, "{ctx}");
         assert_eq!(report["mode"], if fs.reflink { "reflink" } else { "copy" });
 
@@ -307,12 +218,7 @@ fn a_file_reflink_tree_is_adopted_in_place_with_revisions_in_both_name_forms() {
 
         // Removed: the precache copy and the Qubes temp file; recovery
         // committed the dirty image; modes narrowed to 0600.
-        let removed: Vec<&str> = report["removed"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["path"].as_str().unwrap())
-            .collect();
+        let removed = column(&report["removed"], "path");
         assert!(removed
             .iter()
             .any(|r| r.ends_with("fedora/root-precache.img")));
@@ -360,15 +266,9 @@ fn a_file_reflink_tree_is_adopted_in_place_with_revisions_in_both_name_forms() {
         assert!(!w.join("private-dirty.img").exists());
 
         // The CLI sees the adopted pool.
-        let list = ok_json(&["volume", "list", "--pool", &s(&p)]);
-        let vids: Vec<&str> = list
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v["vid"].as_str().unwrap())
-            .collect();
+        let list = rf_json(&p, "volume list");
         assert_eq!(
-            vids,
+            column(&list, "vid"),
             [
                 "appvms/work/private",
                 "vm-templates/fedora/private",
@@ -381,15 +281,9 @@ fn a_file_reflink_tree_is_adopted_in_place_with_revisions_in_both_name_forms() {
             .unwrap()
             .iter()
             .all(|v| v["state"] == "stopped"));
-        let revs = ok_json(&[
-            "volume",
-            "revisions",
-            "--pool",
-            &s(&p),
-            "vm-templates/fedora/root",
-        ]);
+        let revs = rf_json(&p, "volume revisions vm-templates/fedora/root");
         assert_eq!(ids(&revs), ["@2023-12-01T00:00:00Z", "3"], "{ctx}");
-        let revs = ok_json(&["volume", "revisions", "--pool", &s(&p), "work:private"]);
+        let revs = rf_json(&p, "volume revisions work:private");
         assert_eq!(ids(&revs), ["1", "2"], "{ctx}");
         let rev2 = revs[1]["file_name"].as_str().unwrap();
         assert_eq!(
@@ -413,7 +307,7 @@ fn a_file_reflink_tree_is_adopted_in_place_with_revisions_in_both_name_forms() {
         drop(pool);
 
         // A second adopt is refused.
-        fails(&["pool", "adopt", "--pool", &s(&p)], ErrorClass::Exists);
+        rf_fails(&p, "pool adopt", ErrorClass::Exists);
     }
 }
 
@@ -421,8 +315,7 @@ fn a_file_reflink_tree_is_adopted_in_place_with_revisions_in_both_name_forms() {
 fn a_file_driver_tree_loses_its_cow_files_and_nothing_else() {
     for fs in common::filesystems() {
         let ctx = format!("[{}]", fs.name);
-        let p = scratch_dir(&fs, "adopt-file").join("pool");
-        file_driver_tree(&p);
+        let (_, p) = tree_at(&fs, "adopt-file", file_driver_tree);
         let before: BTreeMap<PathBuf, Vec<u8>> = [
             "vm-templates/fedora/root.img",
             "vm-templates/fedora/private.img",
@@ -432,7 +325,7 @@ fn a_file_driver_tree_loses_its_cow_files_and_nothing_else() {
         .map(|f| (PathBuf::from(f), read(&p.join(f))))
         .collect();
 
-        let text = ok(&["pool", "adopt", "--pool", &s(&p), setup_check(&fs)]);
+        let text = rf_ok(&p, adopt_args(&fs, &[]));
         assert!(text.contains("adopted"), "{ctx}: {text}");
         assert!(
             text.contains("guess: a template's root volume is an origin"),
@@ -442,13 +335,7 @@ fn a_file_driver_tree_loses_its_cow_files_and_nothing_else() {
             text.contains("appvms/work/root: a root volume outside vm-templates"),
             "{ctx}: the AppVM's root cannot be inferred, and says so: {text}"
         );
-        for cow in [
-            "vm-templates/fedora/root-cow.img",
-            "vm-templates/fedora/root-cow.img.old",
-            "vm-templates/fedora/private-cow.img",
-            "appvms/work/private-cow.img",
-            "appvms/work/root-cow.img",
-        ] {
+        for cow in COW_FILES {
             assert!(!p.join(cow).exists(), "{ctx}: {cow} is removed");
             assert!(
                 text.contains(&format!("{cow}: a copy-on-write leftover")),
@@ -461,7 +348,7 @@ fn a_file_driver_tree_loses_its_cow_files_and_nothing_else() {
             assert_eq!(&read(&p.join(f)), bytes, "{ctx}: {} unchanged", f.display());
         }
 
-        let list = ok_json(&["volume", "list", "--pool", &s(&p)]);
+        let list = rf_json(&p, "volume list");
         let got: Vec<(String, String, u64)> = list
             .as_array()
             .unwrap()
@@ -490,7 +377,7 @@ fn a_file_driver_tree_loses_its_cow_files_and_nothing_else() {
             .unwrap()
             .mode();
         assert_eq!(mode & 0o777, 0o600, "{ctx}");
-        ok(&["pool", "check", "--pool", &s(&p)]);
+        rf_ok(&p, "pool check");
     }
 }
 
@@ -504,17 +391,29 @@ fn a_file_driver_tree_loses_its_cow_files_and_nothing_else() {
 /// root, as Qubes writes it), a qube `chain` whose root's source is a
 /// snapshot (work's root), and a qube `elsewhere` in the LVM pool.
 fn qubes_xml(dir_path: &str) -> String {
-    let vol = |name: &str, pool: &str, vid: &str, size: u64, extra: &str| {
+    let volume = |name: &str, pool: &str, vid: &str, size: u64, attrs: &str| {
         format!(
-            r#"        <volume name="{name}" pool="{pool}" vid="{vid}" size="{size}" {extra}/>"#
+            r#"        <volume name="{name}" pool="{pool}" vid="{vid}" size="{size}" {attrs}/>"#
         )
     };
-    let origin = r#"rw="True" save_on_stop="True" snap_on_start="False""#;
-    let volatile = r#"rw="True" save_on_stop="False" snap_on_start="False" revisions_to_keep="0""#;
-    let snap = |src: &str| {
-        format!(
-            r#"rw="True" save_on_stop="False" snap_on_start="True" source="{src}" revisions_to_keep="0""#
-        )
+    // A volume of the file-reflink pool, named by the last part of its vid.
+    let l = |vid: &str, size: u64, attrs: &str| {
+        let name = vid.rsplit('/').next().unwrap();
+        volume(name, "varlibqubes", vid, size, attrs)
+    };
+    let origin_attrs = |keep: u32| {
+        format!(r#"rw="True" save_on_stop="True" snap_on_start="False" revisions_to_keep="{keep}""#)
+    };
+    let origin = |vid: &str, mib: u64, keep: u32| l(vid, mib * MIB, &origin_attrs(keep));
+    let volatile = |vid: &str| {
+        let attrs = r#"rw="True" save_on_stop="False" snap_on_start="False" revisions_to_keep="0""#;
+        l(vid, 8 * MIB, attrs)
+    };
+    let snap = |vid: &str, mib: u64, src: &str, keep: u32| {
+        let attrs = format!(
+            r#"rw="True" save_on_stop="False" snap_on_start="True" source="{src}" revisions_to_keep="{keep}""#
+        );
+        l(vid, mib * MIB, &attrs)
     };
     let kernel = r#"        <volume name="kernel" pool="linux-kernel" vid="6.6.48-1.fc37" revisions_to_keep="0" rw="False" save_on_stop="False" snap_on_start="False"/>"#;
     let domain = |id: u32, class: &str, name: &str, vols: Vec<String>| {
@@ -537,134 +436,49 @@ fn qubes_xml(dir_path: &str) -> String {
             vols.join("\n")
         )
     };
-    let l = "varlibqubes";
-    let mut domains = String::new();
-    domains += &domain(
-        1,
-        "TemplateVM",
-        "fedora",
-        vec![
-            vol(
-                "root",
-                l,
-                "vm-templates/fedora/root",
-                4 * MIB,
-                &format!(r#"{origin} revisions_to_keep="1""#),
-            ),
-            vol(
-                "private",
-                l,
-                "vm-templates/fedora/private",
-                MIB,
-                &format!(r#"{origin} revisions_to_keep="0""#),
-            ),
-            vol(
-                "volatile",
-                l,
-                "vm-templates/fedora/volatile",
-                8 * MIB,
-                volatile,
-            ),
-        ],
-    );
-    domains += &domain(
-        2,
-        "AppVM",
-        "work",
-        vec![
-            // Qubes' pools default revisions_to_keep applies to the
-            // snapshot too; adopt forces it to 0.
-            vol(
-                "root",
-                l,
-                "appvms/work/root",
-                4 * MIB,
-                r#"rw="True" save_on_stop="False" snap_on_start="True" source="vm-templates/fedora/root" revisions_to_keep="1""#,
-            ),
-            vol(
-                "private",
-                l,
-                "appvms/work/private",
-                2 * MIB,
-                &format!(r#"{origin} revisions_to_keep="2""#),
-            ),
-            vol("volatile", l, "appvms/work/volatile", 8 * MIB, volatile),
-        ],
-    );
-    domains += &domain(
-        3,
-        "AppVM",
-        "fedora-dvm",
-        vec![
-            vol(
-                "root",
-                l,
-                "appvms/fedora-dvm/root",
-                4 * MIB,
-                &snap("vm-templates/fedora/root"),
-            ),
-            vol(
-                "private",
-                l,
-                "appvms/fedora-dvm/private",
-                MIB,
-                r#"rw="False" save_on_stop="True" snap_on_start="False" revisions_to_keep="1""#,
-            ),
-            vol(
-                "volatile",
-                l,
-                "appvms/fedora-dvm/volatile",
-                8 * MIB,
-                volatile,
-            ),
-        ],
-    );
-    domains += &domain(
-        4,
-        "DispVM",
-        "disp42",
-        vec![
-            vol(
-                "root",
-                l,
-                "appvms/disp42/root",
-                4 * MIB,
-                &snap("vm-templates/fedora/root"),
-            ),
-            vol(
-                "private",
-                l,
-                "appvms/disp42/private",
-                MIB,
-                &snap("appvms/fedora-dvm/private"),
-            ),
-            vol("volatile", l, "appvms/disp42/volatile", 8 * MIB, volatile),
-        ],
-    );
-    domains += &domain(
-        5,
-        "DispVM",
-        "chain",
-        vec![vol(
-            "root",
-            l,
-            "appvms/chain/root",
-            4 * MIB,
-            &snap("appvms/work/root"),
-        )],
-    );
-    domains += &domain(
-        6,
-        "AppVM",
-        "elsewhere",
-        vec![vol(
-            "private",
-            "vm-pool",
-            "qubes_dom0/vm-elsewhere-private",
-            2 * MIB,
-            &format!(r#"{origin} revisions_to_keep="2""#),
-        )],
-    );
+    let tpl_root = "vm-templates/fedora/root";
+    let fedora = vec![
+        origin(tpl_root, 4, 1),
+        origin("vm-templates/fedora/private", 1, 0),
+        volatile("vm-templates/fedora/volatile"),
+    ];
+    let work = vec![
+        // Qubes' pools default revisions_to_keep applies to the snapshot
+        // too; adopt forces it to 0.
+        snap("appvms/work/root", 4, tpl_root, 1),
+        origin("appvms/work/private", 2, 2),
+        volatile("appvms/work/volatile"),
+    ];
+    let dvm_private =
+        r#"rw="False" save_on_stop="True" snap_on_start="False" revisions_to_keep="1""#;
+    let fedora_dvm = vec![
+        snap("appvms/fedora-dvm/root", 4, tpl_root, 0),
+        l("appvms/fedora-dvm/private", MIB, dvm_private),
+        volatile("appvms/fedora-dvm/volatile"),
+    ];
+    let disp42 = vec![
+        snap("appvms/disp42/root", 4, tpl_root, 0),
+        snap("appvms/disp42/private", 1, "appvms/fedora-dvm/private", 0),
+        volatile("appvms/disp42/volatile"),
+    ];
+    let chain = vec![snap("appvms/chain/root", 4, "appvms/work/root", 0)];
+    let lvm_vid = "qubes_dom0/vm-elsewhere-private";
+    let elsewhere = vec![volume(
+        "private",
+        "vm-pool",
+        lvm_vid,
+        2 * MIB,
+        &origin_attrs(2),
+    )];
+    let domains = [
+        domain(1, "TemplateVM", "fedora", fedora),
+        domain(2, "AppVM", "work", work),
+        domain(3, "AppVM", "fedora-dvm", fedora_dvm),
+        domain(4, "DispVM", "disp42", disp42),
+        domain(5, "DispVM", "chain", chain),
+        domain(6, "AppVM", "elsewhere", elsewhere),
+    ]
+    .concat();
     format!(
         r#"<?xml version='1.0' encoding='UTF-8'?>
 <qubes version="3.0">
@@ -694,21 +508,11 @@ fn qubes_xml(dir_path: &str) -> String {
 /// The images a stopped Qubes system has for the VMs of [`qubes_xml`].
 fn xml_tree(p: &Path) {
     let t = p.join("vm-templates/fedora");
-    put(&t.join("root.img"), 4 * MIB, &pattern(T_ROOT, 8192), 0o600);
-    put(
-        &t.join("root.img.7@2024-03-01T10:00:00Z"),
-        4 * MIB,
-        &pattern(T_ROOT_REV3, 8192),
-        0o600,
-    );
+    img(&t.join("root.img"), 4 * MIB, T_ROOT, 0o600);
+    let rev7 = "root.img.7@2024-03-01T10:00:00Z";
+    img(&t.join(rev7), 4 * MIB, T_ROOT_REV3, 0o600);
     put(&t.join("private.img"), MIB, &pattern(T_PRIV, 4096), 0o600);
-    let w = p.join("appvms/work");
-    put(
-        &w.join("private.img"),
-        2 * MIB,
-        &pattern(W_PRIV, 8192),
-        0o600,
-    );
+    img(&p.join("appvms/work/private.img"), 2 * MIB, W_PRIV, 0o600);
     put(&p.join("appvms/fedora-dvm/private.img"), MIB, b"dvm", 0o600);
     std::fs::create_dir_all(p.join("appvms/disp42")).unwrap();
 }
@@ -717,32 +521,12 @@ fn xml_tree(p: &Path) {
 fn qubes_xml_gives_the_configs_sources_and_sizes() {
     for fs in common::filesystems() {
         let ctx = format!("[{}]", fs.name);
-        let dir = scratch_dir(&fs, "adopt-xml");
-        let p = dir.join("pool");
-        xml_tree(&p);
-        let xml = dir.join("qubes.xml");
-        std::fs::write(&xml, qubes_xml(&s(&p))).unwrap();
-
-        let report = ok_json(&[
-            "pool",
-            "adopt",
-            "--pool",
-            &s(&p),
-            "--qubes-xml",
-            &s(&xml),
-            setup_check(&fs),
-        ]);
+        let (_, p, report) = adopted_from_xml(&fs, "adopt-xml");
         assert_eq!(report["xml_pools"][0]["name"], "varlibqubes", "{ctx}");
         assert_eq!(report["xml_pools"][0]["matched_by"], "dir_path", "{ctx}");
         assert_eq!(report["revisions_to_keep"], 1);
-        let vids: Vec<&str> = report["volumes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v["vid"].as_str().unwrap())
-            .collect();
         assert_eq!(
-            vids,
+            column(&report["volumes"], "vid"),
             [
                 "appvms/chain/root",
                 "appvms/disp42/private",
@@ -775,155 +559,43 @@ fn qubes_xml_gives_the_configs_sources_and_sizes() {
             "{ctx}: {report:#}"
         );
 
-        // (vid, type, source, resolved_source, size, rw, revisions_to_keep)
-        let fedora_root = Some("vm-templates/fedora/root");
-        type Want<'a> = (
-            &'a str,
-            &'a str,
-            Option<&'a str>,
-            Option<&'a str>,
-            u64,
-            bool,
-            i64,
-        );
-        let want: [Want; 13] = [
-            (
-                "vm-templates/fedora/root",
-                "origin",
-                None,
-                None,
-                4 * MIB,
-                true,
-                1,
-            ),
-            (
-                "vm-templates/fedora/private",
-                "origin",
-                None,
-                None,
-                MIB,
-                true,
-                0,
-            ),
-            (
-                "vm-templates/fedora/volatile",
-                "volatile",
-                None,
-                None,
-                8 * MIB,
-                true,
-                0,
-            ),
-            (
-                "appvms/work/root",
-                "snapshot",
-                fedora_root,
-                fedora_root,
-                4 * MIB,
-                true,
-                0,
-            ),
-            (
-                "appvms/work/private",
-                "origin",
-                None,
-                None,
-                2 * MIB,
-                true,
-                2,
-            ),
-            (
-                "appvms/work/volatile",
-                "volatile",
-                None,
-                None,
-                8 * MIB,
-                true,
-                0,
-            ),
-            (
-                "appvms/fedora-dvm/root",
-                "snapshot",
-                fedora_root,
-                fedora_root,
-                4 * MIB,
-                true,
-                0,
-            ),
-            (
-                "appvms/fedora-dvm/private",
-                "origin",
-                None,
-                None,
-                MIB,
-                false,
-                1,
-            ),
-            (
-                "appvms/fedora-dvm/volatile",
-                "volatile",
-                None,
-                None,
-                8 * MIB,
-                true,
-                0,
-            ),
-            (
-                "appvms/disp42/root",
-                "snapshot",
-                fedora_root,
-                fedora_root,
-                4 * MIB,
-                true,
-                0,
-            ),
-            (
-                "appvms/disp42/private",
-                "snapshot",
-                Some("appvms/fedora-dvm/private"),
-                Some("appvms/fedora-dvm/private"),
-                MIB,
-                true,
-                0,
-            ),
-            (
-                "appvms/disp42/volatile",
-                "volatile",
-                None,
-                None,
-                8 * MIB,
-                true,
-                0,
-            ),
+        // vid, type, source, resolved_source, size in MiB, rw,
+        // revisions_to_keep; `-` for no source.
+        let want = [
+            "vm-templates/fedora/root origin - - 4 true 1",
+            "vm-templates/fedora/private origin - - 1 true 0",
+            "vm-templates/fedora/volatile volatile - - 8 true 0",
+            "appvms/work/root snapshot vm-templates/fedora/root vm-templates/fedora/root 4 true 0",
+            "appvms/work/private origin - - 2 true 2",
+            "appvms/work/volatile volatile - - 8 true 0",
+            "appvms/fedora-dvm/root snapshot vm-templates/fedora/root vm-templates/fedora/root 4 true 0",
+            "appvms/fedora-dvm/private origin - - 1 false 1",
+            "appvms/fedora-dvm/volatile volatile - - 8 true 0",
+            "appvms/disp42/root snapshot vm-templates/fedora/root vm-templates/fedora/root 4 true 0",
+            "appvms/disp42/private snapshot appvms/fedora-dvm/private appvms/fedora-dvm/private 1 true 0",
+            "appvms/disp42/volatile volatile - - 8 true 0",
             // A chain: the source is a snapshot, resolved down to the origin.
-            (
-                "appvms/chain/root",
-                "snapshot",
-                Some("appvms/work/root"),
-                fedora_root,
-                4 * MIB,
-                true,
-                0,
-            ),
+            "appvms/chain/root snapshot appvms/work/root vm-templates/fedora/root 4 true 0",
         ];
-        for (vid, kind, source, resolved, size, rw, keep) in want {
-            let info = ok_json(&["volume", "info", "--pool", &s(&p), vid]);
+        for row in want {
+            let w: Vec<&str> = row.split(' ').collect();
+            let vid = w[0];
+            let source = |s: &'static str| (s != "-").then_some(s);
+            let info = rf_json(&p, ["volume", "info", vid]);
             let c = format!("{ctx} {vid}");
-            assert_eq!(info["type"], kind, "{c}");
-            assert_eq!(info["source"].as_str(), source, "{c}");
-            assert_eq!(info["resolved_source"].as_str(), resolved, "{c}");
-            assert_eq!(info["size"], size, "{c}");
-            assert_eq!(info["rw"], rw, "{c}");
-            assert_eq!(info["revisions_to_keep"], keep, "{c}");
+            assert_eq!(info["type"], w[1], "{c}");
+            assert_eq!(info["source"].as_str(), source(w[2]), "{c}");
+            assert_eq!(info["resolved_source"].as_str(), source(w[3]), "{c}");
+            assert_eq!(info["size"], w[4].parse::<u64>().unwrap() * MIB, "{c}");
+            assert_eq!(info["rw"], w[5] == "true", "{c}");
+            assert_eq!(
+                info["revisions_to_keep"],
+                w[6].parse::<i64>().unwrap(),
+                "{c}"
+            );
             assert_eq!(info["state"], "stopped", "{c}");
         }
-        let info = ok_json(&[
-            "volume",
-            "info",
-            "--pool",
-            &s(&p),
-            "vm-templates/fedora/root",
-        ]);
+        let info = rf_json(&p, "volume info vm-templates/fedora/root");
         assert_eq!(info["next_revision"], 8, "{ctx}");
         assert_eq!(ids(&info["revisions"]), ["7"]);
         // The config file is what the engine writes.
@@ -940,9 +612,7 @@ fn qubes_xml_gives_the_configs_sources_and_sizes() {
 #[test]
 fn qubes_xml_of_a_pool_whose_directory_moved_is_matched_by_its_images() {
     let fs = common::filesystems().remove(0);
-    let dir = scratch_dir(&fs, "adopt-xml-moved");
-    let p = dir.join("pool");
-    xml_tree(&p);
+    let (dir, p) = tree_at(&fs, "adopt-xml-moved", xml_tree);
     let xml = dir.join("qubes.xml");
     std::fs::write(&xml, qubes_xml("/var/lib/qubes")).unwrap();
     let opts = AdoptOptions {
@@ -950,7 +620,7 @@ fn qubes_xml_of_a_pool_whose_directory_moved_is_matched_by_its_images() {
         dry_run: true,
         setup_check: fs.reflink,
     };
-    let before = snapshot(&p);
+    let before = tree_metadata(&p);
     let report = adopt(&p, &opts).unwrap();
     assert_unchanged(&before, &p, "dry run");
     assert_eq!(report.xml_pools.len(), 1);
@@ -979,19 +649,9 @@ fn qubes_xml_of_a_pool_whose_directory_moved_is_matched_by_its_images() {
             .replace("vid=\"vm-templates/", "vid=\"other-templates/"),
     )
     .unwrap();
-    let out = fails(
-        &[
-            "pool",
-            "adopt",
-            "--pool",
-            &s(&p),
-            "--qubes-xml",
-            &s(&other),
-            "--dry-run",
-            setup_check(&fs),
-        ],
-        ErrorClass::InvalidInput,
-    );
+    let other = s(&other);
+    let args = adopt_args(&fs, &["--qubes-xml", &other, "--dry-run"]);
+    let out = rf_fails(&p, args, ErrorClass::InvalidInput);
     assert!(out.contains("names no file-reflink or file pool"), "{out}");
     assert_unchanged(&before, &p, "refused");
 }
@@ -1006,30 +666,13 @@ fn an_adopted_pool_mounts_and_its_volumes_start_and_stop() {
     }
     for fs in common::filesystems() {
         let ctx = format!("[{}]", fs.name);
-        let dir = scratch_dir(&fs, "adopt-mount");
-        let p = dir.join("pool");
-        xml_tree(&p);
-        let xml = dir.join("qubes.xml");
-        std::fs::write(&xml, qubes_xml(&s(&p))).unwrap();
-        ok(&[
-            "pool",
-            "adopt",
-            "--pool",
-            &s(&p),
-            "--qubes-xml",
-            &s(&xml),
-            setup_check(&fs),
-        ]);
+        let (dir, p, _) = adopted_from_xml(&fs, "adopt-mount");
         let m = Mounted::mount(&p, &dir.join("mnt"), "");
 
         // The AppVM's private volume: write through the mount, close, and a
         // new revision holds the old data.
         let rel = "appvms/work/private-dirty.img";
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(m.path(rel))
-            .unwrap();
+        let f = open_rw(&m.path(rel));
         assert_eq!(common::read_at(&f, 0, 8192), pattern(W_PRIV, 8192), "{ctx}");
         f.write_all_at(&pattern(0x55, 8192), 0).unwrap();
         drop(f);
@@ -1055,11 +698,7 @@ fn an_adopted_pool_mounts_and_its_volumes_start_and_stop() {
 
         // The disposable's root: a snapshot of the template's root.
         let rel = "appvms/disp42/root-dirty.img";
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(m.path(rel))
-            .unwrap();
+        let f = open_rw(&m.path(rel));
         assert_eq!(common::read_at(&f, 0, 8192), pattern(T_ROOT, 8192), "{ctx}");
         f.write_all_at(b"scratch", 0).unwrap();
         drop(f);
@@ -1078,11 +717,7 @@ fn an_adopted_pool_mounts_and_its_volumes_start_and_stop() {
         // A volatile volume: empty at every start, discarded at stop.
         let rel = "appvms/work/volatile-dirty.img";
         for _ in 0..2 {
-            let f = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(m.path(rel))
-                .unwrap();
+            let f = open_rw(&m.path(rel));
             assert_eq!(f.metadata().unwrap().len(), 8 * MIB, "{ctx}");
             assert_eq!(common::read_at(&f, 0, 4096), vec![0u8; 4096], "{ctx}");
             f.write_all_at(&pattern(0x66, 4096), 0).unwrap();
@@ -1090,7 +725,7 @@ fn an_adopted_pool_mounts_and_its_volumes_start_and_stop() {
             m.wait_stopped(rel);
         }
         m.unmount();
-        ok(&["pool", "check", "--pool", &s(&p)]);
+        rf_ok(&p, "pool check");
     }
 }
 
@@ -1101,41 +736,23 @@ fn an_adopted_pool_mounts_and_its_volumes_start_and_stop() {
 fn a_dry_run_changes_nothing_and_shows_the_plan() {
     for fs in common::filesystems() {
         let ctx = format!("[{}]", fs.name);
-        let dir = scratch_dir(&fs, "adopt-dry");
-        let p = dir.join("pool");
-        file_reflink_tree(&p);
-        file_driver_tree(&dir.join("other"));
         // Both trees in one: the file driver's under another class.
-        std::fs::rename(dir.join("other/appvms"), p.join("legacy")).unwrap();
-        let before = snapshot(&dir);
-        let text = ok(&[
-            "pool",
-            "adopt",
-            "--pool",
-            &s(&p),
-            "--dry-run",
-            setup_check(&fs),
-        ]);
+        let (dir, p) = tree_at(&fs, "adopt-dry", |p| both_trees(p, "legacy"));
+        let before = tree_metadata(&dir);
+        let text = rf_ok(&p, adopt_args(&fs, &["--dry-run"]));
         assert_unchanged(&before, &dir, &ctx);
         assert!(text.starts_with("dry run: "), "{ctx}: {text}");
         assert!(text.contains("nothing was changed"));
         assert!(text.contains("would remove"), "{text}");
         assert!(text.contains("legacy/work/private-cow.img"), "{text}");
         assert!(text.contains("recovery at the first open"), "{text}");
-        let report = ok_json(&[
-            "pool",
-            "adopt",
-            "--pool",
-            &s(&p),
-            "--dry-run",
-            setup_check(&fs),
-        ]);
+        let report = rf_json(&p, adopt_args(&fs, &["--dry-run"]));
         assert_unchanged(&before, &dir, &ctx);
         assert_eq!(report["dry_run"], true);
         assert_eq!(volume(&report, "legacy/work/private")["type"], "origin");
         assert!(report["problems"].as_array().unwrap().is_empty());
         // The plan is what the real run does.
-        let real = ok_json(&["pool", "adopt", "--pool", &s(&p), setup_check(&fs)]);
+        let real = rf_json(&p, adopt_args(&fs, &[]));
         assert_eq!(
             real["volumes"].as_array().unwrap().len(),
             report["volumes"].as_array().unwrap().len()
@@ -1149,18 +766,13 @@ fn a_dry_run_changes_nothing_and_shows_the_plan() {
 fn bad_input_is_refused_and_changes_nothing() {
     for fs in common::filesystems() {
         let ctx = format!("[{}]", fs.name);
-        let dir = scratch_dir(&fs, "adopt-bad");
-        let p = dir.join("pool");
-        file_reflink_tree(&p);
         // The file driver's AppVMs under a class of their own, x/.
-        file_driver_tree(&dir.join("fd"));
-        std::fs::rename(dir.join("fd/appvms"), p.join("x")).unwrap();
+        let (dir, p) = tree_at(&fs, "adopt-bad", |p| both_trees(p, "x"));
         let outside = dir.join("outside.img");
         put(&outside, MIB, b"not in the pool", 0o644);
-        let pool = s(&p);
-        let check = setup_check(&fs);
 
-        // Not XML, not a qubes.xml, a missing file.
+        // Not XML, not a qubes.xml, a missing file, and a malformed value
+        // of a volume in this pool.
         let bad = dir.join("bad.xml");
         std::fs::write(&bad, "this is <not xml").unwrap();
         let html = dir.join("html.xml");
@@ -1168,71 +780,25 @@ fn bad_input_is_refused_and_changes_nothing() {
         let broken = dir.join("broken.xml");
         std::fs::write(
             &broken,
-            qubes_xml(&pool).replacen(r#"size="2097152""#, r#"size="two megs""#, 1),
+            qubes_xml(&s(&p)).replacen(r#"size="2097152""#, r#"size="two megs""#, 1),
         )
         .unwrap();
-        let before = snapshot(&dir);
-        let e = fails(
-            &[
-                "pool",
-                "adopt",
-                "--pool",
-                &pool,
-                "--qubes-xml",
-                &s(&bad),
-                check,
-            ],
-            ErrorClass::Corrupt,
-        );
-        assert!(e.contains("not valid XML"), "{ctx}: {e}");
-        let e = fails(
-            &[
-                "pool",
-                "adopt",
-                "--pool",
-                &pool,
-                "--qubes-xml",
-                &s(&html),
-                check,
-            ],
-            ErrorClass::Corrupt,
-        );
-        assert!(e.contains("not a qubes.xml"), "{ctx}: {e}");
-        fails(
-            &[
-                "pool",
-                "adopt",
-                "--pool",
-                &pool,
-                "--qubes-xml",
-                &s(&dir.join("missing.xml")),
-                check,
-            ],
-            ErrorClass::NotFound,
-        );
-        // A malformed value of a volume in this pool.
-        let e = fails(
-            &[
-                "pool",
-                "adopt",
-                "--pool",
-                &pool,
-                "--qubes-xml",
-                &s(&broken),
-                check,
-            ],
-            ErrorClass::Corrupt,
-        );
-        assert!(e.contains("size=\"two megs\""), "{ctx}: {e}");
+        let before = tree_metadata(&dir);
+        for (xml, class, says) in [
+            (&bad, ErrorClass::Corrupt, "not valid XML"),
+            (&html, ErrorClass::Corrupt, "not a qubes.xml"),
+            (&dir.join("missing.xml"), ErrorClass::NotFound, ""),
+            (&broken, ErrorClass::Corrupt, "size=\"two megs\""),
+        ] {
+            let e = rf_fails(&p, adopt_args(&fs, &["--qubes-xml", &s(xml)]), class);
+            assert!(e.contains(says), "{ctx}: {e}");
+        }
         assert_unchanged(&before, &dir, &format!("{ctx} bad qubes.xml"));
 
         // A missing directory, and reflinks where there are none.
-        fails(
-            &["pool", "adopt", "--pool", &s(&dir.join("nope"))],
-            ErrorClass::NotFound,
-        );
+        rf_fails(&dir.join("nope"), "pool adopt", ErrorClass::NotFound);
         if !fs.reflink {
-            let e = fails(&["pool", "adopt", "--pool", &pool], ErrorClass::Unsupported);
+            let e = rf_fails(&p, "pool adopt", ErrorClass::Unsupported);
             assert!(e.contains("--setup-check=no"), "{e}");
         }
         assert_unchanged(&before, &dir, &format!("{ctx} refused"));
@@ -1241,69 +807,40 @@ fn bad_input_is_refused_and_changes_nothing() {
         // neither the tree nor its target changes.
         let link = p.join("appvms/work/evil.img");
         std::os::unix::fs::symlink(&outside, &link).unwrap();
-        let before = snapshot(&dir);
-        let e = fails(
-            &["pool", "adopt", "--pool", &pool, check],
-            ErrorClass::Corrupt,
-        );
+        let before = tree_metadata(&dir);
+        let e = rf_fails(&p, adopt_args(&fs, &[]), ErrorClass::Corrupt);
         assert!(
             e.contains("evil.img") && e.contains("never follows"),
             "{ctx}: {e}"
         );
-        fails(
-            &["pool", "adopt", "--pool", &pool, "--dry-run", check],
-            ErrorClass::Corrupt,
-        );
+        rf_fails(&p, adopt_args(&fs, &["--dry-run"]), ErrorClass::Corrupt);
         assert_unchanged(&before, &dir, &format!("{ctx} symlinked image"));
         std::fs::remove_file(&link).unwrap();
         // …and a symlink in place of a VM directory.
         std::os::unix::fs::symlink(dir.join("other"), p.join("appvms/linked")).unwrap();
-        let before = snapshot(&dir);
-        let e = fails(
-            &["pool", "adopt", "--pool", &pool, check],
-            ErrorClass::Corrupt,
-        );
+        let before = tree_metadata(&dir);
+        let e = rf_fails(&p, adopt_args(&fs, &[]), ErrorClass::Corrupt);
         assert!(e.contains("appvms/linked"), "{ctx}: {e}");
         assert_unchanged(&before, &dir, &format!("{ctx} symlinked VM directory"));
         std::fs::remove_file(p.join("appvms/linked")).unwrap();
         // A symlinked pool directory.
         let plink = dir.join("pool-link");
         std::os::unix::fs::symlink(&p, &plink).unwrap();
-        fails(
-            &["pool", "adopt", "--pool", &s(&plink), check],
-            ErrorClass::Corrupt,
-        );
+        rf_fails(&plink, adopt_args(&fs, &[]), ErrorClass::Corrupt);
 
         // An existing reflinkfs pool.
         let q = scratch_dir(&fs, "adopt-existing").join("pool");
-        ok(&["pool", "init", "--pool", &s(&q), check]);
-        ok(&[
-            "volume",
-            "create",
-            "--pool",
-            &s(&q),
-            "appvms/a/private",
-            "--size",
-            "1M",
-        ]);
-        let q_before = snapshot(q.parent().unwrap());
-        let e = fails(
-            &["pool", "adopt", "--pool", &s(&q), check],
-            ErrorClass::Exists,
-        );
+        rf_ok(&q, ["pool", "init", setup_check(&fs)]);
+        rf_ok(&q, "volume create appvms/a/private --size 1M");
+        let q_before = tree_metadata(q.parent().unwrap());
+        let e = rf_fails(&q, adopt_args(&fs, &[]), ErrorClass::Exists);
         assert!(e.contains("already a reflinkfs pool"), "{e}");
-        fails(
-            &["pool", "adopt", "--pool", &s(&q), "--dry-run"],
-            ErrorClass::Exists,
-        );
-        assert_unchanged(
-            &q_before,
-            q.parent().unwrap(),
-            &format!("{ctx} existing pool"),
-        );
+        rf_fails(&q, "pool adopt --dry-run", ErrorClass::Exists);
+        let ctx_q = format!("{ctx} existing pool");
+        assert_unchanged(&q_before, q.parent().unwrap(), &ctx_q);
 
         // After all that, the tree still adopts.
-        ok(&["pool", "adopt", "--pool", &pool, check]);
+        rf_ok(&p, adopt_args(&fs, &[]));
         assert!(!p.join("x/work/private-cow.img").exists());
         assert_eq!(read(&outside)[..15], *b"not in the pool");
     }
@@ -1312,8 +849,7 @@ fn bad_input_is_refused_and_changes_nothing() {
 #[test]
 fn an_interrupted_adopt_is_cleaned_up_by_the_next_one() {
     let fs = common::filesystems().remove(0);
-    let p = scratch_dir(&fs, "adopt-stale").join("pool");
-    file_driver_tree(&p);
+    let (_, p) = tree_at(&fs, "adopt-stale", file_driver_tree);
     // What a crash before the final rename leaves.
     let stale = p.join(ADOPT_DIR);
     std::fs::create_dir_all(stale.join("volumes/appvms/work")).unwrap();
@@ -1332,7 +868,7 @@ fn an_interrupted_adopt_is_cleaned_up_by_the_next_one() {
         let held = File::open(stale.join("lock")).unwrap();
         // SAFETY: flock on an open fd has no memory effects.
         assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX) }, 0);
-        let before = snapshot(&p);
+        let before = tree_metadata(&p);
         for dry_run in [true, false] {
             let e = adopt(
                 &p,

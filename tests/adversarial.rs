@@ -18,9 +18,10 @@
 
 mod common;
 
+use common::cli::*;
 use common::mount::*;
 use common::*;
-use reflinkfs::engine::{Pool, ValidVid};
+use reflinkfs::engine::Pool;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -37,25 +38,16 @@ const V: &str = "c/v/n";
 const DIRTY: &str = "c/v/n-dirty.img";
 const SIZE: u64 = MIB;
 
-fn reflinkfs(args: &[&str]) -> std::process::Output {
-    run(Command::new(bin()).args(args))
-}
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
-
 /// A pool with volume `c/v/n` of [`SIZE`] bytes holding `initial` at 0,
 /// mounted with `opts`.
 fn mounted(fs: &TestFs, test: &str, opts: &str, initial: &[u8]) -> Mounted {
-    let (pool, path) = new_pool(fs, test);
-    let v = create_origin(&pool, V, SIZE);
-    if !initial.is_empty() {
-        write_cycle(&pool, &v, 0, initial);
-    }
-    drop(pool);
-    let mnt = path.parent().unwrap().join("mnt");
-    Mounted::mount(&path, &mnt, opts)
+    let path = prepared_pool(fs, test, 1, |pool| {
+        let v = create_origin(pool, V, SIZE);
+        if !initial.is_empty() {
+            write_cycle(pool, &v, 0, initial);
+        }
+    });
+    Mounted::beside(&path, opts)
 }
 
 fn image(pool: &Path) -> PathBuf {
@@ -68,41 +60,13 @@ fn hash_of(path: &Path) -> u64 {
     h.finish()
 }
 
-fn daemon_log(pool: &Path) -> String {
-    std::fs::read_to_string(pool.join(".reflinkfs/daemon.log")).unwrap_or_default()
-}
-
 fn volume_json(pool: &Path, vid: &str) -> serde_json::Value {
-    let out = reflinkfs(&["volume", "info", "--pool", &s(pool), vid, "--json"]);
-    assert!(
-        out.status.success(),
-        "volume info: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    rf_json(pool, ["volume", "info", vid])
 }
 
+#[track_caller]
 fn check_clean(pool: &Path, ctx: &str) {
-    let out = reflinkfs(&["pool", "check", "--pool", &s(pool)]);
-    assert!(
-        out.status.success(),
-        "{ctx}: pool check: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn kill_daemon(m: &Mounted) {
-    let pid = m.daemon_pid();
-    // SAFETY: sending a signal has no memory effects.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
-    wait_for("the daemon to die", 30, || {
-        !reflinkfs::sys::process_running(pid as u32)
-    });
-}
-
-fn open_rw(p: &Path) -> File {
-    OpenOptions::new().read(true).write(true).open(p).unwrap()
+    succeeded(&rf(pool, "pool check"), &format!("{ctx}: pool check"));
 }
 
 // ---------------------------------------------------------------------------
@@ -171,7 +135,7 @@ fn past_the_end_case(fs: &TestFs, opts: &str) {
             "{ctx} {what}: the size the mount shows"
         );
         // It opens again, and a write inside still works.
-        write_and_close(&m, 4096, b"inside");
+        m.write_and_close(DIRTY, 4096, b"inside");
         assert_eq!(
             read_at(&File::open(image(&m.pool)).unwrap(), 4096, 6),
             b"inside"
@@ -207,19 +171,9 @@ fn past_the_end_case(fs: &TestFs, opts: &str) {
     m.unmount();
 }
 
-fn write_and_close(m: &Mounted, off: u64, data: &[u8]) {
-    let f = open_rw(&m.path(DIRTY));
-    f.write_all_at(data, off).unwrap();
-    drop(f);
-    m.wait_stopped(DIRTY);
-}
-
 #[test]
 fn writes_past_the_end_never_wedge_or_grow_a_volume() {
-    if !require(&["dd", "fallocate"]) {
-        return;
-    }
-    for fs in filesystems() {
+    for fs in mount_filesystems(&["dd", "fallocate"]) {
         past_the_end_case(&fs, "");
         past_the_end_case(&fs, "passthrough=off");
     }
@@ -229,21 +183,17 @@ fn writes_past_the_end_never_wedge_or_grow_a_volume() {
 /// next mount's recovery cuts the image back and commits it.
 #[test]
 fn recovery_cuts_back_a_dirty_image_grown_past_the_end() {
-    if !require(&["losetup"]) {
-        return;
-    }
-    for fs in filesystems() {
+    for fs in mount_filesystems(&["losetup"]) {
         let ctx = format!("[{}]", fs.name);
         let m = mounted(&fs, "past-end-crash", "", &[]);
         let f = open_rw(&m.path(DIRTY));
         f.write_all_at(&pattern(3, 4096), 0).unwrap();
         f.write_all_at(b"x", SIZE + 100).unwrap();
         f.sync_all().unwrap();
-        kill_daemon(&m);
+        m.kill_daemon();
         drop(f);
         let (pool, mnt) = (m.pool.clone(), m.mnt.clone());
-        m.forget();
-        drop(DeadMount(mnt.clone()));
+        drop(m.dead());
         assert_eq!(
             std::fs::metadata(pool.join("c/v/n-dirty.img"))
                 .unwrap()
@@ -259,7 +209,7 @@ fn recovery_cuts_back_a_dirty_image_grown_past_the_end() {
             daemon_log(&pool).contains("bytes written past the end"),
             "{ctx}"
         );
-        write_and_close(&m, 0, b"again");
+        m.write_and_close(DIRTY, 0, b"again");
         check_clean(&pool, &ctx);
         m.unmount();
     }
@@ -267,35 +217,6 @@ fn recovery_cuts_back_a_dirty_image_grown_past_the_end() {
 
 // ---------------------------------------------------------------------------
 // Writers that outlive their file.
-
-/// A page-aligned buffer for O_DIRECT writes.
-struct Aligned {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl Aligned {
-    fn new(len: usize) -> Aligned {
-        let layout = std::alloc::Layout::from_size_align(len, 4096).unwrap();
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        assert!(!ptr.is_null());
-        Aligned { ptr, len }
-    }
-
-    fn bytes(&mut self) -> &mut [u8] {
-        // SAFETY: ptr points to len bytes this struct owns.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-}
-
-impl Drop for Aligned {
-    fn drop(&mut self) {
-        let layout = std::alloc::Layout::from_size_align(self.len, 4096).unwrap();
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { std::alloc::dealloc(self.ptr, layout) };
-    }
-}
 
 /// A writer on a loop device, going on until told to stop; returns the
 /// content it left in each block it wrote.
@@ -383,25 +304,28 @@ fn holds_model(img: &Path, model: &BTreeMap<u64, Vec<u8>>, ctx: &str) {
     }
 }
 
+/// A mount of `c/v/n` (committed once), a loop device on its dirty image,
+/// and a writer on that, writing; dropped in the reverse order.
+fn loop_writer_on(fs: &TestFs, test: &str) -> (Mounted, Loop, LoopWriter) {
+    let m = mounted(fs, test, "", &pattern(9, 4096));
+    let lo = Loop::attach(&m.path(DIRTY), false, None);
+    let writer = LoopWriter::start(&lo.dev);
+    wait_for("the writer", 10, || writer.count() > 5);
+    (m, lo, writer)
+}
+
 fn state_on(path: &Path) -> Option<String> {
     xattr(path, "user.reflinkfs.state")
 }
 
 #[test]
 fn a_loop_device_that_outlives_a_crashed_daemon_never_changes_a_committed_image() {
-    if !require(&["losetup"]) {
-        return;
-    }
-    for fs in filesystems() {
+    for fs in mount_filesystems(&["losetup"]) {
         let ctx = format!("[{}] crash + remount", fs.name);
-        let m = mounted(&fs, "stale-crash", "", &pattern(9, 4096));
-        let lo = Loop::attach(&m.path(DIRTY), false, None);
-        let writer = LoopWriter::start(&lo.dev);
-        wait_for("the writer", 10, || writer.count() > 5);
-        kill_daemon(&m);
+        let (m, lo, writer) = loop_writer_on(&fs, "stale-crash");
+        m.kill_daemon();
         let (pool, mnt) = (m.pool.clone(), m.mnt.clone());
-        m.forget();
-        drop(DeadMount(mnt.clone()));
+        drop(m.dead());
 
         let m = Mounted::mount(&pool, &mnt, "");
         assert!(
@@ -409,18 +333,13 @@ fn a_loop_device_that_outlives_a_crashed_daemon_never_changes_a_committed_image(
             "{ctx}: recovery says why it does not commit"
         );
         assert_eq!(state_on(&m.path(DIRTY)).as_deref(), Some("held"), "{ctx}");
-        let e = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(m.path(DIRTY))
-            .unwrap_err();
+        let e = open_rw_error(&m.path(DIRTY));
         assert_eq!(
             e.raw_os_error(),
             Some(libc::EBUSY),
             "{ctx}: a held volume cannot start"
         );
-        let status = reflinkfs(&["status", "--pool", &s(&pool), "--json"]);
-        let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+        let status = rf_json(&pool, "status");
         assert_eq!(status["held"][0], V, "{ctx}: {status}");
         stays_fixed(&image(&pool), 5, || writer.count(), &ctx);
 
@@ -437,15 +356,9 @@ fn a_loop_device_that_outlives_a_crashed_daemon_never_changes_a_committed_image(
 
 #[test]
 fn a_loop_device_that_outlives_umount_f_never_changes_a_committed_image() {
-    if !require(&["losetup"]) {
-        return;
-    }
-    for fs in filesystems() {
+    for fs in mount_filesystems(&["losetup"]) {
         let ctx = format!("[{}] umount -f", fs.name);
-        let m = mounted(&fs, "stale-umount-f", "", &pattern(9, 4096));
-        let lo = Loop::attach(&m.path(DIRTY), false, None);
-        let writer = LoopWriter::start(&lo.dev);
-        wait_for("the writer", 10, || writer.count() > 5);
+        let (m, lo, writer) = loop_writer_on(&fs, "stale-umount-f");
         let pid = m.daemon_pid() as u32;
         // The mount is busy (the loop device), so umount -f fails, but it
         // aborts the connection, and the daemon shuts down.
@@ -454,8 +367,7 @@ fn a_loop_device_that_outlives_umount_f_never_changes_a_committed_image() {
             !reflinkfs::sys::process_running(pid)
         });
         let (pool, mnt) = (m.pool.clone(), m.mnt.clone());
-        m.forget();
-        let dead = DeadMount(mnt.clone());
+        let dead = m.dead();
         assert!(
             daemon_log(&pool).contains("still open for writing"),
             "{ctx}: the shutdown says why it does not commit: {}",
@@ -555,11 +467,7 @@ fn a_mapping_that_outlives_its_file_never_changes_a_committed_image() {
             map.write(0, &pattern(0xEE, 4096));
             map
         });
-        let e = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(m.path(DIRTY))
-            .unwrap_err();
+        let e = open_rw_error(&m.path(DIRTY));
         assert_eq!(e.raw_os_error(), Some(libc::EBUSY), "{ctx}");
         stays_fixed(&image(&m.pool), 5, || count.load(Ordering::SeqCst), &ctx);
         stop.store(true, Ordering::SeqCst);
@@ -613,9 +521,9 @@ fn planted_symlinks_in_the_metadata_directory_are_never_followed() {
         return;
     }
     let fs = filesystems().into_iter().next().unwrap();
-    let (pool, path) = new_pool(&fs, "symlinks");
-    create_origin(&pool, V, SIZE);
-    drop(pool);
+    let path = prepared_pool(&fs, "symlinks", 1, |pool| {
+        create_origin(pool, V, SIZE);
+    });
     let meta = path.join(".reflinkfs");
     let target = Target::new(path.parent().unwrap());
     let mnt = path.parent().unwrap().join("mnt");
@@ -630,7 +538,8 @@ fn planted_symlinks_in_the_metadata_directory_are_never_followed() {
 
     // The daemon's log: the mount refuses to write through it.
     plant("daemon.log");
-    let out = reflinkfs(&["mount", &s(&path), &s(&mnt)]);
+    let mount = || run(Command::new(bin()).arg("mount").arg(&path).arg(&mnt));
+    let out = mount();
     if out.status.success() {
         Mounted::adopt(&path, &mnt).unmount();
         panic!("a mount with a planted daemon.log must be refused");
@@ -647,7 +556,7 @@ fn planted_symlinks_in_the_metadata_directory_are_never_followed() {
     plant("daemon.log.1");
     plant("control.sock");
     // The CLI refuses a socket that is a symlink instead of following it.
-    let out = reflinkfs(&["volume", "list", "--pool", &s(&path)]);
+    let out = rf(&path, "volume list");
     assert!(!out.status.success(), "a symlinked control.sock is refused");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("control.sock"),
@@ -656,13 +565,7 @@ fn planted_symlinks_in_the_metadata_directory_are_never_followed() {
     );
     target.untouched("control.sock (CLI)");
     std::fs::create_dir_all(&mnt).unwrap();
-    let m = {
-        let mut cmd = Command::new(bin());
-        cmd.args(["mount", &s(&path), &s(&mnt)])
-            .env("REFLINKFS_LOG_MAX", "4K");
-        run_ok(&mut cmd);
-        Mounted::adopt(&path, &mnt)
-    };
+    let m = Mounted::mount_with(&path, &mnt, "", &[("REFLINKFS_LOG_MAX", "4K")]);
     assert!(
         !is_symlink("control.sock"),
         "the daemon replaced the symlink"
@@ -673,7 +576,7 @@ fn planted_symlinks_in_the_metadata_directory_are_never_followed() {
     assert_eq!(mode & 0o777, 0o600, "the socket is 0600 from the start");
     // Enough to rotate the 4 KiB log a few times.
     for _ in 0..6 {
-        write_and_close(&m, 0, b"rotate the log");
+        m.write_and_close(DIRTY, 0, b"rotate the log");
     }
     assert!(!is_symlink("daemon.log.1"), "rotation replaced the symlink");
     assert!(daemon_log(&path).contains("the earlier lines are in"));
@@ -687,7 +590,7 @@ fn planted_symlinks_in_the_metadata_directory_are_never_followed() {
             meta.len()
         );
     }
-    run_ok(Command::new(bin()).args(["status", "--pool", &s(&path)]));
+    rf_ok(&path, "status");
     m.unmount();
     target.untouched("control.sock and daemon.log.1");
 
@@ -696,9 +599,9 @@ fn planted_symlinks_in_the_metadata_directory_are_never_followed() {
         let saved = meta.join(format!("{name}.saved"));
         std::fs::rename(meta.join(name), &saved).unwrap();
         plant(name);
-        let out = reflinkfs(&["volume", "list", "--pool", &s(&path)]);
+        let out = rf(&path, "volume list");
         assert!(!out.status.success(), "{name}: refused");
-        let out = reflinkfs(&["mount", &s(&path), &s(&mnt)]);
+        let out = mount();
         if out.status.success() {
             drop(Mounted::adopt(&path, &mnt));
             panic!("{name}: the mount must be refused");
@@ -709,15 +612,7 @@ fn planted_symlinks_in_the_metadata_directory_are_never_followed() {
     }
     // Temporary names of atomic writes are replaced, not followed.
     plant("volumes/c/v/n.json~tmp");
-    run_ok(Command::new(bin()).args([
-        "volume",
-        "set",
-        "--pool",
-        &s(&path),
-        V,
-        "revisions_to_keep",
-        "2",
-    ]));
+    rf_ok(&path, ["volume", "set", V, "revisions_to_keep", "2"]);
     target.untouched("n.json~tmp");
     assert!(!is_symlink("volumes/c/v/n.json~tmp"));
 }
@@ -728,32 +623,27 @@ fn planted_symlinks_in_the_metadata_directory_are_never_followed() {
 #[test]
 fn removing_a_volume_online_leaves_a_running_sibling_alone() {
     let fs = filesystems().into_iter().next().unwrap();
-    let (pool, path) = new_pool(&fs, "sibling-online");
-    let p = create_origin(&pool, "n/v/p", SIZE);
-    write_cycle(&pool, &p, 0, b"p's data");
-    drop(pool);
+    let path = prepared_pool(&fs, "sibling-online", 1, |pool| {
+        let p = create_origin(pool, "n/v/p", SIZE);
+        write_cycle(pool, &p, 0, b"p's data");
+    });
     // `p.img.7` is no longer a valid new name; older pools may have it.
-    let sib: ValidVid = "n/v/p.img.7".parse().unwrap();
+    let sib = vid("n/v/p.img.7");
     let mut cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(path.join(".reflinkfs/volumes/n/v/p.json")).unwrap())
             .unwrap();
     cfg["vid"] = sib.to_string().into();
     cfg["next_revision"] = 1.into();
-    std::fs::write(
-        path.join(".reflinkfs/volumes/n/v/p.img.7.json"),
-        serde_json::to_vec(&cfg).unwrap(),
-    )
-    .unwrap();
+    plant_config(&path, &sib, cfg);
     std::fs::write(path.join("n/v/p.img.7.img"), pattern(4, SIZE as usize)).unwrap();
     let pool = Pool::open(&path).unwrap();
     write_cycle(&pool, &sib, 0, &pattern(5, 4096));
     drop(pool);
 
-    let mnt = path.parent().unwrap().join("mnt");
-    let m = Mounted::mount(&path, &mnt, "");
+    let m = Mounted::beside(&path, "");
     let f = open_rw(&m.path("n/v/p.img.7-dirty.img"));
     f.write_all_at(&pattern(6, 4096), 0).unwrap();
-    run_ok(Command::new(bin()).args(["volume", "remove", "--pool", &s(&path), "n/v/p"]));
+    rf_ok(&path, "volume remove n/v/p");
     let log = daemon_log(&path);
     assert!(
         !log.lines()
@@ -785,18 +675,13 @@ fn recovery_finishes_a_prune_that_a_crash_interrupted() {
         return;
     }
     let fs = filesystems().into_iter().next().unwrap();
-    let (pool, path) = new_pool(&fs, "recovery-prune");
-    create_origin(&pool, V, SIZE);
-    drop(pool);
+    let path = prepared_pool(&fs, "recovery-prune", 1, |pool| {
+        create_origin(pool, V, SIZE);
+    });
     let mnt = path.parent().unwrap().join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
     for round in 0..3u8 {
-        run_ok(
-            Command::new(bin())
-                .args(["mount", &s(&path), &s(&mnt)])
-                .env(reflinkfs::engine::failpoint::ENV, "commit.renamed"),
-        );
-        let m = Mounted::adopt(&path, &mnt);
+        let failpoint = (reflinkfs::engine::failpoint::ENV, "commit.renamed");
+        let m = Mounted::mount_with(&path, &mnt, "", &[failpoint]);
         let pid = m.daemon_pid() as u32;
         let f = open_rw(&m.path(DIRTY));
         f.write_all_at(&[round + 1; 512], 0).unwrap();
@@ -805,8 +690,7 @@ fn recovery_finishes_a_prune_that_a_crash_interrupted() {
         wait_for("the daemon to abort", 30, || {
             !reflinkfs::sys::process_running(pid)
         });
-        m.forget();
-        drop(DeadMount(mnt.clone()));
+        drop(m.dead());
         check_clean(&path, &format!("after crash {round}"));
     }
     let info = volume_json(&path, V);
@@ -816,9 +700,9 @@ fn recovery_finishes_a_prune_that_a_crash_interrupted() {
 #[test]
 fn an_open_of_a_volume_that_cannot_start_gives_eio() {
     let fs = filesystems().into_iter().next().unwrap();
-    let (pool, path) = new_pool(&fs, "start-eio");
-    create_origin(&pool, V, SIZE);
-    drop(pool);
+    let path = prepared_pool(&fs, "start-eio", 1, |pool| {
+        create_origin(pool, V, SIZE);
+    });
     // A snapshot whose source is a volatile volume cannot start; the
     // engine refuses that at create, so it is written by hand.
     let vol = serde_json::json!({
@@ -830,20 +714,10 @@ fn an_open_of_a_volume_that_cannot_start_gives_eio() {
         "size": SIZE, "rw": true, "revisions_to_keep": 0, "source": "c/v/vol",
         "next_revision": 1, "generation": 0,
     });
-    for (name, cfg) in [("vol", vol), ("snap", snap)] {
-        std::fs::write(
-            path.join(format!(".reflinkfs/volumes/c/v/{name}.json")),
-            serde_json::to_vec(&cfg).unwrap(),
-        )
-        .unwrap();
-    }
-    let mnt = path.parent().unwrap().join("mnt");
-    let m = Mounted::mount(&path, &mnt, "");
-    let e = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(m.path("c/v/snap-dirty.img"))
-        .unwrap_err();
+    plant_config(&path, &vid("c/v/vol"), vol);
+    plant_config(&path, &vid("c/v/snap"), snap);
+    let m = Mounted::beside(&path, "");
+    let e = open_rw_error(&m.path("c/v/snap-dirty.img"));
     assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
     assert!(
         daemon_log(&path).contains("c/v/snap: cannot start"),
@@ -859,11 +733,10 @@ fn status_after_a_lazy_unmount_names_no_mountpoint() {
     let f = open_rw(&m.path(DIRTY));
     let pid = m.daemon_pid() as u32;
     run_ok(Command::new("umount").arg("-l").arg(&m.mnt));
-    let out = run_ok(Command::new(bin()).args(["status", "--pool", &s(&m.pool), "--json"]));
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let v = rf_json(&m.pool, "status");
     assert!(v["mountpoint"].is_null(), "{v}");
     assert_eq!(v["detached_from"], s(&m.mnt), "{v}");
-    let text = run_ok(Command::new(bin()).args(["status", "--pool", &s(&m.pool)]));
+    let text = rf_ok(&m.pool, "status");
     assert!(text.contains("lazily unmounted"), "{text}");
     drop(f);
     wait_for("the daemon to exit", 30, || {

@@ -5,30 +5,19 @@
 
 mod common;
 
+use common::cli::*;
 use common::mount::*;
 use common::*;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
-fn rf(pool: &Path, args: &[&str]) -> Output {
-    run(Command::new(bin()).args(args).arg("--pool").arg(pool))
-}
-
 fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
+    text(&o.stderr)
 }
 
 fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn xfs() -> TestFs {
-    let all = filesystems();
-    all.iter()
-        .find(|f| f.name == "xfs")
-        .cloned()
-        .unwrap_or_else(|| all[0].clone())
+    text(&o.stdout)
 }
 
 /// A pool with `appvms/work/private`, offline.
@@ -59,8 +48,8 @@ fn as_nobody(args: &[&str]) -> Output {
 #[test]
 fn a_pool_directory_that_does_not_exist_is_named_as_such() {
     let missing = std::env::temp_dir().join("reflinkfs-no-such-dir/pool");
-    for args in [vec!["status"], vec!["volume", "list"], vec!["pool", "info"]] {
-        let o = rf(&missing, &args);
+    for args in ["status", "volume list", "pool info"] {
+        let o = rf(&missing, args);
         assert_eq!(o.status.code(), Some(4), "{args:?}: {}", stderr(&o));
         assert!(
             stderr(&o).contains("does not exist") && !stderr(&o).contains("pool.json"),
@@ -83,7 +72,7 @@ fn sizes_that_read_as_powers_of_1000_are_refused_and_change_nothing() {
     for size in ["1Gb", "1GB", "512MB", "4kb"] {
         let o = rf(
             &pool,
-            &["volume", "create", "appvms/work/data", "--size", size],
+            ["volume", "create", "appvms/work/data", "--size", size],
         );
         assert_eq!(o.status.code(), Some(3), "{size}: {}", stderr(&o));
         assert!(
@@ -91,27 +80,24 @@ fn sizes_that_read_as_powers_of_1000_are_refused_and_change_nothing() {
             "{size}: {}",
             stderr(&o)
         );
-        let o = rf(&pool, &["volume", "resize", "work:private", size]);
+        let o = rf(&pool, ["volume", "resize", "work:private", size]);
         assert_eq!(o.status.code(), Some(3), "{size}: {}", stderr(&o));
     }
     assert!(!pool.join("appvms/work/data.img").exists());
     let o = rf(
         &pool,
-        &["volume", "create", "appvms/work/data", "--size", "1GiB"],
+        ["volume", "create", "appvms/work/data", "--size", "1GiB"],
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    let info = stdout(&rf(&pool, &["volume", "info", "work:data", "--json"]));
-    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
-    assert_eq!(v["size"], 1u64 << 30);
+    assert_eq!(rf_json(&pool, "volume info work:data")["size"], 1u64 << 30);
 }
 
 #[test]
 fn a_volume_larger_than_the_free_space_is_allowed_with_a_warning() {
-    let fs = xfs();
     let pool = pool_with_private("huge");
     let o = rf(
         &pool,
-        &["volume", "create", "appvms/work/huge", "--size", "100T"],
+        ["volume", "create", "appvms/work/huge", "--size", "100T"],
     );
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stdout(&o), "created appvms/work/huge\n");
@@ -123,7 +109,7 @@ fn a_volume_larger_than_the_free_space_is_allowed_with_a_warning() {
     // A size that fits says nothing.
     let o = rf(
         &pool,
-        &["volume", "create", "appvms/work/small", "--size", "1M"],
+        ["volume", "create", "appvms/work/small", "--size", "1M"],
     );
     assert!(
         o.status.success() && stderr(&o).is_empty(),
@@ -131,24 +117,19 @@ fn a_volume_larger_than_the_free_space_is_allowed_with_a_warning() {
         stderr(&o)
     );
     // JSON carries it too, and a resize past the free space warns as well.
-    let o = rf(&pool, &["volume", "resize", "work:small", "50T", "--json"]);
+    let o = rf(&pool, ["volume", "resize", "work:small", "50T", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert!(
         v["warning"].as_str().is_some_and(|w| w.contains("free")),
         "{v}"
     );
-    assert!(
-        stderr(&o).contains("warning"),
-        "[{}] {}",
-        fs.name,
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("warning"), "{}", stderr(&o));
 }
 
 #[test]
 fn mistakes_get_messages_that_say_what_to_do() {
     let pool = pool_with_private("mistakes");
-    let o = rf(&pool, &["volume", "set", "work:private", "colour", "blue"]);
+    let o = rf(&pool, ["volume", "set", "work:private", "colour", "blue"]);
     assert_eq!(o.status.code(), Some(3));
     assert!(
         stderr(&o).contains("revisions_to_keep") && stderr(&o).contains("rw"),
@@ -163,7 +144,7 @@ fn mistakes_get_messages_that_say_what_to_do() {
     write_cycle(&p, &v, 0, &pattern(1, 4096));
     write_cycle(&p, &v, 0, &pattern(2, 4096));
     drop(p);
-    let o = rf(&pool, &["volume", "revert", "work:private"]);
+    let o = rf(&pool, ["volume", "revert", "work:private"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
     assert!(

@@ -26,26 +26,13 @@ const GIB: u64 = 1 << 30;
 // ---------------------------------------------------------------------------
 // Helpers.
 
-/// The scratch XFS; without `scripts/test`, the fallback directory.
-fn xfs() -> TestFs {
-    let all = filesystems();
-    if let Some(x) = all.iter().find(|f| f.name == "xfs") {
-        return x.clone();
-    }
-    all.into_iter()
-        .next()
-        .expect("at least one test filesystem")
-}
-
 /// A new pool on `fs` keeping `keep` revisions, with the origin volume
 /// `appvms/vm/private` of `size` bytes, mounted with `opts`.
 fn mounted(fs: &TestFs, test: &str, size: u64, keep: i64, opts: &str) -> Mounted {
-    let (pool, path) = new_pool_with(fs, test, keep);
-    create_origin(&pool, "appvms/vm/private", size);
-    // The daemon takes the pool's lock.
-    drop(pool);
-    let mnt = path.parent().unwrap().join("mnt");
-    let m = Mounted::mount(&path, &mnt, opts);
+    let path = prepared_pool(fs, test, keep, |pool| {
+        create_origin(pool, "appvms/vm/private", size);
+    });
+    let m = Mounted::beside(&path, opts);
     let want = if opts.contains("passthrough=off") {
         "daemon"
     } else {
@@ -73,38 +60,29 @@ fn finish(m: Mounted) {
     std::fs::remove_dir_all(&dir).unwrap_or_else(|e| panic!("removing {}: {e}", dir.display()));
 }
 
-/// Revision files of `appvms/vm/private` in the pool directory, sorted:
-/// `private.img.K@TS` (and the older `private.img@TS`).
+/// Revision files of `appvms/vm/private` in the pool directory, sorted.
 fn revisions(pool: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(pool.join("appvms/vm"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|f| {
-            (f.starts_with("private.img.") || f.starts_with("private.img@")) && f.contains('@')
-        })
-        .collect();
-    v.sort();
-    v
+    revision_files(pool, "appvms/vm/private")
+}
+
+/// The last `n` lines of `text`.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// The last lines of the daemon's log, for failure messages.
-fn daemon_log(m: &Mounted) -> String {
-    let log = std::fs::read_to_string(m.pool.join(".reflinkfs/daemon.log")).unwrap_or_default();
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
+fn log_tail(m: &Mounted) -> String {
+    tail(&daemon_log(&m.pool), 40)
 }
 
+/// The tails of a command's output, for failure messages.
 fn show(out: &Output) -> String {
-    let tail = |b: &[u8]| {
-        let s = String::from_utf8_lossy(b);
-        let lines: Vec<&str> = s.lines().collect();
-        lines[lines.len().saturating_sub(60)..].join("\n")
-    };
     format!(
         "{:?}\n--- stdout (tail) ---\n{}\n--- stderr (tail) ---\n{}",
         out.status,
-        tail(&out.stdout),
-        tail(&out.stderr)
+        tail(&String::from_utf8_lossy(&out.stdout), 60),
+        tail(&String::from_utf8_lossy(&out.stderr), 60)
     )
 }
 
@@ -261,7 +239,7 @@ fn discard_case(fs: &TestFs, direct_io: bool) {
         "{ctx} after fstrim the backing file's allocation dropped by {dropped} bytes \
          ({alloc_full} -> {alloc_trimmed}), less than 90% of the 256 MiB deleted\n\
          daemon log:\n{}",
-        daemon_log(&m)
+        log_tail(&m)
     );
 
     // Unmount, detach, and the last release commits.
@@ -326,33 +304,25 @@ fn discard_case(fs: &TestFs, direct_io: bool) {
     finish(m);
 }
 
-fn discard_tools() -> bool {
-    require(&[
-        "losetup",
-        "mkfs.ext4",
-        "fsck.ext4",
-        "debugfs",
-        "fstrim",
-        "sync",
-    ])
-}
+const DISCARD_TOOLS: &[&str] = &[
+    "losetup",
+    "mkfs.ext4",
+    "fsck.ext4",
+    "debugfs",
+    "fstrim",
+    "sync",
+];
 
 #[test]
 fn discard_end_to_end_buffered_loop() {
-    if !discard_tools() {
-        return;
-    }
-    for fs in filesystems() {
+    for fs in mount_filesystems(DISCARD_TOOLS) {
         discard_case(&fs, false);
     }
 }
 
 #[test]
 fn discard_end_to_end_direct_io_loop() {
-    if !discard_tools() {
-        return;
-    }
-    for fs in filesystems() {
+    for fs in mount_filesystems(DISCARD_TOOLS) {
         discard_case(&fs, true);
     }
 }
@@ -592,7 +562,7 @@ fn fsx_case(opts: &str) {
                 && String::from_utf8_lossy(&out.stdout).contains("All operations completed A-OK!"),
             "{sctx}: fsx through the mount failed: {}\ndaemon log:\n{}",
             show(&out),
-            daemon_log(&m)
+            log_tail(&m)
         );
 
         // fsx's exit is the last close: the commit follows.
@@ -603,7 +573,7 @@ fn fsx_case(opts: &str) {
             got == want,
             "{sctx}: the committed image differs from fsx's result at {:?}\ndaemon log:\n{}",
             first_difference(&got, &want),
-            daemon_log(&m)
+            log_tail(&m)
         );
         let through = read_all(&m.path(COMMITTED));
         assert!(
@@ -766,7 +736,7 @@ fn fio_case(opts: &str) {
          daemon log:\n{}",
         getxattr * 1e3,
         extents.trim(),
-        daemon_log(&m)
+        log_tail(&m)
     );
     assert_eq!(verified, FIO_SIZE, "{ctx} bytes read back and verified");
     if opts.contains("passthrough=off") {

@@ -13,6 +13,7 @@
 
 mod common;
 
+use common::cli::*;
 use common::mount::*;
 use common::*;
 use std::fs::{File, OpenOptions};
@@ -22,49 +23,16 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
-
-fn rf(args: &[&str]) -> std::process::Output {
-    run(Command::new(bin()).args(args))
-}
-
-fn xfs() -> TestFs {
-    let all = filesystems();
-    all.iter()
-        .find(|f| f.name == "xfs")
-        .cloned()
-        .unwrap_or_else(|| all[0].clone())
-}
-
 const IMPORT_SIZE: u64 = MIB;
 
 /// A pool of a few VMs, mounted with `opts` and `env`.
-fn pool_with(
-    fs: &TestFs,
-    test: &str,
-    vols: &[&str],
-    opts: &str,
-    env: &[(&str, String)],
-) -> Mounted {
-    let (pool, path) = new_pool(fs, test);
-    for v in vols {
-        create_origin(&pool, v, MIB);
-    }
-    drop(pool);
-    let mnt = path.parent().unwrap().join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let mut cmd = Command::new(bin());
-    cmd.arg("mount").arg(&path).arg(&mnt);
-    if !opts.is_empty() {
-        cmd.args(["-o", opts]);
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    run_ok(&mut cmd);
-    Mounted::adopt(&path, &mnt)
+fn pool_with(fs: &TestFs, test: &str, vols: &[&str], opts: &str, env: &[(&str, &str)]) -> Mounted {
+    let path = prepared_pool(fs, test, 1, |pool| {
+        for v in vols {
+            create_origin(pool, v, MIB);
+        }
+    });
+    Mounted::mount_with(&path, &path.parent().unwrap().join("mnt"), opts, env)
 }
 
 /// An import whose input the test holds: it waits on its pipe until fed.
@@ -127,14 +95,10 @@ fn must_return<T: Send + 'static>(
 }
 
 fn state_of(pool: &Path, vid: &str) -> String {
-    let out = rf(&["volume", "info", "--pool", &s(pool), vid, "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["state"].as_str().unwrap().to_owned()
+    rf_json(pool, ["volume", "info", vid])["state"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
 
 /// The probes: each on its own thread, each must return.
@@ -146,27 +110,17 @@ fn probes(m: &Mounted, other_open: &File) {
     });
     let mnt = m.mnt.clone();
     must_return("a start and commit of another volume", dev, move || {
-        let p = mnt.join("appvms/busy/free-dirty.img");
-        let f = OpenOptions::new().write(true).open(&p).unwrap();
-        f.write_all_at(b"free", 0).unwrap();
-        drop(f);
-        wait_for("the other volume's commit", 60, || {
-            xattr(&p, "user.reflinkfs.state").as_deref() == Some("stopped")
-        });
+        write_until(&mnt.join("appvms/busy/free-dirty.img"), b"free", "stopped");
     });
     let f = other_open.try_clone().unwrap();
     must_return("fsync of an open volume", dev, move || {
         f.write_all_at(b"sync", 0).unwrap();
         f.sync_all().unwrap();
     });
-    for args in [
-        vec!["status", "--pool", &s(&pool)],
-        vec!["volume", "list", "--pool", &s(&pool)],
-        vec!["volume", "info", "--pool", &s(&pool), "appvms/busy/open"],
-    ] {
-        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        must_return(&format!("reflinkfs {}", args.join(" ")), dev, move || {
-            run_ok(Command::new(bin()).args(&args));
+    for args in ["status", "volume list", "volume info appvms/busy/open"] {
+        let pool = pool.clone();
+        must_return(&format!("reflinkfs {args}"), dev, move || {
+            rf_ok(&pool, args);
         });
     }
 }
@@ -185,16 +139,12 @@ fn nothing_waits_for_an_import_that_waits_for_its_input() {
     }
     let fs = xfs();
     let m = pool_with(&fs, "live-import", VOLS, "", &[]);
-    let open = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(m.path("appvms/busy/open-dirty.img"))
-        .unwrap();
+    let open = open_rw(&m.path("appvms/busy/open-dirty.img"));
     let import = StalledImport::start(&m.pool, "appvms/imp/private");
     wait_for("the import to wait for its input", 30, || {
         state_of(&m.pool, "appvms/imp/private") == "importing"
     });
-    let status = rf(&["status", "--pool", &s(&m.pool)]);
+    let status = rf(&m.pool, "status");
     assert!(
         String::from_utf8_lossy(&status.stdout).contains("importing"),
         "status shows the operation"
@@ -229,24 +179,15 @@ fn one_worker_serves_every_volume_while_a_commit_is_held() {
         VOLS,
         "threads=1",
         &[
-            ("REFLINKFS_FAILPOINT", "pause.commit".to_owned()),
-            ("REFLINKFS_FAILPOINT_GATE", s(&gate)),
+            ("REFLINKFS_FAILPOINT", "pause.commit"),
+            ("REFLINKFS_FAILPOINT_GATE", &s(&gate)),
         ],
     );
     let dev = m.dev();
-    let open = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(m.path("appvms/busy/open-dirty.img"))
-        .unwrap();
+    let open = open_rw(&m.path("appvms/busy/open-dirty.img"));
     // The held volume's commit stops at the failpoint.
     let held = m.path("appvms/held/pause-dirty.img");
-    let f = OpenOptions::new().write(true).open(&held).unwrap();
-    f.write_all_at(b"held", 0).unwrap();
-    drop(f);
-    wait_for("the commit to be held", 30, || {
-        xattr(&held, "user.reflinkfs.state").as_deref() == Some("committing")
-    });
+    write_until(&held, b"held", "committing");
     let import = StalledImport::start(&m.pool, "appvms/imp/private");
     wait_for("the import to wait for its input", 30, || {
         state_of(&m.pool, "appvms/imp/private") == "importing"
@@ -285,10 +226,7 @@ fn an_import_from_a_file_on_the_same_mount_completes() {
     let fs = xfs();
     let m = pool_with(&fs, "live-self-import", &["c/v/src", "c/v/dst"], "", &[]);
     let src = m.path("c/v/src-dirty.img");
-    let f = OpenOptions::new().write(true).open(&src).unwrap();
-    f.write_all_at(&pattern(0x42, 65536), 0).unwrap();
-    drop(f);
-    m.wait_stopped("c/v/src-dirty.img");
+    write_until(&src, &pattern(0x42, 65536), "stopped");
     let dev = m.dev();
     // From another volume's image, then into the very volume it reads from.
     for (what, from) in [
@@ -297,11 +235,7 @@ fn an_import_from_a_file_on_the_same_mount_completes() {
     ] {
         let (pool, from) = (m.pool.clone(), m.path(from));
         must_return(what, dev, move || {
-            run_ok(
-                Command::new(bin())
-                    .args(["volume", "import", "--pool", &s(&pool), "c/v/dst"])
-                    .arg(&from),
-            );
+            rf_ok(&pool, ["volume", "import", "c/v/dst", &s(&from)]);
         });
         assert_eq!(
             read_committed(&m.pool, &vid("c/v/dst"), 0, 65536),
@@ -310,6 +244,17 @@ fn an_import_from_a_file_on_the_same_mount_completes() {
         );
     }
     m.unmount();
+}
+
+/// Writes `data` at the start of the volume behind `dirty` (opened for
+/// writing only) and closes it; then waits until the volume is in `state`.
+fn write_until(dirty: &Path, data: &[u8], state: &str) {
+    let f = OpenOptions::new().write(true).open(dirty).unwrap();
+    f.write_all_at(data, 0).unwrap();
+    drop(f);
+    wait_for(&format!("{} to be {state}", dirty.display()), 60, || {
+        xattr(dirty, "user.reflinkfs.state").as_deref() == Some(state)
+    });
 }
 
 /// What a reader of `N.img` sees through its open file.
@@ -323,60 +268,41 @@ fn a_reader_of_an_old_image_keeps_its_attributes_across_resize_and_recreate() {
     let fs = xfs();
     let m = pool_with(&fs, "live-old-reader", &["c/v/n"], "", &[]);
     let dirty = m.path("c/v/n-dirty.img");
-    let f = OpenOptions::new().write(true).open(&dirty).unwrap();
-    f.write_all_at(&pattern(1, 4096), 0).unwrap();
-    drop(f);
-    m.wait_stopped("c/v/n-dirty.img");
+    write_until(&dirty, &pattern(1, 4096), "stopped");
     let img = m.path("c/v/n.img");
 
-    // A resize replaces N.img.
-    let reader = File::open(&img).unwrap();
-    let before = fstat_of(&reader);
-    assert_eq!(before.1, MIB);
-    run_ok(Command::new(bin()).args(["volume", "resize", "--pool", &s(&m.pool), "c/v/n", "2M"]));
-    assert_eq!(
-        fstat_of(&reader),
-        before,
-        "the reader keeps its inode and size"
-    );
-    assert_eq!(read_at(&reader, 0, 4096), pattern(1, 4096));
-    let now = std::fs::metadata(&img).unwrap();
-    assert_eq!(now.len(), 2 * MIB);
-    assert_ne!(now.ino(), before.0, "the new image has a new inode number");
-    drop(reader);
-
-    // Remove, then create again under the same id.
-    let reader = File::open(&img).unwrap();
-    let before = fstat_of(&reader);
-    run_ok(Command::new(bin()).args(["volume", "remove", "--pool", &s(&m.pool), "c/v/n"]));
-    run_ok(Command::new(bin()).args([
-        "volume",
-        "create",
-        "--pool",
-        &s(&m.pool),
-        "c/v/n",
-        "--size",
-        "3M",
-    ]));
-    let f = OpenOptions::new().write(true).open(&dirty).unwrap();
-    f.write_all_at(&pattern(2, 4096), 0).unwrap();
-    drop(f);
-    m.wait_stopped("c/v/n-dirty.img");
-    assert_eq!(
-        fstat_of(&reader),
-        before,
-        "the old reader keeps the old volume's image"
-    );
-    assert_eq!(read_at(&reader, 0, 4096), pattern(1, 4096));
-    let now = std::fs::metadata(&img).unwrap();
-    assert_eq!(now.len(), 3 * MIB);
-    assert_ne!(now.ino(), before.0);
+    // A resize replaces N.img; a remove and a create make a new volume
+    // under the same id. A reader of the old N.img keeps it either way.
+    for (what, size) in [("a resize", 2 * MIB), ("a remove and a create", 3 * MIB)] {
+        let reader = File::open(&img).unwrap();
+        let before = fstat_of(&reader);
+        if size == 2 * MIB {
+            assert_eq!(before.1, MIB);
+            rf_ok(&m.pool, "volume resize c/v/n 2M");
+        } else {
+            rf_ok(&m.pool, "volume remove c/v/n");
+            rf_ok(&m.pool, "volume create c/v/n --size 3M");
+            write_until(&dirty, &pattern(2, 4096), "stopped");
+        }
+        assert_eq!(
+            fstat_of(&reader),
+            before,
+            "{what}: the reader keeps its inode and size (the old volume's image)"
+        );
+        assert_eq!(read_at(&reader, 0, 4096), pattern(1, 4096), "{what}");
+        let now = std::fs::metadata(&img).unwrap();
+        assert_eq!(now.len(), size, "{what}");
+        assert_ne!(
+            now.ino(),
+            before.0,
+            "{what}: the new image has a new inode number"
+        );
+    }
     assert_ne!(
         std::fs::metadata(&dirty).unwrap().ino(),
         0,
         "the new volume's dirty image is a file"
     );
-    drop(reader);
     m.unmount();
 }
 
@@ -391,22 +317,18 @@ fn a_request_that_panics_fails_alone() {
         "live-panic",
         &["c/v/panic", "c/v/n"],
         "",
-        &[("REFLINKFS_FAILPOINT", "fuse.getattr".to_owned())],
+        &[("REFLINKFS_FAILPOINT", "fuse.getattr")],
     );
-    let open = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(m.path("c/v/n-dirty.img"))
-        .unwrap();
+    let open = open_rw(&m.path("c/v/n-dirty.img"));
     let e = std::fs::metadata(m.path("c/v/panic-dirty.img")).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
     // Everything else serves on.
     std::fs::metadata(m.path("c/v/n-dirty.img")).unwrap();
     open.write_all_at(b"alive", 0).unwrap();
     open.sync_all().unwrap();
-    run_ok(Command::new(bin()).args(["status", "--pool", &s(&m.pool)]));
+    rf_ok(&m.pool, "status");
     assert!(m.root_counter("panics") >= 1);
-    let log = std::fs::read_to_string(m.pool.join(".reflinkfs/daemon.log")).unwrap();
+    let log = daemon_log(&m.pool);
     assert!(log.contains("the request panicked"), "{log}");
     drop(open);
     m.wait_stopped("c/v/n-dirty.img");
@@ -423,10 +345,7 @@ fn forget_keeps_the_inode_table_bounded() {
     let dirty = m.path("c/v/n-dirty.img");
     let img = m.path("c/v/n.img");
     for i in 0..100u8 {
-        let f = OpenOptions::new().write(true).open(&dirty).unwrap();
-        f.write_all_at(&[i; 512], 0).unwrap();
-        drop(f);
-        m.wait_stopped("c/v/n-dirty.img");
+        write_until(&dirty, &[i; 512], "stopped");
         // A lookup of each new N.img: a new inode every time.
         std::fs::metadata(&img).unwrap_or_else(|e| panic!("round {i}: {e}"));
     }
@@ -453,17 +372,12 @@ fn the_mount_shows_every_change_at_once_despite_caching() {
         v.sort();
         v
     };
-    let cli = |args: &[&str]| {
-        let mut a = args.to_vec();
-        let p = s(&m.pool);
-        a.extend(["--pool", &p]);
-        run_ok(Command::new(bin()).args(&a));
-    };
+    let cli = |args: &str| rf_ok(&m.pool, args);
     assert_eq!(list("c/v"), ["a-dirty.img", "a.img"]);
     assert_eq!(list("c"), ["v"]);
     // A new volume, in this VM and in a new one.
-    cli(&["volume", "create", "c/v/b", "--size", "1M"]);
-    cli(&["volume", "create", "c/w/x", "--size", "1M"]);
+    cli("volume create c/v/b --size 1M");
+    cli("volume create c/w/x --size 1M");
     assert_eq!(
         list("c/v"),
         ["a-dirty.img", "a.img", "b-dirty.img", "b.img"]
@@ -471,13 +385,7 @@ fn the_mount_shows_every_change_at_once_despite_caching() {
     assert_eq!(list("c"), ["v", "w"]);
     // A commit: a revision appears, N.img is a new file.
     let img_ino = std::fs::metadata(m.path("c/v/a.img")).unwrap().ino();
-    let f = OpenOptions::new()
-        .write(true)
-        .open(m.path("c/v/a-dirty.img"))
-        .unwrap();
-    f.write_all_at(b"x", 0).unwrap();
-    drop(f);
-    m.wait_stopped("c/v/a-dirty.img");
+    write_until(&m.path("c/v/a-dirty.img"), b"x", "stopped");
     let names = list("c/v");
     assert!(names.iter().any(|n| n.starts_with("a.img.1@")), "{names:?}");
     assert_ne!(
@@ -485,7 +393,7 @@ fn the_mount_shows_every_change_at_once_despite_caching() {
         img_ino
     );
     // A resize shows its size, stopped and committed.
-    cli(&["volume", "resize", "c/v/b", "3M"]);
+    cli("volume resize c/v/b 3M");
     assert_eq!(
         std::fs::metadata(m.path("c/v/b.img")).unwrap().len(),
         3 * MIB
@@ -495,12 +403,12 @@ fn the_mount_shows_every_change_at_once_despite_caching() {
         3 * MIB
     );
     // rw=false shows in the mode.
-    cli(&["volume", "set", "c/v/b", "rw", "false"]);
+    cli("volume set c/v/b rw false");
     let mode = std::fs::metadata(m.path("c/v/b-dirty.img")).unwrap().mode() & 0o777;
     assert_eq!(mode, 0o400);
     // Removals: the files go, and a VM whose last volume went goes.
-    cli(&["volume", "remove", "c/v/b"]);
-    cli(&["volume", "remove", "c/w/x"]);
+    cli("volume remove c/v/b");
+    cli("volume remove c/w/x");
     let names = list("c/v");
     assert!(!names.iter().any(|n| n.starts_with("b")), "{names:?}");
     assert_eq!(list("c"), ["v"]);

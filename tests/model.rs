@@ -1029,6 +1029,18 @@ fn engine_matches_model() {
 
 // Regression cases the model found.
 
+/// Replays, with `priv` and `private` keeping one revision, a first commit
+/// of `priv` and then `then`.
+fn replay_after_a_commit(then: &[Op]) {
+    let setup = Setup {
+        rtk: [1, 1],
+        pages: [16, 16, 16, 16],
+    };
+    let mut ops = vec![Start(Priv), Write(Priv, 0, 1, 1), Stop(Priv)];
+    ops.extend_from_slice(then);
+    replay(setup, &ops);
+}
+
 /// Opening a pool used to prune every origin volume down to
 /// `revisions_to_keep` (recovery called `prune_revisions`), so the revision
 /// a revert kept (SPEC §5: "Revision K stays in the list") disappeared at
@@ -1036,18 +1048,7 @@ fn engine_matches_model() {
 /// gone after the reopen, leaving `[2]`.
 #[test]
 fn revert_then_reopen_keeps_revisions() {
-    let setup = Setup {
-        rtk: [1, 1],
-        pages: [16, 16, 16, 16],
-    };
-    let ops = [
-        Start(Priv),
-        Write(Priv, 0, 1, 1),
-        Stop(Priv),
-        Revert(Priv, Newest),
-        Reopen,
-    ];
-    replay(setup, &ops);
+    replay_after_a_commit(&[Revert(Priv, Newest), Reopen]);
 }
 
 /// Engine bug: two reverts in a row leave revisions_to_keep+2 revisions
@@ -1056,16 +1057,5 @@ fn revert_then_reopen_keeps_revisions() {
 /// allows", although only valid operations ran.
 #[test]
 fn revert_twice_passes_check() {
-    let setup = Setup {
-        rtk: [1, 1],
-        pages: [16, 16, 16, 16],
-    };
-    let ops = [
-        Start(Priv),
-        Write(Priv, 0, 1, 1),
-        Stop(Priv),
-        Revert(Priv, Newest),
-        Revert(Priv, Newest),
-    ];
-    replay(setup, &ops);
+    replay_after_a_commit(&[Revert(Priv, Newest), Revert(Priv, Newest)]);
 }

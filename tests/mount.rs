@@ -16,92 +16,62 @@ use std::process::Command;
 
 const PRIV: &str = "appvms/vm/private-dirty.img";
 
-fn xfs() -> Option<TestFs> {
-    let all = filesystems();
-    if let Some(x) = all.iter().find(|f| f.name == "xfs") {
-        return Some(x.clone());
-    }
-    // Without scripts/test: the fallback directory, in copy mode.
-    all.into_iter().next()
-}
-
-/// A pool with `appvms/vm/private` (origin), mounted with `opts`.
+/// A pool with `appvms/vm/private` (origin) and what `setup` makes,
+/// mounted with `opts`.
 fn mounted(fs: &TestFs, test: &str, opts: &str, setup: impl FnOnce(&Pool)) -> Mounted {
-    let (pool, path) = new_pool(fs, test);
-    create_origin(&pool, "appvms/vm/private", 4 * MIB);
-    setup(&pool);
-    drop(pool);
-    let mnt = path.parent().unwrap().join("mnt");
-    Mounted::mount(&path, &mnt, opts)
+    let path = prepared_pool(fs, test, 1, |pool| {
+        create_origin(pool, "appvms/vm/private", 4 * MIB);
+        setup(pool);
+    });
+    Mounted::beside(&path, opts)
 }
 
-fn revisions_on_disk(pool: &Path, vm: &str, name: &str) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(pool.join("appvms").join(vm))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|f| {
-            f.starts_with(&format!("{name}.img.")) || f.starts_with(&format!("{name}.img@"))
-        })
-        .collect();
-    v.sort();
-    v
+/// [`mounted`] on the scratch XFS, where the test can run (as root, with
+/// `tools`).
+fn mounted_on_xfs(tools: &[&str], test: &str, setup: impl FnOnce(&Pool)) -> Option<Mounted> {
+    require(tools).then(|| mounted(&xfs(), test, "", setup))
+}
+
+/// Runs `check` on a new [`mounted`] pool on every filesystem, in both I/O
+/// modes, and unmounts.
+fn in_both_io_modes(test: &str, check: impl Fn(&Mounted, &str)) {
+    for fs in mount_filesystems(&[]) {
+        for opts in ["", "passthrough=off"] {
+            let m = mounted(&fs, test, opts, |_| {});
+            check(&m, &format!("[{}] {opts:?}", fs.name));
+            m.unmount();
+        }
+    }
 }
 
 fn committed(pool: &Path, vm: &str, name: &str) -> PathBuf {
     pool.join("appvms").join(vm).join(format!("{name}.img"))
 }
 
-fn open_rw(p: &Path) -> File {
-    OpenOptions::new().read(true).write(true).open(p).unwrap()
-}
-
-/// Writes `data` at `off` through the mount and closes, then waits for the
-/// commit.
-fn write_and_close(m: &Mounted, rel: &str, off: u64, data: &[u8]) {
-    let f = open_rw(&m.path(rel));
-    f.write_all_at(data, off).unwrap();
-    drop(f);
-    m.wait_stopped(rel);
+fn revisions(pool: &Path) -> Vec<String> {
+    revision_files(pool, "appvms/vm/private")
 }
 
 #[test]
 fn a_write_then_close_commits_and_n_img_shows_it() {
-    if !require(&[]) {
-        return;
-    }
-    for fs in filesystems() {
-        for opts in ["", "passthrough=off"] {
-            let m = mounted(&fs, "commit", opts, |_| {});
-            write_and_close(&m, PRIV, 4096, &pattern(1, 8192));
-            let ctx = format!("[{}] {opts:?}", fs.name);
-            let through = File::open(m.path("appvms/vm/private.img")).unwrap();
-            assert_eq!(read_at(&through, 4096, 8192), pattern(1, 8192), "{ctx}");
-            let backing = File::open(committed(&m.pool, "vm", "private")).unwrap();
-            assert_eq!(read_at(&backing, 4096, 8192), pattern(1, 8192), "{ctx}");
-            assert_eq!(
-                revisions_on_disk(&m.pool, "vm", "private").len(),
-                1,
-                "{ctx}"
-            );
-            assert!(
-                !m.pool.join("appvms/vm/private-dirty.img").exists(),
-                "{ctx}"
-            );
-            drop((through, backing));
-            m.unmount();
-        }
-    }
+    in_both_io_modes("commit", |m, ctx| {
+        m.write_and_close(PRIV, 4096, &pattern(1, 8192));
+        let through = File::open(m.path("appvms/vm/private.img")).unwrap();
+        assert_eq!(read_at(&through, 4096, 8192), pattern(1, 8192), "{ctx}");
+        let backing = File::open(committed(&m.pool, "vm", "private")).unwrap();
+        assert_eq!(read_at(&backing, 4096, 8192), pattern(1, 8192), "{ctx}");
+        assert_eq!(revisions(&m.pool).len(), 1, "{ctx}");
+        assert!(!m.pool.join(PRIV).exists(), "{ctx}");
+    });
 }
 
 #[test]
 fn an_open_and_close_without_writes_adds_no_revision() {
-    if !require(&[]) {
+    let Some(m) = mounted_on_xfs(&[], "noop", |_| {}) else {
         return;
-    }
-    let fs = xfs().unwrap();
-    let m = mounted(&fs, "noop", "", |_| {});
-    write_and_close(&m, PRIV, 0, b"first");
-    let before = revisions_on_disk(&m.pool, "vm", "private");
+    };
+    m.write_and_close(PRIV, 0, b"first");
+    let before = revisions(&m.pool);
     for _ in 0..3 {
         let f = File::open(m.path(PRIV)).unwrap();
         let _ = read_at(&f, 0, 512);
@@ -111,7 +81,7 @@ fn an_open_and_close_without_writes_adds_no_revision() {
         drop(f);
         m.wait_stopped(PRIV);
     }
-    assert_eq!(revisions_on_disk(&m.pool, "vm", "private"), before);
+    assert_eq!(revisions(&m.pool), before);
 }
 
 #[test]
@@ -119,19 +89,13 @@ fn a_snapshot_volume_shows_its_templates_last_commit() {
     if !require(&[]) {
         return;
     }
-    let fs = xfs().unwrap();
-    let (pool, path) = new_pool(&fs, "snap");
-    let tpl = create_origin(&pool, "vm-templates/tpl/root", 4 * MIB);
-    create_kind(&pool, "appvms/app/root", 4 * MIB, NewKind::SnapshotOf(tpl));
-    drop(pool);
-    let m = Mounted::mount(&path, &path.parent().unwrap().join("mnt"), "");
+    let path = prepared_pool(&xfs(), "snap", 1, |pool| {
+        let tpl = create_origin(pool, "vm-templates/tpl/root", 4 * MIB);
+        create_snapshot(pool, "appvms/app/root", 4 * MIB, &tpl);
+    });
+    let m = Mounted::beside(&path, "");
     for round in 1..=2u8 {
-        write_and_close(
-            &m,
-            "vm-templates/tpl/root-dirty.img",
-            0,
-            &pattern(round, 4096),
-        );
+        m.write_and_close("vm-templates/tpl/root-dirty.img", 0, &pattern(round, 4096));
         let f = open_rw(&m.path("appvms/app/root-dirty.img"));
         assert_eq!(read_at(&f, 0, 4096), pattern(round, 4096), "round {round}");
         f.write_all_at(&pattern(99, 4096), 0).unwrap();
@@ -149,10 +113,7 @@ fn a_snapshot_volume_shows_its_templates_last_commit() {
 
 #[test]
 fn volatile_is_zeroed_on_every_start() {
-    if !require(&[]) {
-        return;
-    }
-    for fs in filesystems() {
+    for fs in mount_filesystems(&[]) {
         let m = mounted(&fs, "volatile", "", |p| {
             create_kind(p, "appvms/vm/volatile", 2 * MIB, NewKind::Volatile);
         });
@@ -173,14 +134,12 @@ fn volatile_is_zeroed_on_every_start() {
 
 #[test]
 fn rw_false_gives_erofs_and_o_trunc_gives_eperm() {
-    if !require(&[]) {
-        return;
-    }
-    let fs = xfs().unwrap();
-    let m = mounted(&fs, "erofs", "", |p| {
+    let Some(m) = mounted_on_xfs(&[], "erofs", |p| {
         let ro = create_origin(p, "appvms/vm/kernel", MIB);
         p.set(&ro, Property::Rw(false)).unwrap();
-    });
+    }) else {
+        return;
+    };
     let e = OpenOptions::new()
         .write(true)
         .open(m.path("appvms/vm/kernel-dirty.img"))
@@ -216,7 +175,7 @@ fn rw_false_gives_erofs_and_o_trunc_gives_eperm() {
     assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
     let e = std::fs::remove_file(m.path("appvms/vm/private.img")).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
-    let log = std::fs::read_to_string(m.pool.join(".reflinkfs/daemon.log")).unwrap();
+    let log = daemon_log(&m.pool);
     assert!(
         log.contains("reflinkfs volume remove"),
         "the log names the CLI command to use"
@@ -228,16 +187,16 @@ fn a_read_only_mount_serves_reads_and_changes_nothing() {
     if !require(&[]) {
         return;
     }
-    let fs = xfs().unwrap();
+    let fs = xfs();
     let m = mounted(&fs, "ro-mount", "", |p| {
         p.set(&vid("appvms/vm/private"), Property::RevisionsToKeep(2))
             .unwrap();
     });
-    write_and_close(&m, PRIV, 0, &pattern(1, 4096));
-    write_and_close(&m, PRIV, 0, &pattern(2, 4096));
+    m.write_and_close(PRIV, 0, &pattern(1, 4096));
+    m.write_and_close(PRIV, 0, &pattern(2, 4096));
     let (pool, mnt) = (m.pool.clone(), m.mnt.clone());
     m.unmount();
-    let before = revisions_on_disk(&pool, "vm", "private");
+    let before = revisions(&pool);
     assert_eq!(before.len(), 2, "{before:?}");
     let m = Mounted::mount(&pool, &mnt, "ro");
     use std::os::unix::fs::PermissionsExt;
@@ -272,7 +231,7 @@ fn a_read_only_mount_serves_reads_and_changes_nothing() {
     assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
     m.unmount();
     assert_eq!(
-        revisions_on_disk(&pool, "vm", "private"),
+        revisions(&pool),
         before,
         "a read of a ro mount adds no revision and removes none"
     );
@@ -282,18 +241,15 @@ fn a_read_only_mount_serves_reads_and_changes_nothing() {
 
 #[test]
 fn unlinking_a_revision_deletes_it_and_renaming_one_onto_n_img_reverts() {
-    if !require(&[]) {
-        return;
-    }
-    for fs in filesystems() {
+    for fs in mount_filesystems(&[]) {
         let m = mounted(&fs, "revs", "", |p| {
             p.set(&vid("appvms/vm/private"), Property::RevisionsToKeep(3))
                 .unwrap();
         });
         for i in 1..=3u8 {
-            write_and_close(&m, PRIV, 0, &pattern(i, 4096));
+            m.write_and_close(PRIV, 0, &pattern(i, 4096));
         }
-        let revs = revisions_on_disk(&m.pool, "vm", "private");
+        let revs = revisions(&m.pool);
         assert_eq!(revs.len(), 3, "[{}] {revs:?}", fs.name);
         // Revision 2 holds pattern 1; rename it onto N.img to revert.
         let r2 = revs
@@ -343,44 +299,33 @@ fn unlinking_a_revision_deletes_it_and_renaming_one_onto_n_img_reverts() {
 
 #[test]
 fn a_reader_of_n_img_keeps_the_old_bytes_through_a_commit() {
-    if !require(&[]) {
-        return;
-    }
-    for fs in filesystems() {
-        for opts in ["", "passthrough=off"] {
-            let m = mounted(&fs, "reader", opts, |_| {});
-            write_and_close(&m, PRIV, 0, &pattern(1, 4 * MIB as usize));
-            let reader = File::open(m.path("appvms/vm/private.img")).unwrap();
-            let first = read_at(&reader, 0, 2 * MIB as usize);
-            write_and_close(&m, PRIV, 0, &pattern(2, 4 * MIB as usize));
-            let second = read_at(&reader, 2 * MIB, 2 * MIB as usize);
-            let mut all = first;
-            all.extend(second);
-            assert_eq!(
-                all,
-                pattern(1, 4 * MIB as usize),
-                "[{}] {opts:?}: the reader saw the commit",
-                fs.name
-            );
-            let fresh = File::open(m.path("appvms/vm/private.img")).unwrap();
-            assert_eq!(
-                read_at(&fresh, 0, 4096),
-                pattern(2, 4096),
-                "a new open sees the new commit"
-            );
-            drop((reader, fresh));
-            m.unmount();
-        }
-    }
+    in_both_io_modes("reader", |m, ctx| {
+        m.write_and_close(PRIV, 0, &pattern(1, 4 * MIB as usize));
+        let reader = File::open(m.path("appvms/vm/private.img")).unwrap();
+        let first = read_at(&reader, 0, 2 * MIB as usize);
+        m.write_and_close(PRIV, 0, &pattern(2, 4 * MIB as usize));
+        let second = read_at(&reader, 2 * MIB, 2 * MIB as usize);
+        let mut all = first;
+        all.extend(second);
+        assert_eq!(
+            all,
+            pattern(1, 4 * MIB as usize),
+            "{ctx}: the reader saw the commit"
+        );
+        let fresh = File::open(m.path("appvms/vm/private.img")).unwrap();
+        assert_eq!(
+            read_at(&fresh, 0, 4096),
+            pattern(2, 4096),
+            "{ctx}: a new open sees the new commit"
+        );
+    });
 }
 
 #[test]
 fn two_openers_of_dirty_share_one_run() {
-    if !require(&[]) {
+    let Some(m) = mounted_on_xfs(&[], "share", |_| {}) else {
         return;
-    }
-    let fs = xfs().unwrap();
-    let m = mounted(&fs, "share", "", |_| {});
+    };
     let a = open_rw(&m.path(PRIV));
     let b = File::open(m.path(PRIV)).unwrap();
     a.write_all_at(b"shared", 0).unwrap();
@@ -404,15 +349,13 @@ fn two_openers_of_dirty_share_one_run() {
 
 #[test]
 fn four_volumes_in_parallel_fifty_cycles_each() {
-    if !require(&[]) {
-        return;
-    }
-    let fs = xfs().unwrap();
-    let m = mounted(&fs, "parallel", "", |p| {
+    let Some(m) = mounted_on_xfs(&[], "parallel", |p| {
         for i in 0..4 {
             create_origin(p, &format!("appvms/vm{i}/private"), 2 * MIB);
         }
-    });
+    }) else {
+        return;
+    };
     std::thread::scope(|s| {
         for i in 0..4u8 {
             let m = &m;
@@ -420,7 +363,7 @@ fn four_volumes_in_parallel_fifty_cycles_each() {
                 let rel = format!("appvms/vm{i}/private-dirty.img");
                 for cycle in 0..50u8 {
                     let data = pattern(i.wrapping_mul(64).wrapping_add(cycle), 8192);
-                    write_and_close(m, &rel, u64::from(cycle) * 8192, &data);
+                    m.write_and_close(&rel, u64::from(cycle) * 8192, &data);
                     let img = File::open(committed(&m.pool, &format!("vm{i}"), "private")).unwrap();
                     assert_eq!(
                         read_at(&img, u64::from(cycle) * 8192, 8192),
@@ -449,7 +392,7 @@ fn passthrough_reads_and_writes_never_reach_the_daemon() {
     if !require(&[]) {
         return;
     }
-    let fs = xfs().unwrap();
+    let fs = xfs();
     for (opts, expect_daemon) in [("", false), ("passthrough=off", true)] {
         let m = mounted(&fs, "counter", opts, |p| {
             create_origin(p, "appvms/vm/big", 256 * MIB);
@@ -494,16 +437,11 @@ fn passthrough_reads_and_writes_never_reach_the_daemon() {
             m.root_counter("write_requests"),
             m.root_counter("getxattr_requests"),
         );
-        let layout = std::alloc::Layout::from_size_align(MIB as usize, 4096).unwrap();
-        // SAFETY: a non-zero-sized layout; freed below with the same layout.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        // SAFETY: `ptr` points at MIB initialised (zeroed) bytes.
-        let aligned = unsafe { std::slice::from_raw_parts(ptr, MIB as usize) };
+        let mut aligned = Aligned::new(MIB as usize);
         for i in 0..256 {
-            f.write_all_at(aligned, i * MIB).unwrap();
+            f.write_all_at(aligned.bytes(), i * MIB).unwrap();
         }
-        // SAFETY: allocated above with this layout, and no longer borrowed.
-        unsafe { std::alloc::dealloc(ptr, layout) };
+        drop(aligned);
         let (w1, x1) = (
             m.root_counter("write_requests"),
             m.root_counter("getxattr_requests"),
@@ -526,10 +464,7 @@ fn passthrough_reads_and_writes_never_reach_the_daemon() {
 
 #[test]
 fn kill_9_with_fsynced_data_recovers_on_the_next_mount() {
-    if !require(&["losetup"]) {
-        return;
-    }
-    for fs in filesystems() {
+    for fs in mount_filesystems(&["losetup"]) {
         let m = mounted(&fs, "kill9", "", |_| {});
         let lo = Loop::attach(&m.path(PRIV), false, None);
         let data = pattern(0x5c, MIB as usize);
@@ -540,12 +475,7 @@ fn kill_9_with_fsynced_data_recovers_on_the_next_mount() {
             dev.write_all_at(&data, MIB).unwrap();
             dev.sync_all().unwrap();
         }
-        let pid = m.daemon_pid();
-        // SAFETY: sending a signal has no memory effects.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
-        wait_for("the daemon to die", 30, || {
-            std::fs::metadata(format!("/proc/{pid}")).is_err()
-        });
+        m.kill_daemon();
         lo.detach();
         run_ok(Command::new("umount").arg("-l").arg(&m.mnt));
         let (pool, mnt) = (m.pool.clone(), m.mnt.clone());
@@ -561,7 +491,7 @@ fn kill_9_with_fsynced_data_recovers_on_the_next_mount() {
             fs.name
         );
         assert!(!pool.join("appvms/vm/private-dirty.img").exists());
-        let log = std::fs::read_to_string(pool.join(".reflinkfs/daemon.log")).unwrap();
+        let log = daemon_log(&pool);
         assert!(log.contains("recovery"), "recovery is logged: {log}");
         m.unmount();
     }
@@ -577,10 +507,9 @@ fn mount_and_umount_through_the_helper_and_fstab() {
             || Path::new("/sbin/mount.reflinkfs").exists(),
         "mount.reflinkfs is not installed (scripts/test installs it with mount-helper/install)"
     );
-    let fs = xfs().unwrap();
-    let (pool, path) = new_pool(&fs, "helper");
-    create_origin(&pool, "appvms/vm/private", MIB);
-    drop(pool);
+    let path = prepared_pool(&xfs(), "helper", 1, |pool| {
+        create_origin(pool, "appvms/vm/private", MIB);
+    });
     let mnt = path.parent().unwrap().join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
     run_ok(
@@ -635,11 +564,9 @@ fn mount_and_umount_through_the_helper_and_fstab() {
 
 #[test]
 fn umount_while_a_volume_is_open_is_refused_and_the_mount_stays_usable() {
-    if !require(&["umount"]) {
+    let Some(m) = mounted_on_xfs(&["umount"], "busy", |_| {}) else {
         return;
-    }
-    let fs = xfs().unwrap();
-    let m = mounted(&fs, "busy", "", |_| {});
+    };
     let f = open_rw(&m.path(PRIV));
     f.write_all_at(b"busy", 0).unwrap();
     let out = run(Command::new("umount").arg(&m.mnt));
@@ -676,11 +603,9 @@ fn umount_while_a_volume_is_open_is_refused_and_the_mount_stays_usable() {
 
 #[test]
 fn a_second_mount_of_the_same_pool_is_refused_naming_the_holder() {
-    if !require(&[]) {
+    let Some(m) = mounted_on_xfs(&[], "second", |_| {}) else {
         return;
-    }
-    let fs = xfs().unwrap();
-    let m = mounted(&fs, "second", "", |_| {});
+    };
     let mnt2 = m.mnt.with_file_name("mnt2");
     std::fs::create_dir_all(&mnt2).unwrap();
     let out = run(Command::new(bin()).arg("mount").arg(&m.pool).arg(&mnt2));
@@ -711,7 +636,7 @@ fn a_non_root_user_cannot_read_an_image_without_allow_other() {
     if !require(&["runuser"]) {
         return;
     }
-    let fs = xfs().unwrap();
+    let fs = xfs();
     // The mountpoint must be reachable by other users for the test to
     // mean anything: /tmp, not the scratch directory (mode 0700).
     let base = tempfile::Builder::new()
@@ -721,9 +646,9 @@ fn a_non_root_user_cannot_read_an_image_without_allow_other() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     for (opts, can_list) in [("", false), ("allow_other", true)] {
-        let (pool, path) = new_pool(&fs, "perm");
-        create_origin(&pool, "appvms/vm/private", MIB);
-        drop(pool);
+        let path = prepared_pool(&fs, "perm", 1, |pool| {
+            create_origin(pool, "appvms/vm/private", MIB);
+        });
         let mnt = base.path().join(format!("mnt{}", can_list as u8));
         let m = Mounted::mount(&path, &mnt, opts);
         let as_nobody =
@@ -745,11 +670,9 @@ fn a_non_root_user_cannot_read_an_image_without_allow_other() {
 
 #[test]
 fn statfs_reports_4096_and_xattrs_show_properties() {
-    if !require(&[]) {
+    let Some(m) = mounted_on_xfs(&[], "statfs", |_| {}) else {
         return;
-    }
-    let fs = xfs().unwrap();
-    let m = mounted(&fs, "statfs", "", |_| {});
+    };
     let out = run_ok(Command::new("stat").args(["-f", "-c", "%s %S"]).arg(&m.mnt));
     assert_eq!(out.trim(), "4096 4096");
     let p = m.path(PRIV);
@@ -796,11 +719,9 @@ fn statfs_reports_4096_and_xattrs_show_properties() {
 
 #[test]
 fn truncate_grows_a_volume_and_refuses_to_shrink() {
-    if !require(&[]) {
+    let Some(m) = mounted_on_xfs(&[], "truncate", |_| {}) else {
         return;
-    }
-    let fs = xfs().unwrap();
-    let m = mounted(&fs, "truncate", "", |_| {});
+    };
     let f = open_rw(&m.path(PRIV));
     f.set_len(8 * MIB).unwrap();
     assert_eq!(f.metadata().unwrap().len(), 8 * MIB);

@@ -10,13 +10,12 @@
 
 mod common;
 
+use common::tree::dir_files;
 use common::*;
 use proptest::prelude::*;
 use reflinkfs::engine::config::FORMAT_VERSION;
 use reflinkfs::engine::revision::revision_file_name;
-use reflinkfs::engine::{Names, Pool, Property, ValidVid, VolumeConfig};
-use std::collections::BTreeMap;
-use std::os::unix::fs::MetadataExt;
+use reflinkfs::engine::{Names, Pool, Property, ValidVid};
 use std::path::Path;
 
 /// Pieces that make names collide if anything can: the suffixes of our own
@@ -136,47 +135,15 @@ fn new_names_that_look_like_revisions_are_refused() {
     assert_eq!(files_of(&path, &src), vec!["src.img".to_owned()]);
 }
 
-/// The files of a VM directory: name, inode and content.
-fn snapshot(dir: &Path) -> BTreeMap<String, (u64, Vec<u8>)> {
-    let mut out = BTreeMap::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let e = e.unwrap();
-        let name = e.file_name().into_string().unwrap();
-        let ino = e.metadata().unwrap().ino();
-        out.insert(name, (ino, std::fs::read(e.path()).unwrap()));
-    }
-    out
-}
-
 /// Makes a volume the way an older pool (or a hand edit) has it: its name
 /// may be one a new volume may no longer have.
 fn plant_origin(pool_path: &Path, v: &ValidVid, tag: u8) {
-    let cfg = VolumeConfig {
-        format: FORMAT_VERSION,
-        vid: v.clone(),
-        snap_on_start: false,
-        save_on_stop: true,
-        size: 64 * 1024,
-        rw: true,
-        revisions_to_keep: 2,
-        source: None,
-        optional: false,
-        next_revision: 1,
-        generation: 0,
-        kept_by_revert: None,
-        dirty_size: None,
-        incarnation: 0,
-    };
-    let meta = pool_path
-        .join(".reflinkfs/volumes")
-        .join(v.class())
-        .join(v.vm());
-    std::fs::create_dir_all(&meta).unwrap();
-    std::fs::write(
-        meta.join(format!("{}.json", v.name())),
-        serde_json::to_vec_pretty(&cfg).unwrap(),
-    )
-    .unwrap();
+    let cfg = serde_json::json!({
+        "format": FORMAT_VERSION, "vid": v, "snap_on_start": false, "save_on_stop": true,
+        "size": 64 * 1024, "rw": true, "revisions_to_keep": 2, "next_revision": 1,
+        "generation": 0,
+    });
+    plant_config(pool_path, v, cfg);
     let dir = vm_dir(pool_path, v);
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(image_path(pool_path, v), pattern(tag, 64 * 1024)).unwrap();
@@ -220,7 +187,7 @@ fn one_case(names: &[String], target: usize, op: Op) -> Result<(), TestCaseError
     }
     prop_assert_eq!(pool.check(None).unwrap(), vec![]);
     let dir = vm_dir(&path, &vids[0]);
-    let before = snapshot(&dir);
+    let before = dir_files(&dir);
     let t = &vids[target];
     match op {
         Op::Remove => pool.remove(t).unwrap(),
@@ -239,7 +206,7 @@ fn one_case(names: &[String], target: usize, op: Op) -> Result<(), TestCaseError
     drop(pool);
     let pool = Pool::open(&path).unwrap();
     prop_assert_eq!(pool.check(None).unwrap(), vec![]);
-    let after = snapshot(&dir);
+    let after = dir_files(&dir);
     for (file, state) in &before {
         let owner = vids.iter().find(|v| Names::of(v).owns(file)).unwrap();
         if owner == t {

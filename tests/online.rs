@@ -4,36 +4,14 @@
 
 mod common;
 
+use common::cli::*;
 use common::mount::*;
 use common::*;
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-
-fn xfs() -> TestFs {
-    let all = filesystems();
-    all.iter()
-        .find(|f| f.name == "xfs")
-        .cloned()
-        .unwrap_or_else(|| all[0].clone())
-}
-
-fn rf(pool: &Path, args: &[&str]) -> Output {
-    run(Command::new(bin()).args(args).arg("--pool").arg(pool))
-}
-
-fn rf_ok(pool: &Path, args: &[&str]) -> String {
-    let out = rf(pool, args);
-    assert!(
-        out.status.success(),
-        "reflinkfs {args:?} failed: {:?}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use std::process::{Command, Stdio};
 
 fn sha256(path: &Path) -> String {
     run_ok(Command::new("sha256sum").arg(path))
@@ -99,85 +77,51 @@ fn parity_script(
     short: &Path,
     out_dir: &Path,
 ) -> Vec<(Vec<String>, Option<i32>, String)> {
-    let d = data.to_str().unwrap().to_owned();
-    let sh = short.to_str().unwrap().to_owned();
-    let exp = out_dir.join("export.img").to_str().unwrap().to_owned();
-    let steps: Vec<Vec<String>> = [
-        vec!["volume", "create", "vm-templates/tpl/root", "--size", "4M"],
-        vec![
-            "volume",
-            "create",
-            "appvms/app/root",
-            "--size",
-            "4M",
-            "--snapshot-of",
-            "vm-templates/tpl/root",
-        ],
-        vec![
-            "volume",
-            "create",
-            "appvms/app/private",
-            "--size",
-            "4M",
-            "--json",
-        ],
-        vec![
-            "volume",
-            "create",
-            "appvms/app/volatile",
-            "--size",
-            "1M",
-            "--volatile",
-        ],
-        vec!["volume", "create", "appvms/app/bad", "--size", "100"],
-        vec!["volume", "create", "appvms/../x", "--size", "1M"],
-        vec!["volume", "create", "appvms/app/private", "--size", "4M"],
-        vec!["volume", "list"],
-        vec!["volume", "list", "--json"],
-        vec!["volume", "info", "app:root"],
-        vec!["volume", "import", "app:private", &d],
-        vec!["volume", "import", "app:private", &sh, "--json"],
-        vec!["volume", "revisions", "app:private"],
-        vec![
-            "volume",
-            "set",
-            "app:private",
-            "revisions_to_keep",
-            "3",
-            "--json",
-        ],
-        vec!["volume", "set", "app:private", "revisions_to_keep", "-2"],
-        vec!["volume", "set", "app:private", "colour", "blue"],
-        vec!["volume", "import", "app:private", &d, "--json"],
-        vec!["volume", "revisions", "app:private", "--json"],
-        vec!["volume", "revert", "app:private", "99"],
-        vec!["volume", "revert", "app:private", "1", "--json"],
-        vec!["volume", "revert", "app:private"],
-        vec!["volume", "resize", "app:private", "8M", "--json"],
-        vec!["volume", "resize", "app:private", "4M", "--json"],
-        vec!["volume", "resize", "app:private", "8M"],
-        vec!["volume", "export", "app:private", &exp, "--json"],
-        vec!["volume", "export", "app:private", &exp],
-        vec![
-            "volume",
-            "clone",
-            "appvms/app/private",
-            "appvms/app2/private",
-            "--json",
-        ],
-        vec!["volume", "info", "appvms/app2/private", "--json"],
-        vec!["volume", "remove", "vm-templates/tpl/root"],
-        vec!["volume", "remove", "appvms/app2/private", "--json"],
-        vec!["volume", "info", "appvms/nope/private"],
-        vec!["pool", "check"],
-        vec!["pool", "check", "--json"],
-        vec!["pool", "info", "--json"],
-    ]
-    .iter()
-    .map(|v| v.iter().map(|s| s.to_string()).collect())
-    .collect();
+    let vars = [
+        ("DATA", s(data)),
+        ("SHORT", s(short)),
+        ("EXPORT", s(&out_dir.join("export.img"))),
+    ];
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let steps = [
+        "volume create vm-templates/tpl/root --size 4M",
+        "volume create appvms/app/root --size 4M --snapshot-of vm-templates/tpl/root",
+        "volume create appvms/app/private --size 4M --json",
+        "volume create appvms/app/volatile --size 1M --volatile",
+        "volume create appvms/app/bad --size 100",
+        "volume create appvms/../x --size 1M",
+        "volume create appvms/app/private --size 4M",
+        "volume list",
+        "volume list --json",
+        "volume info app:root",
+        "volume import app:private DATA",
+        "volume import app:private SHORT --json",
+        "volume revisions app:private",
+        "volume set app:private revisions_to_keep 3 --json",
+        "volume set app:private revisions_to_keep -2",
+        "volume set app:private colour blue",
+        "volume import app:private DATA --json",
+        "volume revisions app:private --json",
+        "volume revert app:private 99",
+        "volume revert app:private 1 --json",
+        "volume revert app:private",
+        "volume resize app:private 8M --json",
+        "volume resize app:private 4M --json",
+        "volume resize app:private 8M",
+        "volume export app:private EXPORT --json",
+        "volume export app:private EXPORT",
+        "volume clone appvms/app/private appvms/app2/private --json",
+        "volume info appvms/app2/private --json",
+        "volume remove vm-templates/tpl/root",
+        "volume remove appvms/app2/private --json",
+        "volume info appvms/nope/private",
+        "pool check",
+        "pool check --json",
+        "pool info --json",
+    ];
     let mut results = Vec::new();
     for step in steps {
+        let step = argv(step, &vars);
         let args: Vec<&str> = step.iter().map(String::as_str).collect();
         let out = rf(pool, &args);
         let mut shown = normalise(&String::from_utf8_lossy(&out.stdout), pool);
@@ -279,110 +223,63 @@ fn the_same_commands_give_the_same_results_offline_and_mounted() {
             "{cmd:?} --json is in the script"
         );
     }
-    let st: Value = serde_json::from_str(&rf_ok(&online, &["status", "--json"])).unwrap();
+    let st = rf_json(&online, "status");
     assert_eq!(st["mounted"], true);
     assert_eq!(st["pid"], m.daemon_pid());
-    let st: Value = serde_json::from_str(&rf_ok(&offline, &["status", "--json"])).unwrap();
+    let st = rf_json(&offline, "status");
     assert_eq!(st["mounted"], false);
 }
 
 #[test]
 fn import_and_export_round_trips_through_files_and_pipes() {
-    if !require(&["sha256sum"]) {
-        return;
-    }
-    for fs in filesystems() {
+    for fs in mount_filesystems(&["sha256sum"]) {
         for mounted in [false, true] {
             let (pool, mnt) = fresh_pool(&fs, "roundtrip");
             let base = pool.parent().unwrap().to_owned();
             let _m = mounted.then(|| Mounted::mount(&pool, &mnt, ""));
             let ctx = format!("[{}] mounted={mounted}", fs.name);
-            rf_ok(
-                &pool,
-                &["volume", "create", "appvms/vm/private", "--size", "8M"],
-            );
+            rf_ok(&pool, "volume create appvms/vm/private --size 8M");
             let data = pattern(3, 8 * MIB as usize);
             let src = base.join("src.img");
             std::fs::write(&src, &data).unwrap();
             let want = sha256(&src);
             // From a file, out to a file.
-            rf_ok(
-                &pool,
-                &["volume", "import", "vm:private", src.to_str().unwrap()],
-            );
+            rf_ok(&pool, ["volume", "import", "vm:private", &s(&src)]);
             let out = base.join("out.img");
-            rf_ok(
-                &pool,
-                &["volume", "export", "vm:private", out.to_str().unwrap()],
-            );
+            rf_ok(&pool, ["volume", "export", "vm:private", &s(&out)]);
             assert_eq!(sha256(&out), want, "{ctx}");
             // From stdin, out to stdout.
             let data2 = pattern(4, 8 * MIB as usize);
-            let mut child = Command::new(bin())
-                .args(["volume", "import", "vm:private", "-", "--pool"])
-                .arg(&pool)
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            child.stdin.take().unwrap().write_all(&data2).unwrap();
-            let o = child.wait_with_output().unwrap();
+            let import = |data: &[u8]| {
+                rf_command(&pool, "volume import vm:private -")
+                    .write_stdin(data.to_vec())
+                    .output()
+                    .unwrap()
+            };
+            let o = import(&data2);
+            assert!(o.status.success(), "{ctx}: {}", show(&o));
             assert!(
-                o.status.success(),
-                "{ctx}: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-            assert!(
-                !String::from_utf8_lossy(&o.stderr).contains('['),
+                !text(&o.stderr).contains('['),
                 "{ctx}: no progress bar when piped"
             );
-            let o = rf(&pool, &["volume", "export", "vm:private", "-"]);
+            let o = rf(&pool, "volume export vm:private -");
             assert!(o.status.success());
             assert_eq!(sha256_bytes(&o.stdout), sha256_bytes(&data2), "{ctx}");
             // An older revision.
-            let o = rf(
-                &pool,
-                &["volume", "export", "vm:private", "-", "--revision", "2"],
-            );
+            let o = rf(&pool, "volume export vm:private - --revision 2");
             assert_eq!(
                 sha256_bytes(&o.stdout),
                 want,
                 "{ctx}: revision 2 is the first import"
             );
             // A short stream is refused, and nothing changes.
-            let before = rf_ok(&pool, &["volume", "revisions", "vm:private", "--json"]);
-            let mut child = Command::new(bin())
-                .args(["volume", "import", "vm:private", "-", "--pool"])
-                .arg(&pool)
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(&data2[..MIB as usize])
-                .unwrap();
-            let o = child.wait_with_output().unwrap();
-            assert_eq!(
-                o.status.code(),
-                Some(3),
-                "{ctx}: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-            assert!(
-                String::from_utf8_lossy(&o.stderr).contains("ended after"),
-                "{ctx}"
-            );
-            assert_eq!(
-                rf_ok(&pool, &["volume", "revisions", "vm:private", "--json"]),
-                before,
-                "{ctx}"
-            );
-            let o = rf(&pool, &["volume", "export", "vm:private", "-"]);
+            let revisions = || rf_ok(&pool, "volume revisions vm:private --json");
+            let before = revisions();
+            let o = import(&data2[..MIB as usize]);
+            assert_eq!(o.status.code(), Some(3), "{ctx}: {}", show(&o));
+            assert!(text(&o.stderr).contains("ended after"), "{ctx}");
+            assert_eq!(revisions(), before, "{ctx}");
+            let o = rf(&pool, "volume export vm:private -");
             assert_eq!(
                 sha256_bytes(&o.stdout),
                 sha256_bytes(&data2),
@@ -402,11 +299,8 @@ fn an_import_killed_midway_leaves_the_volume_unchanged() {
     for mounted in [false, true] {
         let (pool, mnt) = fresh_pool(&fs, "killed");
         let _m = mounted.then(|| Mounted::mount(&pool, &mnt, ""));
-        rf_ok(
-            &pool,
-            &["volume", "create", "appvms/vm/private", "--size", "64M"],
-        );
-        let before = rf_ok(&pool, &["volume", "info", "vm:private", "--json"]);
+        rf_ok(&pool, "volume create appvms/vm/private --size 64M");
+        let before = rf_ok(&pool, "volume info vm:private --json");
         // A producer that sends 16 MiB and then stalls, in its own process
         // group, so the whole pipeline can be killed at once.
         let script = format!(
@@ -429,12 +323,10 @@ fn an_import_killed_midway_leaves_the_volume_unchanged() {
         // Online, the daemon sees the pipe end and refuses; offline, the
         // next open recovers. Either way the volume is unchanged.
         wait_for("the import to be abandoned", 30, || {
-            rf(&pool, &["volume", "info", "vm:private", "--json"])
-                .status
-                .success()
+            rf(&pool, "volume info vm:private --json").status.success()
         });
         wait_for("the import file to go", 30, || !import.exists());
-        let after = rf_ok(&pool, &["volume", "info", "vm:private", "--json"]);
+        let after = rf_ok(&pool, "volume info vm:private --json");
         let strip = |s: &str| {
             let mut v: Value = serde_json::from_str(s).unwrap();
             strip_usage(&mut v);
@@ -460,10 +352,7 @@ fn a_same_filesystem_import_of_4_gib_shares_every_extent() {
         let (pool, mnt) = fresh_pool(&fs, "reflink-import");
         let _m = mounted.then(|| Mounted::mount(&pool, &mnt, ""));
         let size = 4u64 << 30;
-        rf_ok(
-            &pool,
-            &["volume", "create", "appvms/vm/big", "--size", "4G"],
-        );
+        rf_ok(&pool, "volume create appvms/vm/big --size 4G");
         // A 4 GiB image with 16 data extents of 4 MiB, beside the pool on
         // the same filesystem.
         let src = pool.parent().unwrap().join("big-src.img");
@@ -476,10 +365,7 @@ fn a_same_filesystem_import_of_4_gib_shares_every_extent() {
         }
         f.sync_all().unwrap();
         drop(f);
-        rf_ok(
-            &pool,
-            &["volume", "import", "vm:big", src.to_str().unwrap()],
-        );
+        rf_ok(&pool, ["volume", "import", "vm:big", &s(&src)]);
         let img = pool.join("appvms/vm/big.img");
         let out = run_ok(Command::new("filefrag").args(["-v"]).arg(&img));
         let extents: Vec<&str> = out
@@ -509,71 +395,38 @@ fn clone_within_a_pool_and_to_another_filesystem() {
     if !require(&[]) {
         return;
     }
-    let all = filesystems();
     let fs = xfs();
-    let other = all
-        .iter()
-        .find(|f| f.name != fs.name)
-        .cloned()
-        .unwrap_or_else(|| fs.clone());
+    let other = other_fs(&fs);
     for mounted in [false, true] {
         let (pool, mnt) = fresh_pool(&fs, "clone-a");
         let (pool2, mnt2) = fresh_pool(&other, "clone-b");
         let _m = mounted.then(|| Mounted::mount(&pool, &mnt, ""));
         let _m2 = mounted.then(|| Mounted::mount(&pool2, &mnt2, ""));
-        rf_ok(
-            &pool,
-            &["volume", "create", "appvms/a/private", "--size", "6M"],
-        );
+        rf_ok(&pool, "volume create appvms/a/private --size 6M");
         let src = pool.parent().unwrap().join("c.img");
         std::fs::write(&src, pattern(5, 6 * MIB as usize)).unwrap();
-        rf_ok(
-            &pool,
-            &["volume", "import", "a:private", src.to_str().unwrap()],
-        );
-        rf_ok(
-            &pool,
-            &["volume", "clone", "appvms/a/private", "appvms/b/private"],
-        );
-        rf_ok(
-            &pool2,
-            &["volume", "create", "appvms/z/private", "--size", "1M"],
-        );
-        rf_ok(
-            &pool,
-            &[
-                "volume",
-                "clone",
-                "appvms/a/private",
-                "appvms/z/private",
-                "--to-pool",
-                pool2.to_str().unwrap(),
-            ],
-        );
-        rf_ok(
-            &pool,
-            &[
-                "volume",
-                "clone",
-                "appvms/a/private",
-                "appvms/y/private",
-                "--to-pool",
-                pool2.to_str().unwrap(),
-            ],
-        );
+        rf_ok(&pool, ["volume", "import", "a:private", &s(&src)]);
+        rf_ok(&pool, "volume clone appvms/a/private appvms/b/private");
+        rf_ok(&pool2, "volume create appvms/z/private --size 1M");
+        for dst in ["appvms/z/private", "appvms/y/private"] {
+            let to = s(&pool2);
+            rf_ok(
+                &pool,
+                ["volume", "clone", "appvms/a/private", dst, "--to-pool", &to],
+            );
+        }
         for (p, v) in [
             (&pool, "appvms/b/private"),
             (&pool2, "appvms/z/private"),
             (&pool2, "appvms/y/private"),
         ] {
-            let info: Value =
-                serde_json::from_str(&rf_ok(p, &["volume", "info", v, "--json"])).unwrap();
+            let info = rf_json(p, ["volume", "info", v]);
             assert_eq!(
                 info["size"],
                 6 * MIB,
                 "mounted={mounted} {v}: the size follows the source"
             );
-            let o = rf(p, &["volume", "export", v, "-"]);
+            let o = rf(p, ["volume", "export", v, "-"]);
             assert_eq!(
                 o.stdout,
                 pattern(5, 6 * MIB as usize),
@@ -592,16 +445,10 @@ fn clone_within_a_pool_and_to_another_filesystem() {
 
 #[test]
 fn an_online_resize_updates_the_loop_device() {
-    if !require(&["losetup", "blockdev"]) {
-        return;
-    }
-    for fs in filesystems() {
+    for fs in mount_filesystems(&["losetup", "blockdev"]) {
         let (pool, mnt) = fresh_pool(&fs, "online-resize");
         let m = Mounted::mount(&pool, &mnt, "");
-        rf_ok(
-            &pool,
-            &["volume", "create", "appvms/vm/private", "--size", "64M"],
-        );
+        rf_ok(&pool, "volume create appvms/vm/private --size 64M");
         let lo = Loop::attach(&m.path("appvms/vm/private-dirty.img"), false, None);
         let size = || {
             run_ok(Command::new("blockdev").arg("--getsize64").arg(&lo.dev))
@@ -610,7 +457,7 @@ fn an_online_resize_updates_the_loop_device() {
                 .unwrap()
         };
         assert_eq!(size(), 64 * MIB);
-        let out = rf_ok(&pool, &["volume", "resize", "vm:private", "96M"]);
+        let out = rf_ok(&pool, "volume resize vm:private 96M");
         assert!(out.contains("running image resized"), "{out}");
         assert_eq!(
             size(),
@@ -652,15 +499,8 @@ fn the_socket_refuses_bad_requests_and_keeps_serving() {
         .unwrap();
     use std::os::unix::fs::PermissionsExt;
     let pool = base.path().join("pool");
-    run_ok(
-        Command::new(bin())
-            .args(["pool", "init", "--setup-check=no", "--pool"])
-            .arg(&pool),
-    );
-    rf_ok(
-        &pool,
-        &["volume", "create", "appvms/vm/private", "--size", "1M"],
-    );
+    rf_ok(&pool, "pool init --setup-check=no");
+    rf_ok(&pool, "volume create appvms/vm/private --size 1M");
     let m = Mounted::mount(&pool, &base.path().join("mnt"), "");
     let sock = pool.join(".reflinkfs/control.sock");
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
@@ -729,24 +569,19 @@ fn the_socket_refuses_bad_requests_and_keeps_serving() {
         .arg(bin())
         .args(["volume", "list", "--pool"])
         .arg(&pool));
-    assert_eq!(
-        out.status.code(),
-        Some(6),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(6), "{}", show(&out));
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("may not administer"),
+        text(&out.stderr).contains("may not administer"),
         "{}",
-        String::from_utf8_lossy(&out.stderr)
+        show(&out)
     );
-    let log = std::fs::read_to_string(pool.join(".reflinkfs/daemon.log")).unwrap();
+    let log = daemon_log(&pool);
     assert!(
         log.contains("refused a request from uid"),
         "the refusal is logged"
     );
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).unwrap();
-    assert!(rf_ok(&pool, &["volume", "list"]).contains("appvms/vm/private"));
+    assert!(rf_ok(&pool, "volume list").contains("appvms/vm/private"));
     m.unmount();
 }
 
@@ -786,7 +621,7 @@ fn the_cli_refuses_a_daemon_of_another_major_version() {
     ] {
         let _ = std::fs::remove_file(&sock);
         let daemon = fake_daemon(&sock, reply);
-        let out = rf(&pool, &["volume", "list"]);
+        let out = rf(&pool, "volume list");
         let sent: Value = serde_json::from_str(&daemon.join().unwrap()).unwrap();
         assert_eq!(sent["protocol"], "1.0", "the client says its version");
         assert_eq!(sent["request"]["op"], "volume_list");

@@ -11,12 +11,13 @@
 
 mod common;
 
+use common::cli::*;
 use common::mount::*;
 use common::*;
 use reflinkfs::engine::{InitOptions, Pool};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 const A: &str = "c/v/a";
@@ -32,14 +33,6 @@ fn scratch() -> (PathBuf, Option<tempfile::TempDir>) {
             (t.path().to_owned(), Some(t))
         }
     }
-}
-
-fn bin_ok(args: &[&str]) -> String {
-    run_ok(Command::new(bin()).args(args))
-}
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
 }
 
 fn power_cut_case(kind: &str) {
@@ -90,25 +83,9 @@ fn power_cut_case(kind: &str) {
         m.wait_stopped(rel_a);
     }
     // Acknowledged admin operations, through the daemon.
-    bin_ok(&[
-        "volume",
-        "create",
-        "--pool",
-        &s(&pool_path),
-        "c/v/new",
-        "--size",
-        "1M",
-    ]);
-    bin_ok(&["volume", "resize", "--pool", &s(&pool_path), A, "8M"]);
-    bin_ok(&[
-        "volume",
-        "set",
-        "--pool",
-        &s(&pool_path),
-        A,
-        "revisions_to_keep",
-        "3",
-    ]);
+    rf_ok(&pool_path, "volume create c/v/new --size 1M");
+    rf_ok(&pool_path, ["volume", "resize", A, "8M"]);
+    rf_ok(&pool_path, ["volume", "set", A, "revisions_to_keep", "3"]);
     // Data fsynced on a running volume, then more that is not.
     let fb = OpenOptions::new()
         .write(true)

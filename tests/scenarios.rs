@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use reflinkfs::engine::{
     CreateOptions, InitOptions, NewKind, Pool, Property, ResizeOutcome, RevisionId, StopOutcome,
-    VolumeStateName,
+    ValidVid, VolumeStateName,
 };
 use reflinkfs::{Error, ErrorClass};
 use std::fs::File;
@@ -18,6 +18,21 @@ fn each_fs(test: &str, f: impl Fn(&TestFs, &Pool, &std::path::Path)) {
         eprintln!("[{}] {test}", fs.name);
         f(&fs, &pool, &path);
     }
+}
+
+/// A template's root volume whose first commit wrote `pattern(tag, 4096)`.
+fn template(pool: &Pool, tag: u8) -> ValidVid {
+    let tpl = create_origin(pool, "vm-templates/tpl/root", MIB);
+    write_cycle(pool, &tpl, 0, &pattern(tag, 4096));
+    tpl
+}
+
+/// `appvms/vm/private`, committed once, and started: its dirty image.
+fn running_origin(pool: &Pool) -> (ValidVid, File) {
+    let v = create_origin(pool, "appvms/vm/private", MIB);
+    write_cycle(pool, &v, 0, b"x");
+    let f = pool.start(&v).unwrap();
+    (v, f)
 }
 
 #[test]
@@ -104,14 +119,8 @@ fn open_and_close_without_writes_adds_no_revision() {
 #[test]
 fn snapshot_sees_source_changes_only_after_restart_and_loses_its_writes() {
     each_fs("snapshot", |fs, pool, path| {
-        let tpl = create_origin(pool, "vm-templates/tpl/root", MIB);
-        write_cycle(pool, &tpl, 0, &pattern(1, 4096));
-        let root = create_kind(
-            pool,
-            "appvms/vm/root",
-            MIB,
-            NewKind::SnapshotOf(tpl.clone()),
-        );
+        let tpl = template(pool, 1);
+        let root = create_snapshot(pool, "appvms/vm/root", MIB, &tpl);
 
         let f = pool.start(&root).unwrap();
         assert_eq!(read_at(&f, 0, 4096), pattern(1, 4096), "[{}]", fs.name);
@@ -156,20 +165,9 @@ fn snapshot_sees_source_changes_only_after_restart_and_loses_its_writes() {
 #[test]
 fn disposable_root_resolves_to_the_template_through_the_appvm() {
     each_fs("dispvm", |fs, pool, _| {
-        let tpl = create_origin(pool, "vm-templates/tpl/root", MIB);
-        write_cycle(pool, &tpl, 0, &pattern(4, 4096));
-        let app = create_kind(
-            pool,
-            "appvms/app/root",
-            MIB,
-            NewKind::SnapshotOf(tpl.clone()),
-        );
-        let disp = create_kind(
-            pool,
-            "appvms/disp1/root",
-            MIB,
-            NewKind::SnapshotOf(app.clone()),
-        );
+        let tpl = template(pool, 4);
+        let app = create_snapshot(pool, "appvms/app/root", MIB, &tpl);
+        let disp = create_snapshot(pool, "appvms/disp1/root", MIB, &app);
         let info = pool.info(&disp).unwrap();
         assert_eq!(info.source.as_deref(), Some("appvms/app/root"));
         assert_eq!(
@@ -371,9 +369,7 @@ fn revert_to_newest_and_to_older_each_revertible() {
 #[test]
 fn revert_refused_while_running() {
     each_fs("revert-busy", |_, pool, _| {
-        let v = create_origin(pool, "appvms/vm/private", MIB);
-        write_cycle(pool, &v, 0, b"x");
-        let _f = pool.start(&v).unwrap();
+        let (v, _f) = running_origin(pool);
         let e = pool.revert(&v, None).unwrap_err();
         assert_eq!(e.class(), ErrorClass::Busy, "{e}");
         pool.stop(&v).unwrap();
@@ -429,7 +425,7 @@ fn resize_grows_a_stopped_origin_while_an_old_reader_reads_old_bytes() {
 fn resize_of_a_running_volume_changes_only_the_dirty_image() {
     each_fs("resize-running", |fs, pool, path| {
         let o = create_origin(pool, "appvms/vm/private", MIB);
-        let s = create_kind(pool, "appvms/vm/root", MIB, NewKind::SnapshotOf(o.clone()));
+        let s = create_snapshot(pool, "appvms/vm/root", MIB, &o);
         let t = create_kind(pool, "appvms/vm/volatile", MIB, NewKind::Volatile);
         for v in [&o, &s, &t] {
             let f = pool.start(v).unwrap();
@@ -615,11 +611,7 @@ fn optional_volumes_without_an_image_are_skipped() {
             .unwrap()
             .iter()
             .all(|i| i.vid != "kernels/k1/modules"));
-        assert!(
-            pool.check(None).unwrap().is_empty(),
-            "{:?}",
-            pool.check(None)
-        );
+        assert_eq!(pool.check(None).unwrap(), vec![]);
     });
 }
 
@@ -675,7 +667,7 @@ fn recovery_commits_a_leftover_dirty_image_and_drops_snapshot_leftovers() {
     for fs in filesystems() {
         let (pool, path) = new_pool(&fs, "recover");
         let o = create_origin(&pool, "appvms/vm/private", MIB);
-        let s = create_kind(&pool, "appvms/vm/root", MIB, NewKind::SnapshotOf(o.clone()));
+        let s = create_snapshot(&pool, "appvms/vm/root", MIB, &o);
         write_cycle(&pool, &o, 0, &pattern(1, 4096));
         let fo = pool.start(&o).unwrap();
         let fs_ = pool.start(&s).unwrap();
@@ -693,11 +685,7 @@ fn recovery_commits_a_leftover_dirty_image_and_drops_snapshot_leftovers() {
         );
         assert_eq!(revision_ids(&pool, &o), ["2"]);
         assert!(!vm_dir(&path, &s).join("root-dirty.img").exists());
-        assert!(
-            pool.check(None).unwrap().is_empty(),
-            "{:?}",
-            pool.check(None)
-        );
+        assert_eq!(pool.check(None).unwrap(), vec![]);
     }
 }
 
@@ -730,9 +718,7 @@ fn legacy_revision_names_are_recognised_and_bad_names_ignored() {
 #[test]
 fn files_are_created_with_mode_0600() {
     each_fs("modes", |fs, pool, path| {
-        let v = create_origin(pool, "appvms/vm/private", MIB);
-        write_cycle(pool, &v, 0, b"x");
-        let _f = pool.start(&v).unwrap();
+        let (v, _f) = running_origin(pool);
         for name in files_of(path, &v) {
             let mode = std::fs::metadata(vm_dir(path, &v).join(&name))
                 .unwrap()
@@ -747,9 +733,7 @@ fn files_are_created_with_mode_0600() {
 #[test]
 fn remove_is_refused_while_running_and_cleans_everything() {
     each_fs("remove", |fs, pool, path| {
-        let v = create_origin(pool, "appvms/vm/private", MIB);
-        write_cycle(pool, &v, 0, b"x");
-        let f = pool.start(&v).unwrap();
+        let (v, f) = running_origin(pool);
         assert_eq!(pool.remove(&v).unwrap_err().class(), ErrorClass::Busy);
         drop(f);
         pool.stop(&v).unwrap();

@@ -7,7 +7,9 @@
 //! (`CI=true`) a missing filesystem is a failure, never a skip.
 #![allow(dead_code)]
 
+pub mod cli;
 pub mod mount;
+pub mod tree;
 
 use reflinkfs::engine::{CreateOptions, InitOptions, NewKind, Pool, ValidVid};
 use std::fs::File;
@@ -80,6 +82,22 @@ pub fn filesystems() -> Vec<TestFs> {
         root: dir.path().to_owned(),
         reflink: false,
     }]
+}
+
+/// The scratch XFS, where a test runs on one filesystem only; without
+/// `scripts/test`, the fallback directory.
+pub fn xfs() -> TestFs {
+    let all = filesystems();
+    all.iter()
+        .find(|f| f.name == "xfs")
+        .cloned()
+        .unwrap_or_else(|| all[0].clone())
+}
+
+/// Another of the scratch filesystems than `fs`, if there is one.
+pub fn other_fs(fs: &TestFs) -> TestFs {
+    let all = filesystems();
+    all.iter().find(|f| f.root != fs.root).unwrap_or(fs).clone()
 }
 
 /// The small filesystems the ENOSPC tests fill up.
@@ -159,6 +177,11 @@ pub fn new_pool_with(fs: &TestFs, test: &str, revisions_to_keep: i64) -> (Pool, 
     (pool, path)
 }
 
+/// A path as a command-line argument.
+pub fn s(p: &Path) -> String {
+    p.to_str().expect("scratch paths are UTF-8").to_owned()
+}
+
 pub fn vid(s: &str) -> ValidVid {
     s.parse().unwrap()
 }
@@ -177,6 +200,11 @@ pub fn create_kind(pool: &Pool, v: &str, size: u64, kind: NewKind) -> ValidVid {
     o.kind = kind;
     pool.create(&id, &o).unwrap();
     id
+}
+
+/// A new snapshot volume `v` of `source`.
+pub fn create_snapshot(pool: &Pool, v: &str, size: u64, source: &ValidVid) -> ValidVid {
+    create_kind(pool, v, size, NewKind::SnapshotOf(source.clone()))
 }
 
 /// Fills a 4 KiB-aligned block pattern unique to `tag` at `off`.
@@ -236,6 +264,21 @@ pub fn files_of(pool_path: &Path, v: &ValidVid) -> Vec<String> {
     names
 }
 
+/// The revision files of volume `v` in its VM directory, sorted:
+/// `NAME.img.K@TS`, and the older `NAME.img@TS`.
+pub fn revision_files(pool_path: &Path, v: &str) -> Vec<String> {
+    let v = vid(v);
+    let revision = |f: &String| {
+        f.strip_prefix(v.name())
+            .and_then(|rest| rest.strip_prefix(".img"))
+            .is_some_and(|rest| rest.starts_with(['.', '@']) && rest.contains('@'))
+    };
+    files_of(pool_path, &v)
+        .into_iter()
+        .filter(revision)
+        .collect()
+}
+
 /// Revision numbers of `v`, oldest first.
 pub fn revision_ids(pool: &Pool, v: &ValidVid) -> Vec<String> {
     pool.revisions(v)
@@ -243,4 +286,19 @@ pub fn revision_ids(pool: &Pool, v: &ValidVid) -> Vec<String> {
         .iter()
         .map(|r| r.id.to_string())
         .collect()
+}
+
+/// Writes the config of volume `v` by hand, as an older pool or a hand
+/// edit has it (the engine would refuse to make it).
+pub fn plant_config(pool_path: &Path, v: &ValidVid, cfg: serde_json::Value) {
+    let dir = pool_path
+        .join(".reflinkfs/volumes")
+        .join(v.class())
+        .join(v.vm());
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join(format!("{}.json", v.name())),
+        serde_json::to_vec_pretty(&cfg).unwrap(),
+    )
+    .unwrap();
 }

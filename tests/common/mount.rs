@@ -2,7 +2,11 @@
 //! filesystems inside volumes, xattrs, and waiting for commits. Every guard
 //! cleans up in `Drop`, so a failing test leaves no mount or loop device.
 
+use super::{new_pool_with, TestFs};
+use reflinkfs::engine::Pool;
 use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -60,6 +64,16 @@ pub fn require(tools: &[&str]) -> bool {
     false
 }
 
+/// The filesystems a test that mounts runs on: all of them if it can run
+/// (see [`require`]), none if not.
+pub fn mount_filesystems(tools: &[&str]) -> Vec<TestFs> {
+    if require(tools) {
+        super::filesystems()
+    } else {
+        Vec::new()
+    }
+}
+
 /// Polls `cond` every 20 ms until it holds, or panics after `secs`.
 pub fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
     let end = Instant::now() + Duration::from_secs(secs);
@@ -87,6 +101,34 @@ pub fn xattr(path: &Path, name: &str) -> Option<String> {
     Some(String::from_utf8(buf).unwrap())
 }
 
+/// Opens a file for reading and writing.
+pub fn open_rw(p: &Path) -> File {
+    OpenOptions::new().read(true).write(true).open(p).unwrap()
+}
+
+/// Why opening `p` for reading and writing fails, which it must.
+pub fn open_rw_error(p: &Path) -> std::io::Error {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p)
+        .expect_err("the open must fail")
+}
+
+/// The daemon's log of the pool at `pool`.
+pub fn daemon_log(pool: &Path) -> String {
+    std::fs::read_to_string(pool.join(".reflinkfs/daemon.log")).unwrap_or_default()
+}
+
+/// A new pool on `fs`, keeping `keep` revisions by default, with the
+/// volumes `setup` makes; returns its path, the pool closed again (a
+/// mount's daemon takes its lock).
+pub fn prepared_pool(fs: &TestFs, test: &str, keep: i64, setup: impl FnOnce(&Pool)) -> PathBuf {
+    let (pool, path) = new_pool_with(fs, test, keep);
+    setup(&pool);
+    path
+}
+
 /// A mounted pool. Unmounts (and, if it must, kills the daemon) on drop.
 pub struct Mounted {
     pub pool: PathBuf,
@@ -97,18 +139,25 @@ pub struct Mounted {
 impl Mounted {
     /// `reflinkfs mount POOL MNT -o OPTS`; the mountpoint is created.
     pub fn mount(pool: &Path, mnt: &Path, opts: &str) -> Mounted {
+        Mounted::mount_with(pool, mnt, opts, &[])
+    }
+
+    /// [`Mounted::mount`] with `env` in the daemon's environment.
+    pub fn mount_with(pool: &Path, mnt: &Path, opts: &str, env: &[(&str, &str)]) -> Mounted {
         std::fs::create_dir_all(mnt).unwrap();
         let mut cmd = Command::new(bin());
         cmd.arg("mount").arg(pool).arg(mnt);
         if !opts.is_empty() {
             cmd.args(["-o", opts]);
         }
+        cmd.envs(env.iter().copied());
         run_ok(&mut cmd);
-        Mounted {
-            pool: pool.to_owned(),
-            mnt: mnt.to_owned(),
-            done: false,
-        }
+        Mounted::adopt(pool, mnt)
+    }
+
+    /// [`Mounted::mount`] at `mnt` beside the pool.
+    pub fn beside(pool: &Path, opts: &str) -> Mounted {
+        Mounted::mount(pool, &pool.parent().unwrap().join("mnt"), opts)
     }
 
     /// A guard for a mount made some other way (mount(8), fstab).
@@ -147,6 +196,25 @@ impl Mounted {
         let p = self.path(rel);
         wait_for(&format!("{rel} to stop"), 60, || {
             xattr(&p, "user.reflinkfs.state").as_deref() == Some("stopped")
+        });
+    }
+
+    /// Writes `data` at `off` of `rel` through the mount and closes it,
+    /// then waits for the commit.
+    pub fn write_and_close(&self, rel: &str, off: u64, data: &[u8]) {
+        let f = open_rw(&self.path(rel));
+        f.write_all_at(data, off).unwrap();
+        drop(f);
+        self.wait_stopped(rel);
+    }
+
+    /// Kills the daemon with SIGKILL and waits until it is gone.
+    pub fn kill_daemon(&self) {
+        let pid = self.daemon_pid();
+        // SAFETY: sending a signal has no memory effects.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        wait_for("the daemon to die", 30, || {
+            !reflinkfs::sys::process_running(pid as u32)
         });
     }
 
@@ -190,6 +258,13 @@ impl Mounted {
     pub fn forget(mut self) {
         self.done = true;
     }
+
+    /// Marks the mount as one whose daemon is gone (killed, or aborted by
+    /// `umount -f`): the guard returned unmounts it lazily.
+    pub fn dead(mut self) -> DeadMount {
+        self.done = true;
+        DeadMount(self.mnt.clone())
+    }
 }
 
 impl Drop for Mounted {
@@ -224,6 +299,35 @@ impl Drop for DeadMount {
             .arg(&self.0)
             .stderr(std::process::Stdio::null())
             .status();
+    }
+}
+
+/// A page-aligned buffer, for O_DIRECT writes.
+pub struct Aligned {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Aligned {
+    pub fn new(len: usize) -> Aligned {
+        let layout = std::alloc::Layout::from_size_align(len, 4096).unwrap();
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!ptr.is_null());
+        Aligned { ptr, len }
+    }
+
+    pub fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: ptr points to len bytes this struct owns.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        let layout = std::alloc::Layout::from_size_align(self.len, 4096).unwrap();
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, layout) };
     }
 }
 
