@@ -27,6 +27,13 @@ fn pool_with_private(test: &str) -> PathBuf {
     path
 }
 
+/// [`pool_with_private`], mounted beside it.
+fn mounted_private(test: &str) -> Mounted {
+    let pool = pool_with_private(test);
+    let mnt = pool.parent().unwrap().join("mnt");
+    Mounted::mount(&pool, &mnt, "")
+}
+
 /// A directory under /tmp that every user can traverse (the scratch
 /// filesystems live under a 0700 directory), removed on drop.
 fn open_dir() -> tempfile::TempDir {
@@ -153,15 +160,23 @@ fn mistakes_get_messages_that_say_what_to_do() {
     );
 }
 
-#[test]
-fn other_users_are_told_who_may_administer_mount_and_unmount() {
+/// For a test with another user: `base` (removed on drop), the pool's path
+/// in it, and a mountpoint; `None` without runuser.
+fn user_dirs() -> Option<(tempfile::TempDir, PathBuf, PathBuf)> {
     if !require(&["runuser"]) {
-        return;
+        return None;
     }
     let base = open_dir();
-    let pool = base.path().join("pool");
-    let mnt = base.path().join("mnt");
+    let (pool, mnt) = (base.path().join("pool"), base.path().join("mnt"));
     std::fs::create_dir(&mnt).unwrap();
+    Some((base, pool, mnt))
+}
+
+#[test]
+fn other_users_are_told_who_may_administer_mount_and_unmount() {
+    let Some((_base, pool, mnt)) = user_dirs() else {
+        return;
+    };
     run_ok(
         Command::new(bin())
             .args(["pool", "init", "--setup-check=no", "--pool"])
@@ -202,14 +217,10 @@ fn other_users_are_told_who_may_administer_mount_and_unmount() {
 
 #[test]
 fn a_users_pool_mounted_by_root_shows_the_users_files() {
-    if !require(&["runuser"]) {
+    let Some((_base, pool, mnt)) = user_dirs() else {
         return;
-    }
-    let base = open_dir();
-    let pool = base.path().join("pool");
-    let mnt = base.path().join("mnt");
-    std::fs::create_dir_all(&pool).unwrap();
-    std::fs::create_dir(&mnt).unwrap();
+    };
+    std::fs::create_dir(&pool).unwrap();
     // nobody makes a pool in a directory it owns.
     run_ok(Command::new("chown").arg("nobody").arg(&pool));
     let p = pool.to_str().unwrap();
@@ -256,9 +267,8 @@ fn an_unmount_while_busy_names_the_open_volumes_and_their_holders() {
     if !require(&["losetup", "sleep"]) {
         return;
     }
-    let pool = pool_with_private("busy");
-    let mnt = pool.parent().unwrap().join("mnt");
-    let m = Mounted::mount(&pool, &mnt, "");
+    let m = mounted_private("busy");
+    let mnt = m.mnt.clone();
     let lo = Loop::attach(&m.path("appvms/work/private-dirty.img"), false, None);
     let mut sleeper = Command::new("sleep")
         .arg("60")
@@ -288,9 +298,8 @@ fn an_unmount_while_busy_names_the_open_volumes_and_their_holders() {
 
 #[test]
 fn a_failed_mount_prints_its_error_once() {
-    let pool = pool_with_private("once");
-    let mnt = pool.parent().unwrap().join("mnt");
-    let m = Mounted::mount(&pool, &mnt, "");
+    let m = mounted_private("once");
+    let pool = m.pool.clone();
     // A second mount of the same pool fails in the detached child, which
     // tells the waiting parent.
     let other = pool.parent().unwrap().join("mnt2");
@@ -309,9 +318,8 @@ fn ordinary_use_by_qemu_and_an_unmount_leave_no_warnings_in_the_log() {
     if !require(&["qemu-io", "qemu-img"]) {
         return;
     }
-    let pool = pool_with_private("quiet");
-    let mnt = pool.parent().unwrap().join("mnt");
-    let m = Mounted::mount(&pool, &mnt, "");
+    let m = mounted_private("quiet");
+    let pool = m.pool.clone();
     let dirty = m.path("appvms/work/private-dirty.img");
     // qemu probes the image (ioctls, poll), writes, flushes and reads.
     run_ok(
@@ -359,9 +367,8 @@ fn ordinary_use_by_qemu_and_an_unmount_leave_no_warnings_in_the_log() {
 #[test]
 fn sighup_unmounts_an_idle_mount_as_sigterm_and_sigint_do() {
     for sig in [libc::SIGHUP, libc::SIGINT] {
-        let pool = pool_with_private("sighup");
-        let mnt = pool.parent().unwrap().join("mnt");
-        let m = Mounted::mount(&pool, &mnt, "");
+        let m = mounted_private("sighup");
+        let mnt = m.mnt.clone();
         let pid = m.daemon_pid();
         // SAFETY: sending a signal to a PID has no memory effects.
         unsafe { libc::kill(pid, sig) };

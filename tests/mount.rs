@@ -184,14 +184,13 @@ fn rw_false_gives_erofs_and_o_trunc_gives_eperm() {
 
 #[test]
 fn a_read_only_mount_serves_reads_and_changes_nothing() {
-    if !require(&[]) {
-        return;
-    }
-    let fs = xfs();
-    let m = mounted(&fs, "ro-mount", "", |p| {
+    let keep_two = |p: &Pool| {
         p.set(&vid("appvms/vm/private"), Property::RevisionsToKeep(2))
-            .unwrap();
-    });
+            .unwrap()
+    };
+    let Some(m) = mounted_on_xfs(&[], "ro-mount", keep_two) else {
+        return;
+    };
     m.write_and_close(PRIV, 0, &pattern(1, 4096));
     m.write_and_close(PRIV, 0, &pattern(2, 4096));
     let (pool, mnt) = (m.pool.clone(), m.mnt.clone());
