@@ -9,7 +9,7 @@ use common::cli::*;
 use common::mount::*;
 use common::*;
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn stderr(o: &Output) -> String {
@@ -379,4 +379,65 @@ fn sighup_unmounts_an_idle_mount_as_sigterm_and_sigint_do() {
         let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
         assert!(!mounts.contains(mnt.to_str().unwrap()), "signal {sig}");
     }
+}
+
+#[test]
+fn demo_clean_removes_what_it_installed_only_when_it_points_into_the_checkout() {
+    let checkout = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let helper = Path::new("/usr/sbin/mount.reflinkfs");
+    let link = Path::new("/usr/local/bin/reflinkfs");
+    // Other test binaries mount through the helper: it is put back after.
+    let saved = std::fs::read(helper).ok();
+    let restore = || match &saved {
+        Some(b) => {
+            std::fs::write(helper, b).unwrap();
+            std::fs::set_permissions(helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        None => {
+            let _ = std::fs::remove_file(helper);
+        }
+    };
+    let had_link = std::fs::symlink_metadata(link).is_ok();
+    if had_link {
+        // Someone's demo is installed: leave it be (CI starts clean).
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{} exists on a CI machine",
+            link.display()
+        );
+        eprintln!("{} exists and is not this test's: skipping", link.display());
+        restore();
+        return;
+    }
+    let release = checkout.join("target/release/reflinkfs");
+    let demo = || {
+        run(Command::new("bash")
+            .arg(checkout.join("scripts/demo"))
+            .arg("--clean"))
+    };
+    // Pointing into this checkout: both go.
+    run_ok(
+        Command::new("bash")
+            .arg(checkout.join("mount-helper/install"))
+            .arg(bin()),
+    );
+    std::os::unix::fs::symlink(&release, link).unwrap();
+    let o = demo();
+    let (helper_left, link_left) = (helper.exists(), std::fs::symlink_metadata(link).is_ok());
+    // Pointing elsewhere: both stay.
+    std::fs::write(helper, "#!/bin/sh\nREFLINKFS=/opt/other/reflinkfs\n").unwrap();
+    std::os::unix::fs::symlink("/opt/other/reflinkfs", link).unwrap();
+    let o2 = demo();
+    let kept = (helper.exists(), std::fs::symlink_metadata(link).is_ok());
+    let _ = std::fs::remove_file(link);
+    restore();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!helper_left && !link_left, "removed: {}", stdout(&o));
+    assert!(stdout(&o).contains("removed /usr/sbin/mount.reflinkfs"));
+    assert!(o2.status.success(), "{}", stderr(&o2));
+    assert_eq!(
+        kept,
+        (true, true),
+        "a helper or link of another install stays"
+    );
 }
