@@ -42,6 +42,9 @@ pub enum Error {
     #[error("volume {vid}: {reason}")]
     Refused { vid: String, reason: String },
 
+    #[error("pool {pool}: {reason}")]
+    PoolRefused { pool: PathBuf, reason: String },
+
     #[error("volume {vid} is read-only (rw=false); it cannot be opened for writing")]
     ReadOnly { vid: String },
 
@@ -241,9 +244,10 @@ impl Error {
             Error::Busy { .. } | Error::PoolLocked { .. } | Error::MountBusy { .. } => {
                 ErrorClass::Busy
             }
-            Error::Refused { .. } | Error::ReadOnly { .. } | Error::NoAccess { .. } => {
-                ErrorClass::Refused
-            }
+            Error::Refused { .. }
+            | Error::PoolRefused { .. }
+            | Error::ReadOnly { .. }
+            | Error::NoAccess { .. } => ErrorClass::Refused,
             Error::NoSpace { .. } => ErrorClass::NoSpace,
             Error::CorruptMetadata { .. } | Error::NotRegular { .. } => ErrorClass::Corrupt,
             Error::ReflinkUnsupported { .. } => ErrorClass::Unsupported,

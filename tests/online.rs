@@ -522,7 +522,7 @@ fn the_socket_refuses_bad_requests_and_keeps_serving() {
         let reply = raw_request(&sock, &bytes);
         assert!(reply.get("error").is_some(), "{what}: {reply}");
         assert_eq!(reply["error"]["code"], 3, "{what}: {reply}");
-        assert_eq!(reply["protocol"], "1.0", "{what}: {reply}");
+        assert_eq!(reply["protocol"], reflinkfs::control::protocol_version().as_str(), "{what}: {reply}");
         // Still serving.
         let ok = raw_request(&sock, b"{\"protocol\":\"1.0\",\"request\":{\"op\":\"status\"}}\n");
         assert_eq!(ok["ok"]["result"], "status", "after {what}: {ok}");
@@ -553,7 +553,8 @@ fn the_socket_refuses_bad_requests_and_keeps_serving() {
         assert_eq!(reply["error"]["kind"], "protocol", "{what}: {reply}");
         assert_eq!(reply["error"]["code"], 11, "{what}: {reply}");
         assert!(
-            msg.contains("control protocol") && msg.contains("1.0"),
+            msg.contains("control protocol")
+                && msg.contains(&reflinkfs::control::protocol_version()),
             "{what}: {msg}"
         );
     }
@@ -623,7 +624,11 @@ fn the_cli_refuses_a_daemon_of_another_major_version() {
         let daemon = fake_daemon(&sock, reply);
         let out = rf(&pool, "volume list");
         let sent: Value = serde_json::from_str(&daemon.join().unwrap()).unwrap();
-        assert_eq!(sent["protocol"], "1.0", "the client says its version");
+        assert_eq!(
+            sent["protocol"],
+            reflinkfs::control::protocol_version().as_str(),
+            "the client says its version"
+        );
         assert_eq!(sent["request"]["op"], "volume_list");
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(11), "{err}");
@@ -650,4 +655,146 @@ fn completions_and_man_page_are_generated() {
         "{}",
         &man[..man.len().min(200)]
     );
+}
+
+/// One request, as JSON, to a mounted pool's socket.
+fn request(pool: &Path, req: Value) -> Value {
+    let msg = serde_json::json!({
+        "protocol": reflinkfs::control::protocol_version(),
+        "request": req,
+    });
+    let mut line = serde_json::to_vec(&msg).unwrap();
+    line.push(b'\n');
+    raw_request(&pool.join(".reflinkfs/control.sock"), &line)
+}
+
+#[test]
+fn an_import_written_in_place_commits_or_drops_and_changes_nothing_else() {
+    let fs = xfs();
+    let (pool, mnt) = fresh_pool(&fs, "import-in-place");
+    rf_ok(&pool, "volume create appvms/a/private --size 4M");
+    // Offline there is no daemon to keep an import between two requests.
+    let out = rf(&pool, "volume info a:private");
+    assert!(out.status.success());
+    let p = reflinkfs::engine::Pool::open(&pool).unwrap();
+    let offline = reflinkfs::control::execute(
+        &p,
+        serde_json::from_value(
+            serde_json::json!({"op": "volume_import_begin", "vid": "a:private", "size": 4096}),
+        )
+        .unwrap(),
+        None,
+        None,
+    );
+    assert!(offline.unwrap_err().to_string().contains("mounted"));
+    drop(p);
+    let m = Mounted::mount(&pool, &mnt, "");
+    let begin = |size: u64| {
+        let r = request(
+            &pool,
+            serde_json::json!({"op": "volume_import_begin", "vid": "a:private", "size": size}),
+        );
+        assert_eq!(r["ok"]["result"], "import_begun", "{r}");
+        PathBuf::from(r["ok"]["data"]["path"].as_str().unwrap())
+    };
+    let end = |success: bool| {
+        request(
+            &pool,
+            serde_json::json!({"op": "volume_import_end", "vid": "a:private", "success": success}),
+        )
+    };
+    // Written in place, as qubesd's dd does: the file exists, sized, zero.
+    let path = begin(8 * MIB);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 8 * MIB);
+    assert_eq!(
+        rf_json(&pool, "volume info a:private")["state"],
+        "importing"
+    );
+    run_ok(Command::new("dd").args([
+        "if=/dev/urandom",
+        &format!("of={}", path.display()),
+        "bs=1M",
+        "count=2",
+        "conv=notrunc,sparse,nocreat",
+        "status=none",
+    ]));
+    let want = sha256(&path);
+    let r = end(true);
+    assert_eq!(r["ok"]["data"]["committed"], true, "{r}");
+    let info = rf_json(&pool, "volume info a:private");
+    assert_eq!(
+        (info["size"].as_u64(), info["state"].as_str()),
+        (Some(8 * MIB), Some("stopped"))
+    );
+    assert_eq!(sha256(&pool.join("appvms/a/private.img")), want);
+    assert!(!path.exists(), "the import file became the image");
+    // A failed writer: dropped, nothing changes.
+    let path = begin(8 * MIB);
+    std::fs::write(&path, b"partial").unwrap_or(());
+    assert_eq!(end(false)["ok"]["data"]["committed"], false);
+    assert_eq!(sha256(&pool.join("appvms/a/private.img")), want);
+    assert!(!path.exists());
+    // A file that was replaced instead of written in place: refused.
+    let path = begin(8 * MIB);
+    std::fs::write(&path, b"not in place").unwrap();
+    let r = end(true);
+    assert_eq!(r["error"]["kind"], "invalid-input", "{r}");
+    assert_eq!(sha256(&pool.join("appvms/a/private.img")), want);
+    // An end without a begin.
+    assert_eq!(end(true)["error"]["kind"], "refused");
+    assert_eq!(rf_json(&pool, "volume info a:private")["state"], "stopped");
+    m.unmount();
+}
+
+#[test]
+fn waiting_for_a_stop_returns_once_committed_or_names_the_holder() {
+    let fs = xfs();
+    let (pool, mnt) = fresh_pool(&fs, "wait-stopped");
+    rf_ok(&pool, "volume create appvms/a/private --size 4M");
+    let m = Mounted::mount(&pool, &mnt, "");
+    let wait = |ms: u64| {
+        request(
+            &pool,
+            serde_json::json!({"op": "volume_wait_stopped", "vid": "a:private", "timeout_ms": ms}),
+        )
+    };
+    // Not running: at once.
+    assert_eq!(wait(1)["ok"]["result"], "stopped");
+    // Open: the wait runs out, naming who holds the file.
+    let f = open_rw(&m.path("appvms/a/private-dirty.img"));
+    write_at(&f, 0, &pattern(1, 4096));
+    let r = wait(300);
+    let msg = r["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(r["error"]["kind"], "busy", "{r}");
+    assert!(
+        msg.contains("running") && msg.contains(&format!("(PID {})", std::process::id())),
+        "{msg}"
+    );
+    // Closed while a waiter waits: it returns once the commit is done.
+    let waiter = std::thread::spawn({
+        let pool = pool.clone();
+        move || {
+            let msg = serde_json::json!({
+                "protocol": reflinkfs::control::protocol_version(),
+                "request": {"op": "volume_wait_stopped", "vid": "a:private", "timeout_ms": 30000},
+            });
+            let mut line = serde_json::to_vec(&msg).unwrap();
+            line.push(b'\n');
+            raw_request(&pool.join(".reflinkfs/control.sock"), &line)
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    drop(f);
+    let r = waiter.join().unwrap();
+    assert_eq!(r["ok"]["result"], "stopped", "{r}");
+    let revs = rf_json(&pool, "volume revisions a:private");
+    assert_eq!(
+        revs.as_array().unwrap().len(),
+        1,
+        "committed when the wait returned"
+    );
+    m.unmount();
 }

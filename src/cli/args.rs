@@ -157,6 +157,21 @@ pub enum PoolCommand {
         #[command(flatten)]
         json: JsonArg,
     },
+    /// Set a pool property: revisions_to_keep, the default of new origin
+    /// volumes (an integer >= -1; 0 in a read-only pool). Existing volumes
+    /// keep their own.
+    #[command(after_help = exit_status_help())]
+    Set {
+        #[command(flatten)]
+        pool: PoolArg,
+        /// revisions_to_keep.
+        property: String,
+        /// The new value.
+        #[arg(allow_negative_numbers = true)]
+        value: String,
+        #[command(flatten)]
+        json: JsonArg,
+    },
     /// Check the pool's consistency and report every problem found (exit
     /// status 8 when there is one).
     #[command(after_help = exit_status_help())]

@@ -9,7 +9,7 @@ pub(crate) mod output;
 mod progress;
 
 use crate::control::{self, client, Request, Response};
-use crate::engine::admin::check_revisions_to_keep;
+use crate::engine::props::check_revisions_to_keep;
 use crate::engine::{parse_size, InitOptions, Pool, Property, ValidVid};
 use crate::error::{Error, Result};
 use args::{Cli, Command, PoolCommand, VolumeCommand};
@@ -154,6 +154,16 @@ fn run_pool(cmd: PoolCommand) -> Result<ExitCode> {
         PoolCommand::Info { pool, json } => {
             dispatch(&pool.pool, Request::PoolInfo, None, json.json)
         }
+        PoolCommand::Set {
+            pool,
+            property,
+            value,
+            json,
+        } => {
+            crate::engine::PoolProperty::parse(&property, &value)?;
+            let req = Request::PoolSet { property, value };
+            dispatch(&pool.pool, req, None, json.json)
+        }
         PoolCommand::Check { pool, volume, json } => {
             if let Some(v) = &volume {
                 precheck_vid(v)?;
@@ -199,13 +209,14 @@ fn run_volume(cmd: VolumeCommand) -> Result<ExitCode> {
                 volatile: c.volatile,
                 read_only: c.read_only,
                 optional: c.optional,
+                with_data: false,
             };
             dispatch(&c.pool.pool, req, None, c.json.json)
         }
         VolumeCommand::List { pool, json } => {
             dispatch(&pool.pool, Request::VolumeList, None, json.json)
         }
-        VolumeCommand::Info(v) => v.dispatch(|vid| Request::VolumeInfo { vid }),
+        VolumeCommand::Info(v) => v.dispatch(|vid| Request::VolumeInfo { vid, brief: false }),
         VolumeCommand::Revisions(v) => v.dispatch(|vid| Request::VolumeRevisions { vid }),
         VolumeCommand::Resize {
             pool,
@@ -421,6 +432,7 @@ fn volume_info(pool: &Path, vid: &str) -> Result<crate::engine::VolumeInfo> {
         pool,
         Request::VolumeInfo {
             vid: vid.to_owned(),
+            brief: false,
         },
         None,
     )? {
@@ -462,35 +474,31 @@ fn clone_across(
             },
             Some(dest),
         )?;
-        let exists = volume_info(dst_pool, dst).is_ok();
-        if !exists {
-            call(
-                dst_pool,
-                Request::VolumeCreate {
-                    vid: dst.to_owned(),
-                    size,
-                    snapshot_of: None,
-                    volatile: false,
-                    revisions_to_keep: None,
-                    read_only: false,
-                    optional: false,
-                },
-                None,
-            )?;
-        }
         let source =
             File::open(&tmp).map_err(|e| Error::io(format!("opening {}", tmp.display()), e))?;
-        let out = call(
-            dst_pool,
-            Request::VolumeImport {
+        // A new volume is created with its data in one step, and an
+        // existing one gets it as an import: either way, a clone that fails
+        // leaves the destination pool as it was.
+        let exists = volume_info(dst_pool, dst).is_ok();
+        let req = match exists {
+            true => Request::VolumeImport {
                 vid: dst.to_owned(),
                 size: Some(size),
                 source: format!("{src_vid} of {}", src_pool.display()),
             },
-            Some(source),
-        )?;
-        Ok(match out {
-            Response::Imported { vid, .. } => vid,
+            false => Request::VolumeCreate {
+                vid: dst.to_owned(),
+                size,
+                snapshot_of: None,
+                volatile: false,
+                revisions_to_keep: None,
+                read_only: false,
+                optional: false,
+                with_data: true,
+            },
+        };
+        Ok(match call(dst_pool, req, Some(source))? {
+            Response::Imported { vid, .. } | Response::Created { vid, .. } => vid,
             _ => dst.to_owned(),
         })
     })();

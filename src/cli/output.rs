@@ -296,6 +296,22 @@ pub fn text(r: &Response) -> String {
         }
         Response::Cloned { src, dst, pool } => format!("cloned {src} to {dst} in {pool}\n"),
         Response::Removed { vid } => format!("removed {vid}\n"),
+        Response::PoolSet { property, value } => format!("pool: {property} = {value}\n"),
+        Response::ImportBegun { vid, path, size } => {
+            format!("{vid}: write {size} bytes to {path} in place, then end the import\n")
+        }
+        Response::ImportEnded {
+            vid,
+            committed,
+            saved_as,
+        } => match (committed, saved_as) {
+            (true, Some(k)) => {
+                format!("{vid}: import committed; the previous image is revision {k}\n")
+            }
+            (true, None) => format!("{vid}: import committed\n"),
+            (false, _) => format!("{vid}: import dropped; the volume is unchanged\n"),
+        },
+        Response::Stopped { vid } => format!("{vid}: stopped\n"),
     }
 }
 
@@ -336,6 +352,16 @@ pub fn json(r: &Response) -> Value {
         Response::Exported { vid, bytes, .. } => json!({ "vid": vid, "bytes": bytes }),
         Response::Cloned { src, dst, pool } => json!({ "src": src, "dst": dst, "pool": pool }),
         Response::Removed { vid } => json!({ "vid": vid, "removed": true }),
+        Response::PoolSet { property, value } => json!({ "property": property, "value": value }),
+        Response::ImportBegun { vid, path, size } => {
+            json!({ "vid": vid, "path": path, "size": size })
+        }
+        Response::ImportEnded {
+            vid,
+            committed,
+            saved_as,
+        } => json!({ "vid": vid, "committed": committed, "saved_as": saved_as }),
+        Response::Stopped { vid } => json!({ "vid": vid, "stopped": true }),
     }
 }
 

@@ -11,7 +11,8 @@ pub mod server;
 
 use crate::engine::admin::CreateOptions;
 use crate::engine::report::{PoolInfo, Problem, VolumeInfo};
-use crate::engine::{NewKind, Pool, Property, ResizeOutcome, Revision, ValidVid};
+use crate::engine::transfer::PendingImport;
+use crate::engine::{NewKind, Pool, PoolProperty, Property, ResizeOutcome, Revision, ValidVid};
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
@@ -20,7 +21,7 @@ use std::fs::File;
 /// numbers match; a minor number grows with additions an older peer can
 /// ignore (a new request, a new optional field).
 pub const PROTOCOL_MAJOR: u32 = 1;
-pub const PROTOCOL_MINOR: u32 = 0;
+pub const PROTOCOL_MINOR: u32 = 1;
 
 /// `MAJOR.MINOR` of this build.
 pub fn protocol_version() -> String {
@@ -40,6 +41,12 @@ pub enum Request {
     PoolCheck {
         volume: Option<String>,
     },
+    /// (1.1) A pool property: `revisions_to_keep`, the default of new
+    /// origin volumes.
+    PoolSet {
+        property: String,
+        value: String,
+    },
     Status,
     VolumeCreate {
         vid: String,
@@ -52,10 +59,18 @@ pub enum Request {
         read_only: bool,
         #[serde(default)]
         optional: bool,
+        /// (1.1) The new origin volume's data comes as the passed file
+        /// descriptor (its size is the data's): the volume exists with
+        /// all its data, or not at all.
+        #[serde(default)]
+        with_data: bool,
     },
     VolumeList,
     VolumeInfo {
         vid: String,
+        /// (1.1) Leave out `usage` (no FIEMAP of the files): cheap.
+        #[serde(default)]
+        brief: bool,
     },
     VolumeRevisions {
         vid: String,
@@ -99,6 +114,29 @@ pub enum Request {
     VolumeRemove {
         vid: String,
     },
+    /// (1.1) Begins an import whose data the client writes in place: the
+    /// daemon makes a sparse file of `size` bytes and answers its path;
+    /// the volume is `importing` until `volume_import_end`. Mounted pools
+    /// only.
+    VolumeImportBegin {
+        vid: String,
+        size: u64,
+    },
+    /// (1.1) Ends it: `success` commits the data (the previous image
+    /// becomes a revision), otherwise it is dropped.
+    VolumeImportEnd {
+        vid: String,
+        success: bool,
+    },
+    /// (1.1) Waits until the volume's run is over and its commit (or
+    /// discard) is done and durable; at once when it is not running.
+    /// Refused when still running after `timeout_ms` (default 60 s), naming
+    /// what holds it.
+    VolumeWaitStopped {
+        vid: String,
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
 }
 
 impl Request {
@@ -106,7 +144,12 @@ impl Request {
     pub fn takes_fd(&self) -> bool {
         matches!(
             self,
-            Request::VolumeImport { .. } | Request::VolumeExport { .. }
+            Request::VolumeImport { .. }
+                | Request::VolumeExport { .. }
+                | Request::VolumeCreate {
+                    with_data: true,
+                    ..
+                }
         )
     }
 }
@@ -222,6 +265,30 @@ pub enum Response {
     Removed {
         vid: String,
     },
+    /// `pool set`.
+    PoolSet {
+        property: String,
+        value: String,
+    },
+    /// `volume_import_begin`: write `size` bytes to `path`, in place (do
+    /// not create or truncate it), then send `volume_import_end`.
+    ImportBegun {
+        vid: String,
+        path: String,
+        size: u64,
+    },
+    /// `volume_import_end`: whether the data was committed, and the
+    /// revision the previous image was kept as.
+    ImportEnded {
+        vid: String,
+        committed: bool,
+        saved_as: Option<u64>,
+    },
+    /// `volume_wait_stopped`: the volume is stopped, its last run committed
+    /// or discarded.
+    Stopped {
+        vid: String,
+    },
 }
 
 /// `PoolInfo`, boxed (it is much larger than the other responses).
@@ -238,7 +305,16 @@ pub trait Daemon: Send + Sync {
     /// Called after every request, before the reply: the mount has dropped
     /// what the kernel cached of what the request changed.
     fn settled(&self);
+    /// What holds a volume's exported file open (loop devices, processes),
+    /// for the error of a stop that waited in vain.
+    fn holders(&self, vid: &ValidVid) -> String;
+    /// The imports begun and not yet ended (`volume_import_begin`).
+    fn imports(&self) -> &PendingImports;
 }
+
+/// Imports begun over the socket and not yet ended, by volume. Kept by the
+/// daemon: an import's data is written between two requests.
+pub type PendingImports = parking_lot::Mutex<std::collections::HashMap<ValidVid, PendingImport>>;
 
 /// A volume may be larger than the free space (its image is sparse, and
 /// that is how thin provisioning works), but its creator should know: the
@@ -252,6 +328,16 @@ fn space_warning(pool: &Pool, vid: &ValidVid, size: u64) -> Option<String> {
             crate::engine::size::format_approx(size),
             crate::engine::size::format_approx(free)
         )
+    })
+}
+
+/// The daemon, for a request that only a mounted pool serves.
+fn online<'a>(daemon: Option<&'a dyn Daemon>, what: &str) -> Result<&'a dyn Daemon> {
+    daemon.ok_or_else(|| Error::InvalidValue {
+        property: "request".into(),
+        reason: format!(
+            "{what} needs the pool to be mounted: its daemon keeps it between two requests"
+        ),
     })
 }
 
@@ -327,6 +413,7 @@ pub fn execute(
             revisions_to_keep,
             read_only,
             optional,
+            with_data,
         } => {
             let vid = new_vid(pool, &vid)?;
             let kind = match (snapshot_of, volatile) {
@@ -341,14 +428,92 @@ pub fn execute(
                 revisions_to_keep,
                 optional,
             };
-            pool.create(&vid, &opts)?;
+            match with_data {
+                true => {
+                    let data = need_fd(fd)?;
+                    if !matches!(opts.kind, NewKind::Origin) {
+                        return Err(Error::InvalidValue {
+                            property: "with_data".into(),
+                            reason: "only an origin volume is created with data".into(),
+                        });
+                    }
+                    let shown = std::path::Path::new("the data passed with the request");
+                    pool.create_with(&vid, &opts, Some((&data, shown)))?
+                }
+                false => pool.create(&vid, &opts)?,
+            }
             Response::Created {
                 warning: space_warning(pool, &vid, size),
                 vid: vid.to_string(),
             }
         }
         Request::VolumeList => Response::Volumes(pool.list()?),
-        Request::VolumeInfo { vid } => Response::Volume(Box::new(pool.info(&vid_of(pool, &vid)?)?)),
+        Request::VolumeInfo { vid, brief } => {
+            let vid = vid_of(pool, &vid)?;
+            Response::Volume(Box::new(match brief {
+                true => pool.info_brief(&vid)?,
+                false => pool.info(&vid)?,
+            }))
+        }
+        Request::PoolSet { property, value } => {
+            let prop = PoolProperty::parse(&property, &value)?;
+            pool.set_pool(prop)?;
+            let (property, value) = prop.shown();
+            Response::PoolSet {
+                property: property.to_owned(),
+                value,
+            }
+        }
+        Request::VolumeImportBegin { vid, size } => {
+            let d = online(daemon, "an import written in place")?;
+            let vid = vid_of(pool, &vid)?;
+            let import = pool.import_begin(&vid, size)?;
+            let path = import.path.display().to_string();
+            // An import begun before and never ended is abandoned first.
+            d.imports().lock().insert(vid.clone(), import);
+            Response::ImportBegun {
+                vid: vid.to_string(),
+                path,
+                size,
+            }
+        }
+        Request::VolumeImportEnd { vid, success } => {
+            let d = online(daemon, "an import written in place")?;
+            let vid = vid_of(pool, &vid)?;
+            let import = d
+                .imports()
+                .lock()
+                .remove(&vid)
+                .ok_or_else(|| Error::Refused {
+                    vid: vid.to_string(),
+                    reason: "no import was begun (volume_import_begin) for it".into(),
+                })?;
+            let saved_as = pool.import_end(import, success)?;
+            Response::ImportEnded {
+                vid: vid.to_string(),
+                committed: success,
+                saved_as,
+            }
+        }
+        Request::VolumeWaitStopped { vid, timeout_ms } => {
+            let vid = vid_of(pool, &vid)?;
+            let timeout = std::time::Duration::from_millis(timeout_ms.unwrap_or(60_000));
+            pool.wait_stopped(&vid, timeout)
+                .map_err(|e| match (e, daemon) {
+                    (Error::Busy { vid: v, reason }, Some(d))
+                        if !reason.contains("open for writing by") =>
+                    {
+                        Error::Busy {
+                            reason: format!("{reason}: held by {}", d.holders(&vid)),
+                            vid: v,
+                        }
+                    }
+                    (e, _) => e,
+                })?;
+            Response::Stopped {
+                vid: vid.to_string(),
+            }
+        }
         Request::VolumeRevisions { vid } => {
             Response::Revisions(pool.revisions(&vid_of(pool, &vid)?)?)
         }

@@ -253,6 +253,7 @@ fn serve(
         mountpoint: mnt.to_owned(),
         mount_id: mount_id(mnt, pool.path()),
         started: std::time::Instant::now(),
+        imports: Default::default(),
     });
     crate::control::server::spawn(pool.clone(), daemon).map_err(|e| {
         fail(

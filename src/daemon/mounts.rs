@@ -87,6 +87,31 @@ fn unescape_mount(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The loop devices and processes that hold a file at or under `path`,
+/// each as a phrase (`loop device /dev/loop3 on X`, `qemu (PID 7) has X
+/// open`), with paths shown by `shown`.
+pub fn holders_of(path: &Path, shown: &dyn Fn(&Path) -> String) -> Vec<String> {
+    let mut holders = Vec::new();
+    for (dev, backing) in crate::sys::loop_backing_files() {
+        if Path::new(&backing).starts_with(path) {
+            holders.push(format!(
+                "loop device {} on {}",
+                dev.display(),
+                shown(Path::new(&backing))
+            ));
+        }
+    }
+    for u in crate::sys::processes_using(path) {
+        let what = match u.how {
+            "open" => format!("has {} open", shown(&u.path)),
+            "cwd" => format!("has its working directory in {}", shown(&u.path)),
+            _ => format!("has its root directory in {}", shown(&u.path)),
+        };
+        holders.push(format!("{} (PID {}) {what}", u.command, u.pid));
+    }
+    holders
+}
+
 /// What keeps a mount busy, for a person: the volumes open on it (from
 /// the daemon) and who holds files there: loop devices, and processes with
 /// a file open or their working directory on it.
@@ -104,24 +129,7 @@ pub fn who_holds(mnt: &Path, open: &[(String, usize)]) -> String {
             .collect();
         out = format!("{} volume(s) open: {}; ", open.len(), list.join(", "));
     }
-    let mut holders = Vec::new();
-    for (dev, backing) in crate::sys::loop_backing_files() {
-        if Path::new(&backing).starts_with(mnt) {
-            holders.push(format!(
-                "loop device {} on {}",
-                dev.display(),
-                shown(Path::new(&backing))
-            ));
-        }
-    }
-    for u in crate::sys::processes_using(mnt) {
-        let what = match u.how {
-            "open" => format!("has {} open", shown(&u.path)),
-            "cwd" => format!("has its working directory in {}", shown(&u.path)),
-            _ => format!("has its root directory in {}", shown(&u.path)),
-        };
-        holders.push(format!("{} (PID {}) {what}", u.command, u.pid));
-    }
+    let holders = holders_of(mnt, &shown);
     if holders.is_empty() {
         out.push_str("held by something this command cannot see (a process of another PID namespace, or the kernel)");
     } else {

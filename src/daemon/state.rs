@@ -18,6 +18,8 @@ pub(super) struct DaemonState {
     /// lazy unmount), the daemon only serves the files still open.
     pub(super) mount_id: Option<u64>,
     pub(super) started: std::time::Instant,
+    /// Imports begun over the control socket and not yet ended.
+    pub(super) imports: crate::control::PendingImports,
 }
 
 impl DaemonState {
@@ -30,7 +32,33 @@ impl DaemonState {
     }
 }
 
+impl DaemonState {
+    /// The exported path of a volume's dirty image on the mount.
+    fn exported(&self, vid: &crate::engine::ValidVid) -> PathBuf {
+        self.mountpoint
+            .join(vid.class())
+            .join(vid.vm())
+            .join(crate::engine::Names::of(vid).dirty())
+    }
+}
+
 impl crate::control::Daemon for DaemonState {
+    fn holders(&self, vid: &crate::engine::ValidVid) -> String {
+        let file = self.exported(vid);
+        let holders = super::mounts::holders_of(&file, &|p: &Path| p.display().to_string());
+        match holders.is_empty() {
+            true => {
+                "nothing this daemon can see (a process of another PID namespace, or the kernel)"
+                    .into()
+            }
+            false => holders.join("; "),
+        }
+    }
+
+    fn imports(&self) -> &crate::control::PendingImports {
+        &self.imports
+    }
+
     fn status(&self) -> Status {
         let running = self
             .fs
@@ -84,11 +112,7 @@ impl crate::control::Daemon for DaemonState {
     }
 
     fn resized(&self, vid: &crate::engine::ValidVid) {
-        let path = self
-            .mountpoint
-            .join(vid.class())
-            .join(vid.vm())
-            .join(crate::engine::Names::of(vid).dirty());
+        let path = self.exported(vid);
         // The resize dropped the kernel's cached attributes of the file: a
         // stat through the mount fetches the new size, which the loop
         // driver then reads.

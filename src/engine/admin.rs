@@ -6,6 +6,7 @@ use super::failpoint;
 use super::fsops::Dir;
 use super::lifecycle::{io_ctx, open_image, regular_entry};
 use super::pool::{Names, Pool};
+use super::props::check_revisions_to_keep;
 use super::revision::Revision;
 use super::size::check_size;
 use super::vid::ValidVid;
@@ -46,57 +47,6 @@ impl CreateOptions {
             optional: false,
         }
     }
-}
-
-/// A property `volume set` can change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Property {
-    RevisionsToKeep(i64),
-    Rw(bool),
-}
-
-impl Property {
-    /// Parses `PROPERTY VALUE` as typed on the command line.
-    pub fn parse(name: &str, value: &str) -> Result<Property> {
-        let invalid = |reason: String| Error::InvalidValue {
-            property: name.to_owned(),
-            reason,
-        };
-        match name {
-            "revisions_to_keep" | "revisions-to-keep" => {
-                let n: i64 = value
-                    .trim()
-                    .parse()
-                    .map_err(|_| invalid(format!("{value:?} is not an integer")))?;
-                check_revisions_to_keep(n)?;
-                Ok(Property::RevisionsToKeep(n))
-            }
-            "rw" => match value.trim().to_ascii_lowercase().as_str() {
-                "true" | "yes" | "on" | "1" => Ok(Property::Rw(true)),
-                "false" | "no" | "off" | "0" => Ok(Property::Rw(false)),
-                _ => Err(invalid(format!(
-                    "{value:?} is not a boolean (true or false)"
-                ))),
-            },
-            "size" => Err(invalid("use `volume resize` to change the size".into())),
-            _ => Err(invalid(
-                "unknown property; the settable properties are revisions_to_keep and rw".into(),
-            )),
-        }
-    }
-}
-
-/// Validates a `revisions_to_keep` value (SPEC §2.2).
-pub fn check_revisions_to_keep(n: i64) -> Result<i64> {
-    if n < -1 {
-        return Err(Error::InvalidValue {
-            property: "revisions_to_keep".into(),
-            reason: format!(
-                "{n} is below the minimum of -1 (-1 disables snapshots, 0 keeps no revisions)"
-            ),
-        });
-    }
-    Ok(n)
 }
 
 /// What a resize did.
@@ -205,6 +155,7 @@ impl Pool {
     ) -> Result<()> {
         vid.check_new()?;
         let size = check_size(opts.size, &opts.size.to_string())?;
+        let pool_cfg = self.config();
         let (kind, source) = match &opts.kind {
             NewKind::Origin => (VolumeKind::Origin, None),
             NewKind::SnapshotOf(s) => (VolumeKind::Snapshot, Some(s.clone())),
@@ -212,7 +163,7 @@ impl Pool {
         };
         let revisions_to_keep = match (kind, opts.revisions_to_keep) {
             (VolumeKind::Origin, Some(n)) => check_revisions_to_keep(n)?,
-            (VolumeKind::Origin, None) => self.config.revisions_to_keep,
+            (VolumeKind::Origin, None) => pool_cfg.revisions_to_keep,
             (_, None | Some(0)) => 0,
             (_, Some(n)) => {
                 return Err(Error::InvalidValue {
@@ -224,8 +175,8 @@ impl Pool {
                 })
             }
         };
-        let rw = opts.rw.unwrap_or(!self.config.read_only);
-        check_pool_constraints(&self.config, rw, revisions_to_keep).map_err(|r| refused(vid, r))?;
+        let rw = opts.rw.unwrap_or(!pool_cfg.read_only);
+        check_pool_constraints(&pool_cfg, rw, revisions_to_keep).map_err(|r| refused(vid, r))?;
         let (snap_on_start, save_on_stop) = kind.flags();
         let config = VolumeConfig {
             format: FORMAT_VERSION,
@@ -243,7 +194,7 @@ impl Pool {
             dirty_size: None,
             incarnation: crate::sys::random_u64(),
         };
-        config.validate(&self.config).map_err(|r| refused(vid, r))?;
+        config.validate(&pool_cfg).map_err(|r| refused(vid, r))?;
 
         if let Some(src) = &source {
             if !self.volumes.read().contains_key(src) {
@@ -255,50 +206,67 @@ impl Pool {
         // The id is reserved while the files are made (a clone's copy takes
         // as long as it takes), without holding the map of volumes.
         let _reserved = self.reserve_new(vid)?;
-
-        let dir = self.vm_dir(vid, true)?;
-        let n = Names::of(vid);
-        let v = vid.to_string();
-        for f in dir.names().map_err(io_ctx(&dir, "listing", ""))? {
-            if n.owns(&f) {
-                log::warn!(
-                    "{vid}: removing stale {} of an earlier volume",
-                    dir.shown(&f).display()
-                );
-                dir.remove(&v, &f).map_err(io_ctx(&dir, "removing", &f))?;
+        // A create that fails (no space for a clone's copy) leaves nothing,
+        // not even the VM directory it made.
+        let made = (|| -> Result<()> {
+            let dir = self.vm_dir(vid, true)?;
+            let n = Names::of(vid);
+            let v = vid.to_string();
+            for f in dir.names().map_err(io_ctx(&dir, "listing", ""))? {
+                if n.owns(&f) {
+                    log::warn!(
+                        "{vid}: removing stale {} of an earlier volume",
+                        dir.shown(&f).display()
+                    );
+                    dir.remove(&v, &f).map_err(io_ctx(&dir, "removing", &f))?;
+                }
             }
+            if kind == VolumeKind::Origin {
+                let tmp = n.img_tmp("create");
+                let made = match initial {
+                    Some((src, shown)) => dir
+                        .copy_from(&v, src, shown, &tmp, self.copy_strategy())
+                        .map(|(f, _)| f),
+                    None => dir.create_sparse(&v, &tmp, size),
+                };
+                // A copy that fails (no space, a short source) leaves nothing.
+                let f = made
+                    .map_err(io_ctx(&dir, "creating", &tmp))
+                    .inspect_err(|_| {
+                        let _ = dir.remove_if_exists(&v, &tmp);
+                    })?;
+                let actual = sys::fstat(f.as_fd())
+                    .map_err(io_ctx(&dir, "examining", &tmp))?
+                    .st_size as u64;
+                // Data of any length may come (a file passed with the
+                // request): its length must be a valid size.
+                let config_size = check_size(actual, &actual.to_string()).inspect_err(|_| {
+                    let _ = dir.remove_if_exists(&v, &tmp);
+                })?;
+                sys::fsync(f.as_fd()).map_err(io_ctx(&dir, "syncing", &tmp))?;
+                dir.rename(&v, &tmp, &n.img())
+                    .map_err(io_ctx(&dir, "renaming", &tmp))?;
+                dir.sync().map_err(io_ctx(&dir, "syncing", ""))?;
+                failpoint::hit("create.image");
+                let mut config = config;
+                config.size = config_size;
+                self.store_volume(&config)?;
+                self.volumes
+                    .write()
+                    .insert(vid.clone(), Volume::new(config, self.hooks.clone()));
+            } else {
+                dir.sync().map_err(io_ctx(&dir, "syncing", ""))?;
+                self.store_volume(&config)?;
+                self.volumes
+                    .write()
+                    .insert(vid.clone(), Volume::new(config, self.hooks.clone()));
+            }
+            Ok(())
+        })();
+        if made.is_err() {
+            self.remove_dir_if_empty(vid.class(), vid.vm(), false);
         }
-        if kind == VolumeKind::Origin {
-            let tmp = n.img_tmp("create");
-            let made = match initial {
-                Some((src, shown)) => dir
-                    .copy_from(&v, src, shown, &tmp, self.copy_strategy())
-                    .map(|(f, _)| f),
-                None => dir.create_sparse(&v, &tmp, size),
-            };
-            let f = made.map_err(io_ctx(&dir, "creating", &tmp))?;
-            let actual = sys::fstat(f.as_fd())
-                .map_err(io_ctx(&dir, "examining", &tmp))?
-                .st_size as u64;
-            let config_size = actual;
-            sys::fsync(f.as_fd()).map_err(io_ctx(&dir, "syncing", &tmp))?;
-            dir.rename(&v, &tmp, &n.img())
-                .map_err(io_ctx(&dir, "renaming", &tmp))?;
-            dir.sync().map_err(io_ctx(&dir, "syncing", ""))?;
-            failpoint::hit("create.image");
-            let mut config = config;
-            config.size = config_size;
-            self.store_volume(&config)?;
-            self.volumes
-                .write()
-                .insert(vid.clone(), Volume::new(config, self.hooks.clone()));
-        } else {
-            dir.sync().map_err(io_ctx(&dir, "syncing", ""))?;
-            self.store_volume(&config)?;
-            self.volumes
-                .write()
-                .insert(vid.clone(), Volume::new(config, self.hooks.clone()));
-        }
+        made?;
         self.hooks.changed(vid);
         log::info!("{vid}: created ({}, {size} bytes)", kind.as_str());
         Ok(())
@@ -490,6 +458,15 @@ impl Pool {
                     .unwrap_or(0);
                 src.max(cfg.size)
             }
+            // A read-only pool's images are put there by root (a kernel's
+            // modules.img copied in place): the image's size is the size.
+            VolumeKind::Origin if self.read_only() => self
+                .vm_dir_if_exists(&cfg.vid)
+                .ok()
+                .flatten()
+                .and_then(|d| regular_entry(&d, &cfg.vid, &Names::of(&cfg.vid).img()).ok())
+                .flatten()
+                .map_or(cfg.size, |sig| sig.size),
             _ => cfg.size,
         }
     }
@@ -542,50 +519,6 @@ impl Pool {
         Ok(saved)
     }
 
-    /// Sets a property (SPEC §5). Lowering `revisions_to_keep` prunes at once.
-    pub fn set(&self, vid: &ValidVid, prop: Property) -> Result<()> {
-        let claim = self.volume(vid)?.claim(OpName::Set, |_| Ok(()))?;
-        let old = claim.config();
-        let mut cfg = (*old).clone();
-        let running = claim.lock().run().is_some();
-        match prop {
-            Property::Rw(rw) => {
-                if running {
-                    return Err(busy(vid, "rw cannot change while it is running"));
-                }
-                cfg.rw = rw;
-            }
-            Property::RevisionsToKeep(n) => {
-                check_revisions_to_keep(n)?;
-                if cfg.kind() != VolumeKind::Origin && n != 0 {
-                    return Err(refused(
-                        vid,
-                        format!("a {} volume keeps no revisions", cfg.kind().as_str()),
-                    ));
-                }
-                if running && (n == -1) != (cfg.revisions_to_keep == -1) {
-                    return Err(busy(
-                        vid,
-                        "revisions_to_keep cannot change to or from -1 while it is running",
-                    ));
-                }
-                cfg.revisions_to_keep = n;
-            }
-        }
-        check_pool_constraints(&self.config, cfg.rw, cfg.revisions_to_keep)
-            .map_err(|r| refused(vid, r))?;
-        let lowered = cfg.revisions_to_keep < old.revisions_to_keep;
-        self.set_config(&claim, cfg.clone())?;
-        failpoint::hit("set.stored");
-        log::info!("{vid}: set {prop:?}");
-        if lowered {
-            if let Some(dir) = self.vm_dir_if_exists(vid)? {
-                self.prune_revisions(&cfg, &dir)?;
-            }
-        }
-        Ok(())
-    }
-
     /// The revisions of a volume, oldest first.
     pub fn revisions(&self, vid: &ValidVid) -> Result<Vec<Revision>> {
         self.volume(vid)?;
@@ -608,7 +541,7 @@ impl Pool {
 
 impl Pool {
     /// Stores a claimed volume's new config, then shows it to readers.
-    fn set_config(&self, claim: &Claim, cfg: VolumeConfig) -> Result<()> {
+    pub(super) fn set_config(&self, claim: &Claim, cfg: VolumeConfig) -> Result<()> {
         self.store_volume(&cfg)?;
         claim.lock().config = Arc::new(cfg);
         Ok(())

@@ -22,6 +22,8 @@ pub const POOL_JSON: &str = "pool.json";
 pub const VOLUMES_DIR: &str = "volumes";
 pub const LOCK_FILE: &str = "lock";
 pub const CONTROL_SOCKET: &str = "control.sock";
+/// The class directories `pool init` makes (those of Qubes' pools).
+pub const CLASS_DIRS: [&str; 2] = ["appvms", "vm-templates"];
 
 /// Options of `pool init`.
 #[derive(Debug, Clone)]
@@ -98,7 +100,10 @@ pub struct Pool {
     pub(crate) meta: Dir,
     pub(crate) volmeta: Dir,
     _lock: File,
-    pub(crate) config: PoolConfig,
+    /// The pool's config (`pool.json`); `pool set` changes it.
+    pub(crate) config: RwLock<PoolConfig>,
+    /// Held by `pool set` while it stores the config (never by readers).
+    pub(crate) setting: Mutex<()>,
     /// Every volume, by id: sorted by class, VM and name, so a VM's volumes
     /// are one range. Held only to look up, insert or remove (see the lock
     /// order in `volume.rs`).
@@ -221,6 +226,12 @@ impl Pool {
         meta.subdir(VOLUMES_DIR, true)
             .map_err(io_at(meta.path(), "creating"))?;
         store_json(meta.fd(), POOL_JSON, &config, &meta.shown(POOL_JSON))?;
+        // The layout of SPEC §1.1, as Qubes' file-reflink makes it: the
+        // directories of ordinary VMs and of templates.
+        for class in CLASS_DIRS {
+            root.subdir(class, true)
+                .map_err(io_at(&root.shown(class), "creating"))?;
+        }
         log::info!(
             "initialised pool {} ({}, revisions_to_keep={}{})",
             path.display(),
@@ -291,7 +302,8 @@ impl Pool {
             meta,
             volmeta,
             _lock: lock,
-            config,
+            config: RwLock::new(config),
+            setting: Mutex::new(()),
             volumes: RwLock::new(BTreeMap::new()),
             corrupt: RwLock::new(BTreeMap::new()),
             held: Mutex::new(BTreeSet::new()),
@@ -388,12 +400,22 @@ impl Pool {
         self.meta.shown(name)
     }
 
-    pub fn config(&self) -> &PoolConfig {
-        &self.config
+    pub fn config(&self) -> PoolConfig {
+        self.config.read().clone()
+    }
+
+    /// Whether the pool is read-only (the kernel-pool mode).
+    pub fn read_only(&self) -> bool {
+        self.config.read().read_only
+    }
+
+    /// Stores `pool.json` (atomically, as all metadata).
+    pub(crate) fn store_pool_config(&self, cfg: &PoolConfig) -> Result<()> {
+        store_json(self.meta.fd(), POOL_JSON, cfg, &self.meta.shown(POOL_JSON))
     }
 
     pub(crate) fn copy_strategy(&self) -> CopyStrategy {
-        if self.config.copy_mode {
+        if self.config.read().copy_mode {
             CopyStrategy::Sparse
         } else {
             CopyStrategy::Reflink
@@ -471,11 +493,12 @@ impl Pool {
                                     ),
                                 });
                             }
-                            c.validate(&self.config)
-                                .map_err(|reason| Error::CorruptMetadata {
+                            c.validate(&self.config()).map_err(|reason| {
+                                Error::CorruptMetadata {
                                     path: shown.clone(),
                                     reason,
-                                })?;
+                                }
+                            })?;
                             Ok(c)
                         });
                     match parsed {
@@ -547,7 +570,7 @@ impl Pool {
     /// Writes a volume's config atomically, after validating it.
     pub(crate) fn store_volume(&self, config: &VolumeConfig) -> Result<()> {
         config
-            .validate(&self.config)
+            .validate(&self.config())
             .map_err(|reason| Error::Refused {
                 vid: config.vid.to_string(),
                 reason,

@@ -222,6 +222,9 @@ impl Pool {
                 _ => "the image is missing".to_owned(),
             });
             VolumeStateName::Missing
+        } else if let Some((path, p)) = self.source_image_problem(cfg) {
+            problem = Some(format!("{p} ({path})"));
+            VolumeStateName::Missing
         } else {
             VolumeStateName::Stopped
         };
@@ -348,6 +351,13 @@ impl Pool {
         self.volume_info(&snap, true)
     }
 
+    /// The info of one volume without its usage (no FIEMAP of its files):
+    /// what a client that asks often (qubesd's `size`, `is_dirty`) needs.
+    pub fn info_brief(&self, vid: &ValidVid) -> Result<VolumeInfo> {
+        let snap = self.volume(vid)?.snapshot();
+        self.volume_info(&snap, false)
+    }
+
     /// The pool's properties and usage.
     pub fn pool_info(&self) -> Result<PoolInfo> {
         let fs = sys::fstatvfs(self.root.fd())
@@ -379,7 +389,7 @@ impl Pool {
                 }
             }
         }
-        let c = &self.config;
+        let c = &self.config();
         Ok(PoolInfo {
             path: self.path().display().to_string(),
             format: c.format,
@@ -508,6 +518,38 @@ impl Pool {
         Ok(problems)
     }
 
+    /// Why a stopped snapshot volume cannot start because of its source:
+    /// the committed image of the origin its chain ends at is missing (or
+    /// not a regular file). `None` for other volumes, and while that origin
+    /// runs with `revisions_to_keep=-1` (its image is then its dirty image).
+    fn source_image_problem(&self, cfg: &super::config::VolumeConfig) -> Option<(String, String)> {
+        if cfg.kind() != VolumeKind::Snapshot {
+            return None;
+        }
+        let origin = self.resolve_source(cfg).ok()?;
+        let src = self.volume(&origin).ok()?.snapshot();
+        if src.running && src.config.revisions_to_keep == -1 {
+            return None;
+        }
+        let img = Names::of(&origin).img();
+        let path = self
+            .path()
+            .join(origin.class())
+            .join(origin.vm())
+            .join(&img);
+        let entry = match self.vm_dir_if_exists(&origin) {
+            Ok(Some(d)) => d.entry(&img).unwrap_or(Entry::Missing),
+            _ => Entry::Missing,
+        };
+        match entry {
+            Entry::Regular(_) => None,
+            _ => Some((
+                path.display().to_string(),
+                format!("the image of its source {origin} is missing: it cannot start"),
+            )),
+        }
+    }
+
     fn check_volume(
         &self,
         snap: &Snapshot,
@@ -536,7 +578,10 @@ impl Pool {
                     "the committed image is missing".into(),
                 )
             }
-            (Entry::Regular(sig), VolumeKind::Origin) if sig.size != cfg.size && !snap.running => {
+            // In a read-only pool the image's size is the size.
+            (Entry::Regular(sig), VolumeKind::Origin)
+                if sig.size != cfg.size && !snap.running && !self.read_only() =>
+            {
                 push(
                     Some(vid),
                     shown(&n.img()),
@@ -555,6 +600,9 @@ impl Pool {
             _ => {}
         }
         if !snap.running {
+            if let Some((path, p)) = self.source_image_problem(cfg) {
+                push(Some(vid), path, p);
+            }
             match dir.entry(&n.dirty()).unwrap_or(Entry::Missing) {
                 Entry::Missing => {}
                 Entry::Regular(_) => push(Some(vid), shown(&n.dirty()), "a dirty image waits to be committed (a stop failed); the next start or pool open commits it".into()),

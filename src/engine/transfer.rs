@@ -5,11 +5,13 @@
 use super::admin::*;
 use super::config::VolumeKind;
 use super::failpoint;
+use super::fsops::Dir;
 use super::fsops::{copy_into, write_all_at, CopyKind, CopyStrategy};
 use super::lifecycle::{io_ctx, open_image};
 use super::pool::{Names, Pool};
 use super::size::check_size;
 use super::vid::ValidVid;
+use super::volume::Claim;
 use super::volume::OpName;
 use crate::error::{Error, Result};
 use crate::sys;
@@ -17,6 +19,21 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
+
+/// The length of a regular file to import; a pipe's length is unknown.
+fn source_length(vid: &ValidVid, source: &File) -> Result<u64> {
+    let st = sys::fstat(source.as_fd()).map_err(|e| Error::io("examining the source", e))?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(Error::InvalidValue {
+            property: "--size".into(),
+            reason: format!(
+                "{vid} is in a read-only pool, where a volume takes its data's size, and a pipe's size is unknown: give --size"
+            ),
+        });
+    }
+    let len = st.st_size as u64;
+    check_size(len, &len.to_string())
+}
 
 enum FillError {
     Io(std::io::Error),
@@ -120,10 +137,15 @@ impl Pool {
         // Claimed as an unbounded operation: while it reads its source, a
         // start or another operation on this volume is refused at once, and
         // nothing else in the pool waits for it.
+        // A read-only pool's volumes are read-only for VMs; root fills
+        // them (a kernel's images) by import, and there a volume's size
+        // follows its image: without --size, the source's length.
+        let read_only_pool = self.config().read_only;
         let (claim, cfg, dir) =
-            self.claim_origin(vid, OpName::Import, "importing into it", true)?;
+            self.claim_origin(vid, OpName::Import, "importing into it", !read_only_pool)?;
         let size = match size {
             Some(s) => check_size(s, &s.to_string())?,
+            None if read_only_pool => source_length(vid, source)?,
             None => cfg.size,
         };
         let v = vid.to_string();
@@ -163,6 +185,84 @@ impl Pool {
             .inspect_err(|_| {
                 let _ = dir.remove(&v, &tmp);
             })
+    }
+
+    /// Begins an import whose data another process writes in place (qubesd
+    /// `dd`s a backup into it): makes `N-import.img`, sparse and of `size`
+    /// bytes (it reads as zeros), and keeps the volume claimed until
+    /// [`Pool::import_end`]. Gives the path to write. A crash meanwhile
+    /// leaves the volume as it was: recovery removes the import file.
+    pub fn import_begin(&self, vid: &ValidVid, size: u64) -> Result<PendingImport> {
+        let writes = !self.read_only();
+        let (claim, _, dir) =
+            self.claim_origin(vid, OpName::Import, "importing into it", writes)?;
+        let size = check_size(size, &size.to_string())?;
+        let v = vid.to_string();
+        let tmp = Names::of(vid).import();
+        dir.remove_if_exists(&v, &tmp)
+            .map_err(io_ctx(&dir, "removing", &tmp))?;
+        let file = dir
+            .create_sparse(&v, &tmp, size)
+            .map_err(io_ctx(&dir, "creating", &tmp))?;
+        dir.sync().map_err(io_ctx(&dir, "syncing", ""))?;
+        let path = dir.shown(&tmp);
+        log::info!(
+            "{vid}: import begun: {} bytes to be written to {}",
+            size,
+            path.display()
+        );
+        Ok(PendingImport {
+            path,
+            size,
+            inner: Some(ImportFile {
+                claim,
+                dir,
+                file,
+                name: tmp,
+            }),
+        })
+    }
+
+    /// Ends an import begun by [`Pool::import_begin`]: on success the data
+    /// becomes the committed image (the previous one a revision), as an
+    /// import does; otherwise it is dropped. The file must still be `size`
+    /// bytes long. Gives the revision the previous image was kept as.
+    pub fn import_end(&self, mut import: PendingImport, success: bool) -> Result<Option<u64>> {
+        let (size, path) = (import.size, import.path.clone());
+        let Some(ImportFile {
+            claim,
+            dir,
+            file,
+            name,
+        }) = import.inner.take()
+        else {
+            unreachable!("an import ends once")
+        };
+        let vid = claim.volume.vid.clone();
+        let v = vid.to_string();
+        let drop_it = |why: &str| {
+            log::warn!("{vid}: import into {} dropped: {why}", path.display());
+            let _ = dir.remove_if_exists(&v, &name);
+            let _ = dir.sync();
+        };
+        if !success {
+            drop_it("its writer failed");
+            return Ok(None);
+        }
+        let len = sys::fstat(file.as_fd())
+            .map_err(io_ctx(&dir, "examining", &name))?
+            .st_size as u64;
+        if len != size {
+            drop_it("its size changed");
+            return Err(Error::InvalidSize {
+                input: len.to_string(),
+                reason: format!(
+                    "the import file was {size} bytes and is now {len}; it was not written in place, so nothing changed"
+                ),
+            });
+        }
+        self.replace_committed(&claim.volume, &dir, &file, &name, "import", None)
+            .inspect_err(|_| drop_it("its commit failed"))
     }
 
     /// Opens what `export` reads: the committed image of an origin volume
@@ -255,21 +355,28 @@ impl Pool {
                 .map_err(|e| Error::io(format!("examining {}", shown.display()), e))?
                 .st_size as u64;
             let mut opts = CreateOptions::origin(size);
-            if !dst_pool.config.read_only {
+            if !dst_pool.config().read_only {
                 opts.rw = Some(src_rw);
             }
             dst_pool.create_with(dst, &opts, Some((&file, &shown)))?;
             log::info!("{dst}: cloned from {src}");
             return Ok(());
         }
-        let (claim, _, dir) = dst_pool.claim_origin(dst, OpName::Clone, "cloning into it", true)?;
+        // A read-only pool's volumes are read-only for VMs; root fills
+        // them (a kernel's images) by import or clone.
+        let writes = !dst_pool.config().read_only;
+        let (claim, _, dir) =
+            dst_pool.claim_origin(dst, OpName::Clone, "cloning into it", writes)?;
         let v = dst.to_string();
         let tmp = Names::of(dst).import();
         dir.remove_if_exists(&v, &tmp)
             .map_err(io_ctx(&dir, "removing", &tmp))?;
         let (f, _) = dir
             .copy_from(&v, &file, &shown, &tmp, dst_pool.copy_strategy())
-            .map_err(io_ctx(&dir, "copying to", &tmp))?;
+            .map_err(io_ctx(&dir, "copying to", &tmp))
+            .inspect_err(|_| {
+                let _ = dir.remove_if_exists(&v, &tmp);
+            })?;
         failpoint::hit("clone.copied");
         dst_pool
             .replace_committed(&claim.volume, &dir, &f, &tmp, "clone", None)
@@ -278,5 +385,47 @@ impl Pool {
             })?;
         log::info!("{dst}: cloned from {src}");
         Ok(())
+    }
+}
+
+/// An import begun by [`Pool::import_begin`]: the volume stays claimed
+/// (`importing`) until [`Pool::import_end`]. Dropped without it (its
+/// daemon shuts down), the import is abandoned: the file goes, and the
+/// volume is as it was.
+pub struct PendingImport {
+    /// Where the data is to be written.
+    pub path: PathBuf,
+    size: u64,
+    inner: Option<ImportFile>,
+}
+
+struct ImportFile {
+    claim: Claim,
+    dir: Dir,
+    file: File,
+    name: String,
+}
+
+impl PendingImport {
+    pub fn vid(&self) -> Option<&ValidVid> {
+        self.inner.as_ref().map(|i| &i.claim.volume.vid)
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+impl Drop for PendingImport {
+    fn drop(&mut self) {
+        if let Some(i) = self.inner.take() {
+            let vid = i.claim.volume.vid.to_string();
+            log::warn!(
+                "{vid}: import into {} abandoned; the volume is unchanged",
+                self.path.display()
+            );
+            let _ = i.dir.remove_if_exists(&vid, &i.name);
+            let _ = i.dir.sync();
+        }
     }
 }

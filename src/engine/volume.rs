@@ -239,6 +239,15 @@ impl Volume {
         self.changed.wait(life);
     }
 
+    /// As [`Volume::wait`], but not past `deadline`; true when it timed out.
+    pub fn wait_until(
+        &self,
+        life: &mut MutexGuard<'_, Life>,
+        deadline: std::time::Instant,
+    ) -> bool {
+        self.changed.wait_until(life, deadline).timed_out()
+    }
+
     pub fn config(&self) -> Arc<VolumeConfig> {
         self.lock().config.clone()
     }
