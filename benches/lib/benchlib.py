@@ -501,6 +501,10 @@ def reduce_results(raw, out_dir, check):
         if errs:
             verify_only = job == VERIFY_JOB and e.get("fio_error") in (0, 84)
             (warn if verify_only and path.endswith("qsd") else why).extend(errs)
+        # The peer's verify job can also end early (fio gives up after the
+        # errors it found, "no I/O done"): still the peer's, still a warning.
+        if job == VERIFY_JOB and path.endswith("qsd"):
+            warn, why = why + warn, []
         run = f" (run {e.get('rep', 1)})" if e.get("rep", 1) > 1 else ""
         if why:
             problems.append(f"{job} on {path}{run}: " + "; ".join(why + warn))
