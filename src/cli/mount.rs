@@ -31,15 +31,26 @@ pub fn unmount(mountpoint: &Path) -> Result<ExitCode> {
         return Err(Error::NotAMount { path: mnt });
     };
     let daemon = daemon_pid(&pool);
-    match sys::umount2(&mnt, 0) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-            return Err(Error::MountBusy {
-                holders: who_holds(&mnt, &open_volumes(&pool)),
-                mountpoint: mnt,
-            })
+    // A holder can be fleeting: a loop device a moment after its detach, a
+    // process's child between its fork and its exec (which has every file
+    // of the parent for that while). A busy mount is tried again briefly
+    // before the refusal, which names what still holds it.
+    let mut tries = 0;
+    loop {
+        match sys::umount2(&mnt, 0) {
+            Ok(()) => break,
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && tries < 10 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                return Err(Error::MountBusy {
+                    holders: who_holds(&mnt, &open_volumes(&pool)),
+                    mountpoint: mnt,
+                })
+            }
+            Err(e) => return Err(Error::io(format!("unmounting {}", mnt.display()), e)),
         }
-        Err(e) => return Err(Error::io(format!("unmounting {}", mnt.display()), e)),
     }
     // The daemon gives the pool's lock up before it has closed its last
     // files (its log, the pool directory): wait until it has exited, so
