@@ -21,7 +21,7 @@ use std::fs::File;
 /// numbers match; a minor number grows with additions an older peer can
 /// ignore (a new request, a new optional field).
 pub const PROTOCOL_MAJOR: u32 = 1;
-pub const PROTOCOL_MINOR: u32 = 1;
+pub const PROTOCOL_MINOR: u32 = 2;
 
 /// `MAJOR.MINOR` of this build.
 pub fn protocol_version() -> String {
@@ -137,6 +137,26 @@ pub enum Request {
         #[serde(default)]
         timeout_ms: Option<u64>,
     },
+    /// (1.2) Puts a loop device on the volume's dirty image, starting it
+    /// (`volume attach`).
+    VolumeAttach {
+        vid: String,
+        #[serde(default)]
+        read_only: bool,
+        /// Default: on.
+        #[serde(default)]
+        direct_io: Option<bool>,
+    },
+    /// (1.2) Removes it, waits until the kernel let go of the file (up to
+    /// `timeout_ms`, default 30 s), and stops the volume when nothing else
+    /// has it open. `force`: even while the device is in use.
+    VolumeDetach {
+        vid: String,
+        #[serde(default)]
+        force: bool,
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
 }
 
 impl Request {
@@ -207,6 +227,8 @@ pub struct Status {
     pub commits_in_flight: Vec<String>,
     /// The protocol version of the daemon (`None` offline).
     pub protocol: Option<String>,
+    /// (1.2) Volumes attached to loop devices, mounted or not.
+    pub attached: Vec<AttachedVolume>,
 }
 
 /// What a request produced: data, one variant per request.
@@ -289,6 +311,66 @@ pub enum Response {
     Stopped {
         vid: String,
     },
+    /// `volume_attach`.
+    Attached(AttachedVolume),
+    /// `volume_detach`: the device removed, and what the stop did
+    /// (`None` while the mount still has the volume open).
+    Detached {
+        vid: String,
+        device: String,
+        stop: Option<String>,
+    },
+}
+
+/// A volume attached to a loop device (`volume attach`), in `status` and
+/// the reply of `volume_attach`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachedVolume {
+    pub vid: String,
+    /// `/dev/loopN`.
+    pub device: String,
+    pub major: Option<u32>,
+    pub minor: Option<u32>,
+    /// The dirty image the device reads and writes.
+    pub backing: String,
+    pub read_only: bool,
+    /// Whether the device does direct I/O (the kernel may refuse it).
+    pub direct_io: bool,
+}
+
+impl AttachedVolume {
+    pub fn of(pool: &Pool, vid: &ValidVid, a: crate::engine::AttachedLoop) -> AttachedVolume {
+        let (major, minor) = crate::sys::loop_dev_numbers(a.number).unzip();
+        AttachedVolume {
+            vid: vid.to_string(),
+            device: a.device().display().to_string(),
+            major,
+            minor,
+            backing: pool
+                .path()
+                .join(vid.class())
+                .join(vid.vm())
+                .join(crate::engine::Names::of(vid).dirty())
+                .display()
+                .to_string(),
+            read_only: a.read_only,
+            direct_io: a.direct_io,
+        }
+    }
+}
+
+/// How a stop reads, in replies.
+pub fn stop_text(o: &crate::engine::StopOutcome) -> String {
+    use crate::engine::StopOutcome as S;
+    match o {
+        S::Committed { revision: Some(k) } => {
+            format!("committed; the previous image is revision {k}")
+        }
+        S::Committed { revision: None } => "committed".into(),
+        S::Unchanged => "unchanged (no revision added)".into(),
+        S::Discarded => "discarded".into(),
+        S::Held { holders } => format!("not committed: still written by {holders}"),
+    }
 }
 
 /// `PoolInfo`, boxed (it is much larger than the other responses).
@@ -402,9 +484,38 @@ pub fn execute(
             Some(d) => d.status(),
             None => Status {
                 pool: pool.path().display().to_string(),
+                attached: pool
+                    .activity()
+                    .attached
+                    .into_iter()
+                    .map(|(v, a)| AttachedVolume::of(pool, &v, a))
+                    .collect(),
                 ..Status::default()
             },
         }),
+        Request::VolumeAttach {
+            vid,
+            read_only,
+            direct_io,
+        } => {
+            let vid = vid_of(pool, &vid)?;
+            let a = pool.attach(&vid, read_only, direct_io.unwrap_or(true))?;
+            Response::Attached(AttachedVolume::of(pool, &vid, a))
+        }
+        Request::VolumeDetach {
+            vid,
+            force,
+            timeout_ms,
+        } => {
+            let vid = vid_of(pool, &vid)?;
+            let wait = std::time::Duration::from_millis(timeout_ms.unwrap_or(30_000));
+            let d = pool.detach(&vid, force, wait)?;
+            Response::Detached {
+                vid: vid.to_string(),
+                device: d.attached.device().display().to_string(),
+                stop: d.stop.as_ref().map(stop_text),
+            }
+        }
         Request::VolumeCreate {
             vid,
             size,

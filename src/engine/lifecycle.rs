@@ -238,6 +238,7 @@ impl Pool {
                     limit,
                     held: None,
                     attachment,
+                    attached: None,
                 }));
                 Ok(lease)
             }
@@ -273,6 +274,36 @@ impl Pool {
         }
         drop(life);
         Some(PendingStop { vid, volume })
+    }
+
+    /// Whether the run a last release gave back was not modified since its
+    /// start (its dirty image as the start made it): such a run may linger
+    /// for a next open (qemu's probe opens) before its stop.
+    pub fn unmodified(&self, p: &PendingStop) -> bool {
+        let life = p.volume.lock();
+        let Some(run) = life.run() else { return false };
+        match (&run.file, run.started_sig, run.leases, &run.held) {
+            (Some(f), Some(started), 0, None) => sys::fstat(f.as_fd())
+                .is_ok_and(|st| FileSig::from_stat(&st).unchanged_since(&started)),
+            _ => false,
+        }
+    }
+
+    /// Ends the linger of an unmodified run nobody uses: an explicit stop,
+    /// or an operation that needs the volume stopped, does not wait for
+    /// the timer.
+    pub(crate) fn end_linger(&self, vid: &ValidVid) -> Result<()> {
+        let vol = self.volume(vid)?;
+        let idle = vol.snapshot();
+        if idle.running && idle.leases == 0 && idle.held.is_none() && idle.state == "running" {
+            // As a last release's stop: nothing happens if an open came
+            // meanwhile.
+            self.finish_stop(PendingStop {
+                vid: vid.clone(),
+                volume: vol,
+            })?;
+        }
+        Ok(())
     }
 
     /// Runs the stop a last release asked for: commits an origin volume,
@@ -340,6 +371,18 @@ impl Pool {
         loop {
             match life.run() {
                 Some(run) if run.leases > 0 && !force => return Ok(None),
+                // Its loop device writes it: `volume detach` stops it.
+                Some(Run {
+                    attached: Some(a), ..
+                }) => {
+                    return Err(Error::Busy {
+                        vid: vol.vid.to_string(),
+                        reason: format!(
+                            "it is attached as {}: `reflinkfs volume detach` stops it",
+                            a.device().display()
+                        ),
+                    })
+                }
                 // A bounded operation on the running volume (a resize)
                 // finishes first.
                 Some(_) if life.op.is_some() => vol.wait(&mut life),
@@ -417,6 +460,7 @@ impl Pool {
     /// at `timeout` (its VM's loop device not detached), or held (written
     /// outside reflinkfs), is an error that says which.
     pub fn wait_stopped(&self, vid: &ValidVid, timeout: Duration) -> Result<()> {
+        self.end_linger(vid)?;
         let vol = self.volume(vid)?;
         let deadline = Instant::now() + timeout;
         let mut life = vol.lock();
@@ -547,6 +591,7 @@ impl Pool {
             &n.dirty(),
         ))?);
         log::info!("{vid}: started ({})", kind.as_str());
+        self.starts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Started {
             file,
             sig,

@@ -6,6 +6,7 @@
 //! machine (`volume.rs`) whose lock is never held across I/O.
 
 pub mod admin;
+pub mod attach;
 pub mod adopt;
 mod commit;
 pub mod config;
@@ -25,7 +26,7 @@ pub mod view;
 pub mod volume;
 
 pub use admin::{CreateOptions, NewKind, ResizeOutcome};
-pub use config::{PoolConfig, VolumeConfig, VolumeKind};
+pub use config::{AttachedLoop, PoolConfig, VolumeConfig, VolumeKind};
 pub use lifecycle::StopOutcome;
 pub use pool::{InitOptions, Names, Pool};
 pub use props::{PoolProperty, Property};
