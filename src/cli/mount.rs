@@ -45,10 +45,10 @@ pub fn unmount(mountpoint: &Path) -> Result<ExitCode> {
     // files (its log, the pool directory): wait until it has exited, so
     // that the filesystem under the pool can be unmounted as soon as this
     // returns. Without its PID, the lock is all there is to wait for.
-    match daemon {
-        Some(pid) => wait_for_exit(pid),
-        None => wait_for_pool_release(&pool),
+    if let Some(pid) = daemon {
+        wait_for_exit(pid);
     }
+    wait_for_pool_release(&pool);
     println!("unmounted {} (pool {})", mnt.display(), pool.display());
     Ok(ExitCode::SUCCESS)
 }

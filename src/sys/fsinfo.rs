@@ -6,14 +6,23 @@ use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-/// Whether process `pid` exists and has not exited: a zombie's files are
-/// already closed, so it counts as gone. Reads `/proc/PID/stat`.
+/// Whether process `pid` exists and has not exited, with all its threads:
+/// a zombie's files are closed, so it counts as gone, but a thread group
+/// leader shows as a zombie while its other threads are still exiting (and
+/// still hold the process's files, a lock among them). Reads
+/// `/proc/PID/task/*/stat`.
 pub fn process_running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+    let alive = |stat: &str| {
         // The state follows the command name, which ends with ')'.
         stat.rsplit_once(')')
             .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
-    })
+    };
+    match std::fs::read_dir(format!("/proc/{pid}/task")) {
+        Ok(tasks) => tasks.flatten().any(|t| {
+            std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| alive(&s))
+        }),
+        Err(_) => std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| alive(&s)),
+    }
 }
 
 /// `flock(fd, LOCK_EX | LOCK_NB)`. Returns `Ok(false)` when another open
