@@ -389,14 +389,13 @@ impl Pool {
             // The loop device of `volume attach` reads the new size now.
             let attached = claim.lock().run().and_then(|r| r.attached);
             if let Some(a) = attached {
-                let dev = std::fs::File::open(a.device())
-                    .and_then(|d| sys::loop_set_capacity(d.as_fd()));
+                let dev =
+                    std::fs::File::open(a.device()).and_then(|d| sys::loop_set_capacity(d.as_fd()));
                 match dev {
                     Ok(()) => log::info!("{vid}: told {} the new capacity", a.device().display()),
-                    Err(e) => log::error!(
-                        "{vid}: LOOP_SET_CAPACITY on {}: {e}",
-                        a.device().display()
-                    ),
+                    Err(e) => {
+                        log::error!("{vid}: LOOP_SET_CAPACITY on {}: {e}", a.device().display())
+                    }
                 }
             }
             match kind {

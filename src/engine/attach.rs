@@ -61,10 +61,12 @@ impl Pool {
                 return Err(Error::io(format!("{vid}: attaching a loop device"), e));
             }
         };
+        let started = vol.lock().run().and_then(|r| r.started_sig);
         let attached = AttachedLoop {
             number,
             read_only,
             direct_io: direct_io && sys::loop_direct_io(number),
+            started,
         };
         // The lease becomes the loop device's, unless another attach came
         // first (then this device goes again).
@@ -95,18 +97,25 @@ impl Pool {
     /// and left it claimed).
     pub fn detach(&self, vid: &ValidVid, force: bool, wait: Duration) -> Result<Detached> {
         let vol = self.volume(vid)?;
-        let attached = vol
-            .snapshot()
-            .attached
-            .ok_or_else(|| refused(vid, "it is not attached (`reflinkfs volume attach` attaches it)"))?;
+        let attached = vol.snapshot().attached.ok_or_else(|| {
+            refused(
+                vid,
+                "it is not attached (`reflinkfs volume attach` attaches it)",
+            )
+        })?;
         let dev = attached.device();
         if !force {
             let mut users: Vec<String> = sys::processes_using(&dev)
                 .into_iter()
                 .map(|u| format!("{} (PID {})", u.command, u.pid))
                 .collect();
-            if let Ok(dir) = std::fs::read_dir(format!("/sys/block/loop{}/holders", attached.number)) {
-                users.extend(dir.flatten().map(|h| h.file_name().to_string_lossy().into_owned()));
+            if let Ok(dir) =
+                std::fs::read_dir(format!("/sys/block/loop{}/holders", attached.number))
+            {
+                users.extend(
+                    dir.flatten()
+                        .map(|h| h.file_name().to_string_lossy().into_owned()),
+                );
             }
             if users.is_empty() && sys::block_claimed(&dev) {
                 users.push("a mount or another exclusive user".into());
@@ -164,7 +173,10 @@ impl Pool {
     /// Keeps a lease for the loop device: the run counts it until detach.
     fn keep_for_loop(&self, vol: &Arc<Volume>, lease: Lease, attached: AttachedLoop) -> Result<()> {
         let Lease {
-            vid, file, attachment, ..
+            vid,
+            file,
+            attachment,
+            ..
         } = lease;
         drop((file, attachment));
         let mut life = vol.lock();
@@ -256,6 +268,7 @@ impl Pool {
                     number: n,
                     read_only: b.read_only,
                     direct_io: sys::loop_direct_io(n),
+                    started: None,
                 };
                 self.record_attached(vol, Some(found))?;
                 return Ok(Some(found));
@@ -267,7 +280,12 @@ impl Pool {
     /// At recovery: makes an attached volume's run again (the loop device
     /// holds its one lease), instead of committing or removing its dirty
     /// image under a live writer.
-    pub(crate) fn resume_attached(&self, vol: &Volume, dir: &Dir, attached: AttachedLoop) -> Result<()> {
+    pub(crate) fn resume_attached(
+        &self,
+        vol: &Volume,
+        dir: &Dir,
+        attached: AttachedLoop,
+    ) -> Result<()> {
         let vid = &vol.vid;
         let dirty = Names::of(vid).dirty();
         let f = open_image(dir, vid, &dirty, libc::O_RDWR)?;
@@ -283,8 +301,9 @@ impl Pool {
         vol.lock().phase = Phase::Running(Box::new(Run {
             leases: 1,
             file: Some(Arc::new(f)),
-            // Unknown: the detach commits whatever is there.
-            started_sig: None,
+            // Unknown for a device found by its backing file: the detach
+            // then commits whatever is there.
+            started_sig: attached.started,
             started_from: None,
             limit: Arc::new(AtomicU64::new(vol.config().dirty_contract().max(size))),
             held: None,

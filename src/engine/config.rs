@@ -116,6 +116,10 @@ pub struct AttachedLoop {
     pub number: u32,
     pub read_only: bool,
     pub direct_io: bool,
+    /// The dirty image as the start made it: a detach by a later process
+    /// still tells an unmodified run (no new revision) from a modified one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started: Option<super::fsops::FileSig>,
 }
 
 impl AttachedLoop {

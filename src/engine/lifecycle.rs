@@ -591,7 +591,8 @@ impl Pool {
             &n.dirty(),
         ))?);
         log::info!("{vid}: started ({})", kind.as_str());
-        self.starts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.starts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Started {
             file,
             sig,

@@ -6,8 +6,8 @@
 //! machine (`volume.rs`) whose lock is never held across I/O.
 
 pub mod admin;
-pub mod attach;
 pub mod adopt;
+pub mod attach;
 mod commit;
 pub mod config;
 pub mod failpoint;

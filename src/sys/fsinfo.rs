@@ -18,9 +18,9 @@ pub fn process_running(pid: u32) -> bool {
             .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
     };
     match std::fs::read_dir(format!("/proc/{pid}/task")) {
-        Ok(tasks) => tasks.flatten().any(|t| {
-            std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| alive(&s))
-        }),
+        Ok(tasks) => tasks
+            .flatten()
+            .any(|t| std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| alive(&s))),
         Err(_) => std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| alive(&s)),
     }
 }

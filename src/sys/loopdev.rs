@@ -169,8 +169,7 @@ pub fn loop_bound(n: u32) -> bool {
 
 /// Whether loop device `n` does direct I/O, per sysfs.
 pub fn loop_direct_io(n: u32) -> bool {
-    std::fs::read_to_string(format!("/sys/block/loop{n}/loop/dio"))
-        .is_ok_and(|s| s.trim() == "1")
+    std::fs::read_to_string(format!("/sys/block/loop{n}/loop/dio")).is_ok_and(|s| s.trim() == "1")
 }
 
 /// The `major:minor` of loop device `n`.
