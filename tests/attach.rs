@@ -29,7 +29,7 @@ impl Attached {
         assert_eq!(
             out["vid"]
                 .as_str()
-                .map(|v| v.ends_with(vid.split(':').last().unwrap())),
+                .map(|v| v.ends_with(vid.split(':').next_back().unwrap())),
             Some(true)
         );
         assert!(

@@ -276,36 +276,6 @@ impl Pool {
         Some(PendingStop { vid, volume })
     }
 
-    /// Whether the run a last release gave back was not modified since its
-    /// start (its dirty image as the start made it): such a run may linger
-    /// for a next open (qemu's probe opens) before its stop.
-    pub fn unmodified(&self, p: &PendingStop) -> bool {
-        let life = p.volume.lock();
-        let Some(run) = life.run() else { return false };
-        match (&run.file, run.started_sig, run.leases, &run.held) {
-            (Some(f), Some(started), 0, None) => sys::fstat(f.as_fd())
-                .is_ok_and(|st| FileSig::from_stat(&st).unchanged_since(&started)),
-            _ => false,
-        }
-    }
-
-    /// Ends the linger of an unmodified run nobody uses: an explicit stop,
-    /// or an operation that needs the volume stopped, does not wait for
-    /// the timer.
-    pub(crate) fn end_linger(&self, vid: &ValidVid) -> Result<()> {
-        let vol = self.volume(vid)?;
-        let idle = vol.snapshot();
-        if idle.running && idle.leases == 0 && idle.held.is_none() && idle.state == "running" {
-            // As a last release's stop: nothing happens if an open came
-            // meanwhile.
-            self.finish_stop(PendingStop {
-                vid: vid.clone(),
-                volume: vol,
-            })?;
-        }
-        Ok(())
-    }
-
     /// Runs the stop a last release asked for: commits an origin volume,
     /// discards the others. `Ok(None)` when there is nothing to do any more
     /// (a new lease came first). Errors keep the dirty image for the next
@@ -451,45 +421,6 @@ impl Pool {
         // The lease stays taken: the run keeps the count, stop() gives it up.
         drop(lease);
         Ok(file)
-    }
-
-    /// Volumes whose run is held by a writer outside reflinkfs.
-    /// Waits until `vid`'s run is over: committed (durably) or discarded.
-    /// At once for a volume that is not running (qubesd asks after every
-    /// VM stop, and for every halted VM when it starts). A run still open
-    /// at `timeout` (its VM's loop device not detached), or held (written
-    /// outside reflinkfs), is an error that says which.
-    pub fn wait_stopped(&self, vid: &ValidVid, timeout: Duration) -> Result<()> {
-        self.end_linger(vid)?;
-        let vol = self.volume(vid)?;
-        let deadline = Instant::now() + timeout;
-        let mut life = vol.lock();
-        loop {
-            match &life.phase {
-                Phase::Stopped => return Ok(()),
-                Phase::Removed => return Err(Error::NoSuchVolume(vid.to_string())),
-                Phase::Running(run) => {
-                    if let Some(holders) = &run.held {
-                        return Err(Error::Busy {
-                            vid: vid.to_string(),
-                            reason: held_reason(holders),
-                        });
-                    }
-                }
-                Phase::Starting | Phase::Committing => {}
-            }
-            if vol.wait_until(&mut life, deadline) {
-                let open = life.run().map_or(0, |r| r.leases);
-                return Err(Error::Busy {
-                    vid: vid.to_string(),
-                    reason: format!(
-                        "still {} after {} s, with {open} open file(s) on its -dirty.img",
-                        life.state_name(),
-                        timeout.as_secs_f64()
-                    ),
-                });
-            }
-        }
     }
 
     pub fn held_vids(&self) -> Vec<ValidVid> {

@@ -20,6 +20,7 @@ mod recovery;
 pub mod report;
 pub mod revision;
 pub mod size;
+mod stopping;
 pub mod transfer;
 pub mod vid;
 pub mod view;
