@@ -50,6 +50,7 @@ PATHS = [
     "loop-passthrough",
     "loop-daemon",
     "loop-qsd",
+    "attach",
 ]
 PATH_LABEL = {
     "native": "(a) native file",
@@ -60,6 +61,7 @@ PATH_LABEL = {
     "loop-passthrough": "(e) loop over (b)",
     "loop-daemon": "(e) loop over (c)",
     "loop-qsd": "(e) loop over (d)",
+    "attach": "(f) volume attach (a loop device on the image)",
 }
 
 
@@ -72,7 +74,7 @@ def direction(job):
 
 
 def baseline(path):
-    return "loop-native" if path.startswith("loop-") else "native"
+    return "loop-native" if path.startswith("loop-") or path == "attach" else "native"
 
 
 # ---------------------------------------------------------------- proc
@@ -579,6 +581,8 @@ def evaluate_targets(results, jobs, paths, snaps):
                  "(b) passthrough >= 0.95x native on every job")
     ratio_target("e", "loop-passthrough", "loop-native", "ratio", 0.95,
                  "(e) loop over passthrough >= 0.95x loop over native on every job")
+    ratio_target("f", "attach", "loop-native", "ratio", 0.95,
+                 "(f) volume attach >= 0.95x loop over native on every job, trim included")
     ratio_target("c", "daemon", "qsd", "ratio_vs_qsd", 1.0,
                  "(c) passthrough=off >= qemu-storage-daemon (d) on every job")
     ratio_target("ce", "loop-daemon", "loop-qsd", "ratio_vs_qsd", 1.0,

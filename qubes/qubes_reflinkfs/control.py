@@ -12,7 +12,7 @@ import stat
 import struct
 
 #: The protocol version this client speaks; the daemon must share its major.
-PROTOCOL = "1.1"
+PROTOCOL = "1.2"
 MAJOR = PROTOCOL.split(".")[0]
 
 #: The largest reply read (a `volume_list` of many volumes is large).

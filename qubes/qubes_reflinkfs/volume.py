@@ -1,9 +1,14 @@
 """A volume of a reflinkfs pool, as qubesd sees it.
 
-The volume's data and lifecycle live in reflinkfs: `start()` only makes sure
-the pool is mounted and the volume can start; the loop device Xen puts on
-`block_device()`'s path (the mount's `NAME-dirty.img`) starts it with its
-open, and its last close commits it; `stop()` waits for that commit.
+The volume's data and lifecycle live in reflinkfs. With the pool's
+`attach` (the default), `start()` has reflinkfs put a loop device straight
+on the volume's running image (`volume attach`: the start, a reflink
+snapshot, happens then), `block_device()` gives Xen that device (`phy:`),
+and `stop()` detaches it, which commits the run. Without it, `start()` only
+makes sure the pool is mounted and the volume can start; the loop device
+Xen's block script puts on `block_device()`'s path (the mount's
+`NAME-dirty.img`) starts it with its open and commits it with its last
+close, and `stop()` waits for that commit.
 """
 
 import asyncio
@@ -39,6 +44,8 @@ class ReflinkfsVolume(qubes.storage.Volume):
     """One volume; its vid is the reflinkfs volume id CLASS/VM/NAME."""
 
     _ready = False
+    # The loop device of `volume attach`, while the volume is attached.
+    _device = None
 
     def __init__(self, name, pool, vid, **kwargs):
         unknown = sorted(set(kwargs) - set(KNOWN))
@@ -83,7 +90,13 @@ class ReflinkfsVolume(qubes.storage.Volume):
 
     @property
     def path(self):
-        """The exported image Xen attaches: the mount's NAME-dirty.img."""
+        """What Xen attaches: the loop device of `volume attach`, or the
+        mount's NAME-dirty.img."""
+        if self.pool.attach:
+            if self._device is None:
+                self._device = self.pool.attached_device(self.vid)
+            if self._device is not None:
+                return self._device
         return os.path.join(self.pool.mounted_at, self.vid + "-dirty.img")
 
     def block_device(self):
@@ -187,7 +200,21 @@ class ReflinkfsVolume(qubes.storage.Volume):
             await loop.run_in_executor(None, self._set, "revisions_to_keep",
                                        str(self.revisions_to_keep))
         await self.verify()
+        if self.pool.attach:
+            await self._attach()
         return self
+
+    async def _attach(self):
+        try:
+            attached = await self._acall("volume_attach", read_only=not self.rw)
+            self._device = attached["device"]
+        except qubes.storage.StoragePoolException as e:
+            # Still attached from before (qubesd restarted while its VM ran).
+            if "already attached" not in str(e):
+                raise
+            loop = asyncio.get_running_loop()
+            self._device = await loop.run_in_executor(None, self.pool.attached_device,
+                                                      self.vid)
 
     @_locked
     async def stop(self):
@@ -196,6 +223,8 @@ class ReflinkfsVolume(qubes.storage.Volume):
         loop device may still be letting go, and at its own start for
         every halted VM."""
         try:
+            if self.pool.attach:
+                await self._detach()
             await self._acall("volume_wait_stopped",
                               timeout_ms=int(self.pool.stop_timeout * 1000))
         except qubes.storage.StoragePoolException as e:
@@ -203,6 +232,25 @@ class ReflinkfsVolume(qubes.storage.Volume):
                 return self
             raise
         return self
+
+    async def _detach(self):
+        """Detaches the loop device once Xen lets go of it (blkback may
+        release it a moment after the domain is gone): retried until
+        `stop_timeout`, then the refusal, naming who uses it, stands."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.pool.stop_timeout
+        while True:
+            try:
+                await self._acall("volume_detach")
+                self._device = None
+                return
+            except qubes.storage.StoragePoolException as e:
+                if "is not attached" in str(e):
+                    self._device = None
+                    return
+                if "in use" not in str(e) or loop.time() >= deadline:
+                    raise
+            await asyncio.sleep(0.2)
 
     # -- administration ----------------------------------------------------
 

@@ -62,9 +62,12 @@ class VM:
 class Host:
     """One test's pools, mounts and loop devices, all removed at the end."""
 
-    def __init__(self, base, reflink):
+    def __init__(self, base, reflink, mode):
         self.base = base
         self.reflink = reflink
+        # "attach": Xen gets reflinkfs's own loop device (phy:); "file":
+        # the mount's NAME-dirty.img, which its block script loops.
+        self.mode = mode
         self.pools = []
         self.loops = []
         self.loop = asyncio.new_event_loop()
@@ -78,6 +81,7 @@ class Host:
         options.setdefault("dir_path", os.path.join(self.base, name))
         options.setdefault("mountpoint", os.path.join(self.base, name + "-mnt"))
         options.setdefault("reflinkfs", binary())
+        options.setdefault("attach", self.mode == "attach")
         if not self.reflink:
             options.setdefault("setup_check", "False")
         # As qubesd passes them: every option a string.
@@ -91,16 +95,23 @@ class Host:
         return pool.init_volume(vm, dict(config, name=name, size=size))
 
     def attach(self, volume):
-        """What Xen's block script does with block_device(): a loop device
-        on the path (its open starts the volume)."""
-        dev = subprocess.run(["losetup", "--find", "--show", volume.block_device().path],
+        """What Xen's block script does with block_device(): a device is
+        used as it is (phy:); a file gets a loop device (its open starts
+        the volume)."""
+        path = volume.block_device().path
+        if path.startswith("/dev/"):
+            return path
+        dev = subprocess.run(["losetup", "--find", "--show", path],
                              check=True, capture_output=True, text=True).stdout.strip()
         self.loops.append(dev)
         return dev
 
     def detach(self, dev, after=0.0):
         """Detaches a loop device, now or (as at a VM's teardown) a moment
-        after stop() is called."""
+        after stop() is called. A device of `volume attach` is the
+        driver's to detach: the domain just stops using it."""
+        if dev not in self.loops:
+            return None
         self.loops.remove(dev)
         if after:
             return subprocess.Popen(["sh", "-c", "sleep {}; losetup -d {}".format(after, dev)])
@@ -117,6 +128,14 @@ class Host:
         for dev in self.loops:
             subprocess.run(["losetup", "-d", dev], capture_output=True)
         for pool in self.pools:
+            # Volumes still attached (a test that failed midway): detached
+            # first, so no loop device outlives the test.
+            try:
+                for a in pool.call("status").get("attached", []):
+                    subprocess.run([binary(), "volume", "detach", "--force", a["vid"],
+                                    "--pool", pool.dir_path], capture_output=True)
+            except Exception as e:
+                print("cleanup of pool {}: {}".format(pool.name, e))
             try:
                 pool._destroy()
             except Exception as e:  # the test's failure is the one to see
@@ -129,13 +148,13 @@ class Host:
         self.loop.close()
 
 
-@pytest.fixture
+@pytest.fixture(params=["attach", "file"])
 def host(request):
     require("losetup", "blockdev", "dd")
     root, reflink = scratch_root()
     base = tempfile.mkdtemp(prefix="q-{}-".format(request.node.name[5:25]), dir=root)
     os.chmod(base, 0o755)
-    h = Host(base, reflink)
+    h = Host(base, reflink, request.param)
     try:
         yield h
     finally:

@@ -301,6 +301,44 @@ pub enum VolumeCommand {
         #[command(flatten)]
         json: JsonArg,
     },
+    /// Put a loop device straight on a volume's running image, starting the
+    /// volume (as a first open on the mount does), for block consumers such
+    /// as Xen's phy: or qemu on a device: no FUSE in the data path. Prints
+    /// the device (/dev/loopN). Works mounted or not; `volume detach` stops
+    /// it again.
+    #[command(after_help = exit_status_help())]
+    Attach {
+        #[command(flatten)]
+        pool: PoolArg,
+        /// The volume: CLASS/VM/NAME (e.g. appvms/work/private), or VM:NAME.
+        vid: String,
+        /// A read-only device (the volume may be rw=false).
+        #[arg(long)]
+        read_only: bool,
+        /// Direct I/O on the device (default on; the kernel falls back to
+        /// buffered I/O where the file does not allow it).
+        #[arg(long, value_name = "on|off", default_value = "on", value_parser = ["on", "off"])]
+        direct_io: String,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Remove the loop device of `volume attach`, wait until the kernel has
+    /// let go of the image, and stop the volume (commit or discard) unless
+    /// the mount still has it open. Refused while the device is in use
+    /// (mounted, or a VM's disk), naming the user.
+    #[command(after_help = exit_status_help())]
+    Detach {
+        #[command(flatten)]
+        pool: PoolArg,
+        /// The volume: CLASS/VM/NAME (e.g. appvms/work/private), or VM:NAME.
+        vid: String,
+        /// Detach even while the device is in use (a VM that crashed and
+        /// left it claimed); the kernel clears it at its last close.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        json: JsonArg,
+    },
     /// Delete a volume with its images and revisions.
     #[command(after_help = exit_status_help())]
     Remove(VolumeRef),

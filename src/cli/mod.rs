@@ -187,7 +187,9 @@ fn vids_in(cmd: &VolumeCommand) -> Vec<&str> {
         | VolumeCommand::Revert { vid, .. }
         | VolumeCommand::Set { vid, .. }
         | VolumeCommand::Import { vid, .. }
-        | VolumeCommand::Export { vid, .. } => vec![vid.as_str()],
+        | VolumeCommand::Export { vid, .. }
+        | VolumeCommand::Attach { vid, .. }
+        | VolumeCommand::Detach { vid, .. } => vec![vid.as_str()],
         VolumeCommand::Clone {
             src_vid, dst_vid, ..
         } => vec![src_vid.as_str(), dst_vid.as_str()],
@@ -332,6 +334,33 @@ fn run_volume(cmd: VolumeCommand) -> Result<ExitCode> {
             ),
         },
         VolumeCommand::Remove(v) => v.dispatch(|vid| Request::VolumeRemove { vid }),
+        VolumeCommand::Attach {
+            pool,
+            vid,
+            read_only,
+            direct_io,
+            json,
+        } => {
+            let req = Request::VolumeAttach {
+                vid,
+                read_only,
+                direct_io: Some(direct_io == "on"),
+            };
+            dispatch(&pool.pool, req, None, json.json)
+        }
+        VolumeCommand::Detach {
+            pool,
+            vid,
+            force,
+            json,
+        } => {
+            let req = Request::VolumeDetach {
+                vid,
+                force,
+                timeout_ms: None,
+            };
+            dispatch(&pool.pool, req, None, json.json)
+        }
     }
 }
 

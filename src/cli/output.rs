@@ -201,10 +201,31 @@ pub fn resize_outcome(o: ResizeOutcome, size: u64) -> String {
     }
 }
 
+fn attached(s: &mut String, v: &Status) {
+    if v.attached.is_empty() {
+        return;
+    }
+    s.push_str(&format!(
+        "attached:    {} (loop devices of `volume attach`)\n",
+        v.attached.len()
+    ));
+    for a in &v.attached {
+        s.push_str(&format!(
+            "  {}  {}{}{}\n",
+            a.vid,
+            a.device,
+            if a.read_only { ", read-only" } else { "" },
+            if a.direct_io { ", direct I/O" } else { "" }
+        ));
+    }
+}
+
 /// `reflinkfs status`.
 pub fn status(v: &Status) -> String {
     if !v.mounted {
-        return format!("pool {} is not mounted\n", v.pool);
+        let mut s = format!("pool {} is not mounted\n", v.pool);
+        attached(&mut s, v);
+        return s;
     }
     let mountpoint = match (&v.mountpoint, &v.detached_from) {
         (Some(m), _) => m.clone(),
@@ -244,6 +265,7 @@ pub fn status(v: &Status) -> String {
     for h in &v.held {
         s.push_str(&format!("  {h}\n"));
     }
+    attached(&mut s, v);
     s
 }
 
@@ -312,6 +334,13 @@ pub fn text(r: &Response) -> String {
             (false, _) => format!("{vid}: import dropped; the volume is unchanged\n"),
         },
         Response::Stopped { vid } => format!("{vid}: stopped\n"),
+        // The device alone, for `dev=$(reflinkfs volume attach …)`.
+        Response::Attached(a) => format!("{}\n", a.device),
+        Response::Detached { vid, device, stop } => format!(
+            "{vid}: detached {device}; {}\n",
+            stop.as_deref()
+                .unwrap_or("it stays running: the mount still has it open")
+        ),
     }
 }
 
@@ -324,7 +353,9 @@ pub fn json(r: &Response) -> Value {
     match r {
         Response::PoolInfo(p) => v(&**p),
         Response::Problems(list) => v(list),
-        Response::Status(st) if !st.mounted => json!({ "pool": st.pool, "mounted": false }),
+        Response::Status(st) if !st.mounted => {
+            json!({ "pool": st.pool, "mounted": false, "attached": st.attached })
+        }
         Response::Status(st) => v(st),
         Response::Created { vid, warning } => {
             json!({ "vid": vid, "created": true, "warning": warning })
@@ -362,6 +393,10 @@ pub fn json(r: &Response) -> Value {
             saved_as,
         } => json!({ "vid": vid, "committed": committed, "saved_as": saved_as }),
         Response::Stopped { vid } => json!({ "vid": vid, "stopped": true }),
+        Response::Attached(a) => v(a),
+        Response::Detached { vid, device, stop } => {
+            json!({ "vid": vid, "device": device, "stop": stop })
+        }
     }
 }
 

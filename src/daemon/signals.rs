@@ -17,7 +17,7 @@ pub(super) fn signal_loop(signals: &[libc::c_int], mnt: &Path, fs: &ReflinkFs) {
         };
         let name = sys::signal_name(sig);
         let open: Vec<(String, usize)> = fs
-            .open_handles()
+            .open_on_mount()
             .into_iter()
             .map(|(v, n)| (v.to_string(), n))
             .collect();

@@ -104,6 +104,12 @@ impl crate::control::Daemon for DaemonState {
             held,
             commits_in_flight,
             protocol: Some(crate::control::protocol_version()),
+            attached: self
+                .fs
+                .attached()
+                .into_iter()
+                .map(|(v, a)| crate::control::AttachedVolume::of(self.fs.pool(), &v, a))
+                .collect(),
         }
     }
 

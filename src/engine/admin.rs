@@ -80,6 +80,7 @@ impl Pool {
     /// Claims a volume for `op` once it is settled, refusing while it runs
     /// (or is held).
     pub(super) fn claim_stopped(&self, vid: &ValidVid, op: OpName, what: &str) -> Result<Claim> {
+        self.end_linger(vid)?;
         self.volume(vid)?
             .claim(op, |life| not_running(vid, life, what))
     }
@@ -193,6 +194,7 @@ impl Pool {
             kept_by_revert: None,
             dirty_size: None,
             incarnation: crate::sys::random_u64(),
+            attached: None,
         };
         config.validate(&pool_cfg).map_err(|r| refused(vid, r))?;
 
@@ -384,6 +386,18 @@ impl Pool {
                 dir.shown(&n.dirty()).display()
             );
             limit.store(size, std::sync::atomic::Ordering::SeqCst);
+            // The loop device of `volume attach` reads the new size now.
+            let attached = claim.lock().run().and_then(|r| r.attached);
+            if let Some(a) = attached {
+                let dev =
+                    std::fs::File::open(a.device()).and_then(|d| sys::loop_set_capacity(d.as_fd()));
+                match dev {
+                    Ok(()) => log::info!("{vid}: told {} the new capacity", a.device().display()),
+                    Err(e) => {
+                        log::error!("{vid}: LOOP_SET_CAPACITY on {}: {e}", a.device().display())
+                    }
+                }
+            }
             match kind {
                 VolumeKind::Volatile => {
                     let mut new = (*cfg).clone();

@@ -101,6 +101,31 @@ pub struct VolumeConfig {
     /// gives its files new inode numbers). 0 in configs of older builds.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub incarnation: u64,
+    /// Set while `volume attach` has a loop device on the dirty image: the
+    /// run outlives the process that attached it (an offline CLI), and the
+    /// next open of the pool finds it running instead of committing it
+    /// under a live writer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attached: Option<AttachedLoop>,
+}
+
+/// A loop device reflinkfs put on a volume's dirty image (`volume attach`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachedLoop {
+    /// N of `/dev/loopN`.
+    pub number: u32,
+    pub read_only: bool,
+    pub direct_io: bool,
+    /// The dirty image as the start made it: a detach by a later process
+    /// still tells an unmodified run (no new revision) from a modified one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started: Option<super::fsops::FileSig>,
+}
+
+impl AttachedLoop {
+    pub fn device(&self) -> std::path::PathBuf {
+        crate::sys::loop_path(self.number)
+    }
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -249,6 +274,7 @@ mod tests {
             kept_by_revert: None,
             dirty_size: None,
             incarnation: 0,
+            attached: None,
         }
     }
 

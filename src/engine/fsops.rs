@@ -61,7 +61,7 @@ pub enum Entry {
 
 /// Identity and change signature of a regular file, used to detect that a
 /// dirty image was not modified, and that two names are the same inode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FileSig {
     pub dev: u64,
     pub ino: u64,

@@ -238,6 +238,7 @@ impl Pool {
                     limit,
                     held: None,
                     attachment,
+                    attached: None,
                 }));
                 Ok(lease)
             }
@@ -340,6 +341,18 @@ impl Pool {
         loop {
             match life.run() {
                 Some(run) if run.leases > 0 && !force => return Ok(None),
+                // Its loop device writes it: `volume detach` stops it.
+                Some(Run {
+                    attached: Some(a), ..
+                }) => {
+                    return Err(Error::Busy {
+                        vid: vol.vid.to_string(),
+                        reason: format!(
+                            "it is attached as {}: `reflinkfs volume detach` stops it",
+                            a.device().display()
+                        ),
+                    })
+                }
                 // A bounded operation on the running volume (a resize)
                 // finishes first.
                 Some(_) if life.op.is_some() => vol.wait(&mut life),
@@ -408,44 +421,6 @@ impl Pool {
         // The lease stays taken: the run keeps the count, stop() gives it up.
         drop(lease);
         Ok(file)
-    }
-
-    /// Volumes whose run is held by a writer outside reflinkfs.
-    /// Waits until `vid`'s run is over: committed (durably) or discarded.
-    /// At once for a volume that is not running (qubesd asks after every
-    /// VM stop, and for every halted VM when it starts). A run still open
-    /// at `timeout` (its VM's loop device not detached), or held (written
-    /// outside reflinkfs), is an error that says which.
-    pub fn wait_stopped(&self, vid: &ValidVid, timeout: Duration) -> Result<()> {
-        let vol = self.volume(vid)?;
-        let deadline = Instant::now() + timeout;
-        let mut life = vol.lock();
-        loop {
-            match &life.phase {
-                Phase::Stopped => return Ok(()),
-                Phase::Removed => return Err(Error::NoSuchVolume(vid.to_string())),
-                Phase::Running(run) => {
-                    if let Some(holders) = &run.held {
-                        return Err(Error::Busy {
-                            vid: vid.to_string(),
-                            reason: held_reason(holders),
-                        });
-                    }
-                }
-                Phase::Starting | Phase::Committing => {}
-            }
-            if vol.wait_until(&mut life, deadline) {
-                let open = life.run().map_or(0, |r| r.leases);
-                return Err(Error::Busy {
-                    vid: vid.to_string(),
-                    reason: format!(
-                        "still {} after {} s, with {open} open file(s) on its -dirty.img",
-                        life.state_name(),
-                        timeout.as_secs_f64()
-                    ),
-                });
-            }
-        }
     }
 
     pub fn held_vids(&self) -> Vec<ValidVid> {
@@ -547,6 +522,8 @@ impl Pool {
             &n.dirty(),
         ))?);
         log::info!("{vid}: started ({})", kind.as_str());
+        self.starts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Started {
             file,
             sig,

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod adopt;
+pub mod attach;
 mod commit;
 pub mod config;
 pub mod failpoint;
@@ -19,13 +20,14 @@ mod recovery;
 pub mod report;
 pub mod revision;
 pub mod size;
+mod stopping;
 pub mod transfer;
 pub mod vid;
 pub mod view;
 pub mod volume;
 
 pub use admin::{CreateOptions, NewKind, ResizeOutcome};
-pub use config::{PoolConfig, VolumeConfig, VolumeKind};
+pub use config::{AttachedLoop, PoolConfig, VolumeConfig, VolumeKind};
 pub use lifecycle::StopOutcome;
 pub use pool::{InitOptions, Names, Pool};
 pub use props::{PoolProperty, Property};

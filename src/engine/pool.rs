@@ -104,6 +104,8 @@ pub struct Pool {
     pub(crate) config: RwLock<PoolConfig>,
     /// Held by `pool set` while it stores the config (never by readers).
     pub(crate) setting: Mutex<()>,
+    /// How many runs were started since the pool was opened.
+    pub(crate) starts: std::sync::atomic::AtomicU64,
     /// Every volume, by id: sorted by class, VM and name, so a VM's volumes
     /// are one range. Held only to look up, insert or remove (see the lock
     /// order in `volume.rs`).
@@ -304,6 +306,7 @@ impl Pool {
             _lock: lock,
             config: RwLock::new(config),
             setting: Mutex::new(()),
+            starts: Default::default(),
             volumes: RwLock::new(BTreeMap::new()),
             corrupt: RwLock::new(BTreeMap::new()),
             held: Mutex::new(BTreeSet::new()),
@@ -402,6 +405,12 @@ impl Pool {
 
     pub fn config(&self) -> PoolConfig {
         self.config.read().clone()
+    }
+
+    /// How many runs were started (snapshots made) since the pool was
+    /// opened.
+    pub fn starts(&self) -> u64 {
+        self.starts.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether the pool is read-only (the kernel-pool mode).

@@ -93,6 +93,11 @@ impl Pool {
             }
         }
         if names.contains(&n.dirty()) && regular_entry(dir, &vid, &n.dirty())?.is_some() {
+            // A loop device of `volume attach` (or of a hand-made losetup)
+            // still writes it: the run goes on.
+            if let Some(attached) = self.attached_loop(vol, dir)? {
+                return self.resume_attached(vol, dir, attached);
+            }
             changed = true;
             if kind == VolumeKind::Origin {
                 log::warn!(
@@ -119,6 +124,7 @@ impl Pool {
                         limit: Arc::new(AtomicU64::new(contract)),
                         held: Some(holders),
                         attachment: None,
+                        attached: None,
                     }));
                     self.held.lock().insert(vid.clone());
                     return Ok(());

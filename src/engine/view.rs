@@ -20,6 +20,8 @@ pub struct Activity {
     /// Volumes a start, a commit, a hold or an operation is in progress on,
     /// with its name.
     pub busy: Vec<(ValidVid, &'static str)>,
+    /// Volumes attached to a loop device (`volume attach`).
+    pub attached: Vec<(ValidVid, super::config::AttachedLoop)>,
 }
 
 /// A volume as the mount shows it.
@@ -198,7 +200,7 @@ impl Pool {
     /// commit, a hold or an operation in progress), for `status`.
     pub fn activity(&self) -> Activity {
         let vols: Vec<Arc<super::volume::Volume>> = self.volumes.read().values().cloned().collect();
-        let (mut open, mut busy) = (Vec::new(), Vec::new());
+        let (mut open, mut busy, mut attached) = (Vec::new(), Vec::new(), Vec::new());
         for v in vols {
             let snap = v.snapshot();
             if snap.leases > 0 {
@@ -207,8 +209,15 @@ impl Pool {
             if !matches!(snap.state, "running" | "stopped") {
                 busy.push((v.vid.clone(), snap.state));
             }
+            if let Some(a) = snap.attached {
+                attached.push((v.vid.clone(), a));
+            }
         }
-        Activity { open, busy }
+        Activity {
+            open,
+            busy,
+            attached,
+        }
     }
 
     /// The backing filesystem's numbers, for statfs.

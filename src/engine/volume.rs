@@ -128,6 +128,9 @@ pub(crate) struct Run {
     /// not committed until that writer lets go.
     pub held: Option<String>,
     pub attachment: Option<Attachment>,
+    /// The loop device `volume attach` put on the dirty image: it holds
+    /// one of the leases, given back by `volume detach`.
+    pub attached: Option<super::config::AttachedLoop>,
 }
 
 impl Run {
@@ -196,6 +199,8 @@ pub struct Snapshot {
     pub leases: usize,
     pub started_from: Option<(ValidVid, u64)>,
     pub limit: Option<u64>,
+    /// The loop device of `volume attach`, while attached.
+    pub attached: Option<super::config::AttachedLoop>,
 }
 
 pub(crate) struct Volume {
@@ -263,6 +268,7 @@ impl Volume {
             leases: run.map_or(0, |r| r.leases),
             started_from: run.and_then(|r| r.started_from.clone()),
             limit: run.map(Run::limit),
+            attached: run.and_then(|r| r.attached),
         }
     }
 

@@ -11,9 +11,11 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 mod fsinfo;
+mod loopdev;
 mod process;
 
 pub use fsinfo::*;
+pub use loopdev::*;
 pub use process::*;
 
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {

@@ -512,6 +512,7 @@ pub(super) fn finish_configs(
                 kept_by_revert: None,
                 dirty_size: None,
                 incarnation: crate::sys::random_u64(),
+                attached: None,
             };
             if let Err(reason) = cfg.validate(pool) {
                 not_adopted(report, vid, reason);

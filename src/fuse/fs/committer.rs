@@ -1,5 +1,11 @@
 //! The committer threads: the stops the last releases ask for run here,
 //! so that ten VMs shutting down at once never take a FUSE worker.
+//!
+//! A run that was not modified lingers a moment before its stop: qemu (and
+//! a hypervisor's block script) opens an image several times as it starts,
+//! first to probe it, and a stop between those opens would make and throw
+//! away a snapshot each time. An open within the linger takes the same
+//! run; a modified run stops at once.
 
 use super::*;
 
@@ -8,6 +14,24 @@ use super::*;
 pub(super) struct Committer {
     tx: Mutex<Option<std::sync::mpsc::Sender<PendingStop>>>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Stops that wait for their linger to end, and the timer that queues
+    /// them then.
+    later: Arc<Later>,
+}
+
+/// How long an unmodified run lingers after its last close.
+pub const LINGER: Duration = Duration::from_secs(1);
+
+#[derive(Default)]
+struct Later {
+    due: Mutex<LaterState>,
+    wake: parking_lot::Condvar,
+}
+
+#[derive(Default)]
+struct LaterState {
+    stops: Vec<(std::time::Instant, PendingStop)>,
+    closed: bool,
 }
 
 impl Committer {
@@ -30,10 +54,56 @@ impl Committer {
                 Err(e) => log::error!("cannot start a committer thread: {e}"),
             }
         }
+        let later = Arc::new(Later::default());
+        let (l, t) = (later.clone(), tx.clone());
+        let timer = std::thread::Builder::new()
+            .name("linger".into())
+            .spawn(move || Self::linger_loop(&l, &t));
+        match timer {
+            Ok(h) => threads.push(h),
+            Err(e) => log::error!("cannot start the linger thread: {e}"),
+        }
         Committer {
             tx: Mutex::new(Some(tx)),
             threads: Mutex::new(threads),
+            later,
         }
+    }
+
+    /// The linger timer: queues each stop when its linger ends (all of
+    /// them at once when the committer is drained).
+    fn linger_loop(later: &Later, tx: &std::sync::mpsc::Sender<PendingStop>) {
+        let mut st = later.due.lock();
+        loop {
+            let now = std::time::Instant::now();
+            let (due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut st.stops)
+                .into_iter()
+                .partition(|(at, _)| *at <= now || st.closed);
+            st.stops = waiting;
+            for (_, p) in due {
+                let _ = tx.send(p);
+            }
+            if st.closed {
+                return;
+            }
+            match st.stops.iter().map(|(at, _)| *at).min() {
+                Some(next) => {
+                    later.wake.wait_until(&mut st, next);
+                }
+                None => later.wake.wait(&mut st),
+            }
+        }
+    }
+
+    /// Queues a stop to run once the run has lingered (`LINGER`) unused.
+    pub(super) fn submit_later(&self, pool: &Pool, p: PendingStop) {
+        let mut st = self.later.due.lock();
+        if st.closed {
+            drop(st);
+            return self.submit(pool, p);
+        }
+        st.stops.push((std::time::Instant::now() + LINGER, p));
+        self.later.wake.notify_all();
     }
 
     /// A committer thread: runs the queued stops until the queue closes.
@@ -68,8 +138,11 @@ impl Committer {
         }
     }
 
-    /// Lets the queued stops finish and ends the threads.
+    /// Lets the queued stops (lingering ones at once) finish and ends the
+    /// threads.
     pub(super) fn drain(&self) {
+        self.later.due.lock().closed = true;
+        self.later.wake.notify_all();
         drop(self.tx.lock().take());
         for t in self.threads.lock().drain(..) {
             let _ = t.join();

@@ -253,7 +253,10 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
         match lease {
             Some(lease) => {
                 if let Some(p) = self.pool.release(lease) {
-                    self.committer.submit(&self.pool, p);
+                    match self.pool.unmodified(&p) {
+                        true => self.committer.submit_later(&self.pool, p),
+                        false => self.committer.submit(&self.pool, p),
+                    }
                 }
             }
             None => {

@@ -159,6 +159,27 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
         self.pool.activity().open
     }
 
+    /// The volumes open on the mount itself, with their open files: the
+    /// lease of a loop device of `volume attach` does not count (that
+    /// device is not on the mount, and an unmount leaves it be).
+    pub fn open_on_mount(&self) -> Vec<(ValidVid, usize)> {
+        let activity = self.pool.activity();
+        activity
+            .open
+            .into_iter()
+            .map(|(vid, n)| {
+                let loops = activity.attached.iter().filter(|(a, _)| *a == vid).count();
+                (vid, n.saturating_sub(loops))
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+
+    /// Volumes attached to loop devices (`volume attach`).
+    pub fn attached(&self) -> Vec<(ValidVid, crate::engine::AttachedLoop)> {
+        self.pool.activity().attached
+    }
+
     /// Volumes a start, commit, hold or operation is in progress on.
     pub fn busy_volumes(&self) -> Vec<(ValidVid, &'static str)> {
         self.pool.activity().busy
@@ -213,7 +234,14 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
     pub fn shutdown(&self) {
         self.committer.drain();
         self.handles.lock().clear();
-        for (vid, _) in self.pool.activity().open {
+        let activity = self.pool.activity();
+        for (vid, _) in activity.open {
+            // An attached volume runs on without the mount; its record
+            // tells the next open of the pool.
+            if activity.attached.iter().any(|(a, _)| *a == vid) {
+                log::info!("{vid}: stays attached after the unmount");
+                continue;
+            }
             match self.pool.stop_within(&vid, Duration::from_secs(2)) {
                 Ok(o) => log::info!("{vid}: stopped at unmount: {o:?}"),
                 Err(e) => {

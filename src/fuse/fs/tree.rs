@@ -316,6 +316,7 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
                 put("getxattr_requests", n(&self.stats.getxattrs));
                 put("panics", n(&self.stats.panics));
                 put("open_volumes", self.open_volumes().to_string());
+                put("starts", self.pool.starts().to_string());
                 put("inodes", self.inode_count().to_string());
             }
             Node::Class(_) | Node::Vm(..) => {}

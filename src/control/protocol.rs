@@ -1,0 +1,438 @@
+//! The protocol's types (doc/CONTROL.md): the versioned message a client
+//! sends, the request in it, the reply and the response or error it
+//! carries, and the data of `status`.
+
+use crate::engine::report::{PoolInfo, Problem, VolumeInfo};
+use crate::engine::{Pool, ResizeOutcome, Revision, ValidVid};
+use crate::error::Error;
+use serde::{Deserialize, Serialize};
+
+/// The protocol's version: a client and a daemon talk only when the major
+/// numbers match; a minor number grows with additions an older peer can
+/// ignore (a new request, a new optional field).
+pub const PROTOCOL_MAJOR: u32 = 1;
+
+pub const PROTOCOL_MINOR: u32 = 2;
+
+/// `MAJOR.MINOR` of this build.
+pub fn protocol_version() -> String {
+    format!("{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}")
+}
+
+/// The largest request line the daemon reads.
+pub const MAX_REQUEST: usize = 1 << 20;
+
+/// An administration request. `VID`s are as typed (`CLASS/VM/NAME` or
+/// `VM:NAME`); sizes and values are already validated by the CLI and are
+/// validated again by the engine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    PoolInfo,
+    PoolCheck {
+        volume: Option<String>,
+    },
+    /// (1.1) A pool property: `revisions_to_keep`, the default of new
+    /// origin volumes.
+    PoolSet {
+        property: String,
+        value: String,
+    },
+    Status,
+    VolumeCreate {
+        vid: String,
+        size: u64,
+        snapshot_of: Option<String>,
+        #[serde(default)]
+        volatile: bool,
+        revisions_to_keep: Option<i64>,
+        #[serde(default)]
+        read_only: bool,
+        #[serde(default)]
+        optional: bool,
+        /// (1.1) The new origin volume's data comes as the passed file
+        /// descriptor (its size is the data's): the volume exists with
+        /// all its data, or not at all.
+        #[serde(default)]
+        with_data: bool,
+    },
+    VolumeList,
+    VolumeInfo {
+        vid: String,
+        /// (1.1) Leave out `usage` (no FIEMAP of the files): cheap.
+        #[serde(default)]
+        brief: bool,
+    },
+    VolumeRevisions {
+        vid: String,
+    },
+    VolumeResize {
+        vid: String,
+        size: u64,
+        #[serde(default)]
+        allow_shrink: bool,
+    },
+    VolumeRevert {
+        vid: String,
+        revision: Option<String>,
+    },
+    VolumeSet {
+        vid: String,
+        property: String,
+        value: String,
+    },
+    /// The data comes as the passed file descriptor.
+    VolumeImport {
+        vid: String,
+        size: Option<u64>,
+        /// How the source is shown in the reply.
+        #[serde(default)]
+        source: String,
+    },
+    /// The destination comes as the passed file descriptor.
+    VolumeExport {
+        vid: String,
+        revision: Option<String>,
+        /// How the destination is shown; `-` for stdout (no message).
+        #[serde(default)]
+        dest: String,
+    },
+    /// A clone within this pool.
+    VolumeClone {
+        src: String,
+        dst: String,
+    },
+    VolumeRemove {
+        vid: String,
+    },
+    /// (1.1) Begins an import whose data the client writes in place: the
+    /// daemon makes a sparse file of `size` bytes and answers its path;
+    /// the volume is `importing` until `volume_import_end`. Mounted pools
+    /// only.
+    VolumeImportBegin {
+        vid: String,
+        size: u64,
+    },
+    /// (1.1) Ends it: `success` commits the data (the previous image
+    /// becomes a revision), otherwise it is dropped.
+    VolumeImportEnd {
+        vid: String,
+        success: bool,
+    },
+    /// (1.1) Waits until the volume's run is over and its commit (or
+    /// discard) is done and durable; at once when it is not running.
+    /// Refused when still running after `timeout_ms` (default 60 s), naming
+    /// what holds it.
+    VolumeWaitStopped {
+        vid: String,
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
+    /// (1.2) Puts a loop device on the volume's dirty image, starting it
+    /// (`volume attach`).
+    VolumeAttach {
+        vid: String,
+        #[serde(default)]
+        read_only: bool,
+        /// Default: on.
+        #[serde(default)]
+        direct_io: Option<bool>,
+    },
+    /// (1.2) Removes it, waits until the kernel let go of the file (up to
+    /// `timeout_ms`, default 30 s), and stops the volume when nothing else
+    /// has it open. `force`: even while the device is in use.
+    VolumeDetach {
+        vid: String,
+        #[serde(default)]
+        force: bool,
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
+}
+
+impl Request {
+    /// Whether the request takes a file descriptor.
+    pub fn takes_fd(&self) -> bool {
+        matches!(
+            self,
+            Request::VolumeImport { .. }
+                | Request::VolumeExport { .. }
+                | Request::VolumeCreate {
+                    with_data: true,
+                    ..
+                }
+        )
+    }
+}
+
+/// What a client sends: the request, and the protocol version it speaks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Message {
+    /// `MAJOR.MINOR`.
+    pub protocol: String,
+    pub request: Request,
+}
+
+impl Message {
+    pub fn new(request: Request) -> Message {
+        Message {
+            protocol: protocol_version(),
+            request,
+        }
+    }
+}
+
+/// A running volume, in `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenVolume {
+    pub vid: String,
+    pub open_handles: usize,
+}
+
+/// A volume a start, commit, hold or operation is in progress on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BusyVolume {
+    pub vid: String,
+    /// `starting`, `committing`, `held`, `importing`, …
+    pub state: String,
+}
+
+/// `reflinkfs status`: whether the pool is mounted, and what its daemon is
+/// doing. Offline, only `pool` and `mounted` (false).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct Status {
+    pub pool: String,
+    pub mounted: bool,
+    /// `None` once the mount was lazily unmounted (`detached_from` says
+    /// where it was).
+    pub mountpoint: Option<String>,
+    pub detached_from: Option<String>,
+    pub io_mode: Option<String>,
+    pub pid: Option<u32>,
+    pub uptime_seconds: Option<u64>,
+    pub running: Vec<OpenVolume>,
+    pub busy: Vec<BusyVolume>,
+    pub held: Vec<String>,
+    pub commits_in_flight: Vec<String>,
+    /// The protocol version of the daemon (`None` offline).
+    pub protocol: Option<String>,
+    /// (1.2) Volumes attached to loop devices, mounted or not.
+    pub attached: Vec<AttachedVolume>,
+}
+
+/// What a request produced: data, one variant per request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "result", content = "data", rename_all = "snake_case")]
+pub enum Response {
+    PoolInfo(PoolInfoBox),
+    /// `pool check`: every problem found (none: the pool is consistent).
+    Problems(Vec<Problem>),
+    Status(Status),
+    Created {
+        vid: String,
+        /// Set when the volume is larger than the free space of the pool's
+        /// filesystem (allowed: images are sparse).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        warning: Option<String>,
+    },
+    Volumes(Vec<VolumeInfo>),
+    Volume(Box<VolumeInfo>),
+    Revisions(Vec<Revision>),
+    Resized {
+        vid: String,
+        size: u64,
+        outcome: ResizeOutcome,
+        /// As for `Created`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        warning: Option<String>,
+    },
+    Reverted {
+        vid: String,
+        /// The revision gone back to (its number, or `@TIMESTAMP`).
+        revision: String,
+        /// The revision the previous image was saved as, if one was kept.
+        saved_as: Option<u64>,
+    },
+    Set {
+        vid: String,
+        property: String,
+        value: String,
+    },
+    Imported {
+        vid: String,
+        source: String,
+        saved_as: Option<u64>,
+    },
+    Exported {
+        vid: String,
+        dest: String,
+        bytes: u64,
+    },
+    Cloned {
+        src: String,
+        dst: String,
+        pool: String,
+    },
+    Removed {
+        vid: String,
+    },
+    /// `pool set`.
+    PoolSet {
+        property: String,
+        value: String,
+    },
+    /// `volume_import_begin`: write `size` bytes to `path`, in place (do
+    /// not create or truncate it), then send `volume_import_end`.
+    ImportBegun {
+        vid: String,
+        path: String,
+        size: u64,
+    },
+    /// `volume_import_end`: whether the data was committed, and the
+    /// revision the previous image was kept as.
+    ImportEnded {
+        vid: String,
+        committed: bool,
+        saved_as: Option<u64>,
+    },
+    /// `volume_wait_stopped`: the volume is stopped, its last run committed
+    /// or discarded.
+    Stopped {
+        vid: String,
+    },
+    /// `volume_attach`.
+    Attached(AttachedVolume),
+    /// `volume_detach`: the device removed, and what the stop did
+    /// (`None` while the mount still has the volume open).
+    Detached {
+        vid: String,
+        device: String,
+        stop: Option<String>,
+    },
+}
+
+/// A volume attached to a loop device (`volume attach`), in `status` and
+/// the reply of `volume_attach`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachedVolume {
+    pub vid: String,
+    /// `/dev/loopN`.
+    pub device: String,
+    pub major: Option<u32>,
+    pub minor: Option<u32>,
+    /// The dirty image the device reads and writes.
+    pub backing: String,
+    pub read_only: bool,
+    /// Whether the device does direct I/O (the kernel may refuse it).
+    pub direct_io: bool,
+}
+
+impl AttachedVolume {
+    pub fn of(pool: &Pool, vid: &ValidVid, a: crate::engine::AttachedLoop) -> AttachedVolume {
+        let (major, minor) = crate::sys::loop_dev_numbers(a.number).unzip();
+        AttachedVolume {
+            vid: vid.to_string(),
+            device: a.device().display().to_string(),
+            major,
+            minor,
+            backing: pool
+                .path()
+                .join(vid.class())
+                .join(vid.vm())
+                .join(crate::engine::Names::of(vid).dirty())
+                .display()
+                .to_string(),
+            read_only: a.read_only,
+            direct_io: a.direct_io,
+        }
+    }
+}
+
+/// How a stop reads, in replies.
+pub fn stop_text(o: &crate::engine::StopOutcome) -> String {
+    use crate::engine::StopOutcome as S;
+    match o {
+        S::Committed { revision: Some(k) } => {
+            format!("committed; the previous image is revision {k}")
+        }
+        S::Committed { revision: None } => "committed".into(),
+        S::Unchanged => "unchanged (no revision added)".into(),
+        S::Discarded => "discarded".into(),
+        S::Held { holders } => format!("not committed: still written by {holders}"),
+    }
+}
+
+/// `PoolInfo`, boxed (it is much larger than the other responses).
+pub type PoolInfoBox = Box<PoolInfo>;
+
+/// An error as it crosses the socket: its kind (the error class, which
+/// also gives the CLI's exit status) and a one-line message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireError {
+    /// `invalid-input`, `not-found`, `busy`, `refused`, `no-space`,
+    /// `corrupt`, `unsupported`, `exists`, `io`, or `protocol` (the peers
+    /// do not speak the same major version).
+    pub kind: String,
+    /// The CLI's exit status for it.
+    pub code: u8,
+    pub message: String,
+}
+
+impl From<&Error> for WireError {
+    fn from(e: &Error) -> WireError {
+        WireError {
+            kind: e.class().name().to_owned(),
+            code: e.class().exit_code(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// What the daemon sends back: one JSON line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reply {
+    /// The daemon's `MAJOR.MINOR`.
+    pub protocol: String,
+    #[serde(flatten)]
+    pub outcome: ReplyOutcome,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplyOutcome {
+    Ok(Box<Response>),
+    Error(WireError),
+}
+
+impl Reply {
+    pub fn ok(r: Response) -> Reply {
+        Reply {
+            protocol: protocol_version(),
+            outcome: ReplyOutcome::Ok(Box::new(r)),
+        }
+    }
+
+    pub fn error(e: WireError) -> Reply {
+        Reply {
+            protocol: protocol_version(),
+            outcome: ReplyOutcome::Error(e),
+        }
+    }
+}
+
+/// The major number of a `MAJOR.MINOR` version string.
+pub fn major_of(version: &str) -> Option<u32> {
+    version.split('.').next()?.trim().parse().ok()
+}
+
+/// The error of peers that do not speak the same major version.
+pub fn version_mismatch(theirs: &str, who: &str, fix: &str) -> Error {
+    Error::Protocol {
+        reason: format!(
+            "{who} speaks control protocol {theirs}, this reflinkfs speaks {}; {fix}",
+            protocol_version()
+        ),
+    }
+}

@@ -1,0 +1,315 @@
+//! `volume attach` and `volume detach`: a loop device straight on a running
+//! volume's dirty image, for block consumers (Xen's `phy:`, qemu on a
+//! device), with no FUSE in the data path.
+//!
+//! The loop device is one more lease on the volume's run: it starts the
+//! volume as a first open of `N-dirty.img` does, shares the run with the
+//! mount's opens, and its detach gives the lease back, which (when it was
+//! the last) commits the run as the last release does. The attachment is
+//! recorded in the volume's config, so that a run attached by a process
+//! that has exited (an offline CLI) is found running by the next open of
+//! the pool, never committed under the loop device.
+
+use super::admin::refused;
+use super::config::AttachedLoop;
+use super::fsops::Dir;
+use super::lifecycle::{io_ctx, open_image, StopOutcome};
+use super::pool::{Names, Pool};
+use super::vid::ValidVid;
+use super::volume::{Lease, Phase, Run, Volume};
+use crate::error::{Error, Result};
+use crate::sys;
+use std::os::fd::AsFd;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What a detach did: the loop device it removed, and the stop of the
+/// volume (`None` while the mount still has the volume open: its last
+/// close commits it).
+#[derive(Debug)]
+pub struct Detached {
+    pub attached: AttachedLoop,
+    pub stop: Option<StopOutcome>,
+}
+
+fn busy(vid: &ValidVid, reason: String) -> Error {
+    Error::Busy {
+        vid: vid.to_string(),
+        reason,
+    }
+}
+
+impl Pool {
+    /// Puts a loop device on `vid`'s dirty image, starting the volume if it
+    /// is stopped. Direct I/O as asked (the kernel may refuse it for the
+    /// file; the result says what it does), no autoclear. Refused when the
+    /// volume is already attached, or read-only and `read_only` is false.
+    pub fn attach(&self, vid: &ValidVid, read_only: bool, direct_io: bool) -> Result<AttachedLoop> {
+        let vol = self.volume(vid)?;
+        if let Some(a) = vol.snapshot().attached {
+            return Err(busy(
+                vid,
+                format!("it is already attached as {}", a.device().display()),
+            ));
+        }
+        let lease = self.acquire(vid, !read_only, &|_| None)?;
+        let number = match sys::loop_attach(lease.file.as_fd(), read_only, direct_io) {
+            Ok(n) => n,
+            Err(e) => {
+                self.give_back(lease);
+                return Err(Error::io(format!("{vid}: attaching a loop device"), e));
+            }
+        };
+        let started = vol.lock().run().and_then(|r| r.started_sig);
+        let attached = AttachedLoop {
+            number,
+            read_only,
+            direct_io: direct_io && sys::loop_direct_io(number),
+            started,
+        };
+        // The lease becomes the loop device's, unless another attach came
+        // first (then this device goes again).
+        if let Err(e) = self.keep_for_loop(&vol, lease, attached) {
+            let _ = sys::loop_detach(number);
+            return Err(e);
+        }
+        self.record_attached(&vol, Some(attached))?;
+        log::info!(
+            "{vid}: attached as {}{}{}",
+            attached.device().display(),
+            if read_only { ", read-only" } else { "" },
+            if attached.direct_io {
+                ", direct I/O"
+            } else {
+                ""
+            }
+        );
+        vol.changed();
+        Ok(attached)
+    }
+
+    /// Removes the loop device of `volume attach`, waits (up to `wait`)
+    /// until the kernel has let go of the dirty image, and gives its lease
+    /// back: when it was the last, the volume stops (commit or discard) as
+    /// at the mount's last close. Refused while the device is in use (a
+    /// mount, a VM), naming who uses it, unless `force` (a VM that crashed
+    /// and left it claimed).
+    pub fn detach(&self, vid: &ValidVid, force: bool, wait: Duration) -> Result<Detached> {
+        let vol = self.volume(vid)?;
+        let attached = vol.snapshot().attached.ok_or_else(|| {
+            refused(
+                vid,
+                "it is not attached (`reflinkfs volume attach` attaches it)",
+            )
+        })?;
+        let dev = attached.device();
+        if !force {
+            let mut users: Vec<String> = sys::processes_using(&dev)
+                .into_iter()
+                .map(|u| format!("{} (PID {})", u.command, u.pid))
+                .collect();
+            if let Ok(dir) =
+                std::fs::read_dir(format!("/sys/block/loop{}/holders", attached.number))
+            {
+                users.extend(
+                    dir.flatten()
+                        .map(|h| h.file_name().to_string_lossy().into_owned()),
+                );
+            }
+            if users.is_empty() && sys::block_claimed(&dev) {
+                users.push("a mount or another exclusive user".into());
+            }
+            if !users.is_empty() {
+                return Err(busy(
+                    vid,
+                    format!(
+                        "its loop device {} is in use by {}; stop that first (shut the VM down, unmount), or give --force for a VM that crashed",
+                        dev.display(),
+                        users.join(", ")
+                    ),
+                ));
+            }
+        }
+        sys::loop_detach(attached.number)
+            .map_err(|e| Error::io(format!("{vid}: detaching {}", dev.display()), e))?;
+        let end = Instant::now() + wait;
+        while sys::loop_bound(attached.number) {
+            if Instant::now() >= end {
+                return Err(busy(
+                    vid,
+                    format!(
+                        "{} still holds its dirty image {} s after the detach: something has the device open (it is cleared at its last close)",
+                        dev.display(),
+                        wait.as_secs()
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        log::info!("{vid}: detached {}", dev.display());
+        let pending = {
+            let mut life = vol.lock();
+            match life.run_mut() {
+                Some(run) if run.attached == Some(attached) => {
+                    run.attached = None;
+                    run.leases = run.leases.saturating_sub(1);
+                    run.leases == 0
+                }
+                _ => false,
+            }
+        };
+        self.record_attached(&vol, None)?;
+        let stop = match pending {
+            true => self.finish_stop(super::volume::PendingStop {
+                vid: vid.clone(),
+                volume: vol.clone(),
+            })?,
+            false => None,
+        };
+        Ok(Detached { attached, stop })
+    }
+
+    /// Keeps a lease for the loop device: the run counts it until detach.
+    fn keep_for_loop(&self, vol: &Arc<Volume>, lease: Lease, attached: AttachedLoop) -> Result<()> {
+        let Lease {
+            vid,
+            file,
+            attachment,
+            ..
+        } = lease;
+        drop((file, attachment));
+        let mut life = vol.lock();
+        match life.run_mut() {
+            Some(run) if run.attached.is_none() => {
+                run.attached = Some(attached);
+                Ok(())
+            }
+            Some(run) => {
+                let other = run.attached.map(|a| a.device());
+                run.leases = run.leases.saturating_sub(1);
+                Err(busy(
+                    &vid,
+                    format!(
+                        "it was attached meanwhile as {}",
+                        other.unwrap_or_default().display()
+                    ),
+                ))
+            }
+            None => unreachable!("a lease keeps the run"),
+        }
+    }
+
+    /// Gives a lease back at once (an attach that failed), stopping the
+    /// volume when it was the last.
+    fn give_back(&self, lease: Lease) {
+        if let Some(p) = self.release(lease) {
+            if let Err(e) = self.finish_stop(p) {
+                log::error!("stop after a failed attach: {e}");
+            }
+        }
+    }
+
+    /// Stores the attachment in the volume's config (see
+    /// [`super::config::VolumeConfig::attached`]).
+    fn record_attached(&self, vol: &Volume, attached: Option<AttachedLoop>) -> Result<()> {
+        let mut cfg = (*vol.config()).clone();
+        if cfg.attached == attached {
+            return Ok(());
+        }
+        cfg.attached = attached;
+        self.store_volume(&cfg)?;
+        vol.lock().config = Arc::new(cfg);
+        Ok(())
+    }
+
+    /// At recovery: the loop device on `vid`'s leftover dirty image, from
+    /// its record, or found by its backing file (a `losetup` of the pool's
+    /// file by hand counts too). A record whose device is gone is cleared.
+    pub(crate) fn attached_loop(&self, vol: &Volume, dir: &Dir) -> Result<Option<AttachedLoop>> {
+        let vid = &vol.vid;
+        let dirty = Names::of(vid).dirty();
+        let Ok(f) = open_image(dir, vid, &dirty, libc::O_RDONLY) else {
+            return Ok(None);
+        };
+        let st = sys::fstat(f.as_fd()).map_err(io_ctx(dir, "examining", &dirty))?;
+        let bound_here = |n: u32| {
+            sys::loop_backing(n)
+                .ok()
+                .flatten()
+                .filter(|b| b.dev == st.st_dev && b.ino == st.st_ino)
+        };
+        let recorded = vol.config().attached;
+        if let Some(a) = recorded {
+            if bound_here(a.number).is_some() {
+                return Ok(Some(a));
+            }
+            log::warn!(
+                "{vid}: recovery: its recorded loop device {} is gone",
+                a.device().display()
+            );
+            self.record_attached(vol, None)?;
+        }
+        let shown = dir.shown(&dirty).display().to_string();
+        for (dev, backing) in sys::loop_backing_files() {
+            let Some(n) = sys::loop_number(&dev) else {
+                continue;
+            };
+            if backing != shown {
+                continue;
+            }
+            if let Some(b) = bound_here(n) {
+                log::warn!(
+                    "{vid}: recovery: {} has the loop device {} on it (not made by `volume attach`): it runs on as attached",
+                    shown,
+                    dev.display()
+                );
+                let found = AttachedLoop {
+                    number: n,
+                    read_only: b.read_only,
+                    direct_io: sys::loop_direct_io(n),
+                    started: None,
+                };
+                self.record_attached(vol, Some(found))?;
+                return Ok(Some(found));
+            }
+        }
+        Ok(None)
+    }
+
+    /// At recovery: makes an attached volume's run again (the loop device
+    /// holds its one lease), instead of committing or removing its dirty
+    /// image under a live writer.
+    pub(crate) fn resume_attached(
+        &self,
+        vol: &Volume,
+        dir: &Dir,
+        attached: AttachedLoop,
+    ) -> Result<()> {
+        let vid = &vol.vid;
+        let dirty = Names::of(vid).dirty();
+        let f = open_image(dir, vid, &dirty, libc::O_RDWR)?;
+        let size = sys::fstat(f.as_fd())
+            .map_err(io_ctx(dir, "examining", &dirty))?
+            .st_size as u64;
+        // Its normal state for a volume attached by an offline command.
+        log::info!(
+            "{vid}: {} is attached as {}: it runs on (`reflinkfs volume detach` stops it)",
+            dir.shown(&dirty).display(),
+            attached.device().display()
+        );
+        vol.lock().phase = Phase::Running(Box::new(Run {
+            leases: 1,
+            file: Some(Arc::new(f)),
+            // Unknown for a device found by its backing file: the detach
+            // then commits whatever is there.
+            started_sig: attached.started,
+            started_from: None,
+            limit: Arc::new(AtomicU64::new(vol.config().dirty_contract().max(size))),
+            held: None,
+            attachment: None,
+            attached: Some(attached),
+        }));
+        Ok(())
+    }
+}

@@ -1,0 +1,345 @@
+//! `volume attach` and `volume detach` (issue 13): a loop device straight on
+//! a volume's running image, online and offline; its refusal while in use,
+//! a crash with an attached volume, a resize, two at once; and the linger
+//! that absorbs qemu's probe opens.
+
+mod common;
+
+use common::cli::*;
+use common::mount::*;
+use common::*;
+use reflinkfs::ErrorClass;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A loop device of `volume attach`; detached by `losetup -d` on drop if
+/// the test did not detach it, so a failing test leaves none behind.
+struct Attached {
+    dev: String,
+    done: bool,
+}
+
+impl Attached {
+    fn new(pool: &Path, vid: &str, extra: &str) -> Attached {
+        let out = rf_json(pool, format!("volume attach {vid} {extra}").as_str());
+        let dev = out["device"].as_str().unwrap().to_owned();
+        assert!(dev.starts_with("/dev/loop"), "{out}");
+        assert_eq!(
+            out["vid"]
+                .as_str()
+                .map(|v| v.ends_with(vid.split(':').next_back().unwrap())),
+            Some(true)
+        );
+        assert!(
+            out["backing"].as_str().unwrap().ends_with("-dirty.img"),
+            "{out}"
+        );
+        assert!(
+            out["major"].as_u64().is_some() && out["minor"].as_u64().is_some(),
+            "{out}"
+        );
+        Attached { dev, done: false }
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from(&self.dev)
+    }
+
+    /// `volume detach`, which must succeed; gives what it says of the stop.
+    fn detach(mut self, pool: &Path, vid: &str) -> String {
+        let out = rf_json(pool, format!("volume detach {vid}").as_str());
+        self.done = true;
+        assert!(
+            !is_bound(&self.dev),
+            "{} still bound after detach",
+            self.dev
+        );
+        out["stop"].as_str().unwrap_or("").to_owned()
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+        }
+    }
+}
+
+fn is_bound(dev: &str) -> bool {
+    let n = dev.trim_start_matches("/dev/loop");
+    Path::new(&format!("/sys/block/loop{n}/loop/backing_file")).exists()
+}
+
+fn write_dev(dev: &Path, off: u64, data: &[u8]) {
+    let f = File::options().write(true).open(dev).unwrap();
+    f.write_all_at(data, off).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn read_dev(dev: &Path, off: u64, len: usize) -> Vec<u8> {
+    read_at(&File::open(dev).unwrap(), off, len)
+}
+
+fn revisions_of(pool: &Path, vid: &str) -> usize {
+    rf_json(pool, format!("volume revisions {vid}").as_str())
+        .as_array()
+        .unwrap()
+        .len()
+}
+
+fn pool_with(test: &str, vids: &[&str]) -> PathBuf {
+    let (pool, path) = new_pool(&xfs(), test);
+    for v in vids {
+        create_origin(&pool, v, 16 * MIB);
+    }
+    path
+}
+
+#[test]
+fn attach_and_detach_offline_start_and_commit_the_volume() {
+    if !require(&["losetup"]) {
+        return;
+    }
+    let pool = pool_with("attach-offline", &["appvms/a/private"]);
+    let lo = Attached::new(&pool, "a:private", "");
+    // The process that attached it has exited: the record keeps the run.
+    let st = rf_json(&pool, "status");
+    assert_eq!(st["attached"][0]["device"], lo.dev.as_str(), "{st}");
+    assert_eq!(rf_json(&pool, "volume info a:private")["state"], "running");
+    write_dev(&lo.path(), 4096, &pattern(1, 8192));
+    // An offline stop is refused: the loop device writes it.
+    let err = rf_fails(&pool, "volume revert a:private", ErrorClass::Busy);
+    assert!(err.contains("running") || err.contains("attached"), "{err}");
+    let stop = lo.detach(&pool, "a:private");
+    assert!(stop.starts_with("committed"), "{stop}");
+    assert_eq!(revisions_of(&pool, "a:private"), 1);
+    assert_eq!(
+        read_committed(&pool, &vid("appvms/a/private"), 4096, 8192),
+        pattern(1, 8192)
+    );
+    let info = rf_json(&pool, "volume info a:private");
+    assert_eq!(info["state"], "stopped");
+    assert!(rf_json(&pool, "status")["attached"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    assert!(rf_json(&pool, "pool check").as_array().unwrap().is_empty());
+}
+
+#[test]
+fn an_attached_volume_shares_its_run_with_the_mount_and_is_refused_while_in_use() {
+    if !require(&["losetup", "mkfs.ext4"]) {
+        return;
+    }
+    let pool = pool_with("attach-online", &["appvms/a/private"]);
+    let m = Mounted::mount(&pool, &pool.parent().unwrap().join("mnt"), "");
+    let lo = Attached::new(&pool, "a:private", "");
+    let st = rf_json(&pool, "status");
+    assert_eq!(st["attached"][0]["device"], lo.dev.as_str(), "{st}");
+    assert_eq!(
+        xattr(
+            &m.path("appvms/a/private-dirty.img"),
+            "user.reflinkfs.state"
+        )
+        .as_deref(),
+        Some("running")
+    );
+    // The mount's file is the same run: what the device wrote, it reads.
+    write_dev(&lo.path(), 0, &pattern(2, 4096));
+    let f = File::open(m.path("appvms/a/private-dirty.img")).unwrap();
+    assert_eq!(read_at(&f, 0, 4096), pattern(2, 4096));
+    drop(f);
+    // In use (mounted): refused, naming the user; nothing changes.
+    run_ok(Command::new("mkfs.ext4").args(["-q"]).arg(&lo.dev));
+    let guest = pool.parent().unwrap().join("guest");
+    std::fs::create_dir_all(&guest).unwrap();
+    let _mounted = BlockMount::mount(&lo.dev, &guest);
+    let err = rf_fails(&pool, "volume detach a:private", ErrorClass::Busy);
+    assert!(err.contains(&lo.dev) && err.contains("--force"), "{err}");
+    assert!(is_bound(&lo.dev));
+    _mounted.unmount();
+    // The mount does not keep an attached volume: it stays after unmount,
+    // and the next mount finds it running.
+    m.unmount();
+    assert_eq!(rf_json(&pool, "volume info a:private")["state"], "running");
+    let m = Mounted::mount(&pool, &pool.parent().unwrap().join("mnt"), "");
+    let stop = lo.detach(&pool, "a:private");
+    assert!(stop.starts_with("committed"), "{stop}");
+    assert_eq!(
+        xattr(
+            &m.path("appvms/a/private-dirty.img"),
+            "user.reflinkfs.state"
+        )
+        .as_deref(),
+        Some("stopped")
+    );
+    m.unmount();
+}
+
+#[test]
+fn a_crash_with_an_attached_volume_keeps_it_running_and_loses_nothing() {
+    if !require(&["losetup"]) {
+        return;
+    }
+    let pool = pool_with("attach-crash", &["appvms/a/private"]);
+    let mnt = pool.parent().unwrap().join("mnt");
+    let m = Mounted::mount(&pool, &mnt, "");
+    let lo = Attached::new(&pool, "a:private", "");
+    write_dev(&lo.path(), 0, &pattern(3, 4096));
+    m.kill_daemon();
+    let _dead = m.dead();
+    // The device writes on while no daemon runs.
+    write_dev(&lo.path(), 8192, &pattern(4, 4096));
+    // Recovery (an offline open) finds it attached: not committed under the
+    // device, not held.
+    let info = rf_json(&pool, "volume info a:private");
+    assert_eq!(info["state"], "running", "{info}");
+    assert!(rf_json(&pool, "pool check").as_array().unwrap().is_empty());
+    assert_eq!(revisions_of(&pool, "a:private"), 0);
+    drop(_dead);
+    let m = Mounted::mount(&pool, &mnt, "");
+    write_dev(&lo.path(), 16384, &pattern(5, 4096));
+    let stop = lo.detach(&pool, "a:private");
+    assert!(stop.starts_with("committed"), "{stop}");
+    let v = vid("appvms/a/private");
+    for (off, tag) in [(0, 3), (8192, 4), (16384, 5)] {
+        assert_eq!(
+            read_committed(&pool, &v, off, 4096),
+            pattern(tag, 4096),
+            "at {off}"
+        );
+    }
+    m.unmount();
+}
+
+#[test]
+fn a_resize_of_an_attached_volume_reaches_its_device() {
+    if !require(&["losetup", "blockdev"]) {
+        return;
+    }
+    let pool = pool_with("attach-resize", &["appvms/a/private"]);
+    let lo = Attached::new(&pool, "a:private", "");
+    rf_ok(&pool, "volume resize a:private 32M");
+    let size = run_ok(Command::new("blockdev").arg("--getsize64").arg(&lo.dev));
+    assert_eq!(size.trim().parse::<u64>().unwrap(), 32 * MIB);
+    write_dev(&lo.path(), 32 * MIB - 4096, &pattern(6, 4096));
+    lo.detach(&pool, "a:private");
+    assert_eq!(rf_json(&pool, "volume info a:private")["size"], 32 * MIB);
+    assert_eq!(
+        read_committed(&pool, &vid("appvms/a/private"), 32 * MIB - 4096, 4096),
+        pattern(6, 4096)
+    );
+}
+
+#[test]
+fn two_volumes_attached_at_once_commit_each_its_own() {
+    if !require(&["losetup"]) {
+        return;
+    }
+    let pool = pool_with("attach-two", &["appvms/a/private", "appvms/b/private"]);
+    let (a, b) = (
+        Attached::new(&pool, "a:private", ""),
+        Attached::new(&pool, "b:private", "--direct-io=off"),
+    );
+    assert_ne!(a.dev, b.dev);
+    assert_eq!(
+        rf_json(&pool, "status")["attached"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    write_dev(&a.path(), 0, &pattern(7, 4096));
+    write_dev(&b.path(), 0, &pattern(8, 4096));
+    assert_eq!(read_dev(&a.path(), 0, 4096), pattern(7, 4096));
+    b.detach(&pool, "b:private");
+    a.detach(&pool, "a:private");
+    assert_eq!(
+        read_committed(&pool, &vid("appvms/a/private"), 0, 4096),
+        pattern(7, 4096)
+    );
+    assert_eq!(
+        read_committed(&pool, &vid("appvms/b/private"), 0, 4096),
+        pattern(8, 4096)
+    );
+}
+
+#[test]
+fn attach_refusals_change_nothing() {
+    if !require(&["losetup"]) {
+        return;
+    }
+    let (p, pool) = new_pool(&xfs(), "attach-refused");
+    create_origin(&p, "appvms/a/private", 16 * MIB);
+    let ro = create_origin(&p, "appvms/a/kernel", 16 * MIB);
+    p.set(&ro, reflinkfs::engine::Property::Rw(false)).unwrap();
+    drop(p);
+    rf_fails(&pool, "volume detach a:private", ErrorClass::Refused);
+    let lo = Attached::new(&pool, "a:private", "");
+    let err = rf_fails(&pool, "volume attach a:private", ErrorClass::Busy);
+    assert!(err.contains(&lo.dev), "names the device it has: {err}");
+    rf_fails(&pool, "volume attach a:kernel", ErrorClass::Refused);
+    let kernel = Attached::new(&pool, "a:kernel", "--read-only");
+    let n = kernel.dev.trim_start_matches("/dev/loop");
+    let ro = std::fs::read_to_string(format!("/sys/block/loop{n}/ro")).unwrap();
+    assert_eq!(ro.trim(), "1", "a read-only device");
+    kernel.detach(&pool, "a:kernel");
+    lo.detach(&pool, "a:private");
+    assert_eq!(
+        revisions_of(&pool, "a:private"),
+        0,
+        "nothing written, nothing committed"
+    );
+}
+
+#[test]
+fn qemus_probe_opens_make_one_start_per_launch() {
+    if !require(&["qemu-io"]) {
+        return;
+    }
+    let (p, pool) = new_pool(&xfs(), "linger");
+    let tpl = create_origin(&p, "vm-templates/t/root", 16 * MIB);
+    create_kind(
+        &p,
+        "appvms/disp/root",
+        16 * MIB,
+        reflinkfs::engine::NewKind::SnapshotOf(tpl),
+    );
+    create_origin(&p, "appvms/a/private", 16 * MIB);
+    drop(p);
+    let m = Mounted::mount(&pool, &pool.parent().unwrap().join("mnt"), "");
+    let starts = || m.root_counter("starts");
+    for (rel, cmd) in [
+        ("appvms/disp/root-dirty.img", "read 0 64k"),
+        ("appvms/a/private-dirty.img", "write -P 9 0 64k"),
+    ] {
+        let before = starts();
+        // qemu opens the image several times as it starts, the first time
+        // to probe it (O_RDONLY|O_NONBLOCK).
+        run_ok(
+            Command::new("qemu-io")
+                .args(["-f", "raw", "-c", cmd])
+                .arg(m.path(rel)),
+        );
+        assert_eq!(starts() - before, 1, "{rel}: one start for one launch");
+        m.wait_stopped(rel);
+    }
+    assert_eq!(
+        revisions_of(&pool, "a:private"),
+        1,
+        "the write committed once"
+    );
+    // A plain read-only open and close, then a write open within the
+    // linger: one run.
+    let before = starts();
+    drop(File::open(m.path("appvms/a/private-dirty.img")).unwrap());
+    m.write_and_close("appvms/a/private-dirty.img", 0, &pattern(1, 4096));
+    assert_eq!(starts() - before, 1);
+    // An explicit stop does not wait for the linger.
+    drop(File::open(m.path("appvms/a/private-dirty.img")).unwrap());
+    rf_ok(&pool, "volume revert a:private");
+    m.unmount();
+}
