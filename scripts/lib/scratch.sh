@@ -64,14 +64,16 @@ scratch_cleanup() {
 # in CI, which starts on a fresh machine).
 install_packages() {
     local need=0 tool
-    for tool in mkfs.xfs mkfs.btrfs mkfs.ext4 losetup fusermount3 fio fsck.ext4 debugfs setfattr runuser fallocate qemu-io; do
+    for tool in mkfs.xfs mkfs.btrfs mkfs.ext4 losetup fusermount3 fio fsck.ext4 debugfs setfattr runuser fallocate qemu-io qemu-system-x86_64 busybox; do
         command -v "$tool" >/dev/null 2>&1 || need=1
     done
     # The Qubes driver's tests run on Debian's own Python, as dom0's would.
     /usr/bin/python3 -m pytest --version >/dev/null 2>&1 || need=1
     if [ "$need" = 1 ] || [ "${CI:-}" = true ]; then
         export DEBIAN_FRONTEND=noninteractive
-        local pkgs="xfsprogs btrfs-progs e2fsprogs util-linux fuse3 fio attr qemu-utils python3 python3-pytest"
+        # qemu-system-x86 and busybox-static: the real VMs of tests/vm
+        # (tests/vm/build-guest fetches the guest's kernel package itself).
+        local pkgs="xfsprogs btrfs-progs e2fsprogs util-linux fuse3 fio attr qemu-utils python3 python3-pytest qemu-system-x86 busybox-static"
         echo "apt-get install: $pkgs"
         apt-get update -qq
         # shellcheck disable=SC2086
