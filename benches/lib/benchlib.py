@@ -51,6 +51,7 @@ PATHS = [
     "loop-daemon",
     "loop-qsd",
     "attach",
+    "attach-daemon",
 ]
 PATH_LABEL = {
     "native": "(a) native file",
@@ -62,6 +63,7 @@ PATH_LABEL = {
     "loop-daemon": "(e) loop over (c)",
     "loop-qsd": "(e) loop over (d)",
     "attach": "(f) volume attach (a loop device on the image)",
+    "attach-daemon": "(f) volume attach, pool mounted passthrough=off",
 }
 
 
@@ -74,7 +76,7 @@ def direction(job):
 
 
 def baseline(path):
-    return "loop-native" if path.startswith("loop-") or path == "attach" else "native"
+    return "loop-native" if path.startswith(("loop-", "attach")) else "native"
 
 
 # ---------------------------------------------------------------- proc
@@ -583,6 +585,8 @@ def evaluate_targets(results, jobs, paths, snaps):
                  "(e) loop over passthrough >= 0.95x loop over native on every job")
     ratio_target("f", "attach", "loop-native", "ratio", 0.95,
                  "(f) volume attach >= 0.95x loop over native on every job, trim included")
+    ratio_target("fd", "attach-daemon", "loop-native", "ratio", 0.95,
+                 "(f) volume attach, passthrough=off pool, >= 0.95x loop over native on every job")
     ratio_target("c", "daemon", "qsd", "ratio_vs_qsd", 1.0,
                  "(c) passthrough=off >= qemu-storage-daemon (d) on every job")
     ratio_target("ce", "loop-daemon", "loop-qsd", "ratio_vs_qsd", 1.0,

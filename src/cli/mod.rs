@@ -339,12 +339,14 @@ fn run_volume(cmd: VolumeCommand) -> Result<ExitCode> {
             vid,
             read_only,
             direct_io,
+            block_size,
             json,
         } => {
             let req = Request::VolumeAttach {
                 vid,
                 read_only,
                 direct_io: Some(direct_io == "on"),
+                block_size: block_size.parse().ok(),
             };
             dispatch(&pool.pool, req, None, json.json)
         }

@@ -211,11 +211,15 @@ fn attached(s: &mut String, v: &Status) {
     ));
     for a in &v.attached {
         s.push_str(&format!(
-            "  {}  {}{}{}\n",
+            "  {}  {}{}{}{}\n",
             a.vid,
             a.device,
             if a.read_only { ", read-only" } else { "" },
-            if a.direct_io { ", direct I/O" } else { "" }
+            if a.direct_io { ", direct I/O" } else { "" },
+            a.block_size
+                .filter(|&b| b != 512)
+                .map(|b| format!(", {b}-byte blocks"))
+                .unwrap_or_default()
         ));
     }
 }

@@ -139,9 +139,15 @@ pub fn execute(
             vid,
             read_only,
             direct_io,
+            block_size,
         } => {
             let vid = vid_of(pool, &vid)?;
-            let a = pool.attach(&vid, read_only, direct_io.unwrap_or(true))?;
+            let a = pool.attach(
+                &vid,
+                read_only,
+                direct_io.unwrap_or(true),
+                block_size.unwrap_or(512),
+            )?;
             Response::Attached(AttachedVolume::of(pool, &vid, a))
         }
         Request::VolumeDetach {

@@ -137,6 +137,11 @@ pub enum Request {
         /// Default: on.
         #[serde(default)]
         direct_io: Option<bool>,
+        /// The device's logical block size: 512 (the default, what
+        /// a disk image is laid out for) or 4096 (needed for direct I/O
+        /// on XFS and btrfs).
+        #[serde(default)]
+        block_size: Option<u32>,
     },
     /// (1.2) Removes it, waits until the kernel let go of the file (up to
     /// `timeout_ms`, default 30 s), and stops the volume when nothing else
@@ -327,6 +332,10 @@ pub struct AttachedVolume {
     pub read_only: bool,
     /// Whether the device does direct I/O (the kernel may refuse it).
     pub direct_io: bool,
+    /// Its logical block size (512 unless asked for 4096). A consumer must
+    /// use it (Xen's blkback does; give qemu `logical_block_size=`).
+    #[serde(default)]
+    pub block_size: Option<u32>,
 }
 
 impl AttachedVolume {
@@ -346,6 +355,7 @@ impl AttachedVolume {
                 .to_string(),
             read_only: a.read_only,
             direct_io: a.direct_io,
+            block_size: crate::sys::loop_block_size(a.number),
         }
     }
 }

@@ -42,10 +42,24 @@ fn busy(vid: &ValidVid, reason: String) -> Error {
 
 impl Pool {
     /// Puts a loop device on `vid`'s dirty image, starting the volume if it
-    /// is stopped. Direct I/O as asked (the kernel may refuse it for the
-    /// file; the result says what it does), no autoclear. Refused when the
-    /// volume is already attached, or read-only and `read_only` is false.
-    pub fn attach(&self, vid: &ValidVid, read_only: bool, direct_io: bool) -> Result<AttachedLoop> {
+    /// is stopped. Logical blocks of `block_size` bytes (512 or 4096),
+    /// direct I/O as asked (the kernel runs buffered where the file needs
+    /// a larger alignment than the blocks; the result says what it does),
+    /// no autoclear. Refused when the volume is already attached, or
+    /// read-only and `read_only` is false.
+    pub fn attach(
+        &self,
+        vid: &ValidVid,
+        read_only: bool,
+        direct_io: bool,
+        block_size: u32,
+    ) -> Result<AttachedLoop> {
+        if block_size != 512 && block_size != 4096 {
+            return Err(Error::InvalidValue {
+                property: "block size".into(),
+                reason: format!("{block_size}: a loop device's blocks are 512 or 4096 bytes"),
+            });
+        }
         let vol = self.volume(vid)?;
         if let Some(a) = vol.snapshot().attached {
             return Err(busy(
@@ -54,7 +68,7 @@ impl Pool {
             ));
         }
         let lease = self.acquire(vid, !read_only, &|_| None)?;
-        let number = match sys::loop_attach(lease.file.as_fd(), read_only, direct_io) {
+        let number = match sys::loop_attach(lease.file.as_fd(), read_only, direct_io, block_size) {
             Ok(n) => n,
             Err(e) => {
                 self.give_back(lease);
@@ -76,13 +90,15 @@ impl Pool {
         }
         self.record_attached(&vol, Some(attached))?;
         log::info!(
-            "{vid}: attached as {}{}{}",
+            "{vid}: attached as {}{}, {block_size}-byte blocks, {}",
             attached.device().display(),
             if read_only { ", read-only" } else { "" },
-            if attached.direct_io {
-                ", direct I/O"
-            } else {
-                ""
+            match (direct_io, attached.direct_io) {
+                (_, true) => "direct I/O",
+                (true, false) => {
+                    "buffered I/O (direct I/O on this file needs larger blocks: --block-size 4096)"
+                }
+                (false, false) => "buffered I/O",
             }
         );
         vol.changed();

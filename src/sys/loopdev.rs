@@ -81,10 +81,17 @@ fn open_dev(path: &Path, flags: libc::c_int) -> io::Result<OwnedFd> {
 }
 
 /// Binds a free loop device to `file` (its open descriptor, so no path is
-/// resolved), direct I/O and read-only as asked, without autoclear; gives
-/// the device's number. Retries when another process takes the free
-/// device first.
-pub fn loop_attach(file: BorrowedFd<'_>, read_only: bool, direct_io: bool) -> io::Result<u32> {
+/// resolved), with logical blocks of `block_size` bytes, direct I/O and
+/// read-only as asked, without autoclear; gives the device's number. The
+/// kernel runs buffered where direct I/O would need a larger alignment
+/// than `block_size` (XFS and btrfs want 4096). Retries when another
+/// process takes the free device first.
+pub fn loop_attach(
+    file: BorrowedFd<'_>,
+    read_only: bool,
+    direct_io: bool,
+    block_size: u32,
+) -> io::Result<u32> {
     let control = open_dev(Path::new("/dev/loop-control"), libc::O_RDWR)?;
     let mut last = io::Error::from_raw_os_error(libc::EBUSY);
     for _ in 0..32 {
@@ -102,7 +109,7 @@ pub fn loop_attach(file: BorrowedFd<'_>, read_only: bool, direct_io: bool) -> io
             | if direct_io { LO_FLAGS_DIRECT_IO } else { 0 };
         let config = LoopConfig {
             fd: file.as_raw_fd() as u32,
-            block_size: 0,
+            block_size,
             info,
             reserved: [0; 8],
         };
@@ -170,6 +177,15 @@ pub fn loop_bound(n: u32) -> bool {
 /// Whether loop device `n` does direct I/O, per sysfs.
 pub fn loop_direct_io(n: u32) -> bool {
     std::fs::read_to_string(format!("/sys/block/loop{n}/loop/dio")).is_ok_and(|s| s.trim() == "1")
+}
+
+/// The logical block size of loop device `n`, per sysfs.
+pub fn loop_block_size(n: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/sys/block/loop{n}/queue/logical_block_size"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// The `major:minor` of loop device `n`.

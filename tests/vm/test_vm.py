@@ -66,10 +66,6 @@ def host(request):
 
 @pytest.fixture(params=sorted(vmlib.DISK_PATHS))
 def disk(request, host):
-    if request.param == "attach" and not vmlib.attach_supported():
-        request.applymarker(pytest.mark.xfail(
-            strict=False,
-            reason="`reflinkfs volume attach` does not exist yet (issue 13, being added)"))
     return vmlib.DISK_PATHS[request.param](host.pool, host.cleanup)
 
 
