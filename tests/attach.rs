@@ -374,6 +374,15 @@ fn the_device_keeps_512_byte_blocks_unless_asked_for_4096() {
         out["direct_io"], true,
         "XFS does direct I/O with 4096-byte blocks: {out}"
     );
+    // Its last block would be partial: refused, nothing changes.
+    let odd = 16 * MIB + 512;
+    let err = rf_fails(
+        &pool,
+        format!("volume resize a:private {odd}").as_str(),
+        ErrorClass::Refused,
+    );
+    assert!(err.contains(&lo.dev) && err.contains("4096"), "{err}");
+    assert_eq!(rf_json(&pool, "volume info a:private")["size"], 16 * MIB);
     lo.detach(&pool, "a:private");
     let lo = Attached::new(&pool, "a:private", "--direct-io=off");
     let fsck = Command::new("e2fsck")
@@ -387,6 +396,19 @@ fn the_device_keeps_512_byte_blocks_unless_asked_for_4096() {
         String::from_utf8_lossy(&fsck.stderr)
     );
     lo.detach(&pool, "a:private");
+    // A size with a partial 4096-byte block cannot be attached so.
+    rf_ok(&pool, format!("volume resize a:private {odd}").as_str());
+    let err = rf_fails(
+        &pool,
+        "volume attach a:private --block-size 4096",
+        ErrorClass::Refused,
+    );
+    assert!(err.contains("not a multiple of 4096"), "{err}");
+    assert_eq!(rf_json(&pool, "volume info a:private")["state"], "stopped");
+    assert!(rf_json(&pool, "status")["attached"]
+        .as_array()
+        .unwrap()
+        .is_empty());
     // A size the loop driver does not take is refused, and changes nothing.
     let out = rf(
         &pool,

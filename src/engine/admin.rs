@@ -378,6 +378,19 @@ impl Pool {
             ));
         }
         if let Some(limit) = running {
+            let attached = claim.lock().run().and_then(|r| r.attached);
+            let block = attached.and_then(|a| sys::loop_block_size(a.number));
+            if let (Some(a), Some(b)) = (attached, block) {
+                if size % u64::from(b) != 0 {
+                    return Err(refused(
+                        vid,
+                        format!(
+                            "it is attached as {} with {b}-byte blocks, and {size} bytes is not a multiple of {b}",
+                            a.device().display()
+                        ),
+                    ));
+                }
+            }
             let f = open_image(&dir, vid, &n.dirty(), libc::O_RDWR)?;
             sys::ftruncate(f.as_fd(), size).map_err(io_ctx(&dir, "resizing", &n.dirty()))?;
             sys::fsync(f.as_fd()).map_err(io_ctx(&dir, "syncing", &n.dirty()))?;
@@ -387,7 +400,6 @@ impl Pool {
             );
             limit.store(size, std::sync::atomic::Ordering::SeqCst);
             // The loop device of `volume attach` reads the new size now.
-            let attached = claim.lock().run().and_then(|r| r.attached);
             if let Some(a) = attached {
                 let dev =
                     std::fs::File::open(a.device()).and_then(|d| sys::loop_set_capacity(d.as_fd()));

@@ -68,6 +68,18 @@ impl Pool {
             ));
         }
         let lease = self.acquire(vid, !read_only, &|_| None)?;
+        // A device of 4096-byte blocks cannot reach a last partial block.
+        let size = lease.file.metadata().map(|m| m.len()).unwrap_or(0);
+        if size % u64::from(block_size) != 0 {
+            self.give_back(lease);
+            return Err(refused(
+                vid,
+                format!(
+                    "its size, {size} bytes, is not a multiple of {block_size}: \
+                     attach it with 512-byte blocks, or resize it first"
+                ),
+            ));
+        }
         let number = match sys::loop_attach(lease.file.as_fd(), read_only, direct_io, block_size) {
             Ok(n) => n,
             Err(e) => {
