@@ -105,12 +105,13 @@ impl Pool {
             "{vid}: attached as {}{}, {block_size}-byte blocks, {}",
             attached.device().display(),
             if read_only { ", read-only" } else { "" },
-            match (direct_io, attached.direct_io) {
-                (_, true) => "direct I/O",
-                (true, false) => {
+            match (direct_io, attached.direct_io, block_size) {
+                (_, true, _) => "direct I/O",
+                (true, false, 512) => {
                     "buffered I/O (direct I/O on this file needs larger blocks: --block-size 4096)"
                 }
-                (false, false) => "buffered I/O",
+                (true, false, _) => "buffered I/O (the kernel refused direct I/O on this file)",
+                (false, false, _) => "buffered I/O",
             }
         );
         vol.changed();
