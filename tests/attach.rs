@@ -18,6 +18,8 @@ use std::process::Command;
 /// the test did not detach it, so a failing test leaves none behind.
 struct Attached {
     dev: String,
+    /// The dirty image it was given, as the kernel names it in sysfs.
+    backing: String,
     done: bool,
 }
 
@@ -40,7 +42,15 @@ impl Attached {
             out["major"].as_u64().is_some() && out["minor"].as_u64().is_some(),
             "{out}"
         );
-        Attached { dev, done: false }
+        Attached::from_json(&out)
+    }
+
+    fn from_json(out: &serde_json::Value) -> Attached {
+        Attached {
+            dev: out["device"].as_str().unwrap().to_owned(),
+            backing: out["backing"].as_str().unwrap().to_owned(),
+            done: false,
+        }
     }
 
     fn path(&self) -> PathBuf {
@@ -52,9 +62,10 @@ impl Attached {
         let out = rf_json(pool, format!("volume detach {vid}").as_str());
         self.done = true;
         assert!(
-            !is_bound(&self.dev),
-            "{} still bound after detach",
-            self.dev
+            !is_bound_to(&self.dev, &self.backing),
+            "{} still bound to {} after detach",
+            self.dev,
+            self.backing
         );
         out["stop"].as_str().unwrap_or("").to_owned()
     }
@@ -68,9 +79,12 @@ impl Drop for Attached {
     }
 }
 
-fn is_bound(dev: &str) -> bool {
+/// Whether `dev` is bound to `backing`. Only that: once detached, its
+/// number may at once go to a device another test attaches.
+fn is_bound_to(dev: &str, backing: &str) -> bool {
     let n = dev.trim_start_matches("/dev/loop");
-    Path::new(&format!("/sys/block/loop{n}/loop/backing_file")).exists()
+    std::fs::read_to_string(format!("/sys/block/loop{n}/loop/backing_file"))
+        .is_ok_and(|b| b.trim_end_matches('\n') == backing)
 }
 
 fn write_dev(dev: &Path, off: u64, data: &[u8]) {
@@ -159,7 +173,7 @@ fn an_attached_volume_shares_its_run_with_the_mount_and_is_refused_while_in_use(
     let _mounted = BlockMount::mount(&lo.dev, &guest);
     let err = rf_fails(&pool, "volume detach a:private", ErrorClass::Busy);
     assert!(err.contains(&lo.dev) && err.contains("--force"), "{err}");
-    assert!(is_bound(&lo.dev));
+    assert!(is_bound_to(&lo.dev, &lo.backing));
     _mounted.unmount();
     // The mount does not keep an attached volume: it stays after unmount,
     // and the next mount finds it running.
@@ -365,10 +379,7 @@ fn the_device_keeps_512_byte_blocks_unless_asked_for_4096() {
     // Asked for 4096: direct I/O on XFS. The 1 KiB-block file system
     // cannot be used on such a device; back on 512 it is intact.
     let out = rf_json(&pool, "volume attach a:private --block-size 4096");
-    let lo = Attached {
-        dev: out["device"].as_str().unwrap().to_owned(),
-        done: false,
-    };
+    let lo = Attached::from_json(&out);
     assert_eq!(out["block_size"], 4096, "{out}");
     assert_eq!(
         out["direct_io"], true,
@@ -416,4 +427,63 @@ fn the_device_keeps_512_byte_blocks_unless_asked_for_4096() {
     );
     assert_eq!(out.status.code(), Some(2), "a usage error: {}", show(&out));
     assert_eq!(rf_json(&pool, "volume info a:private")["state"], "stopped");
+}
+
+#[test]
+fn a_detach_never_touches_a_device_that_is_no_longer_the_volumes() {
+    if !require(&["losetup"]) {
+        return;
+    }
+    let pool = pool_with("attach-reused", &["appvms/a/private"]);
+    // Mounted: the daemon keeps the attachment (offline, the next
+    // command's recovery would find the device gone and clear it).
+    let _m = Mounted::mount(&pool, &pool.parent().unwrap().join("mnt"), "");
+    let mut lo = Attached::new(&pool, "a:private", "");
+    write_dev(&lo.path(), 0, &pattern(3, 4096));
+    // An administrator detaches it by hand, and the number goes to
+    // another disk at once.
+    run_ok(Command::new("losetup").arg("-d").arg(&lo.dev));
+    lo.done = true;
+    let n = lo.dev.trim_start_matches("/dev/loop").to_owned();
+    let sysfs = format!("/sys/block/loop{n}/loop/backing_file");
+    wait_for("the hand-made detach", 30, || !Path::new(&sysfs).exists());
+    let other = pool.parent().unwrap().join("other.img");
+    std::fs::write(&other, vec![0u8; MIB as usize]).unwrap();
+    // Tests run in parallel: another may take the number first; then wait
+    // for it to be free again.
+    wait_for("the device to take the other disk", 30, || {
+        Command::new("losetup")
+            .arg(&lo.dev)
+            .arg(&other)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    });
+    let theirs = Theirs {
+        dev: lo.dev.clone(),
+    };
+    let out = rf_json(&pool, "volume detach a:private");
+    assert!(
+        out["stop"].as_str().unwrap_or("").starts_with("committed"),
+        "{out}"
+    );
+    let backing = std::fs::read_to_string(&sysfs).expect("the other disk is still attached");
+    assert_eq!(backing.trim_end(), other.to_str().unwrap());
+    drop(theirs);
+    assert_eq!(
+        read_committed(&pool, &vid("appvms/a/private"), 0, 4096),
+        pattern(3, 4096)
+    );
+}
+
+/// A loop device the test made itself; `losetup -d` on drop.
+struct Theirs {
+    dev: String,
+}
+
+impl Drop for Theirs {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
 }

@@ -33,6 +33,19 @@ pub struct Detached {
     pub stop: Option<StopOutcome>,
 }
 
+/// Whether loop device `n` still has the file `(dev, ino)`. A device being
+/// torn down (the kernel no longer answers for it, but sysfs still names a
+/// file) counts as still having it: the kernel has not let go yet.
+fn loop_on(n: u32, (dev, ino): (u64, u64)) -> bool {
+    if sys::loop_backing_path(n).is_none() {
+        return false;
+    }
+    match sys::loop_backing(n) {
+        Ok(Some(b)) => b.dev == dev && b.ino == ino,
+        Ok(None) | Err(_) => true,
+    }
+}
+
 fn busy(vid: &ValidVid, reason: String) -> Error {
     Error::Busy {
         vid: vid.to_string(),
@@ -133,6 +146,18 @@ impl Pool {
             )
         })?;
         let dev = attached.device();
+        // The device must still be on this volume's image: after a
+        // `losetup -d` by hand its number may already be another's disk,
+        // which a detach must never touch.
+        let image = self.dirty_identity(&vol)?;
+        let on_ours = || loop_on(attached.number, image);
+        if !on_ours() {
+            log::warn!(
+                "{vid}: its loop device {} is no longer on its dirty image (detached outside reflinkfs?); releasing the attachment",
+                dev.display()
+            );
+            return self.release_attachment(vid, &vol, attached);
+        }
         if !force {
             let mut users: Vec<String> = sys::processes_using(&dev)
                 .into_iter()
@@ -163,7 +188,9 @@ impl Pool {
         sys::loop_detach(attached.number)
             .map_err(|e| Error::io(format!("{vid}: detaching {}", dev.display()), e))?;
         let end = Instant::now() + wait;
-        while sys::loop_bound(attached.number) {
+        // Until the kernel has let go of the image; once it has, the
+        // number may at once go to another attach (then it is not ours).
+        while on_ours() {
             if Instant::now() >= end {
                 return Err(busy(
                     vid,
@@ -177,6 +204,31 @@ impl Pool {
             std::thread::sleep(Duration::from_millis(20));
         }
         log::info!("{vid}: detached {}", dev.display());
+        self.release_attachment(vid, &vol, attached)
+    }
+
+    /// `(st_dev, st_ino)` of the volume's running dirty image.
+    fn dirty_identity(&self, vol: &Volume) -> Result<(u64, u64)> {
+        let vid = &vol.vid;
+        let dirty = Names::of(vid).dirty();
+        let file = vol.lock().run().and_then(|r| r.file.clone());
+        let dir = self.vm_dir(vid, false)?;
+        let st = match file {
+            Some(f) => sys::fstat(f.as_fd()),
+            None => sys::fstat(open_image(&dir, vid, &dirty, libc::O_RDONLY)?.as_fd()),
+        }
+        .map_err(io_ctx(&dir, "examining", &dirty))?;
+        Ok((st.st_dev, st.st_ino))
+    }
+
+    /// Gives back the lease of a loop device the kernel no longer has on
+    /// the image; when it was the last, the volume stops.
+    fn release_attachment(
+        &self,
+        vid: &ValidVid,
+        vol: &Arc<Volume>,
+        attached: AttachedLoop,
+    ) -> Result<Detached> {
         let pending = {
             let mut life = vol.lock();
             match life.run_mut() {
@@ -188,7 +240,7 @@ impl Pool {
                 _ => false,
             }
         };
-        self.record_attached(&vol, None)?;
+        self.record_attached(vol, None)?;
         let stop = match pending {
             true => self.finish_stop(super::volume::PendingStop {
                 vid: vid.clone(),

@@ -168,10 +168,13 @@ pub fn block_claimed(path: &Path) -> bool {
     )
 }
 
-/// Whether loop device `n` still has a backing file, per sysfs (gone once
-/// the kernel has really let go of it).
-pub fn loop_bound(n: u32) -> bool {
-    Path::new(&format!("/sys/block/loop{n}/loop/backing_file")).exists()
+/// The backing file of loop device `n` as sysfs names it; `None` once the
+/// kernel has really let go of it (also while the device is being torn
+/// down, sysfs keeps the name until then).
+pub fn loop_backing_path(n: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/sys/block/loop{n}/loop/backing_file"))
+        .ok()
+        .map(|s| s.trim_end_matches('\n').to_owned())
 }
 
 /// Whether loop device `n` does direct I/O, per sysfs.

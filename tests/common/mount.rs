@@ -334,6 +334,8 @@ impl Drop for Aligned {
 /// A loop device attached to a file. Detached on drop.
 pub struct Loop {
     pub dev: String,
+    /// The file, as the kernel names it in sysfs.
+    backing: String,
     done: bool,
 }
 
@@ -349,17 +351,28 @@ impl Loop {
         }
         cmd.arg(file);
         let dev = run_ok(&mut cmd).trim().to_owned();
-        Loop { dev, done: false }
+        let backing = std::fs::canonicalize(file)
+            .unwrap_or_else(|_| file.to_owned())
+            .to_string_lossy()
+            .into_owned();
+        Loop {
+            dev,
+            backing,
+            done: false,
+        }
     }
 
     pub fn detach(mut self) {
         run_ok(Command::new("losetup").args(["-d", &self.dev]));
         self.done = true;
         // losetup -d is asynchronous: wait until the device lets go of the
-        // file, so that the volume's last release follows.
+        // file, so that the volume's last release follows. Once it has, its
+        // number may at once go to another test's device: wait for it to
+        // be bound to something else than this file, not for it to be free.
         let name = self.dev.trim_start_matches("/dev/").to_owned();
         wait_for(&format!("{} to detach", self.dev), 30, || {
-            std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).is_err()
+            std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
+                .map_or(true, |b| b.trim_end_matches('\n') != self.backing)
         });
     }
 }
