@@ -223,7 +223,15 @@ fn recovery_cuts_back_a_dirty_image_grown_past_the_end() {
 struct LoopWriter {
     stop: Arc<AtomicBool>,
     writes: Arc<std::sync::atomic::AtomicU64>,
-    thread: std::thread::JoinHandle<BTreeMap<u64, Vec<u8>>>,
+    thread: Option<std::thread::JoinHandle<BTreeMap<u64, Vec<u8>>>>,
+}
+
+/// A test that fails midway still stops the writer, so its loop device
+/// can go.
+impl Drop for LoopWriter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
 }
 
 impl LoopWriter {
@@ -255,7 +263,7 @@ impl LoopWriter {
         LoopWriter {
             stop,
             writes,
-            thread,
+            thread: Some(thread),
         }
     }
 
@@ -263,9 +271,9 @@ impl LoopWriter {
         self.writes.load(Ordering::SeqCst)
     }
 
-    fn finish(self) -> BTreeMap<u64, Vec<u8>> {
+    fn finish(mut self) -> BTreeMap<u64, Vec<u8>> {
         self.stop.store(true, Ordering::SeqCst);
-        self.thread.join().unwrap()
+        self.thread.take().unwrap().join().unwrap()
     }
 }
 

@@ -740,6 +740,14 @@ fn an_import_written_in_place_commits_or_drops_and_changes_nothing_else() {
     let r = end(true);
     assert_eq!(r["error"]["kind"], "invalid-input", "{r}");
     assert_eq!(sha256(&pool.join("appvms/a/private.img")), want);
+    // Replaced by a rename, with the right size: refused all the same.
+    let path = begin(8 * MIB);
+    let new = path.with_extension("new");
+    std::fs::write(&new, pattern(9, 8 * MIB as usize)).unwrap();
+    std::fs::rename(&new, &path).unwrap();
+    let r = end(true);
+    assert_eq!(r["error"]["kind"], "invalid-input", "{r}");
+    assert_eq!(sha256(&pool.join("appvms/a/private.img")), want);
     // An end without a begin.
     assert_eq!(end(true)["error"]["kind"], "refused");
     assert_eq!(rf_json(&pool, "volume info a:private")["state"], "stopped");

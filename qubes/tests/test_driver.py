@@ -132,13 +132,16 @@ def test_a_stop_that_waits_in_vain_names_what_holds_the_volume(host):
     holder = None
     if host.mode == "attach":
         holder = subprocess.Popen(["sleep", "60"], stdin=open(dev, "rb"))
-    with pytest.raises(qubes.storage.StoragePoolException) as e:
-        host.run(vol.stop())
-    assert ("sleep (PID {})".format(holder.pid) if holder else dev) in str(e.value)
-    assert "\n" not in str(e.value)
-    if holder:
-        holder.kill()
-        holder.wait()
+    try:
+        with pytest.raises(qubes.storage.StoragePoolException) as e:
+            host.run(vol.stop())
+        assert ("sleep (PID {})".format(holder.pid) if holder else dev) in str(e.value)
+        assert "\n" not in str(e.value)
+    finally:
+        # A failed assertion must not leave the device held for the cleanup.
+        if holder:
+            holder.kill()
+            holder.wait()
     host.detach(dev)
     host.run(vol.stop())
     assert not vol.is_dirty()

@@ -16,7 +16,7 @@ use args::{Cli, Command, PoolCommand, VolumeCommand};
 use clap::Parser;
 use std::fs::File;
 use std::os::fd::AsFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// Parses an optional `revisions_to_keep` given as text.
@@ -390,10 +390,14 @@ fn import_progress(
         .filter(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG)
         .map(|st| st.st_blocks as u64 * 512)
         .or(size);
-    let target = volume_info(pool, vid)
-        .ok()?
-        .image
-        .replace(".img", "-import.img");
+    // N.img -> N-import.img, in the file name only (a directory of the
+    // pool's path may have ".img" in it too).
+    let image = PathBuf::from(volume_info(pool, vid).ok()?.image);
+    let stem = image.file_name()?.to_str()?.strip_suffix(".img")?;
+    let target = image
+        .with_file_name(format!("{stem}-import.img"))
+        .display()
+        .to_string();
     let label = format!("importing {}", file.display());
     Some(progress::Progress::start(
         label,

@@ -20,6 +20,9 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// How long a reply may wait for a client that does not read it.
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Binds the socket (replacing a stale one: the caller holds the pool's
 /// lock, so no other daemon can be using it) and serves it on a thread.
 ///
@@ -79,6 +82,8 @@ pub fn remove(pool: &Pool) {
 fn send(stream: &mut UnixStream, reply: &Reply) {
     let mut line = serde_json::to_vec(reply).expect("replies serialise");
     line.push(b'\n');
+    // A client that stops reading must not keep this thread for ever.
+    let _ = stream.set_write_timeout(Some(SEND_TIMEOUT));
     if let Err(e) = stream.write_all(&line) {
         log::warn!("control: could not send the reply: {e}");
     }

@@ -234,11 +234,7 @@ fn serve(
         "mounted pool {} on {} (I/O mode: {}, {} threads{}{})",
         pool.path().display(),
         mnt.display(),
-        if fs.passthrough() {
-            "passthrough"
-        } else {
-            "daemon (pread/pwrite)"
-        },
+        fs.io_mode(),
         opts.threads,
         if opts.read_only { ", read-only" } else { "" },
         if opts.allow_other {

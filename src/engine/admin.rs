@@ -378,7 +378,13 @@ impl Pool {
             ));
         }
         if let Some(limit) = running {
-            let attached = claim.lock().run().and_then(|r| r.attached);
+            let f = open_image(&dir, vid, &n.dirty(), libc::O_RDWR)?;
+            let st = sys::fstat(f.as_fd()).map_err(io_ctx(&dir, "examining", &n.dirty()))?;
+            // Only a device still on this image (its number may be
+            // another disk's after a `losetup -d` by hand).
+            let recorded = claim.lock().run().and_then(|r| r.attached);
+            let attached =
+                recorded.filter(|a| super::attach::loop_on(a.number, (st.st_dev, st.st_ino)));
             let block = attached.and_then(|a| sys::loop_block_size(a.number));
             if let (Some(a), Some(b)) = (attached, block) {
                 if size % u64::from(b) != 0 {
@@ -391,7 +397,6 @@ impl Pool {
                     ));
                 }
             }
-            let f = open_image(&dir, vid, &n.dirty(), libc::O_RDWR)?;
             sys::ftruncate(f.as_fd(), size).map_err(io_ctx(&dir, "resizing", &n.dirty()))?;
             sys::fsync(f.as_fd()).map_err(io_ctx(&dir, "syncing", &n.dirty()))?;
             log::info!(

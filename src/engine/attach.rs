@@ -10,7 +10,7 @@
 //! that has exited (an offline CLI) is found running by the next open of
 //! the pool, never committed under the loop device.
 
-use super::admin::refused;
+use super::admin::{busy, refused};
 use super::config::AttachedLoop;
 use super::fsops::Dir;
 use super::lifecycle::{io_ctx, open_image, StopOutcome};
@@ -36,20 +36,13 @@ pub struct Detached {
 /// Whether loop device `n` still has the file `(dev, ino)`. A device being
 /// torn down (the kernel no longer answers for it, but sysfs still names a
 /// file) counts as still having it: the kernel has not let go yet.
-fn loop_on(n: u32, (dev, ino): (u64, u64)) -> bool {
+pub(super) fn loop_on(n: u32, (dev, ino): (u64, u64)) -> bool {
     if sys::loop_backing_path(n).is_none() {
         return false;
     }
     match sys::loop_backing(n) {
         Ok(Some(b)) => b.dev == dev && b.ino == ino,
         Ok(None) | Err(_) => true,
-    }
-}
-
-fn busy(vid: &ValidVid, reason: String) -> Error {
-    Error::Busy {
-        vid: vid.to_string(),
-        reason,
     }
 }
 
@@ -185,8 +178,14 @@ impl Pool {
                 ));
             }
         }
-        sys::loop_detach(attached.number)
+        let cleared = sys::loop_detach_if(attached.number, image)
             .map_err(|e| Error::io(format!("{vid}: detaching {}", dev.display()), e))?;
+        if !cleared {
+            log::warn!(
+                "{vid}: {} left its dirty image while being detached (detached outside reflinkfs?)",
+                dev.display()
+            );
+        }
         let end = Instant::now() + wait;
         // Until the kernel has let go of the image; once it has, the
         // number may at once go to another attach (then it is not ours).
@@ -240,7 +239,14 @@ impl Pool {
                 _ => false,
             }
         };
-        self.record_attached(vol, None)?;
+        // The device is gone: the stop must follow even if the record
+        // cannot be written (recovery clears a record whose device is gone).
+        if let Err(e) = self.record_attached(vol, None) {
+            log::error!(
+                "{vid}: clearing the record of {}: {e}",
+                attached.device().display()
+            );
+        }
         let stop = match pending {
             true => self.finish_stop(super::volume::PendingStop {
                 vid: vid.clone(),

@@ -502,7 +502,7 @@ impl Pool {
                                     ),
                                 });
                             }
-                            c.validate(&self.config()).map_err(|reason| {
+                            c.validate(&self.config.read()).map_err(|reason| {
                                 Error::CorruptMetadata {
                                     path: shown.clone(),
                                     reason,
@@ -579,7 +579,7 @@ impl Pool {
     /// Writes a volume's config atomically, after validating it.
     pub(crate) fn store_volume(&self, config: &VolumeConfig) -> Result<()> {
         config
-            .validate(&self.config())
+            .validate(&self.config.read())
             .map_err(|reason| Error::Refused {
                 vid: config.vid.to_string(),
                 reason,

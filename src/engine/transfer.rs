@@ -140,7 +140,7 @@ impl Pool {
         // A read-only pool's volumes are read-only for VMs; root fills
         // them (a kernel's images) by import, and there a volume's size
         // follows its image: without --size, the source's length.
-        let read_only_pool = self.config().read_only;
+        let read_only_pool = self.read_only();
         let (claim, cfg, dir) =
             self.claim_origin(vid, OpName::Import, "importing into it", !read_only_pool)?;
         let size = match size {
@@ -249,9 +249,23 @@ impl Pool {
             drop_it("its writer failed");
             return Ok(None);
         }
-        let len = sys::fstat(file.as_fd())
-            .map_err(io_ctx(&dir, "examining", &name))?
-            .st_size as u64;
+        let st = sys::fstat(file.as_fd()).map_err(io_ctx(&dir, "examining", &name))?;
+        // The commit renames by name: the name must still be this file.
+        let ours = super::fsops::FileSig::from_stat(&st);
+        let named = super::lifecycle::regular_entry(&dir, &vid, &name)
+            .ok()
+            .flatten();
+        if !named.is_some_and(|n| n.same_inode(&ours)) {
+            drop_it("it was replaced");
+            return Err(Error::InvalidValue {
+                property: "the import file".into(),
+                reason: format!(
+                    "{} was replaced instead of written in place, so nothing changed",
+                    path.display()
+                ),
+            });
+        }
+        let len = st.st_size as u64;
         if len != size {
             drop_it("its size changed");
             return Err(Error::InvalidSize {

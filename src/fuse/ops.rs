@@ -409,11 +409,7 @@ impl Filesystem for Adapter {
                     .enumerate()
                     .skip(offset as usize)
                 {
-                    let kind = match kind {
-                        Kind::Dir => FileType::Directory,
-                        Kind::File => FileType::RegularFile,
-                    };
-                    if reply.add(INodeNo(eino), (i + 1) as u64, kind, &name) {
+                    if reply.add(INodeNo(eino), (i + 1) as u64, super::file_type(kind), &name) {
                         break;
                     }
                 }
@@ -449,7 +445,7 @@ impl Filesystem for Adapter {
                         INodeNo(a.ino),
                         (i + 1) as u64,
                         &name,
-                        &self.attr_ttl(&a).min(self.entry_ttl(&a)),
+                        &self.attr_ttl(&a),
                         &self.attr(&a),
                         Generation(0),
                     );

@@ -126,8 +126,9 @@ pub fn loop_attach(
     Err(last)
 }
 
-/// What loop device `n` is bound to; `None` when it is free (or gone).
-pub fn loop_backing(n: u32) -> io::Result<Option<LoopBacking>> {
+/// Opens loop device `n` and asks what it is bound to: `None` when it is
+/// missing, free, or being torn down.
+fn open_bound(n: u32) -> io::Result<Option<(OwnedFd, LoopBacking)>> {
     let dev = match open_dev(&loop_path(n), libc::O_RDONLY) {
         Ok(d) => d,
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
@@ -137,14 +138,22 @@ pub fn loop_backing(n: u32) -> io::Result<Option<LoopBacking>> {
     // SAFETY: `info` is a writable loop_info64 the kernel fills.
     let r = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_GET_STATUS64 as _, &mut info) };
     match cvt(r) {
-        Ok(_) => Ok(Some(LoopBacking {
-            dev: info.lo_device,
-            ino: info.lo_inode,
-            read_only: info.lo_flags & LO_FLAGS_READ_ONLY != 0,
-        })),
+        Ok(_) => {
+            let backing = LoopBacking {
+                dev: info.lo_device,
+                ino: info.lo_inode,
+                read_only: info.lo_flags & LO_FLAGS_READ_ONLY != 0,
+            };
+            Ok(Some((dev, backing)))
+        }
         Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// What loop device `n` is bound to; `None` when it is free (or gone).
+pub fn loop_backing(n: u32) -> io::Result<Option<LoopBacking>> {
+    Ok(open_bound(n)?.map(|(_, b)| b))
 }
 
 /// Unbinds loop device `n` (`LOOP_CLR_FD`). On a device still open the
@@ -155,6 +164,23 @@ pub fn loop_detach(n: u32) -> io::Result<()> {
     match cvt(unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CLR_FD as _, 0) }) {
         Ok(_) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Unbinds loop device `n` only if it is bound to the file `(dev, ino)`:
+/// the check and the `LOOP_CLR_FD` go through one open of the device, so
+/// a number freed and given to another disk in between is never cleared.
+/// Gives whether it was ours (a device already being torn down is not).
+pub fn loop_detach_if(n: u32, (dev, ino): (u64, u64)) -> io::Result<bool> {
+    let fd = match open_bound(n)? {
+        Some((fd, b)) if b.dev == dev && b.ino == ino => fd,
+        _ => return Ok(false),
+    };
+    // SAFETY: LOOP_CLR_FD takes no argument; the fd is open.
+    match cvt(unsafe { libc::ioctl(fd.as_raw_fd(), LOOP_CLR_FD as _, 0) }) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(false),
         Err(e) => Err(e),
     }
 }

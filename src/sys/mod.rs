@@ -279,12 +279,7 @@ pub fn seek_data(fd: BorrowedFd<'_>, off: u64) -> io::Result<Option<u64>> {
 /// `lseek(fd, off, SEEK_HOLE)`: the start of the next hole at or after
 /// `off` (the end of file counts as a hole). Errors: `ENXIO` past EOF.
 pub fn seek_hole(fd: BorrowedFd<'_>, off: u64) -> io::Result<u64> {
-    // SAFETY: plain syscall on an open fd.
-    let r = unsafe { libc::lseek(fd.as_raw_fd(), off as libc::off_t, libc::SEEK_HOLE) };
-    if r == -1 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(r as u64)
+    lseek(fd, off as i64, libc::SEEK_HOLE).map(|r| r as u64)
 }
 
 /// `lseek` with any whence, for the FUSE layer's pass-through of lseek.

@@ -26,7 +26,7 @@ pub struct TestFs {
     pub reflink: bool,
 }
 
-fn in_ci() -> bool {
+pub fn in_ci() -> bool {
     std::env::var("CI").map(|v| v == "true").unwrap_or(false)
 }
 

@@ -269,17 +269,9 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
         }
     }
 
-    pub(super) fn handle_file(&self, fh: u64, need_write: bool) -> FsResult<Arc<File>> {
+    pub(super) fn handle_file(&self, fh: u64) -> FsResult<Arc<File>> {
         let handles = self.handles.lock();
-        let h = handles.get(&fh).ok_or(libc::EBADF)?;
-        if need_write && !h.writable {
-            return Err(if matches!(h.node, Node::Dirty(..)) {
-                libc::EBADF
-            } else {
-                libc::EROFS
-            });
-        }
-        Ok(h.file.clone())
+        Ok(handles.get(&fh).ok_or(libc::EBADF)?.file.clone())
     }
 
     /// The file of a writable handle, with the room a write of `len` at
@@ -309,7 +301,7 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
             static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         self.stats.reads.fetch_add(1, Ordering::Relaxed);
-        let file = self.handle_file(fh, false)?;
+        let file = self.handle_file(fh)?;
         BUF.with_borrow_mut(|buf| {
             if buf.len() < size as usize {
                 buf.resize(size as usize, 0);
@@ -357,7 +349,7 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
 
     /// fsync goes to the backing file: never a silent success.
     pub fn fsync(&self, fh: u64, datasync: bool) -> FsResult<()> {
-        let file = self.handle_file(fh, false)?;
+        let file = self.handle_file(fh)?;
         let r = if datasync {
             sys::fdatasync(file.as_fd())
         } else {
@@ -396,7 +388,7 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
     }
 
     pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> FsResult<i64> {
-        let file = self.handle_file(fh, false)?;
+        let file = self.handle_file(fh)?;
         sys::lseek(file.as_fd(), offset, whence).map_err(|e| io_errno("lseek", e))
     }
 
@@ -408,7 +400,7 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
         off_out: u64,
         len: u64,
     ) -> FsResult<u32> {
-        let src = self.handle_file(fh_in, false)?;
+        let src = self.handle_file(fh_in)?;
         let WriteTarget {
             file: dst, room, ..
         } = self.write_target(fh_out, off_out, len.min(u32::MAX as u64 & !0xfff))?;

@@ -40,7 +40,7 @@ use std::fs::File;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub type Errno = i32;
 pub type FsResult<T> = Result<T, Errno>;
@@ -235,6 +235,9 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
         self.committer.drain();
         self.handles.lock().clear();
         let activity = self.pool.activity();
+        // One grace period for all: N volumes held by writers that outlive
+        // the mount must not make the unmount wait N times.
+        let end = Instant::now() + Duration::from_secs(2);
         for (vid, _) in activity.open {
             // An attached volume runs on without the mount; its record
             // tells the next open of the pool.
@@ -242,7 +245,10 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
                 log::info!("{vid}: stays attached after the unmount");
                 continue;
             }
-            match self.pool.stop_within(&vid, Duration::from_secs(2)) {
+            match self
+                .pool
+                .stop_within(&vid, end.saturating_duration_since(Instant::now()))
+            {
                 Ok(o) => log::info!("{vid}: stopped at unmount: {o:?}"),
                 Err(e) => {
                     log::error!("{vid}: stop at unmount failed: {e}; recovery will commit it")

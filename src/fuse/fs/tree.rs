@@ -59,7 +59,13 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
                     &sys::fstat(file.as_fd()).map_err(|e| io_errno("getattr", e))?,
                 );
                 let perm = match &node {
-                    Node::Dirty(vid, _) => self.file_perm(self.view(vid)?.config.rw),
+                    Node::Dirty(vid, _) => self.file_perm(
+                        self.pool
+                            .snapshot(vid)
+                            .map_err(|e| errno_of("getattr", &e))?
+                            .config
+                            .rw,
+                    ),
                     _ => 0o400,
                 };
                 let mut a = sig_attr(ino, &sig, perm);
@@ -287,9 +293,9 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
 
     /// An entry of a readdirplus reply went out: the kernel holds a lookup.
     pub fn looked_up(&self, ino: u64) {
-        let node = self.inodes.lock().node(ino);
-        if let Some(n) = node {
-            self.inodes.lock().looked_up(&n);
+        let mut inodes = self.inodes.lock();
+        if let Some(n) = inodes.node(ino) {
+            inodes.looked_up(&n);
         }
     }
 
