@@ -149,6 +149,10 @@ pub enum Cause {
     InProgress,
     /// A wait (for a stop) ran out of time.
     TimedOut,
+    /// The volume is not running; the operation needs a run.
+    NotRunning,
+    /// The revision is pinned (or a queued revert's target).
+    Pinned,
 }
 
 impl Cause {
@@ -156,7 +160,7 @@ impl Cause {
     pub fn class(self) -> ErrorClass {
         match self {
             Cause::NoSuchVolume | Cause::NoSuchPool | Cause::NoSuchRevision => ErrorClass::NotFound,
-            Cause::NotAttached => ErrorClass::Refused,
+            Cause::NotAttached | Cause::NotRunning | Cause::Pinned => ErrorClass::Refused,
             Cause::AlreadyAttached
             | Cause::DeviceInUse
             | Cause::Running
@@ -181,6 +185,8 @@ impl Cause {
             Cause::Importing => "importing",
             Cause::InProgress => "in-progress",
             Cause::TimedOut => "timed-out",
+            Cause::NotRunning => "not-running",
+            Cause::Pinned => "pinned",
         }
     }
 }
@@ -372,6 +378,11 @@ impl Error {
             Error::NoAccess { .. } => libc::EACCES,
             // A planted symlink is what ELOOP means for O_NOFOLLOW.
             Error::NotRegular { .. } => libc::ELOOP,
+            // Unlinking a pinned revision: not allowed, whoever asks.
+            Error::Because {
+                cause: Cause::Pinned,
+                ..
+            } => libc::EPERM,
             _ => match self.class() {
                 // Bad input from a FUSE request can only come through a
                 // name or a size the kernel passed on: EINVAL is what a

@@ -68,6 +68,15 @@ fn child_main(pool_path: &Path, fp: &str, side: &Path) {
         }
         "clone" => pool.clone_volume(&vid(W), &pool, &v).unwrap(),
         "set" => pool.set(&v, Property::RevisionsToKeep(1)).unwrap(),
+        "pending" => {
+            // Changes the stop must drop: never to be seen after recovery.
+            let f = pool.start(&v).unwrap();
+            write_at(&f, 0, &new_content());
+            f.sync_all().unwrap();
+            drop(f);
+            pool.discard_changes(&v).unwrap();
+            pool.stop(&v).unwrap();
+        }
         other => panic!("no crash scenario for operation {other}"),
     }
     eprintln!("child: {fp} was not reached");
@@ -93,7 +102,10 @@ fn setup(fs: &TestFs, fp: &str) -> (std::path::PathBuf, std::path::PathBuf) {
     let w = create_origin(&pool, W, MIB);
     write_cycle(&pool, &w, 0, &clone_content());
     if op_of(fp) == "prune" {
-        // The child's commit must prune one revision.
+        // The child's commit must prune one revision, and never the pinned
+        // revision 1.
+        write_cycle(&pool, &v, 0, &old_content());
+        pool.pin_revision(&v, "1", Some("kept".into())).unwrap();
         pool.set(&v, Property::RevisionsToKeep(1)).unwrap();
     }
     let side = path.parent().unwrap().join("import-source.img");
@@ -110,6 +122,8 @@ fn acceptable(fp: &str) -> Vec<Vec<u8>> {
     let new = match op_of(fp) {
         "commit" | "prune" | "import" => new_content(),
         "revert" => vec![0u8; MIB as usize],
+        // A queued discard: the run's writes never survive.
+        "pending" => old.clone(),
         "resize" => grown,
         "clone" => clone_content(),
         _ => old.clone(),
@@ -153,11 +167,15 @@ fn check_after_crash(fs: &TestFs, fp: &str, path: &Path) {
         let ino = std::fs::metadata(vm_dir(path, &v).join(&r.file_name))
             .unwrap()
             .ino();
-        assert_ne!(
-            ino, img_ino,
-            "{ctx}: revision {} is the committed image",
-            r.id
-        );
+        // A revert links the revision it goes back to: that one may be the
+        // committed image's file; no other may.
+        if !(op_of(fp) == "revert" && r.file_name.starts_with("private.img.1@")) {
+            assert_ne!(
+                ino, img_ino,
+                "{ctx}: revision {} is the committed image",
+                r.id
+            );
+        }
         inos.push(ino);
     }
     inos.sort();
@@ -165,13 +183,23 @@ fn check_after_crash(fs: &TestFs, fp: &str, path: &Path) {
     assert_eq!(inos.len(), revs.len(), "{ctx}: two revisions share a file");
     // Recovery finishes the prune an interrupted operation skipped; only a
     // revert keeps one more, the revision it went back to.
-    let keep = pool.info(&v).unwrap().revisions_to_keep;
+    let info = pool.info(&v).unwrap();
+    let keep = info.revisions_to_keep;
     let extra = i64::from(op_of(fp) == "revert");
+    let unpinned = revs.iter().filter(|r| r.pin.is_none()).count();
     assert!(
-        revs.len() as i64 <= keep + extra,
-        "{ctx}: {} revisions with revisions_to_keep={keep}",
-        revs.len()
+        unpinned as i64 <= keep + extra,
+        "{ctx}: {unpinned} unpinned revisions with revisions_to_keep={keep}"
     );
+    if op_of(fp) == "prune" {
+        let first = revs.first().expect("the pinned revision");
+        assert_eq!(
+            (first.id.to_string(), first.pin.is_some()),
+            ("1".into(), true),
+            "{ctx}: the pinned revision survives the prune"
+        );
+    }
+    assert_eq!(info.pending, None, "{ctx}: a queued change is done");
     let problems = pool.check(None).unwrap();
     let real: Vec<_> = problems
         .iter()

@@ -778,3 +778,202 @@ fn usage_reports_shared_and_exclusive_bytes() {
         }
     }
 }
+
+/// Issue 17 part 1: a pinned revision outlives every prune (100 restarts
+/// of a VM that writes each time, a lower revisions_to_keep, a revert to
+/// it, a reopen), does not count against revisions_to_keep, and goes only
+/// when unpinned or with `remove --force`.
+#[test]
+fn a_pinned_revision_outlives_every_prune() {
+    each_fs("pins", |fs, pool, path| {
+        let ctx = fs.name.clone();
+        let v = create_origin(pool, "appvms/vm/private", MIB);
+        write_cycle(pool, &v, 0, &pattern(1, 4096));
+        write_cycle(pool, &v, 0, &pattern(2, 4096));
+        // Revision 2 holds pattern 1; pin it.
+        assert_eq!(revision_ids(pool, &v), ["2"], "[{ctx}]");
+        let r = pool
+            .pin_revision(&v, "2", Some("before the upgrade".into()))
+            .unwrap();
+        assert_eq!(r.id.to_string(), "2");
+        for i in 0..100u8 {
+            write_cycle(pool, &v, 4096, &pattern(i, 512));
+        }
+        let revs = pool.revisions(&v).unwrap();
+        let pinned: Vec<_> = revs.iter().filter(|r| r.pin.is_some()).collect();
+        assert_eq!(pinned.len(), 1, "[{ctx}] {revs:?}");
+        assert_eq!(pinned[0].id.to_string(), "2");
+        assert_eq!(
+            pinned[0].pin.as_ref().unwrap().note.as_deref(),
+            Some("before the upgrade")
+        );
+        assert!(
+            pinned[0].exclusive.is_some(),
+            "[{ctx}] its own bytes are shown"
+        );
+        assert_eq!(
+            revs.len(),
+            2,
+            "[{ctx}] one pinned + revisions_to_keep=1: {revs:?}"
+        );
+        pool.set(&v, Property::RevisionsToKeep(0)).unwrap();
+        assert_eq!(revision_ids(pool, &v), ["2"], "[{ctx}] set keeps the pin");
+        // Unlinking it is refused (EPERM through the mount).
+        let e = pool.remove_revision(&v, "2").unwrap_err();
+        assert_eq!(e.errno(), libc::EPERM, "[{ctx}] {e}");
+        // A revert to it keeps it, in constant time: a link of its file.
+        pool.set(&v, Property::RevisionsToKeep(1)).unwrap();
+        pool.revert(&v, Some("2")).unwrap();
+        let dir = vm_dir(path, &v);
+        let rev2 = revision_files(path, "appvms/vm/private")
+            .into_iter()
+            .find(|f| f.starts_with("private.img.2@"))
+            .expect("revision 2 stays");
+        assert_eq!(
+            std::fs::metadata(dir.join(&rev2)).unwrap().ino(),
+            std::fs::metadata(image_path(path, &v)).unwrap().ino(),
+            "[{ctx}] the revert linked the revision"
+        );
+        assert_eq!(read_committed(path, &v, 0, 4096), pattern(1, 4096));
+        // Start, write, stop: the pinned revision is untouched.
+        write_cycle(pool, &v, 0, &pattern(7, 4096));
+        assert!(revision_ids(pool, &v).contains(&"2".to_string()), "[{ctx}]");
+        let f = File::open(dir.join(&rev2)).unwrap();
+        assert_eq!(
+            read_at(&f, 0, 4096),
+            pattern(1, 4096),
+            "[{ctx}] pinned data intact"
+        );
+        // Remove needs --force and names the pin.
+        let e = pool.remove(&v).unwrap_err();
+        assert!(
+            e.to_string().contains("pinned revisions (2)"),
+            "[{ctx}] {e}"
+        );
+        assert!(pool.info(&v).is_ok());
+        let (_, was) = pool.unpin_revision(&v, "2").unwrap();
+        assert!(was);
+        write_cycle(pool, &v, 0, &pattern(8, 4096));
+        assert!(
+            !revision_ids(pool, &v).contains(&"2".to_string()),
+            "[{ctx}] unpinned, pruned"
+        );
+        pool.pin_revision(&v, &revision_ids(pool, &v)[0], None)
+            .unwrap();
+        pool.remove_forced(&v, true).unwrap();
+        assert!(pool.info(&v).is_err());
+    });
+}
+
+/// Issue 17 part 2: `discard-changes` and a revert of a running volume
+/// happen at its stop; `cancel-pending` withdraws them; snapshot, volatile
+/// and revisions_to_keep=-1 volumes, and stopped ones, refuse.
+#[test]
+fn queued_changes_happen_at_the_stop() {
+    each_fs("pending", |fs, pool, path| {
+        let ctx = fs.name.clone();
+        let (v, f) = running_origin(pool);
+        write_at(&f, 0, b"dropped");
+        pool.discard_changes(&v).unwrap();
+        assert!(pool.info(&v).unwrap().pending.is_some());
+        assert_eq!(pool.pending_changes().len(), 1);
+        write_at(&f, 0, b"dropped too");
+        drop(f);
+        let revs_before = revision_ids(pool, &v);
+        assert_eq!(pool.stop(&v).unwrap(), StopOutcome::Discarded, "[{ctx}]");
+        assert_eq!(
+            read_committed(path, &v, 0, 1),
+            b"x",
+            "[{ctx}] as at the start"
+        );
+        assert_eq!(
+            revision_ids(pool, &v),
+            revs_before,
+            "[{ctx}] no new revision"
+        );
+        assert_eq!(pool.info(&v).unwrap().pending, None);
+
+        // Withdrawn: the run commits as usual.
+        let f = pool.start(&v).unwrap();
+        write_at(&f, 0, b"kept");
+        pool.discard_changes(&v).unwrap();
+        assert!(pool.cancel_pending(&v).unwrap());
+        assert!(!pool.cancel_pending(&v).unwrap());
+        drop(f);
+        assert!(matches!(
+            pool.stop(&v).unwrap(),
+            StopOutcome::Committed { .. }
+        ));
+        assert_eq!(read_committed(path, &v, 0, 4), b"kept", "[{ctx}]");
+
+        // A revert of the running volume is queued, then done at the stop.
+        let target = revision_ids(pool, &v).last().unwrap().clone();
+        let f = pool.start(&v).unwrap();
+        write_at(&f, 0, b"gone");
+        let queued = pool.revert_or_queue(&v, Some(&target)).unwrap();
+        assert!(
+            matches!(queued, reflinkfs::engine::RevertOutcome::Queued { .. }),
+            "{queued:?}"
+        );
+        drop(f);
+        assert!(
+            matches!(pool.stop(&v).unwrap(), StopOutcome::Reverted { .. }),
+            "[{ctx}]"
+        );
+        assert_eq!(
+            read_committed(path, &v, 0, 1),
+            b"x",
+            "[{ctx}] revision {target}'s data"
+        );
+        assert!(
+            revision_ids(pool, &v).contains(&target),
+            "[{ctx}] the target stays"
+        );
+        // Stopped: a revert is at once.
+        let done = pool.revert_or_queue(&v, None).unwrap();
+        assert!(
+            matches!(done, reflinkfs::engine::RevertOutcome::Done { .. }),
+            "{done:?}"
+        );
+
+        // Refusals, which change nothing.
+        let e = pool.discard_changes(&v).unwrap_err();
+        assert_eq!(e.class(), ErrorClass::Refused, "[{ctx}] not running: {e}");
+        let tpl = template(pool, 3);
+        let snap = create_snapshot(pool, "appvms/s/root", MIB, &tpl);
+        let _run = pool.start(&snap).unwrap();
+        let e = pool.discard_changes(&snap).unwrap_err();
+        assert!(e.to_string().contains("never commits"), "[{ctx}] {e}");
+        pool.stop(&snap).unwrap();
+        let w = create_origin(pool, "appvms/w/private", MIB);
+        pool.set(&w, Property::RevisionsToKeep(-1)).unwrap();
+        let _run = pool.start(&w).unwrap();
+        let e = pool.discard_changes(&w).unwrap_err();
+        assert!(e.to_string().contains("only copy"), "[{ctx}] {e}");
+        pool.stop(&w).unwrap();
+        assert_eq!(pool.pending_changes(), vec![]);
+    });
+}
+
+/// A revert links the revision it goes back to: recovery at the next open
+/// must not take that revision for a half-made commit's (the same file as
+/// `N.img`) and remove it.
+#[test]
+fn recovery_keeps_a_revision_a_revert_linked() {
+    for fs in filesystems() {
+        let (pool, path) = new_pool(&fs, "revert-link-reopen");
+        let v = create_origin(&pool, "appvms/vm/private", MIB);
+        pool.set(&v, Property::RevisionsToKeep(2)).unwrap();
+        write_cycle(&pool, &v, 0, &pattern(1, 4096));
+        write_cycle(&pool, &v, 0, &pattern(2, 4096));
+        pool.pin_revision(&v, "1", None).unwrap();
+        pool.revert(&v, Some("2")).unwrap();
+        pool.revert(&v, Some("1")).unwrap();
+        let before = revision_ids(&pool, &v);
+        drop(pool);
+        let pool = Pool::open(&path).unwrap();
+        assert_eq!(revision_ids(&pool, &v), before, "[{}]", fs.name);
+        assert_eq!(read_committed(&path, &v, 0, 4096), vec![0u8; 4096]);
+        assert!(pool.check(None).unwrap().is_empty());
+    }
+}

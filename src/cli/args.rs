@@ -203,9 +203,19 @@ pub enum VolumeCommand {
     /// Show all properties, derived values and usage of a volume.
     #[command(after_help = exit_status_help())]
     Info(VolumeRef),
-    /// List a volume's revisions, oldest first.
-    #[command(after_help = exit_status_help())]
-    Revisions(VolumeRef),
+    /// List a volume's revisions, oldest first, with their pins; `pin` and
+    /// `unpin` keep a revision from every prune, or give it back.
+    #[command(
+        after_help = exit_status_help(),
+        args_conflicts_with_subcommands = true,
+        subcommand_negates_reqs = true
+    )]
+    Revisions {
+        #[command(subcommand)]
+        action: Option<RevisionAction>,
+        #[command(flatten)]
+        list: VolumeRef,
+    },
     /// Change a volume's size. Shrinking needs --allow-shrink.
     #[command(after_help = exit_status_help())]
     Resize {
@@ -224,7 +234,9 @@ pub enum VolumeCommand {
         json: JsonArg,
     },
     /// Go back to a revision (default: the newest). The current image is
-    /// kept as a new revision first.
+    /// kept as a new revision first, and the revision stays. On a running
+    /// volume the revert is queued for its stop, whose writes are then
+    /// dropped (`volume cancel-pending` withdraws it).
     #[command(after_help = exit_status_help())]
     Revert {
         #[command(flatten)]
@@ -356,9 +368,48 @@ pub enum VolumeCommand {
         #[command(flatten)]
         json: JsonArg,
     },
+    /// End the running volume's current run without a commit: at its last
+    /// close (or detach) its writes are dropped and it is as it was at the
+    /// run's start. The VM keeps running until then. Origin volumes only.
+    #[command(after_help = exit_status_help())]
+    DiscardChanges(VolumeRef),
+    /// Withdraw a queued discard-changes or revert before the run ends.
+    #[command(after_help = exit_status_help())]
+    CancelPending(VolumeRef),
     /// Delete a volume with its images and revisions.
     #[command(after_help = exit_status_help())]
-    Remove(VolumeRef),
+    Remove {
+        #[command(flatten)]
+        volume: VolumeRef,
+        /// Remove it even with pinned revisions, which go with it.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// `volume revisions pin|unpin`.
+#[derive(Debug, Subcommand)]
+pub enum RevisionAction {
+    /// Pin revision K: no commit, revert, revisions_to_keep or recovery
+    /// prunes it, and it does not count against revisions_to_keep.
+    #[command(after_help = exit_status_help())]
+    Pin {
+        #[command(flatten)]
+        volume: VolumeRef,
+        /// The revision: its number K, or a legacy revision's timestamp.
+        revision: String,
+        /// Why it is kept (one line), shown by `volume revisions`.
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Unpin revision K: prunes count it again from the next one on.
+    #[command(after_help = exit_status_help())]
+    Unpin {
+        #[command(flatten)]
+        volume: VolumeRef,
+        /// The revision: its number K, or a legacy revision's timestamp.
+        revision: String,
+    },
 }
 
 /// The arguments of `volume create`.

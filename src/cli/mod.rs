@@ -12,7 +12,7 @@ use crate::control::{self, client, Request, Response};
 use crate::engine::props::check_revisions_to_keep;
 use crate::engine::{parse_size, InitOptions, Pool, Property, ValidVid};
 use crate::error::{Error, Result};
-use args::{Cli, Command, PoolCommand, VolumeCommand};
+use args::{Cli, Command, PoolCommand, RevisionAction, VolumeCommand};
 use clap::Parser;
 use std::fs::File;
 use std::os::fd::AsFd;
@@ -180,9 +180,19 @@ fn vids_in(cmd: &VolumeCommand) -> Vec<&str> {
             .chain(c.snapshot_of.as_deref())
             .collect(),
         VolumeCommand::List { .. } => Vec::new(),
-        VolumeCommand::Info(v) | VolumeCommand::Revisions(v) | VolumeCommand::Remove(v) => {
-            vec![v.vid.as_str()]
+        VolumeCommand::Info(v)
+        | VolumeCommand::DiscardChanges(v)
+        | VolumeCommand::CancelPending(v)
+        | VolumeCommand::Remove { volume: v, .. }
+        | VolumeCommand::Revisions {
+            action: None,
+            list: v,
         }
+        | VolumeCommand::Revisions {
+            action:
+                Some(RevisionAction::Pin { volume: v, .. } | RevisionAction::Unpin { volume: v, .. }),
+            ..
+        } => vec![v.vid.as_str()],
         VolumeCommand::Resize { vid, .. }
         | VolumeCommand::Revert { vid, .. }
         | VolumeCommand::Set { vid, .. }
@@ -219,7 +229,23 @@ fn run_volume(cmd: VolumeCommand) -> Result<ExitCode> {
             dispatch(&pool.pool, Request::VolumeList, None, json.json)
         }
         VolumeCommand::Info(v) => v.dispatch(|vid| Request::VolumeInfo { vid, brief: false }),
-        VolumeCommand::Revisions(v) => v.dispatch(|vid| Request::VolumeRevisions { vid }),
+        VolumeCommand::Revisions { action, list } => match action {
+            None => list.dispatch(|vid| Request::VolumeRevisions { vid }),
+            Some(RevisionAction::Pin {
+                volume,
+                revision,
+                note,
+            }) => volume.dispatch(|vid| Request::VolumePin {
+                vid,
+                revision,
+                note,
+            }),
+            Some(RevisionAction::Unpin { volume, revision }) => {
+                volume.dispatch(|vid| Request::VolumeUnpin { vid, revision })
+            }
+        },
+        VolumeCommand::DiscardChanges(v) => v.dispatch(|vid| Request::VolumeDiscardChanges { vid }),
+        VolumeCommand::CancelPending(v) => v.dispatch(|vid| Request::VolumeCancelPending { vid }),
         VolumeCommand::Resize {
             pool,
             vid,
@@ -352,7 +378,9 @@ fn run_volume(cmd: VolumeCommand) -> Result<ExitCode> {
                 json.json,
             ),
         },
-        VolumeCommand::Remove(v) => v.dispatch(|vid| Request::VolumeRemove { vid }),
+        VolumeCommand::Remove { volume, force } => {
+            volume.dispatch(|vid| Request::VolumeRemove { vid, force })
+        }
         VolumeCommand::Attach {
             pool,
             vid,

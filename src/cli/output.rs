@@ -151,9 +151,21 @@ pub fn volume_info(v: &VolumeInfo) -> String {
     if let Some(p) = &v.problem {
         s.push_str(&format!("problem:            {p}\n"));
     }
+    if let Some(p) = &v.pending {
+        s.push_str(&format!("pending:            {}\n", p.describe()));
+    }
     s.push_str(&format!("revisions:          {}\n", v.revisions.len()));
     for r in &v.revisions {
-        s.push_str(&format!("  {:>6}  {}\n", r.id.to_string(), r.timestamp));
+        let pin = match (&r.pin, r.exclusive) {
+            (Some(_), Some(b)) => format!("  pinned, holds {} alone", format_approx(b)),
+            (Some(_), None) => "  pinned".into(),
+            _ => String::new(),
+        };
+        s.push_str(&format!(
+            "  {:>6}  {}{pin}\n",
+            r.id.to_string(),
+            r.timestamp
+        ));
     }
     if let Some(u) = &v.usage {
         s.push_str(&format!(
@@ -186,6 +198,19 @@ pub fn revisions(list: &[Revision]) -> String {
             r.timestamp,
             r.file_name
         ));
+        if let Some(p) = &r.pin {
+            s.push_str(&format!(
+                "          pinned {}{}{}\n",
+                p.pinned_at,
+                r.exclusive
+                    .map(|b| format!(", holds {} alone", format_approx(b)))
+                    .unwrap_or_default(),
+                p.note
+                    .as_deref()
+                    .map(|n| format!(": {n}"))
+                    .unwrap_or_default()
+            ));
+        }
     }
     s
 }
@@ -269,6 +294,15 @@ pub fn status(v: &Status) -> String {
     for h in &v.held {
         s.push_str(&format!("  {h}\n"));
     }
+    if !v.pending.is_empty() {
+        s.push_str(&format!(
+            "pending:     {} (a change queued for the end of the run)\n",
+            v.pending.len()
+        ));
+        for p in &v.pending {
+            s.push_str(&format!("  {}  ({})\n", p.vid, p.pending));
+        }
+    }
     attached(&mut s, v);
     s
 }
@@ -291,7 +325,16 @@ pub fn text(r: &Response) -> String {
         Response::Reverted {
             vid,
             revision,
+            queued: true,
+            ..
+        } => format!(
+            "{vid}: it is running: at its stop its changes are dropped and it goes back to {revision} (`volume cancel-pending` withdraws this)\n"
+        ),
+        Response::Reverted {
+            vid,
+            revision,
             saved_as,
+            ..
         } => match saved_as {
             Some(k) => format!(
                 "{vid}: reverted to revision {revision}; the previous image is revision {k}\n"
@@ -303,6 +346,28 @@ pub fn text(r: &Response) -> String {
             property,
             value,
         } => format!("{vid}: {property} = {value}\n"),
+        Response::Pinned {
+            vid,
+            revision,
+            pinned,
+            changed,
+        } => match (pinned, changed) {
+            (true, true) => format!("{vid}: revision {revision} pinned\n"),
+            (true, false) => format!("{vid}: revision {revision} was pinned; note updated\n"),
+            (false, true) => format!("{vid}: revision {revision} unpinned\n"),
+            (false, false) => format!("{vid}: revision {revision} was not pinned\n"),
+        },
+        Response::Queued { vid, pending } => format!(
+            "{vid}: queued: {pending} (the VM runs on until then; `volume cancel-pending` withdraws it)\n"
+        ),
+        Response::Cancelled {
+            vid,
+            cancelled: true,
+        } => format!("{vid}: the queued change is withdrawn; the run will be committed\n"),
+        Response::Cancelled {
+            vid,
+            cancelled: false,
+        } => format!("{vid}: nothing was queued\n"),
         Response::Imported {
             vid,
             source,
@@ -384,7 +449,16 @@ pub fn json(r: &Response) -> Value {
             vid,
             revision,
             saved_as,
-        } => json!({ "vid": vid, "revision": revision, "saved_as": saved_as }),
+            queued,
+        } => json!({ "vid": vid, "revision": revision, "saved_as": saved_as, "queued": queued }),
+        Response::Pinned {
+            vid,
+            revision,
+            pinned,
+            changed,
+        } => json!({ "vid": vid, "revision": revision, "pinned": pinned, "changed": changed }),
+        Response::Queued { vid, pending } => json!({ "vid": vid, "pending": pending }),
+        Response::Cancelled { vid, cancelled } => json!({ "vid": vid, "cancelled": cancelled }),
         Response::Set {
             vid,
             property,

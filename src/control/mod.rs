@@ -14,7 +14,7 @@ pub use protocol::*;
 
 use crate::engine::admin::CreateOptions;
 use crate::engine::transfer::PendingImport;
-use crate::engine::{NewKind, Pool, PoolProperty, Property, ValidVid};
+use crate::engine::{NewKind, Pool, PoolProperty, Property, RevertOutcome, ValidVid};
 use crate::error::{Cause, Error, Result};
 use std::fs::File;
 
@@ -217,6 +217,7 @@ pub fn execute(
                     .into_iter()
                     .map(|(v, a)| AttachedVolume::of(pool, &v, a))
                     .collect(),
+                pending: PendingVolume::all(pool),
                 ..Status::default()
             },
         }),
@@ -409,19 +410,57 @@ pub fn execute(
         }
         Request::VolumeRevert { vid, revision } => {
             let vid = vid_of(pool, &vid)?;
-            let target = match &revision {
-                Some(r) => r.clone(),
-                None => pool
-                    .revisions(&vid)?
-                    .last()
-                    .map(|r| r.id.to_string())
-                    .unwrap_or_default(),
-            };
-            let saved_as = pool.revert(&vid, revision.as_deref())?;
+            let (revision, saved_as, queued) =
+                match pool.revert_or_queue(&vid, revision.as_deref())? {
+                    RevertOutcome::Done { revision, saved_as } => (revision, saved_as, false),
+                    RevertOutcome::Queued { revision } => (revision, None, true),
+                };
             Response::Reverted {
                 vid: vid.to_string(),
-                revision: target,
+                revision,
                 saved_as,
+                queued,
+            }
+        }
+        Request::VolumePin {
+            vid,
+            revision,
+            note,
+        } => {
+            let vid = vid_of(pool, &vid)?;
+            let was = pool.revisions(&vid)?;
+            let rev = pool.pin_revision(&vid, &revision, note)?;
+            let changed = !was.iter().any(|r| r.id == rev.id && r.pin.is_some());
+            Response::Pinned {
+                vid: vid.to_string(),
+                revision: rev.id.to_string(),
+                pinned: true,
+                changed,
+            }
+        }
+        Request::VolumeUnpin { vid, revision } => {
+            let vid = vid_of(pool, &vid)?;
+            let (rev, changed) = pool.unpin_revision(&vid, &revision)?;
+            Response::Pinned {
+                vid: vid.to_string(),
+                revision: rev.id.to_string(),
+                pinned: false,
+                changed,
+            }
+        }
+        Request::VolumeDiscardChanges { vid } => {
+            let vid = vid_of(pool, &vid)?;
+            pool.discard_changes(&vid)?;
+            Response::Queued {
+                vid: vid.to_string(),
+                pending: crate::engine::Pending::Discard.describe(),
+            }
+        }
+        Request::VolumeCancelPending { vid } => {
+            let vid = vid_of(pool, &vid)?;
+            Response::Cancelled {
+                cancelled: pool.cancel_pending(&vid)?,
+                vid: vid.to_string(),
             }
         }
         Request::VolumeSet {
@@ -486,9 +525,9 @@ pub fn execute(
                 pool: pool.path().display().to_string(),
             }
         }
-        Request::VolumeRemove { vid } => {
+        Request::VolumeRemove { vid, force } => {
             let vid = vid_of(pool, &vid)?;
-            pool.remove(&vid)?;
+            pool.remove_forced(&vid, force)?;
             Response::Removed {
                 vid: vid.to_string(),
             }

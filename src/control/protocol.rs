@@ -104,6 +104,29 @@ pub enum Request {
     },
     VolumeRemove {
         vid: String,
+        /// (1.3) Even with pinned revisions.
+        #[serde(default, skip_serializing_if = "is_false")]
+        force: bool,
+    },
+    /// (1.3) Pins a revision: never pruned, not counted.
+    VolumePin {
+        vid: String,
+        revision: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        note: Option<String>,
+    },
+    /// (1.3) Unpins a revision.
+    VolumeUnpin {
+        vid: String,
+        revision: String,
+    },
+    /// (1.3) The running volume's run ends without a commit.
+    VolumeDiscardChanges {
+        vid: String,
+    },
+    /// (1.3) Withdraws a queued discard or revert.
+    VolumeCancelPending {
+        vid: String,
     },
     /// (1.1) Begins an import whose data the client writes in place: the
     /// daemon makes a sparse file of `size` bytes and answers its path;
@@ -158,6 +181,10 @@ pub enum Request {
         #[serde(default)]
         timeout_ms: Option<u64>,
     },
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl Request {
@@ -230,6 +257,29 @@ pub struct Status {
     pub protocol: Option<String>,
     /// (1.2) Volumes attached to loop devices, mounted or not.
     pub attached: Vec<AttachedVolume>,
+    /// (1.3) Volumes whose run ends with a queued change instead of a
+    /// commit (`discard-changes`, a revert of a running volume).
+    pub pending: Vec<PendingVolume>,
+}
+
+/// A volume with a change queued for the end of its run, in `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingVolume {
+    pub vid: String,
+    pub pending: String,
+}
+
+impl PendingVolume {
+    /// Every volume of `pool` with a queued change.
+    pub fn all(pool: &Pool) -> Vec<PendingVolume> {
+        pool.pending_changes()
+            .into_iter()
+            .map(|(v, p)| PendingVolume {
+                vid: v.to_string(),
+                pending: p.describe(),
+            })
+            .collect()
+    }
 }
 
 /// What a request produced: data, one variant per request.
@@ -260,10 +310,32 @@ pub enum Response {
     },
     Reverted {
         vid: String,
-        /// The revision gone back to (its number, or `@TIMESTAMP`).
+        /// The revision gone back to (its number, or `@TIMESTAMP`; its
+        /// file name when queued).
         revision: String,
         /// The revision the previous image was saved as, if one was kept.
         saved_as: Option<u64>,
+        /// (1.3) The volume runs: the revert happens at its stop.
+        #[serde(default, skip_serializing_if = "is_false")]
+        queued: bool,
+    },
+    /// `volume_pin`, `volume_unpin`: the revision, and whether it is
+    /// pinned now (`changed`: whether that changed).
+    Pinned {
+        vid: String,
+        revision: String,
+        pinned: bool,
+        changed: bool,
+    },
+    /// `volume_discard_changes`: what the end of the run will do.
+    Queued {
+        vid: String,
+        pending: String,
+    },
+    /// `volume_cancel_pending`: whether there was a queued change.
+    Cancelled {
+        vid: String,
+        cancelled: bool,
     },
     Set {
         vid: String,
@@ -380,6 +452,11 @@ pub fn stop_text(o: &crate::engine::StopOutcome) -> String {
         S::Committed { revision: None } => "committed".into(),
         S::Unchanged => "unchanged (no revision added)".into(),
         S::Discarded => "discarded".into(),
+        S::Reverted {
+            revision,
+            saved_as: Some(k),
+        } => format!("reverted to {revision} as queued; the previous image is revision {k}"),
+        S::Reverted { revision, .. } => format!("reverted to {revision} as queued"),
         S::Held { holders } => format!("not committed: still written by {holders}"),
     }
 }

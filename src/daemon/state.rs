@@ -110,6 +110,7 @@ impl crate::control::Daemon for DaemonState {
                 .into_iter()
                 .map(|(v, a)| crate::control::AttachedVolume::of(self.fs.pool(), &v, a))
                 .collect(),
+            pending: crate::control::PendingVolume::all(self.fs.pool()),
         }
     }
 

@@ -199,6 +199,8 @@ impl Pool {
             dirty_size: None,
             incarnation: crate::sys::random_u64(),
             attached: None,
+            pins: Default::default(),
+            pending: None,
         };
         config.validate(&pool_cfg).map_err(|r| refused(vid, r))?;
 
@@ -281,6 +283,12 @@ impl Pool {
     /// Removes a volume: images, revisions, config, and the VM directories
     /// once empty. Refused while it runs.
     pub fn remove(&self, vid: &ValidVid) -> Result<()> {
+        self.remove_forced(vid, false)
+    }
+
+    /// [`Pool::remove`]; a volume with pinned revisions needs `force`, and
+    /// the log names the pins dropped.
+    pub fn remove_forced(&self, vid: &ValidVid, force: bool) -> Result<()> {
         // Dependants are looked up before this volume is locked: a snapshot
         // is always locked before its source, never after.
         let others: Vec<_> = self.volumes.read().values().cloned().collect();
@@ -301,6 +309,20 @@ impl Pool {
             ));
         }
         let claim = self.claim_stopped(vid, OpName::Remove, "removing it")?;
+        let pins: Vec<String> = claim.config().pins.keys().cloned().collect();
+        if !pins.is_empty() {
+            let which = pins.join(", ");
+            if !force {
+                return Err(Error::because(
+                    vid,
+                    Cause::Pinned,
+                    format!(
+                        "it has pinned revisions ({which}); give --force to remove them with it"
+                    ),
+                ));
+            }
+            log::warn!("{vid}: removing it with its pinned revisions {which} (--force)");
+        }
         failpoint::pause("pause.remove", &vid.to_string());
         let v = vid.to_string();
         let n = Names::of(vid);
@@ -520,45 +542,17 @@ impl Pool {
         }
         let revs = self.list_revisions(vid, Some(&dir))?;
         let rev = pick_revision(vid, &revs, which)?;
-        let v = vid.to_string();
-        let n = Names::of(vid);
-        let src = open_image(&dir, vid, &rev.file_name, libc::O_RDONLY)?;
-        let tmp = n.img_tmp("revert");
-        let (f, _) = dir
-            .copy_from(
-                &v,
-                &src,
-                &dir.shown(&rev.file_name),
-                &tmp,
-                self.copy_strategy(),
-            )
-            .map_err(io_ctx(&dir, "copying to", &tmp))?;
-        failpoint::hit("revert.copied");
-        let saved = self
-            .replace_committed(
-                &claim.volume,
-                &dir,
-                &f,
-                &tmp,
-                "revert",
-                Some(&rev.file_name),
-            )
-            .inspect_err(|_| {
-                let _ = dir.remove(&v, &tmp);
-            })?;
-        // The revision gone back to stays beyond revisions_to_keep until the
-        // next commit, so the revert can be undone; the one just saved is
-        // the newest, so it stays too.
-        self.prune_revisions(&claim.config(), &dir)?;
+        let saved = self.revert_in_place(&claim.volume, &dir, &rev.file_name)?;
         log::info!("{vid}: reverted to revision {}", rev.id);
         Ok(saved)
     }
 
     /// The revisions of a volume, oldest first.
     pub fn revisions(&self, vid: &ValidVid) -> Result<Vec<Revision>> {
-        self.volume(vid)?;
+        let cfg = self.volume(vid)?.config();
         let dir = self.vm_dir_if_exists(vid)?;
-        self.list_revisions(vid, dir.as_ref())
+        let revs = self.list_revisions(vid, dir.as_ref())?;
+        Ok(self.annotate_revisions(&cfg, dir.as_ref(), revs, true))
     }
 
     /// Deletes one revision (the FUSE layer's unlink of a revision).
@@ -567,6 +561,17 @@ impl Pool {
         let dir = self.vm_dir(vid, false)?;
         let revs = self.list_revisions(vid, Some(&dir))?;
         let rev = pick_revision(vid, &revs, Some(which))?;
+        let cfg = self.volume(vid)?.config();
+        if super::pins::is_protected(&cfg, rev) {
+            return Err(Error::because(
+                vid,
+                Cause::Pinned,
+                format!(
+                    "revision {} is pinned (or a queued revert's target); `reflinkfs volume revisions unpin` it first",
+                    rev.id
+                ),
+            ));
+        }
         dir.remove(&vid.to_string(), &rev.file_name)
             .map_err(io_ctx(&dir, "removing", &rev.file_name))?;
         dir.sync().map_err(io_ctx(&dir, "syncing", ""))?;

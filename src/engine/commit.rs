@@ -68,6 +68,10 @@ impl Pool {
         if let Some(holders) = self.outside_writers(vid, dir, &dirty) {
             return Ok(StopOutcome::Held { holders });
         }
+        if let Some(pending) = vol.config().pending.clone() {
+            drop(dirty);
+            return self.apply_pending(vol, dir, &pending);
+        }
         fit_to_contract(dir, vid, &n.dirty(), contract)?;
         let sig = FileSig::from_stat(&sys::fstat(dirty.as_fd()).map_err(io_ctx(
             dir,
@@ -135,6 +139,9 @@ impl Pool {
         cfg.generation += 1;
         cfg.kept_by_revert = revert_target.map(str::to_owned);
         cfg.dirty_size = None;
+        // A queued change is done with the replace it asked for (a queued
+        // revert), in the same atomic write.
+        cfg.pending = None;
         // The counter is stored before the revision exists, so a crash can
         // skip a K but never reuse one. In memory, the new generation goes
         // with the rename below: a reader sees an image with its own.
@@ -213,7 +220,7 @@ impl Pool {
             match self
                 .list_revisions(&cfg.vid, Some(dir))?
                 .into_iter()
-                .find(|r| &r.file_name == pinned)
+                .find(|r| &r.file_name == pinned && !super::pins::is_protected(cfg, r))
             {
                 Some(r) => (keep + 1, vec![r.id]),
                 None => (keep, Vec::new()),
@@ -230,7 +237,13 @@ impl Pool {
         keep: usize,
         exempt: &[RevisionId],
     ) -> Result<usize> {
-        let revs = self.list_revisions(&cfg.vid, Some(dir))?;
+        // Pinned revisions (and a queued revert's target) are never pruned
+        // and do not count against revisions_to_keep.
+        let revs: Vec<_> = self
+            .list_revisions(&cfg.vid, Some(dir))?
+            .into_iter()
+            .filter(|r| !super::pins::is_protected(cfg, r))
+            .collect();
         if revs.len() <= keep {
             return Ok(0);
         }

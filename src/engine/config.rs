@@ -5,6 +5,7 @@ use super::fsops::write_file_atomic;
 use super::vid::ValidVid;
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::os::fd::BorrowedFd;
 use std::path::Path;
 
@@ -107,6 +108,49 @@ pub struct VolumeConfig {
     /// under a live writer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attached: Option<AttachedLoop>,
+    /// Pinned revisions, by revision id (`K`, or `@TIMESTAMP`): never
+    /// pruned, not counted against `revisions_to_keep`, not deleted until
+    /// unpinned (SEMANTICS, "Pinned revisions").
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pins: BTreeMap<String, Pin>,
+    /// What the end of the current run does instead of a commit
+    /// (`volume discard-changes`, a revert of a running volume). Stored
+    /// before the request is answered, so it survives a crash: recovery
+    /// applies it instead of committing the leftover dirty image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<Pending>,
+}
+
+/// A pinned revision's record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pin {
+    /// When it was pinned (UTC).
+    pub pinned_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// A change queued for the end of a volume's current run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Pending {
+    /// The run's writes are dropped: the volume comes back as it was at
+    /// the run's start.
+    Discard,
+    /// The run's writes are dropped and the committed image becomes the
+    /// revision `revision` (its file name), as `volume revert` does.
+    Revert { revision: String },
+}
+
+impl Pending {
+    /// How `status` and `info` show it.
+    pub fn describe(&self) -> String {
+        match self {
+            Pending::Discard => "discard the running changes at stop".into(),
+            Pending::Revert { revision } => format!("revert to {revision} at stop"),
+        }
+    }
 }
 
 /// A loop device reflinkfs put on a volume's dirty image (`volume attach`).
@@ -275,6 +319,8 @@ mod tests {
             dirty_size: None,
             incarnation: 0,
             attached: None,
+            pins: Default::default(),
+            pending: None,
         }
     }
 

@@ -54,6 +54,10 @@ pub const ALL: &[&str] = &[
     "clone.renamed",
     // set revisions_to_keep: config stored, before pruning
     "set.stored",
+    // a queued discard: request stored (the run goes on); the run's dirty
+    // image dropped at stop, the request not yet cleared
+    "pending.stored",
+    "pending.dropped",
 ];
 
 /// Whether this build has failpoints (the cargo feature `failpoints`).

@@ -25,8 +25,15 @@ pub enum StopOutcome {
     Committed { revision: Option<u64> },
     /// The dirty image was not modified since start and was dropped.
     Unchanged,
-    /// Snapshot and volatile volumes: the dirty image was deleted.
+    /// Snapshot and volatile volumes, or a run whose changes were to be
+    /// dropped (`discard-changes`): the dirty image was deleted.
     Discarded,
+    /// A revert queued while it ran: the run's changes were dropped and
+    /// revision `revision` (a file name) became the committed image.
+    Reverted {
+        revision: String,
+        saved_as: Option<u64>,
+    },
     /// Not committed: the dirty image is still open for writing outside
     /// reflinkfs (`holders` says by what). The volume stays running for
     /// reflinkfs (new opens fail with EBUSY), and a later stop commits it

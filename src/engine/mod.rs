@@ -14,6 +14,7 @@ pub mod failpoint;
 pub mod fsops;
 pub mod lifecycle;
 pub mod listing;
+pub mod pins;
 pub mod pool;
 pub mod props;
 mod recovery;
@@ -27,8 +28,9 @@ pub mod view;
 pub mod volume;
 
 pub use admin::{CreateOptions, NewKind, ResizeOutcome};
-pub use config::{AttachedLoop, PoolConfig, VolumeConfig, VolumeKind};
+pub use config::{AttachedLoop, Pending, Pin, PoolConfig, VolumeConfig, VolumeKind};
 pub use lifecycle::StopOutcome;
+pub use pins::RevertOutcome;
 pub use pool::{InitOptions, Names, Pool};
 pub use props::{PoolProperty, Property};
 pub use report::{PoolInfo, Problem, Usage, VolumeInfo, VolumeStateName};

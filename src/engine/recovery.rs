@@ -6,7 +6,7 @@ use super::config::VolumeKind;
 use super::fsops::Dir;
 use super::lifecycle::*;
 use super::pool::{Names, Pool};
-use super::revision::{parse_revision_name, Parsed};
+use super::revision::{parse_revision_name, Parsed, RevisionId};
 use super::volume::{Phase, Run, Volume};
 use crate::error::Result;
 use std::sync::atomic::AtomicU64;
@@ -72,9 +72,20 @@ impl Pool {
             _ => None,
         };
         // A revision that is the same file as N.img (a commit interrupted
-        // between its link and its rename) shows as a second link.
+        // between its link and its rename) shows as a second link. Only
+        // the newest can be that: an older one sharing N.img's file is a
+        // revert's target (reverts link), which stays.
         if let Some(img) = img.filter(|i| i.nlink > 1) {
-            for r in self.list_revisions(&vid, Some(dir))? {
+            let cfg = vol.config();
+            let newest = self
+                .list_revisions(&vid, Some(dir))?
+                .into_iter()
+                .rfind(|r| matches!(r.id, RevisionId::Numbered(_)))
+                .filter(|r| {
+                    !super::pins::is_protected(&cfg, r)
+                        && cfg.kept_by_revert.as_deref() != Some(r.file_name.as_str())
+                });
+            if let Some(r) = newest {
                 if let Some(rs) = regular_entry(dir, &vid, &r.file_name)? {
                     if rs.same_inode(&img) {
                         log::warn!(
@@ -139,6 +150,18 @@ impl Pool {
                     .map_err(io_ctx(dir, "removing", &n.dirty()))?;
             }
         }
+        // A queued change whose dirty image was already dropped when the
+        // crash came: it is finished now.
+        if kind == VolumeKind::Origin && !names.contains(&n.dirty()) {
+            if let Some(pending) = vol.config().pending.clone() {
+                log::warn!(
+                    "{vid}: recovery: finishing the queued change ({})",
+                    pending.describe()
+                );
+                self.apply_pending(vol, dir, &pending)?;
+                changed = true;
+            }
+        }
         if kind == VolumeKind::Origin {
             let img = if changed {
                 regular_entry(dir, &vid, &n.img())?
@@ -166,11 +189,19 @@ impl Pool {
             let cfg = vol.config();
             let listed = names
                 .iter()
-                .filter(|f| matches!(parse_revision_name(vid.name(), f), Parsed::Revision(_)))
+                .filter(|f| match parse_revision_name(vid.name(), f) {
+                    Parsed::Revision(r) => !super::pins::is_protected(&cfg, &r),
+                    _ => false,
+                })
                 .count();
             if changed || listed > cfg.revisions_to_keep.max(0) as usize {
                 let (keep, _) = self.revisions_allowed(&cfg, dir)?;
-                if self.list_revisions(&vid, Some(dir))?.len() > keep {
+                let unprotected = self
+                    .list_revisions(&vid, Some(dir))?
+                    .iter()
+                    .filter(|r| !super::pins::is_protected(&cfg, r))
+                    .count();
+                if unprotected > keep {
                     log::warn!(
                         "{vid}: recovery: pruning the revisions an interrupted operation left"
                     );

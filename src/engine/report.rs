@@ -90,6 +90,10 @@ pub struct VolumeInfo {
     pub is_outdated: Option<bool>,
     pub next_revision: u64,
     pub revisions: Vec<Revision>,
+    /// A change queued for the end of the run (`discard-changes`, a
+    /// revert of the running volume).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<super::config::Pending>,
     /// The committed image in the pool.
     pub image: String,
     /// Present in `info`, absent in `list`.
@@ -138,6 +142,11 @@ pub struct Problem {
     pub vid: Option<String>,
     pub path: String,
     pub problem: String,
+}
+
+/// The bytes of file `name` that no other file shares (FIEMAP).
+pub(crate) fn exclusive_bytes(dir: &Dir, name: &str) -> Result<u64> {
+    file_usage(dir, name).map(|u| u.usage.exclusive)
 }
 
 fn file_usage(dir: &Dir, name: &str) -> Result<FileUsage> {
@@ -249,6 +258,7 @@ impl Pool {
             self.nominal_size(cfg)
         };
         let revisions = self.list_revisions(vid, dir.as_ref())?;
+        let revisions = self.annotate_revisions(cfg, dir.as_ref(), revisions, with_usage);
         if dir_problem.is_some() {
             problem = dir_problem;
         }
@@ -290,6 +300,7 @@ impl Pool {
             is_outdated,
             next_revision: cfg.next_revision,
             revisions,
+            pending: cfg.pending.clone(),
             image: self
                 .path()
                 .join(vid.class())
@@ -320,6 +331,7 @@ impl Pool {
             is_outdated: None,
             next_revision: 0,
             revisions: Vec::new(),
+            pending: None,
             image: String::new(),
             usage: None,
             problem: Some(format!("{}: {reason}", path.display())),
@@ -614,6 +626,23 @@ impl Pool {
             _ => None,
         };
         let mut revisions = 0i64;
+        // Only the newest revision can be a half-made commit's link of
+        // N.img; an older one sharing its file is a revert's target.
+        let newest = names
+            .iter()
+            .filter_map(|f| match parse_revision_name(vid.name(), f) {
+                Parsed::Revision(r) => match r.id {
+                    super::revision::RevisionId::Numbered(k) => Some((k, r)),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .max_by_key(|(k, _)| *k)
+            .map(|(_, r)| r)
+            .filter(|r| {
+                !super::pins::is_protected(cfg, r)
+                    && cfg.kept_by_revert.as_deref() != Some(r.file_name.as_str())
+            });
         for name in names {
             if n.is_temp(name) || *name == n.import() {
                 push(
@@ -630,14 +659,20 @@ impl Pool {
                     shown(name),
                     "looks like a revision but the name does not parse".into(),
                 ),
-                Parsed::Revision(_) => {
-                    revisions += 1;
+                Parsed::Revision(r) => {
+                    revisions += i64::from(!super::pins::is_protected(cfg, &r));
+                    let newest = newest.as_ref().is_some_and(|n| n.file_name == r.file_name);
                     match dir.entry(name).unwrap_or(Entry::Missing) {
-                        Entry::Regular(s) if img_sig.is_some_and(|i| i.same_inode(&s)) => push(
-                            Some(vid),
-                            shown(name),
-                            "the same file as the committed image (an interrupted commit)".into(),
-                        ),
+                        Entry::Regular(s)
+                            if newest && img_sig.is_some_and(|i| i.same_inode(&s)) =>
+                        {
+                            push(
+                                Some(vid),
+                                shown(name),
+                                "the same file as the committed image (an interrupted commit)"
+                                    .into(),
+                            )
+                        }
                         Entry::Other => push(Some(vid), shown(name), "not a regular file".into()),
                         _ => {}
                     }

@@ -67,6 +67,12 @@ pub struct Revision {
     /// UTC commit time of this content, as in the file name.
     pub timestamp: String,
     pub file_name: String,
+    /// Set when it is pinned (`volume revisions pin`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin: Option<super::config::Pin>,
+    /// For a pinned revision, with usage: the bytes only it holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exclusive: Option<u64>,
 }
 
 impl Revision {
@@ -126,6 +132,8 @@ pub fn parse_revision_name(name: &str, file: &str) -> Parsed {
         id,
         timestamp: ts.to_owned(),
         file_name: file.to_owned(),
+        pin: None,
+        exclusive: None,
     })
 }
 

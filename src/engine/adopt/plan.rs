@@ -513,6 +513,8 @@ pub(super) fn finish_configs(
                 dirty_size: None,
                 incarnation: crate::sys::random_u64(),
                 attached: None,
+                pins: Default::default(),
+                pending: None,
             };
             if let Err(reason) = cfg.validate(pool) {
                 not_adopted(report, vid, reason);
