@@ -124,8 +124,9 @@ fn attach_and_detach_offline_start_and_commit_the_volume() {
     assert_eq!(st["attached"][0]["device"], lo.dev.as_str(), "{st}");
     assert_eq!(rf_json(&pool, "volume info a:private")["state"], "running");
     write_dev(&lo.path(), 4096, &pattern(1, 8192));
-    // An offline stop is refused: the loop device writes it.
-    let err = rf_fails(&pool, "volume revert a:private", ErrorClass::Busy);
+    // An offline change that needs it stopped is refused: the loop device
+    // writes it.
+    let err = rf_fails(&pool, "volume set a:private rw false", ErrorClass::Busy);
     assert!(err.contains("running") || err.contains("attached"), "{err}");
     let stop = lo.detach(&pool, "a:private");
     assert!(stop.starts_with("committed"), "{stop}");

@@ -106,6 +106,16 @@ fn parity_script(
         "volume revert app:private 99",
         "volume revert app:private 1 --json",
         "volume revert app:private",
+        "volume revisions pin app:private 1 --note keep",
+        "volume revisions pin app:private 99",
+        "volume revisions app:private",
+        "volume revisions app:private --json",
+        "volume remove app:private",
+        "volume revisions unpin app:private 1 --json",
+        "volume revisions unpin app:private 1",
+        "volume discard-changes app:private",
+        "volume cancel-pending app:private --json",
+        "volume discard-changes app:root",
         "volume resize app:private 8M --json",
         "volume resize app:private 4M --json",
         "volume resize app:private 8M",
@@ -125,7 +135,15 @@ fn parity_script(
         let step = argv(step, &vars);
         let args: Vec<&str> = step.iter().map(String::as_str).collect();
         let out = rf(pool, &args);
-        let mut shown = normalise(&String::from_utf8_lossy(&out.stdout), pool);
+        let mut shown = normalise(&String::from_utf8_lossy(&out.stdout), pool)
+            .lines()
+            // What a pinned revision holds alone depends on allocation.
+            .map(|l| match (l.find(", holds "), l.find(" alone")) {
+                (Some(a), Some(b)) if a < b => format!("{}{}", &l[..a], &l[b + 6..]),
+                _ => l.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
         // Usage numbers depend on allocation; drop the lines and fields.
         if args.contains(&"--json") {
             if let Ok(mut v) = serde_json::from_str::<Value>(&shown) {
@@ -156,6 +174,7 @@ fn strip_usage(v: &mut Value) {
                 "free",
                 "pool_allocated",
                 "pool_shared",
+                "exclusive",
             ] {
                 m.remove(k);
             }

@@ -22,6 +22,7 @@ use std::process::Command;
 
 const A: &str = "c/v/a";
 const B: &str = "c/v/b";
+const C: &str = "c/v/c";
 
 /// Where the test's filesystem image goes: the scratch directory of
 /// scripts/test, or a temporary one.
@@ -69,6 +70,8 @@ fn power_cut_case(kind: &str) {
     .unwrap();
     create_origin(&pool, A, 4 * MIB);
     create_origin(&pool, B, 4 * MIB);
+    let c = create_origin(&pool, C, MIB);
+    write_cycle(&pool, &c, 0, &pattern(0xC1, 4096));
     drop(pool);
 
     let mnt = dir.join("mnt");
@@ -94,6 +97,20 @@ fn power_cut_case(kind: &str) {
     fb.write_all_at(&pattern(0xB1, 128 * 1024), 0).unwrap();
     fb.sync_all().unwrap();
     fb.write_all_at(&pattern(0xB2, 4096), MIB).unwrap();
+    // A queued discard, acknowledged, with the run's writes fsynced: they
+    // must never come back. And a pin, acknowledged.
+    let fc = OpenOptions::new()
+        .write(true)
+        .open(m.path("c/v/c-dirty.img"))
+        .unwrap();
+    fc.write_all_at(&pattern(0xC2, 4096), 0).unwrap();
+    fc.sync_all().unwrap();
+    rf_ok(&pool_path, ["volume", "discard-changes", C]);
+    let pinned = rf_json(&pool_path, ["volume", "revisions", A, "--json"])[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    rf_ok(&pool_path, ["volume", "revisions", "pin", A, &pinned]);
     let a_before: Vec<u8> = std::fs::read(pool_path.join("c/v/a.img")).unwrap();
     let a_revisions = files_of(&pool_path, &vid(A))
         .into_iter()
@@ -113,6 +130,7 @@ fn power_cut_case(kind: &str) {
         !reflinkfs::sys::process_running(pid as u32)
     });
     drop(fb);
+    drop(fc);
     run_ok(Command::new("umount").arg("-l").arg(&mnt));
     m.forget();
     // The dead FUSE connection lets go of its backing files a moment after
@@ -147,6 +165,22 @@ fn power_cut_case(kind: &str) {
         "{ctx}: data fsynced before the cut"
     );
     drop(b_img);
+    // c: as at its run's start, never the dropped writes; the request done.
+    let c_img = File::open(pool_path.join("c/v/c.img")).unwrap();
+    assert_eq!(
+        read_at(&c_img, 0, 4096),
+        pattern(0xC1, 4096),
+        "{ctx}: discarded"
+    );
+    drop(c_img);
+    assert_eq!(pool.info(&vid(C)).unwrap().pending, None, "{ctx}");
+    let pins: Vec<String> = info
+        .revisions
+        .iter()
+        .filter(|r| r.pin.is_some())
+        .map(|r| r.id.to_string())
+        .collect();
+    assert_eq!(pins, [pinned], "{ctx}: the pin survived");
     assert_eq!(pool.check(None).unwrap(), vec![], "{ctx}: pool check");
     // And the pool works on.
     write_cycle(&pool, &a, 0, b"after the cut");
