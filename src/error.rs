@@ -42,6 +42,16 @@ pub enum Error {
     #[error("volume {vid}: {reason}")]
     Refused { vid: String, reason: String },
 
+    /// A refusal whose cause a client acts on (the Qubes driver retries a
+    /// detach of a device in use, drops a stale import, …): classified by
+    /// `cause`, never by the message's words.
+    #[error("{}", because_text(vid, *cause, reason))]
+    Because {
+        vid: String,
+        cause: Cause,
+        reason: String,
+    },
+
     #[error("pool {pool}: {reason}")]
     PoolRefused { pool: PathBuf, reason: String },
 
@@ -114,6 +124,75 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a request was refused, as a client can act on it; it crosses the
+/// control socket as the error's `cause` (doc/CONTROL.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Cause {
+    NoSuchVolume,
+    NoSuchPool,
+    NoSuchRevision,
+    /// `volume attach` of a volume that is attached.
+    AlreadyAttached,
+    /// `volume detach` of a volume that is not attached.
+    NotAttached,
+    /// The volume's loop device is still used (a VM, a mount).
+    DeviceInUse,
+    /// The volume runs; the operation needs it stopped.
+    Running,
+    /// The volume's run is written by something outside reflinkfs.
+    Held,
+    /// An import into the volume is in progress.
+    Importing,
+    /// Another operation on the volume is in progress.
+    InProgress,
+    /// A wait (for a stop) ran out of time.
+    TimedOut,
+}
+
+impl Cause {
+    /// The class, and so the exit status, of an error with this cause.
+    pub fn class(self) -> ErrorClass {
+        match self {
+            Cause::NoSuchVolume | Cause::NoSuchPool | Cause::NoSuchRevision => ErrorClass::NotFound,
+            Cause::NotAttached => ErrorClass::Refused,
+            Cause::AlreadyAttached
+            | Cause::DeviceInUse
+            | Cause::Running
+            | Cause::Held
+            | Cause::Importing
+            | Cause::InProgress
+            | Cause::TimedOut => ErrorClass::Busy,
+        }
+    }
+
+    /// The name on the wire.
+    pub fn name(self) -> &'static str {
+        match self {
+            Cause::NoSuchVolume => "no-such-volume",
+            Cause::NoSuchPool => "no-such-pool",
+            Cause::NoSuchRevision => "no-such-revision",
+            Cause::AlreadyAttached => "already-attached",
+            Cause::NotAttached => "not-attached",
+            Cause::DeviceInUse => "device-in-use",
+            Cause::Running => "running",
+            Cause::Held => "held",
+            Cause::Importing => "importing",
+            Cause::InProgress => "in-progress",
+            Cause::TimedOut => "timed-out",
+        }
+    }
+}
+
+/// The message of [`Error::Because`]: worded as a busy volume or as a
+/// refusal, by its class.
+fn because_text(vid: &str, cause: Cause, reason: &str) -> String {
+    match cause.class() {
+        ErrorClass::Busy => format!("volume {vid} is busy: {reason}"),
+        _ => format!("volume {vid}: {reason}"),
+    }
+}
 
 /// The classes of error, each with its own process exit status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -253,11 +332,32 @@ impl Error {
             Error::ReflinkUnsupported { .. } => ErrorClass::Unsupported,
             Error::VolumeExists(_) | Error::PoolExists { .. } => ErrorClass::Exists,
             Error::Remote { class, .. } => *class,
+            Error::Because { cause, .. } => cause.class(),
             Error::Protocol { .. } => ErrorClass::Protocol,
             Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOENT) => {
                 ErrorClass::NotFound
             }
             Error::Io { .. } => ErrorClass::Io,
+        }
+    }
+
+    /// The cause a client acts on, where there is one.
+    pub fn cause(&self) -> Option<Cause> {
+        match self {
+            Error::Because { cause, .. } => Some(*cause),
+            Error::NoSuchVolume(_) => Some(Cause::NoSuchVolume),
+            Error::NoSuchPool { .. } => Some(Cause::NoSuchPool),
+            Error::UnknownRevision { .. } => Some(Cause::NoSuchRevision),
+            _ => None,
+        }
+    }
+
+    /// A busy or refused volume, with the cause a client acts on.
+    pub fn because(vid: impl ToString, cause: Cause, reason: impl Into<String>) -> Error {
+        Error::Because {
+            vid: vid.to_string(),
+            cause,
+            reason: reason.into(),
         }
     }
 

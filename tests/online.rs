@@ -7,6 +7,7 @@ mod common;
 use common::cli::*;
 use common::mount::*;
 use common::*;
+use reflinkfs::ErrorClass;
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -685,6 +686,7 @@ fn an_import_written_in_place_commits_or_drops_and_changes_nothing_else() {
         .unwrap(),
         None,
         None,
+        None,
     );
     assert!(offline.unwrap_err().to_string().contains("mounted"));
     drop(p);
@@ -804,5 +806,210 @@ fn waiting_for_a_stop_returns_once_committed_or_names_the_holder() {
         1,
         "committed when the wait returned"
     );
+    m.unmount();
+}
+
+/// A process other than the test's that sends one request to a pool's
+/// socket and prints the reply, then lives until its stdin closes.
+fn other_client(pool: &Path, req: Value) -> std::process::Child {
+    let msg = serde_json::json!({
+        "protocol": reflinkfs::control::protocol_version(),
+        "request": req,
+    });
+    let script = "import socket, sys\n\
+        s = socket.socket(socket.AF_UNIX)\n\
+        s.connect(sys.argv[1])\n\
+        s.sendall(sys.argv[2].encode() + b'\\n')\n\
+        r = b''\n\
+        while not r.endswith(b'\\n'):\n\
+        \x20   c = s.recv(65536)\n\
+        \x20   if not c: break\n\
+        \x20   r += c\n\
+        sys.stdout.write(r.decode())\n\
+        sys.stdout.flush()\n\
+        sys.stdin.read()\n";
+    Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(pool.join(".reflinkfs/control.sock"))
+        .arg(msg.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The reply an [`other_client`] printed.
+fn reply_of(child: &mut std::process::Child) -> Value {
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply {line:?}: {e}"))
+}
+
+/// Qubes' restore killed before `import_data_end` (issue 16): the import
+/// must not wedge the volume until the pool is remounted.
+#[test]
+fn an_import_whose_writer_is_gone_is_dropped_and_changes_nothing() {
+    if !require(&["python3"]) {
+        return;
+    }
+    let fs = xfs();
+    let (pool, mnt) = fresh_pool(&fs, "import-stale");
+    rf_ok(&pool, "volume create appvms/a/private --size 4M");
+    let m = Mounted::mount(&pool, &mnt, "");
+    m.write_and_close("appvms/a/private-dirty.img", 0, &pattern(3, MIB as usize));
+    let want = sha256(&pool.join("appvms/a/private.img"));
+    let begin_req =
+        serde_json::json!({"op": "volume_import_begin", "vid": "a:private", "size": 4 * MIB});
+    let state = || rf_json(&pool, "volume info a:private")["state"].clone();
+    let import_file = pool.join("appvms/a/private-import.img");
+
+    // 1. Begun by a process that then exits (qubesd restarted): the
+    //    daemon drops it by itself.
+    let mut gone = other_client(&pool, begin_req.clone());
+    let r = reply_of(&mut gone);
+    assert_eq!(r["ok"]["result"], "import_begun", "{r}");
+    assert_eq!(state(), "importing");
+    drop(gone.stdin.take());
+    gone.wait().unwrap();
+    wait_for("the orphaned import to be dropped", 30, || {
+        state() == "stopped"
+    });
+    assert!(!import_file.exists(), "its file is removed");
+    assert!(daemon_log(&pool).contains("has exited; dropping the import"));
+
+    // 2. Begun again by the same process (the Import script killed, qubesd
+    //    alive, the restore tried again): the new begin replaces it.
+    let first = request(&pool, begin_req.clone());
+    assert_eq!(first["ok"]["result"], "import_begun", "{first}");
+    std::fs::write(&import_file, b"").ok();
+    let again = request(&pool, begin_req.clone());
+    assert_eq!(again["ok"]["result"], "import_begun", "{again}");
+    assert_eq!(std::fs::metadata(&import_file).unwrap().len(), 4 * MIB);
+
+    // 3. Another live process's import is not taken over…
+    let r = request(
+        &pool,
+        serde_json::json!({"op": "volume_import_abort", "vid": "a:private"}),
+    );
+    assert_eq!(r["ok"]["data"]["aborted"], true, "{r}");
+    let mut other = other_client(&pool, begin_req.clone());
+    assert_eq!(reply_of(&mut other)["ok"]["result"], "import_begun");
+    let r = request(&pool, begin_req.clone());
+    assert_eq!(
+        (r["error"]["kind"].as_str(), r["error"]["cause"].as_str()),
+        (Some("busy"), Some("importing")),
+        "{r}"
+    );
+    // …nor can the volume start meanwhile; `volume import --abort` drops it.
+    let e = open_rw_error(&m.path("appvms/a/private-dirty.img"));
+    assert_eq!(e.raw_os_error(), Some(libc::EBUSY), "{e}");
+    let out = rf_ok(&pool, "volume import --abort a:private");
+    assert!(out.contains("import dropped"), "{out}");
+    assert_eq!(state(), "stopped");
+    assert!(!import_file.exists());
+    let out = rf_json(&pool, "volume import --abort a:private");
+    assert_eq!(out["aborted"], false, "{out}");
+    drop(other.stdin.take());
+    other.wait().unwrap();
+    // The end of an import that was dropped says so.
+    let r = request(
+        &pool,
+        serde_json::json!({"op": "volume_import_end", "vid": "a:private", "success": true}),
+    );
+    assert_eq!(r["error"]["kind"], "refused", "{r}");
+    assert_eq!(sha256(&pool.join("appvms/a/private.img")), want);
+    m.unmount();
+
+    // 4. Without the daemon: a leftover import file goes at the pool's
+    //    open, and --abort finds nothing to drop.
+    std::fs::write(&import_file, b"left over").unwrap();
+    let out = rf_ok(&pool, "volume import --abort a:private");
+    assert!(out.contains("no import in progress"), "{out}");
+    assert!(!import_file.exists());
+    assert_eq!(sha256(&pool.join("appvms/a/private.img")), want);
+    // Neither FILE nor --abort: a usage error, nothing touched.
+    let out = rf(&pool, "volume import a:private");
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+}
+
+/// `qvm-prefs work template tplB` (issue 16): a stopped snapshot volume's
+/// source changes, offline and online; refused while it runs, for a cycle,
+/// a missing source and a volume that is not a snapshot.
+#[test]
+fn a_snapshot_volumes_source_changes_while_it_is_stopped() {
+    let fs = xfs();
+    let (pool, mnt) = fresh_pool(&fs, "set-source");
+    for t in ["a", "b"] {
+        rf_ok(
+            &pool,
+            format!("volume create vm-templates/{t}/root --size 1M").as_str(),
+        );
+    }
+    rf_ok(
+        &pool,
+        "volume create appvms/w/root --size 1M --snapshot-of vm-templates/a/root",
+    );
+    rf_ok(
+        &pool,
+        "volume create appvms/d/root --size 1M --snapshot-of appvms/w/root",
+    );
+    let m = Mounted::mount(&pool, &mnt, "");
+    m.write_and_close("vm-templates/a/root-dirty.img", 0, b"template A");
+    m.write_and_close("vm-templates/b/root-dirty.img", 0, b"template B");
+    m.unmount();
+    let checks = |online: bool| {
+        let info = rf_json(&pool, "volume info w:root");
+        assert_eq!(info["source"], "vm-templates/a/root", "{info}");
+        // Offline and online alike.
+        let out = rf_ok(&pool, "volume set w:root source b:root");
+        assert!(out.contains("vm-templates/b/root"), "{out}");
+        let info = rf_json(&pool, "volume info w:root");
+        assert_eq!(info["source"], "vm-templates/b/root", "{info}");
+        assert_eq!(info["resolved_source"], "vm-templates/b/root", "{info}");
+        // A disposable's root follows through its chain.
+        let info = rf_json(&pool, "volume info d:root");
+        assert_eq!(info["resolved_source"], "vm-templates/b/root", "{info}");
+        // Refusals change nothing.
+        for (args, class) in [
+            ("w:root source appvms/d/root", ErrorClass::Refused),
+            ("w:root source appvms/w/root", ErrorClass::Refused),
+            ("w:root source vm-templates/nope/root", ErrorClass::NotFound),
+            ("a:root source b:root", ErrorClass::Refused),
+            ("w:root source not/a/v@lid", ErrorClass::InvalidInput),
+        ] {
+            rf_fails(&pool, format!("volume set {args}").as_str(), class);
+        }
+        assert_eq!(
+            rf_json(&pool, "volume info w:root")["source"],
+            "vm-templates/b/root"
+        );
+        // Back, for the other run.
+        rf_ok(&pool, "volume set w:root source vm-templates/a/root");
+        let _ = online;
+    };
+    checks(false);
+    let m = Mounted::mount(&pool, &mnt, "");
+    checks(true);
+    rf_ok(&pool, "volume set w:root source b:root");
+    // The next start is of the new source.
+    let f = open_rw(&m.path("appvms/w/root-dirty.img"));
+    assert_eq!(read_at(&f, 0, 10), b"template B");
+    // Refused while it runs.
+    let r = request(
+        &pool,
+        serde_json::json!({"op": "volume_set", "vid": "w:root", "property": "source", "value": "a:root"}),
+    );
+    assert_eq!(
+        (r["error"]["kind"].as_str(), r["error"]["cause"].as_str()),
+        (Some("busy"), Some("running")),
+        "{r}"
+    );
+    drop(f);
+    m.wait_stopped("appvms/w/root-dirty.img");
+    // The old template has no dependant left: it can go (the upgrade).
+    rf_ok(&pool, "volume remove vm-templates/a/root");
     m.unmount();
 }

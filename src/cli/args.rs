@@ -244,9 +244,11 @@ pub enum VolumeCommand {
         pool: PoolArg,
         /// The volume: CLASS/VM/NAME (e.g. appvms/work/private), or VM:NAME.
         vid: String,
-        /// revisions_to_keep or rw.
+        /// revisions_to_keep, rw, or source (of a stopped snapshot volume:
+        /// the volume it starts from, e.g. a new template's root).
         property: String,
-        /// An integer >= -1 for revisions_to_keep; true or false for rw.
+        /// An integer >= -1 for revisions_to_keep; true or false for rw; a
+        /// volume id for source.
         #[arg(allow_negative_numbers = true)]
         value: String,
         #[command(flatten)]
@@ -254,7 +256,8 @@ pub enum VolumeCommand {
     },
     /// Replace a stopped origin volume's data with FILE (`-` for stdin).
     /// The data must be exactly the size, or nothing changes; the previous
-    /// image becomes a revision.
+    /// image becomes a revision. `--abort` instead drops an import written
+    /// in place (qubesd's restore) whose writer died.
     #[command(after_help = exit_status_help())]
     Import {
         #[command(flatten)]
@@ -262,7 +265,14 @@ pub enum VolumeCommand {
         /// The volume: CLASS/VM/NAME (e.g. appvms/work/private), or VM:NAME.
         vid: String,
         /// The data: a file, a block device, or - for stdin.
-        file: PathBuf,
+        #[arg(required_unless_present = "abort")]
+        file: Option<PathBuf>,
+        /// Drop the import in progress on VID that was begun by another
+        /// program (`volume_import_begin`, as qubesd's restore does) and
+        /// never ended: its file goes, the volume stays as it was. Without
+        /// a daemon there is none (opening the pool removes a leftover).
+        #[arg(long, conflicts_with_all = ["file", "size"])]
+        abort: bool,
         /// The size the data must have (default: the volume's size).
         #[arg(long, allow_hyphen_values = true)]
         size: Option<String>,

@@ -252,7 +252,12 @@ fn run_volume(cmd: VolumeCommand) -> Result<ExitCode> {
             value,
             json,
         } => {
-            Property::parse(&property, &value)?;
+            // A source is a volume id, checked like the others (it may be
+            // VM:NAME, which only the pool resolves).
+            match property.as_str() {
+                "source" => precheck_vid(&value)?,
+                _ => drop(Property::parse(&property, &value)?),
+            }
             dispatch(
                 &pool.pool,
                 Request::VolumeSet {
@@ -267,10 +272,24 @@ fn run_volume(cmd: VolumeCommand) -> Result<ExitCode> {
         VolumeCommand::Import {
             pool,
             vid,
+            abort: true,
+            json,
+            ..
+        } => dispatch(
+            &pool.pool,
+            Request::VolumeImportAbort { vid },
+            None,
+            json.json,
+        ),
+        VolumeCommand::Import {
+            pool,
+            vid,
             file,
             size,
             json,
+            ..
         } => {
+            let file = file.expect("clap requires FILE without --abort");
             let size = size.as_deref().map(parse_size).transpose()?;
             let source = open_input(&file)?;
             let bar = import_progress(&pool.pool, &vid, &file, &source, size);
@@ -456,7 +475,7 @@ fn call(pool: &Path, req: Request, fd: Option<File>) -> Result<Response> {
         }
         None => {
             let p = Pool::open(pool)?;
-            control::execute(&p, req, fd, None)
+            control::execute(&p, req, fd, None, None)
         }
     }
 }

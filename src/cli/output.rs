@@ -337,6 +337,13 @@ pub fn text(r: &Response) -> String {
             (true, None) => format!("{vid}: import committed\n"),
             (false, _) => format!("{vid}: import dropped; the volume is unchanged\n"),
         },
+        Response::ImportAborted { vid, aborted: true } => {
+            format!("{vid}: import dropped; the volume is unchanged\n")
+        }
+        Response::ImportAborted {
+            vid,
+            aborted: false,
+        } => format!("{vid}: no import in progress\n"),
         Response::Stopped { vid } => format!("{vid}: stopped\n"),
         // The device alone, for `dev=$(reflinkfs volume attach …)`.
         Response::Attached(a) => format!("{}\n", a.device),
@@ -396,6 +403,7 @@ pub fn json(r: &Response) -> Value {
             committed,
             saved_as,
         } => json!({ "vid": vid, "committed": committed, "saved_as": saved_as }),
+        Response::ImportAborted { vid, aborted } => json!({ "vid": vid, "aborted": aborted }),
         Response::Stopped { vid } => json!({ "vid": vid, "stopped": true }),
         Response::Attached(a) => v(a),
         Response::Detached { vid, device, stop } => {

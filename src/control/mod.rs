@@ -15,7 +15,7 @@ pub use protocol::*;
 use crate::engine::admin::CreateOptions;
 use crate::engine::transfer::PendingImport;
 use crate::engine::{NewKind, Pool, PoolProperty, Property, ValidVid};
-use crate::error::{Error, Result};
+use crate::error::{Cause, Error, Result};
 use std::fs::File;
 
 /// What only a running daemon knows.
@@ -38,7 +38,91 @@ pub trait Daemon: Send + Sync {
 
 /// Imports begun over the socket and not yet ended, by volume. Kept by the
 /// daemon: an import's data is written between two requests.
-pub type PendingImports = parking_lot::Mutex<std::collections::HashMap<ValidVid, PendingImport>>;
+pub type PendingImports = parking_lot::Mutex<std::collections::HashMap<ValidVid, BegunImport>>;
+
+/// An import begun over the socket, with the process that began it: the
+/// import is that process's, and goes when it does.
+pub struct BegunImport {
+    import: PendingImport,
+    owner: Option<Owner>,
+}
+
+/// The process a request came from.
+struct Owner {
+    pid: i32,
+    /// Readable once that process has exited (`None`: it could not be had,
+    /// and the import then lives until it is ended or aborted).
+    pidfd: Option<std::os::fd::OwnedFd>,
+}
+
+impl Owner {
+    fn of(pid: i32) -> Owner {
+        Owner {
+            pid,
+            pidfd: crate::sys::pidfd_open(pid).ok(),
+        }
+    }
+
+    fn gone(&self) -> bool {
+        use std::os::fd::AsFd;
+        self.pidfd
+            .as_ref()
+            .is_some_and(|fd| crate::sys::pidfd_exited(fd.as_fd()))
+    }
+}
+
+/// Drops the imports whose beginning process has exited (qubesd restarted,
+/// its restore killed with it): each leaves its volume as it was. The
+/// daemon calls it every second; the files are removed outside the lock.
+pub fn reap_stale_imports(imports: &PendingImports) {
+    let stale: Vec<(ValidVid, BegunImport)> = {
+        let mut map = imports.lock();
+        let gone: Vec<ValidVid> = map
+            .iter()
+            .filter(|(_, b)| b.owner.as_ref().is_some_and(Owner::gone))
+            .map(|(v, _)| v.clone())
+            .collect();
+        gone.into_iter()
+            .filter_map(|v| map.remove(&v).map(|b| (v, b)))
+            .collect()
+    };
+    for (vid, b) in stale {
+        let pid = b.owner.as_ref().map_or(0, |o| o.pid);
+        log::warn!(
+            "{vid}: the process that began its import (PID {pid}) has exited; dropping the import"
+        );
+        drop(b);
+    }
+}
+
+/// Takes out the import pending on `vid` that a new begin from `peer`
+/// replaces: one whose process has exited, or the same process's (a client
+/// imports a volume once at a time: its earlier import was abandoned, as
+/// when qubesd's restore was killed and is tried again). Another live
+/// process's import stays, and the begin is refused.
+fn take_replaced_import(
+    imports: &PendingImports,
+    vid: &ValidVid,
+    peer: Option<i32>,
+) -> Result<Option<BegunImport>> {
+    let mut map = imports.lock();
+    let Some(b) = map.get(vid) else {
+        return Ok(None);
+    };
+    let owner = b.owner.as_ref();
+    let replaceable = owner.is_none_or(|o| o.gone() || Some(o.pid) == peer);
+    if !replaceable {
+        return Err(Error::because(
+            vid,
+            Cause::Importing,
+            format!(
+                "an import into it begun by PID {} is in progress; `reflinkfs volume import --abort {vid}` drops it",
+                owner.map_or(0, |o| o.pid)
+            ),
+        ));
+    }
+    Ok(map.remove(vid))
+}
 
 /// A volume may be larger than the free space (its image is sparse, and
 /// that is how thin provisioning works), but its creator should know: the
@@ -109,6 +193,7 @@ pub fn execute(
     req: Request,
     fd: Option<File>,
     daemon: Option<&dyn Daemon>,
+    peer: Option<i32>,
 ) -> Result<Response> {
     let need_fd = |fd: Option<File>| -> Result<File> {
         fd.ok_or_else(|| Error::InvalidValue {
@@ -226,10 +311,19 @@ pub fn execute(
         Request::VolumeImportBegin { vid, size } => {
             let d = online(daemon, "an import written in place")?;
             let vid = vid_of(pool, &vid)?;
+            // An abandoned import is dropped first (its file removed),
+            // outside the map's lock.
+            if let Some(old) = take_replaced_import(d.imports(), &vid, peer)? {
+                log::warn!("{vid}: a new import replaces one that was begun and never ended");
+                drop(old);
+            }
             let import = pool.import_begin(&vid, size)?;
             let path = import.path.display().to_string();
-            // An import begun before and never ended is abandoned first.
-            d.imports().lock().insert(vid.clone(), import);
+            let begun = BegunImport {
+                import,
+                owner: peer.map(Owner::of),
+            };
+            d.imports().lock().insert(vid.clone(), begun);
             Response::ImportBegun {
                 vid: vid.to_string(),
                 path,
@@ -245,13 +339,29 @@ pub fn execute(
                 .remove(&vid)
                 .ok_or_else(|| Error::Refused {
                     vid: vid.to_string(),
-                    reason: "no import was begun (volume_import_begin) for it".into(),
+                    reason: "no import was begun (volume_import_begin) for it, or it was dropped (its writer's process exited, or `volume import --abort`)".into(),
                 })?;
-            let saved_as = pool.import_end(import, success)?;
+            let saved_as = pool.import_end(import.import, success)?;
             Response::ImportEnded {
                 vid: vid.to_string(),
                 committed: success,
                 saved_as,
+            }
+        }
+        Request::VolumeImportAbort { vid } => {
+            let vid = vid_of(pool, &vid)?;
+            let taken = daemon.and_then(|d| d.imports().lock().remove(&vid));
+            let aborted = taken.is_some();
+            if let Some(b) = taken {
+                log::warn!(
+                    "{vid}: import begun by PID {} aborted on request",
+                    b.owner.as_ref().map_or(0, |o| o.pid)
+                );
+                drop(b);
+            }
+            Response::ImportAborted {
+                vid: vid.to_string(),
+                aborted,
             }
         }
         Request::VolumeWaitStopped { vid, timeout_ms } => {
@@ -259,14 +369,18 @@ pub fn execute(
             let timeout = std::time::Duration::from_millis(timeout_ms.unwrap_or(60_000));
             pool.wait_stopped(&vid, timeout)
                 .map_err(|e| match (e, daemon) {
-                    (Error::Busy { vid: v, reason }, Some(d))
-                        if !reason.contains("open for writing by") =>
-                    {
-                        Error::Busy {
-                            reason: format!("{reason}: held by {}", d.holders(&vid)),
+                    (
+                        Error::Because {
                             vid: v,
-                        }
-                    }
+                            cause: Cause::TimedOut,
+                            reason,
+                        },
+                        Some(d),
+                    ) => Error::because(
+                        v,
+                        Cause::TimedOut,
+                        format!("{reason}: held by {}", d.holders(&vid)),
+                    ),
                     (e, _) => e,
                 })?;
             Response::Stopped {
@@ -315,8 +429,20 @@ pub fn execute(
             property,
             value,
         } => {
-            let prop = Property::parse(&property, &value)?;
             let vid = vid_of(pool, &vid)?;
+            // A source may be given as VM:NAME too; it must exist.
+            let value = match property.as_str() {
+                "source" => vid_of(pool, &value)
+                    .map_err(|e| match e {
+                        Error::NoSuchVolume(s) => {
+                            Error::NoSuchVolume(format!("{s} (the new source of {vid})"))
+                        }
+                        e => e,
+                    })?
+                    .to_string(),
+                _ => value,
+            };
+            let prop = Property::parse(&property, &value)?;
             pool.set(&vid, prop)?;
             Response::Set {
                 vid: vid.to_string(),

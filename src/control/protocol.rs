@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 /// ignore (a new request, a new optional field).
 pub const PROTOCOL_MAJOR: u32 = 1;
 
-pub const PROTOCOL_MINOR: u32 = 2;
+pub const PROTOCOL_MINOR: u32 = 3;
 
 /// `MAJOR.MINOR` of this build.
 pub fn protocol_version() -> String {
@@ -118,6 +118,11 @@ pub enum Request {
     VolumeImportEnd {
         vid: String,
         success: bool,
+    },
+    /// (1.3) Drops an import begun with `volume_import_begin` and not
+    /// ended (its writer died): the file goes, the volume is as it was.
+    VolumeImportAbort {
+        vid: String,
     },
     /// (1.1) Waits until the volume's run is over and its commit (or
     /// discard) is done and durable; at once when it is not running.
@@ -295,6 +300,11 @@ pub enum Response {
         path: String,
         size: u64,
     },
+    /// `volume_import_abort`: whether there was an import to drop.
+    ImportAborted {
+        vid: String,
+        aborted: bool,
+    },
     /// `volume_import_end`: whether the data was committed, and the
     /// revision the previous image was kept as.
     ImportEnded {
@@ -388,6 +398,11 @@ pub struct WireError {
     /// The CLI's exit status for it.
     pub code: u8,
     pub message: String,
+    /// (1.3) Why, where a client may act on it: `no-such-volume`,
+    /// `already-attached`, `device-in-use`, `timed-out`, … (doc/CONTROL.md).
+    /// Clients classify on `kind` and `cause`, never on the message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<String>,
 }
 
 impl From<&Error> for WireError {
@@ -396,6 +411,7 @@ impl From<&Error> for WireError {
             kind: e.class().name().to_owned(),
             code: e.class().exit_code(),
             message: e.to_string(),
+            cause: e.cause().map(|c| c.name().to_owned()),
         }
     }
 }

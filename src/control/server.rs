@@ -204,7 +204,7 @@ fn serve(mut stream: UnixStream, pool: &Pool, daemon: &dyn Daemon, owner: u32) {
         return;
     }
     log::info!("control: {req:?} from PID {pid} (uid {uid})");
-    let result = execute(pool, req, fd, Some(daemon));
+    let result = execute(pool, req, fd, Some(daemon), Some(pid));
     daemon.settled();
     match result {
         Ok(response) => send(&mut stream, &Reply::ok(response)),

@@ -251,7 +251,7 @@ fn serve(
         started: std::time::Instant::now(),
         imports: Default::default(),
     });
-    crate::control::server::spawn(pool.clone(), daemon).map_err(|e| {
+    crate::control::server::spawn(pool.clone(), daemon.clone()).map_err(|e| {
         fail(
             &mut pipe,
             Error::io(
@@ -261,15 +261,18 @@ fn serve(
         )
     })?;
     // Housekeeping: commits the runs held by a writer outside reflinkfs
-    // once it lets go (every second), and drops inode numbers of files
+    // once it lets go (every second), drops the imports whose writer's
+    // process exited (every second), and drops inode numbers of files
     // that are gone (every ten).
     let fs_house = fs.clone();
+    let daemon_house = daemon.clone();
     std::thread::Builder::new()
         .name("housekeeping".into())
         .spawn(move || {
             for tick in 1u64.. {
                 std::thread::sleep(std::time::Duration::from_secs(1));
                 fs_house.retry_held();
+                crate::control::reap_stale_imports(&daemon_house.imports);
                 if tick % 10 == 0 {
                     fs_house.sweep_inodes();
                 }

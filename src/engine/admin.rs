@@ -11,7 +11,7 @@ use super::revision::Revision;
 use super::size::check_size;
 use super::vid::ValidVid;
 use super::volume::{Claim, Life, OpName, Volume};
-use crate::error::{Error, Result};
+use crate::error::{Cause, Error, Result};
 use crate::sys;
 use std::fs::File;
 use std::os::fd::AsFd;
@@ -123,7 +123,11 @@ impl Pool {
     fn claim_any(&self, vid: &ValidVid, op: OpName) -> Result<Claim> {
         self.volume(vid)?
             .claim(op, |life| match life.run().and_then(|r| r.held.as_ref()) {
-                Some(h) => Err(busy(vid, super::lifecycle::held_reason(h))),
+                Some(h) => Err(Error::because(
+                    vid,
+                    Cause::Held,
+                    super::lifecycle::held_reason(h),
+                )),
                 None => Ok(()),
             })
     }
@@ -611,13 +615,14 @@ impl Drop for Reserved<'_> {
 /// Refuses an operation on a running (or held) volume.
 fn not_running(vid: &ValidVid, life: &Life, what: &str) -> Result<()> {
     match life.run() {
-        Some(run) => Err(busy(
-            vid,
-            match &run.held {
-                Some(h) => super::lifecycle::held_reason(h),
-                None => format!("it is running; stop it before {what}"),
-            },
-        )),
+        Some(run) => Err(match &run.held {
+            Some(h) => Error::because(vid, Cause::Held, super::lifecycle::held_reason(h)),
+            None => Error::because(
+                vid,
+                Cause::Running,
+                format!("it is running; stop it before {what}"),
+            ),
+        }),
         None => Ok(()),
     }
 }

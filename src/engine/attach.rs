@@ -17,7 +17,7 @@ use super::lifecycle::{io_ctx, open_image, StopOutcome};
 use super::pool::{Names, Pool};
 use super::vid::ValidVid;
 use super::volume::{Lease, Phase, Run, Volume};
-use crate::error::{Error, Result};
+use crate::error::{Cause, Error, Result};
 use crate::sys;
 use std::os::fd::AsFd;
 use std::sync::atomic::AtomicU64;
@@ -68,8 +68,9 @@ impl Pool {
         }
         let vol = self.volume(vid)?;
         if let Some(a) = vol.snapshot().attached {
-            return Err(busy(
+            return Err(Error::because(
                 vid,
+                Cause::AlreadyAttached,
                 format!("it is already attached as {}", a.device().display()),
             ));
         }
@@ -133,8 +134,9 @@ impl Pool {
     pub fn detach(&self, vid: &ValidVid, force: bool, wait: Duration) -> Result<Detached> {
         let vol = self.volume(vid)?;
         let attached = vol.snapshot().attached.ok_or_else(|| {
-            refused(
+            Error::because(
                 vid,
+                Cause::NotAttached,
                 "it is not attached (`reflinkfs volume attach` attaches it)",
             )
         })?;
@@ -168,8 +170,9 @@ impl Pool {
                 users.push("a mount or another exclusive user".into());
             }
             if !users.is_empty() {
-                return Err(busy(
+                return Err(Error::because(
                     vid,
+                    Cause::DeviceInUse,
                     format!(
                         "its loop device {} is in use by {}; stop that first (shut the VM down, unmount), or give --force for a VM that crashed",
                         dev.display(),

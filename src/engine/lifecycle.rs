@@ -8,7 +8,7 @@ use super::fsops::{Dir, Entry, FileSig};
 use super::pool::{Names, Pool};
 use super::vid::ValidVid;
 use super::volume::{Attachment, Lease, Life, PendingStop, Phase, Run, Volume};
-use crate::error::{Error, Result};
+use crate::error::{Cause, Error, Result};
 use crate::sys;
 use parking_lot::MutexGuard;
 use std::fs::File;
@@ -177,10 +177,7 @@ impl Pool {
                 Phase::Starting | Phase::Committing => vol.wait(&mut life),
                 Phase::Running(run) => {
                     if let Some(h) = &run.held {
-                        return Err(Error::Busy {
-                            vid: vid.to_string(),
-                            reason: held_reason(h),
-                        });
+                        return Err(Error::because(vid, Cause::Held, held_reason(h)));
                     }
                     if exclusive {
                         return Err(Error::Busy {
@@ -449,10 +446,7 @@ impl Pool {
                 if let StopOutcome::Held { holders } =
                     self.commit_dirty(vol, &dir, None, contract)?
                 {
-                    return Err(Error::Busy {
-                        vid: vid.to_string(),
-                        reason: held_reason(&holders),
-                    });
+                    return Err(Error::because(vid, Cause::Held, held_reason(&holders)));
                 }
             } else {
                 dir.remove(&vid.to_string(), &n.dirty()).map_err(io_ctx(

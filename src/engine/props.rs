@@ -7,14 +7,17 @@ use super::failpoint;
 use super::pool::Pool;
 use super::vid::ValidVid;
 use super::volume::{OpName, Volume};
-use crate::error::{Error, Result};
+use crate::error::{Cause, Error, Result};
 use std::sync::Arc;
 
 /// A property `volume set` can change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Property {
     RevisionsToKeep(i64),
     Rw(bool),
+    /// The volume a stopped snapshot volume starts from (qubesd changes
+    /// it when an AppVM moves to another template).
+    Source(ValidVid),
 }
 
 impl Property {
@@ -40,9 +43,15 @@ impl Property {
                     "{value:?} is not a boolean (true or false)"
                 ))),
             },
+            "source" => value
+                .trim()
+                .parse::<ValidVid>()
+                .map(Property::Source)
+                .map_err(|e| invalid(format!("{value:?} is not a volume id: {e}"))),
             "size" => Err(invalid("use `volume resize` to change the size".into())),
             _ => Err(invalid(
-                "unknown property; the settable properties are revisions_to_keep and rw".into(),
+                "unknown property; the settable properties are revisions_to_keep, rw and source"
+                    .into(),
             )),
         }
     }
@@ -61,7 +70,7 @@ impl PoolProperty {
         match name {
             "revisions_to_keep" | "revisions-to-keep" => match Property::parse(name, value)? {
                 Property::RevisionsToKeep(n) => Ok(PoolProperty::RevisionsToKeep(n)),
-                Property::Rw(_) => unreachable!("parsed as revisions_to_keep"),
+                _ => unreachable!("parsed as revisions_to_keep"),
             },
             _ => Err(Error::InvalidValue {
                 property: name.to_owned(),
@@ -98,14 +107,40 @@ impl Pool {
         let old = claim.config();
         let mut cfg = (*old).clone();
         let running = claim.lock().run().is_some();
-        match prop {
+        match &prop {
             Property::Rw(rw) => {
                 if running {
                     return Err(busy(vid, "rw cannot change while it is running"));
                 }
-                cfg.rw = rw;
+                cfg.rw = *rw;
+            }
+            Property::Source(src) => {
+                if cfg.kind() != VolumeKind::Snapshot {
+                    return Err(refused(
+                        vid,
+                        format!(
+                            "a {} volume has no source; only a snapshot volume's can be set",
+                            cfg.kind().as_str()
+                        ),
+                    ));
+                }
+                if running {
+                    return Err(Error::because(
+                        vid,
+                        Cause::Running,
+                        "its source cannot change while it is running; stop it first",
+                    ));
+                }
+                cfg.source = Some(src.clone());
+                cfg.validate(&self.config()).map_err(|r| refused(vid, r))?;
+                // The new source must exist, and its chain end at an origin
+                // volume without coming back here.
+                self.volume(src)
+                    .map_err(|_| Error::NoSuchVolume(format!("{src} (the new source of {vid})")))?;
+                self.resolve_source(&cfg)?;
             }
             Property::RevisionsToKeep(n) => {
+                let n = *n;
                 check_revisions_to_keep(n)?;
                 if cfg.kind() != VolumeKind::Origin && n != 0 {
                     return Err(refused(

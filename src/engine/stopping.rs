@@ -7,7 +7,7 @@ use super::lifecycle::held_reason;
 use super::pool::Pool;
 use super::vid::ValidVid;
 use super::volume::{PendingStop, Phase};
-use crate::error::{Error, Result};
+use crate::error::{Cause, Error, Result};
 use crate::sys;
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
@@ -59,10 +59,7 @@ impl Pool {
                 Phase::Removed => return Err(Error::NoSuchVolume(vid.to_string())),
                 Phase::Running(run) => {
                     if let Some(holders) = &run.held {
-                        return Err(Error::Busy {
-                            vid: vid.to_string(),
-                            reason: held_reason(holders),
-                        });
+                        return Err(Error::because(vid, Cause::Held, held_reason(holders)));
                     }
                     // Its last lease went meanwhile: a lingering run stops
                     // now rather than when its linger ends.
@@ -80,14 +77,15 @@ impl Pool {
             }
             if vol.wait_until(&mut life, deadline) {
                 let open = life.run().map_or(0, |r| r.leases);
-                return Err(Error::Busy {
-                    vid: vid.to_string(),
-                    reason: format!(
+                return Err(Error::because(
+                    vid,
+                    Cause::TimedOut,
+                    format!(
                         "still {} after {} s, with {open} open file(s) on its -dirty.img",
                         life.state_name(),
                         timeout.as_secs_f64()
                     ),
-                });
+                ));
             }
         }
     }

@@ -37,7 +37,7 @@
 use super::config::VolumeConfig;
 use super::fsops::FileSig;
 use super::vid::ValidVid;
-use crate::error::{Error, Result};
+use crate::error::{Cause, Error, Result};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::any::Any;
 use std::fs::File;
@@ -283,10 +283,15 @@ impl Volume {
             }
             if let Some(op) = life.op {
                 if !op.waitable() {
-                    return Err(Error::Busy {
-                        vid: self.vid.to_string(),
-                        reason: format!("it is {} (an operation in progress)", op.state()),
-                    });
+                    let cause = match op {
+                        OpName::Import => Cause::Importing,
+                        _ => Cause::InProgress,
+                    };
+                    return Err(Error::because(
+                        &self.vid,
+                        cause,
+                        format!("it is {} (an operation in progress)", op.state()),
+                    ));
                 }
             }
             let transient = matches!(life.phase, Phase::Starting | Phase::Committing);

@@ -170,6 +170,32 @@ pub fn peer_cred(sock: BorrowedFd<'_>) -> io::Result<(i32, u32, u32)> {
     Ok((cred.pid, cred.uid, cred.gid))
 }
 
+/// `pidfd_open(pid)`: a handle on a process that stays about that process
+/// (never one that reuses its PID). Errors: `ESRCH` (no such process).
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1;
+    // no memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0 as libc::c_uint) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the syscall just returned this fd and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
+/// Whether the process of a pidfd has exited (its pidfd polls readable).
+/// An error of poll counts as not exited: the caller keeps what it has.
+pub fn pidfd_exited(fd: BorrowedFd<'_>) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is one valid pollfd, and the count says one.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n == 1 && pfd.revents & libc::POLLIN != 0
+}
+
 /// Sends `data` on a Unix stream socket, with `fd` attached as SCM_RIGHTS
 /// when given. Returns the bytes sent (the ancillary data goes with the
 /// first byte). Errors: `EPIPE`, `ECONNRESET`.
