@@ -371,6 +371,8 @@ class ReflinkfsVolume(qubes.storage.Volume):
             await self._acall("volume_wait_stopped",
                               timeout_ms=int(self.pool.stop_timeout * 1000),
                               timeout=self.pool.stop_timeout + REQUEST_TIMEOUT)
+            # What qubesd reads next (size, revisions) as it is now.
+            await self._ainfo()
         except ReflinkfsError as e:
             if e.is_("not-found", "no-such-volume"):
                 return self
