@@ -10,6 +10,7 @@ import os
 import stat
 import subprocess
 import threading
+import time
 import weakref
 
 import qubes.storage
@@ -210,9 +211,20 @@ class ReflinkfsPool(qubes.storage.Pool):
 
     # qubesd sets it after construction (`qvm-pool set`): the pool's own
     # default follows, so that volumes made outside qubesd agree.
+    # On qubesd's loop: a short request, and none while the pool is not
+    # mounted (qubesd gives every new volume its revisions_to_keep anyway).
     revisions_to_keep = pushed(
         "_revisions_to_keep", int,
-        lambda p, n: p.call("pool_set", property="revisions_to_keep", value=str(n)))
+        lambda p, n: p._set_quietly("revisions_to_keep", str(n)))
+
+    def _set_quietly(self, prop, value):
+        try:
+            self.call("pool_set", property=prop, value=value, timeout=QUICK_TIMEOUT,
+                      mount=False)
+        except ReflinkfsError as e:
+            if e.cause != "not-mounted":
+                raise
+            log.info("pool %s: not mounted; reflinkfs's %s stays as it is", self.name, prop)
 
     # The filesystem's numbers, from the pool directory (never the mount:
     # it may be stale, and reading it must never mount anything).
@@ -424,6 +436,14 @@ class ReflinkfsPool(qubes.storage.Pool):
         for attempt in (1, 2):
             try:
                 return control.request(self.dir_path, op, fd=fd, timeout=timeout, **fields)
+            except (ConnectionResetError, BrokenPipeError) as e:
+                # Seen once while a new daemon started on a stale mount's
+                # pool: a connection dropped unanswered. Only a request that
+                # changes nothing is safe to send again.
+                if attempt == 2 or op not in READ_ONLY_OPS:
+                    raise wrap(e, "pool {}: talking to its daemon".format(self.name)) from e
+                log.info("pool %s: %s: %s; asking again", self.name, op, e)
+                time.sleep(0.1)
             except control.NotMounted:
                 if attempt == 2 or not mount:
                     raise ReflinkfsError("pool {}: not mounted".format(self.name),
@@ -435,6 +455,9 @@ class ReflinkfsPool(qubes.storage.Pool):
                 raise wrap(e, "pool {}: talking to its daemon".format(self.name)) from e
         raise AssertionError("unreachable")
 
+
+# The requests that change nothing (sent again after a dropped connection).
+READ_ONLY_OPS = ("status", "pool_info", "volume_info", "volume_list", "volume_revisions")
 
 # The CLI's exit statuses (doc/CONTROL.md), for the kind of a failed run.
 _KIND_OF_STATUS = {1: "io", 3: "invalid-input", 4: "not-found", 5: "busy", 6: "refused",
