@@ -12,8 +12,15 @@ import stat
 import struct
 
 #: The protocol version this client speaks; the daemon must share its major.
-PROTOCOL = "1.2"
+PROTOCOL = "1.3"
 MAJOR = PROTOCOL.split(".")[0]
+
+#: Seconds of silence a request may take before it fails (a volume's stop
+#: and a data copy have their own).
+REQUEST_TIMEOUT = 120
+#: Seconds of silence for the requests a synchronous property makes on
+#: qubesd's event loop.
+QUICK_TIMEOUT = 2
 
 #: The largest reply read (a `volume_list` of many volumes is large).
 MAX_REPLY = 64 << 20
@@ -21,13 +28,16 @@ MAX_REPLY = 64 << 20
 
 class ControlError(Exception):
     """A request the daemon refused or failed: its kind (`not-found`,
-    `busy`, ...), the CLI's exit status for it, and a one-line message."""
+    `busy`, ...), the CLI's exit status for it, a one-line message, and
+    (protocol 1.3) its machine-readable cause (`no-such-volume`,
+    `running`, ...; None when the daemon gave none)."""
 
-    def __init__(self, kind, code, message):
+    def __init__(self, kind, code, message, cause=None):
         super().__init__(message)
         self.kind = kind
         self.code = code
         self.message = message
+        self.cause = cause
 
 
 class NotMounted(Exception):
@@ -71,7 +81,9 @@ def _open_meta(pool_dir):
 
 def request(pool_dir, op, fd=None, timeout=None, **fields):
     """Sends one request and returns the reply's data; raises ControlError
-    for a refusal, NotMounted when no daemon serves the pool."""
+    for a refusal (and for a reply that is not one: cut short, too long,
+    not JSON, or late, past `timeout` seconds of silence), NotMounted when
+    no daemon serves the pool. Other OSErrors (the socket's) pass."""
     path = socket_path(pool_dir)
     meta = _open_meta(pool_dir)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -88,6 +100,8 @@ def request(pool_dir, op, fd=None, timeout=None, **fields):
             sock.connect("/proc/self/fd/{}/control.sock".format(meta))
         except (ConnectionRefusedError, FileNotFoundError):
             raise NotMounted(pool_dir) from None
+        except socket.timeout:
+            raise _late(pool_dir, op, timeout) from None
         _check_peer(sock, pool_dir)
         message = {"protocol": PROTOCOL, "request": dict(fields, op=op)}
         data = json.dumps(message).encode() + b"\n"
@@ -97,7 +111,10 @@ def request(pool_dir, op, fd=None, timeout=None, **fields):
         sock.sendall(data)
         reply = b""
         while not reply.endswith(b"\n"):
-            chunk = sock.recv(1 << 16)
+            try:
+                chunk = sock.recv(1 << 16)
+            except socket.timeout:
+                raise _late(pool_dir, op, timeout) from None
             if not chunk:
                 break
             reply += chunk
@@ -109,7 +126,13 @@ def request(pool_dir, op, fd=None, timeout=None, **fields):
     if not reply:
         raise ControlError("io", 1, "the daemon of {} closed the connection without "
                            "a reply".format(pool_dir))
-    answer = json.loads(reply)
+    try:
+        answer = json.loads(reply)
+        if not isinstance(answer, dict):
+            raise ValueError("not an object")
+    except ValueError as e:
+        raise ControlError("io", 1, "the daemon of {} sent a reply that is not a JSON "
+                           "object ({})".format(pool_dir, e), cause="bad-reply") from None
     theirs = str(answer.get("protocol", "0 (unversioned)"))
     if theirs.split(".")[0] != MAJOR:
         raise ControlError(
@@ -119,5 +142,17 @@ def request(pool_dir, op, fd=None, timeout=None, **fields):
             "belongs to".format(pool_dir, theirs, PROTOCOL))
     if "error" in answer:
         e = answer["error"]
-        raise ControlError(e.get("kind", "io"), e.get("code", 1), e.get("message", ""))
-    return answer["ok"]["data"]
+        if not isinstance(e, dict):
+            e = {"message": str(e)}
+        raise ControlError(e.get("kind", "io"), e.get("code", 1), str(e.get("message", "")),
+                           cause=e.get("cause"))
+    try:
+        return answer["ok"]["data"]
+    except (KeyError, TypeError):
+        raise ControlError("io", 1, "the daemon of {} sent a reply with neither ok nor "
+                           "error".format(pool_dir), cause="bad-reply") from None
+
+
+def _late(pool_dir, op, timeout):
+    return ControlError("io", 1, "the daemon of {} did not answer {} within {} s".format(
+        pool_dir, op, timeout), cause="timed-out")

@@ -1,6 +1,10 @@
 """A volume of a reflinkfs pool, as qubesd sees it.
 
-The volume's data and lifecycle live in reflinkfs. With the pool's
+The volume's data and lifecycle live in reflinkfs. qubesd's event loop
+is never blocked on it: the coroutines run their requests in the
+executor, with timeouts; the synchronous properties answer from what the
+driver keeps (refreshed by the coroutines) or with a short request that
+never mounts anything. With the pool's
 `attach` (the default), `start()` has reflinkfs put a loop device straight
 on the volume's running image (`volume attach`: the start, a reflink
 snapshot, happens then), `block_device()` gives Xen that device (`phy:`),
@@ -12,12 +16,16 @@ close, and `stop()` waits for that commit.
 """
 
 import asyncio
+import functools
 import inspect
 import logging
 import os
+import time
 
 import qubes.storage
 
+from .control import QUICK_TIMEOUT, REQUEST_TIMEOUT
+from .errors import ReflinkfsError, wrap
 from .props import as_bool, pushed
 
 log = logging.getLogger("qubes.storage.reflinkfs")
@@ -46,6 +54,11 @@ class ReflinkfsVolume(qubes.storage.Volume):
     _ready = False
     # The loop device of `volume attach`, while the volume is attached.
     _device = None
+    # What the synchronous properties answer from: the last usage seen
+    # (bytes, time.monotonic() of the reading) and revisions.
+    _usage = None
+    _usage_pending = False
+    _revisions = None
 
     def __init__(self, name, pool, vid, **kwargs):
         unknown = sorted(set(kwargs) - set(KNOWN))
@@ -65,16 +78,39 @@ class ReflinkfsVolume(qubes.storage.Volume):
 
     # -- requests --------------------------------------------------------
 
-    def _call(self, op, **fields):
-        return self.pool.call(op, vid=self.vid, **fields)
+    def _quick(self, op, **fields):
+        """A request made on qubesd's loop (a synchronous property): a
+        short timeout, and never a mount (ReflinkfsError with cause
+        `not-mounted` instead)."""
+        return self.pool.call(op, vid=self.vid, timeout=QUICK_TIMEOUT, mount=False, **fields)
 
-    async def _acall(self, op, fd=None, **fields):
+    async def _acall(self, op, fd=None, timeout=REQUEST_TIMEOUT, **fields):
+        """A request in the executor, mounting the pool if needed."""
+        vid = fields.pop("vid", self.vid)
+        if vid is not None:
+            fields["vid"] = vid
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            None, lambda: self.pool.call(op, fd=fd, vid=self.vid, **fields))
+            None, functools.partial(self.pool.call, op, fd=fd, timeout=timeout, **fields))
 
-    def _info(self):
-        return self._call("volume_info", brief=True)
+    async def _ainfo(self):
+        info = await self._acall("volume_info", brief=True)
+        self._keep(info)
+        return info
+
+    def _keep(self, info):
+        """Keeps what the synchronous properties answer from."""
+        if info.get("size") is not None:
+            self._size = int(info["size"])
+        usage = info.get("usage")
+        if isinstance(usage, dict):
+            try:
+                self._usage = (int(usage["total"]["allocated"]), time.monotonic())
+            except (KeyError, TypeError, ValueError):
+                pass
+        revs = info.get("revisions")
+        if isinstance(revs, list) and self.save_on_stop:
+            self._revisions = _revisions_of(revs)
 
     # -- properties qubesd sets ----------------------------------------
 
@@ -84,9 +120,17 @@ class ReflinkfsVolume(qubes.storage.Volume):
         lambda v, n: v.save_on_stop and v._set("revisions_to_keep", str(n)))
 
     def _set(self, prop, value):
-        return self._call("volume_set", property=prop, value=value)
+        """`qvm-volume config`: reflinkfs hears of it now if its pool is
+        mounted, else at the volume's next start (which brings rw and
+        revisions_to_keep in line)."""
+        try:
+            return self._quick("volume_set", property=prop, value=value)
+        except ReflinkfsError as e:
+            if e.cause == "not-mounted":
+                return None
+            raise
 
-    # -- what qubesd reads -----------------------------------------------
+    # -- what qubesd reads (synchronous: on its event loop) ---------------
 
     @property
     def path(self):
@@ -94,10 +138,14 @@ class ReflinkfsVolume(qubes.storage.Volume):
         mount's NAME-dirty.img."""
         if self.pool.attach:
             if self._device is None:
-                self._device = self.pool.attached_device(self.vid)
+                try:
+                    self._device = self.pool.attached_device(self.vid, timeout=QUICK_TIMEOUT,
+                                                             mount=False)
+                except ReflinkfsError:
+                    pass
             if self._device is not None:
                 return self._device
-        return os.path.join(self.pool.mounted_at, self.vid + "-dirty.img")
+        return os.path.join(self.pool.known_mountpoint, self.vid + "-dirty.img")
 
     def block_device(self):
         return qubes.storage.BlockDevice(self.path, self.name, None, self.rw,
@@ -105,10 +153,10 @@ class ReflinkfsVolume(qubes.storage.Volume):
 
     @property
     def size(self):
-        try:
-            return int(self._info()["size"])
-        except qubes.storage.StoragePoolException:
-            return self._size
+        """The size reflinkfs had at the driver's last request about this
+        volume (qubes.xml's until then): qubes.xml is written from it, and
+        reading it never asks anyone."""
+        return self._size
 
     @size.setter
     def size(self, value):
@@ -116,31 +164,79 @@ class ReflinkfsVolume(qubes.storage.Volume):
         # create will use; reflinkfs keeps the real one.
         self._size = int(value)
 
+    #: Seconds a usage reading is fresh.
+    USAGE_FRESH = 30
+
     @property
     def usage(self):
+        """The allocated bytes at the last reading. A reading counts every
+        extent of the volume's files, so it is never made on qubesd's loop:
+        a stale one there starts a new one in the executor and answers the
+        old; outside a loop it is made at once (with a short timeout)."""
+        now = time.monotonic()
+        if self._usage is not None and now - self._usage[1] < self.USAGE_FRESH:
+            return self._usage[0]
         try:
-            info = self._call("volume_info", brief=False)
-            return int(info["usage"]["total"]["allocated"])
-        except (qubes.storage.StoragePoolException, KeyError, TypeError):
-            return 0
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None:
+            self._read_usage()
+        elif not self._usage_pending:
+            self._usage_pending = True
+            loop.run_in_executor(None, self._read_usage)
+        return self._usage[0] if self._usage is not None else 0
+
+    def _read_usage(self):
+        try:
+            info = self.pool.call("volume_info", vid=self.vid, brief=False, mount=False,
+                                  timeout=REQUEST_TIMEOUT)
+            self._usage = (int(info["usage"]["total"]["allocated"]), time.monotonic())
+        except (ReflinkfsError, KeyError, TypeError, ValueError) as e:
+            log.debug("volume %s: usage: %s", self.vid, e)
+        finally:
+            self._usage_pending = False
 
     @property
     def revisions(self):
-        """{revision: ISO-8601 UTC time}, oldest first."""
+        """{revision: ISO-8601 UTC time}, oldest first (the last known
+        while the pool is not mounted)."""
         if not self.save_on_stop:
             return {}
-        revs = self._call("volume_revisions")
-        return {r["id"]: r["timestamp"].rstrip("Z") for r in revs}
+        try:
+            self._revisions = _revisions_of(self._quick("volume_revisions"))
+        except ReflinkfsError as e:
+            if e.cause != "not-mounted":
+                raise
+        return dict(self._revisions or {})
 
     def is_dirty(self):
         if not self.save_on_stop:
             return False
-        return self._info()["state"] in UNCOMMITTED
+        try:
+            return self._quick("volume_info", brief=True)["state"] in UNCOMMITTED
+        except ReflinkfsError as e:
+            # No daemon, no run: a dirty image left by a crash is committed
+            # when the pool is mounted again.
+            if e.cause == "not-mounted":
+                return False
+            raise
 
     def is_outdated(self):
+        """Whether the next start takes a newer image of the source: one
+        the source committed since this run began, or another source
+        (`qvm-prefs VM template`)."""
         if not self.snap_on_start:
             return False
-        return bool(self._info().get("is_outdated"))
+        try:
+            info = self._quick("volume_info", brief=True)
+        except ReflinkfsError as e:
+            if e.cause == "not-mounted":
+                return False
+            raise
+        if self.source is not None and info.get("source") not in (None, self.source.vid):
+            return True
+        return bool(info.get("is_outdated"))
 
     # -- lifecycle -------------------------------------------------------
 
@@ -148,13 +244,13 @@ class ReflinkfsVolume(qubes.storage.Volume):
     async def create(self):
         fields = {"size": self.size_at_create(), "read_only": not self.rw}
         if self.snap_on_start and self.save_on_stop:
-            raise qubes.storage.StoragePoolException(
+            raise ReflinkfsError(
                 "{}: a volume that is both snap_on_start and save_on_stop is not "
-                "supported by reflinkfs".format(self.vid))
+                "supported by reflinkfs".format(self.vid), kind="unsupported")
         if self.snap_on_start:
             if self.source is None:
-                raise qubes.storage.StoragePoolException(
-                    "{}: a snapshot volume needs a source".format(self.vid))
+                raise ReflinkfsError("{}: a snapshot volume needs a source".format(self.vid),
+                                     kind="invalid-input")
             fields["snapshot_of"] = self.source.vid
         elif self.save_on_stop:
             fields["revisions_to_keep"] = self.revisions_to_keep
@@ -168,38 +264,83 @@ class ReflinkfsVolume(qubes.storage.Volume):
 
     @_locked
     async def remove(self):
+        await self._release_dependents()
         try:
             await self._acall("volume_remove")
-        except qubes.storage.StoragePoolException as e:
-            if "does not exist" not in str(e):
+        except ReflinkfsError as e:
+            if not e.is_("not-found", "no-such-volume"):
                 raise
         self.pool.forget_volume(self.vid)
 
+    async def _release_dependents(self):
+        """The snapshot volumes reflinkfs still has as snapshots of this
+        one, but qubesd no longer does (their VM moved to another template
+        and has not started since), get their new source now: else the
+        removal of an old template would be refused for them."""
+        if self.snap_on_start:
+            return
+        volumes = await self._acall("volume_list", vid=None)
+        for other in volumes:
+            if other.get("source") != self.vid:
+                continue
+            ours = self.pool._volumes.get(other["vid"])  # pylint: disable=protected-access
+            if ours is None or ours.source is None or ours.source.vid == self.vid:
+                continue
+            log.info("volume %s: source %s (was %s), before %s is removed", ours.vid,
+                     ours.source.vid, self.vid, self.vid)
+            await self._acall("volume_set", vid=ours.vid, property="source",
+                              value=ours.source.vid)
+
     async def verify(self):
-        info = await self._acall("volume_info", brief=True)
-        if info["state"] in ("missing", "corrupt"):
-            raise qubes.storage.StoragePoolException(
-                "{}: {}".format(self.vid, info.get("problem") or info["state"]))
-        if info["state"] == "held":
-            raise qubes.storage.StoragePoolException(
-                "{}: its last run is still written outside reflinkfs (a loop device "
-                "that outlived its VM?); see `reflinkfs status`".format(self.vid))
+        info = await self._ainfo()
+        if self.snap_on_start and self.source is not None and \
+                info.get("source") not in (None, self.source.vid):
+            # A new source, which start() will give reflinkfs: that one
+            # must be there.
+            source = await self._acall("volume_info", vid=self.source.vid, brief=True)
+            if source["state"] in ("missing", "corrupt"):
+                raise ReflinkfsError("{}: its source {}: {}".format(
+                    self.vid, self.source.vid, source.get("problem") or source["state"]),
+                    kind="not-found")
+        self._check(info)
         return True
+
+    def _check(self, info):
+        if info["state"] in ("missing", "corrupt"):
+            raise ReflinkfsError(
+                "{}: {}".format(self.vid, info.get("problem") or info["state"]),
+                kind="not-found" if info["state"] == "missing" else "corrupt")
+        if info["state"] == "held":
+            raise ReflinkfsError(
+                "{}: its last run is still written outside reflinkfs (a loop device "
+                "that outlived its VM?); see `reflinkfs status`".format(self.vid),
+                kind="busy")
 
     @_locked
     async def start(self):
-        """Makes sure the pool is mounted and the volume can start; the
-        start itself is the loop device's open of `path`."""
-        info = await self._acall("volume_info", brief=True)
-        # qubesd's view of rw and revisions_to_keep wins (qubes.xml is the
-        # record), should reflinkfs's differ.
-        loop = asyncio.get_running_loop()
+        """Brings reflinkfs in line with qubes.xml (the record): a stale
+        import is dropped, and the source, rw and revisions_to_keep are
+        qubesd's; then, with `attach`, the volume starts on its loop
+        device (without, the loop device's open of `path` starts it)."""
+        info = await self._ainfo()
+        if info["state"] == "importing":
+            # An import whose end never came (its Import script died):
+            # file-reflink drops it at start too.
+            log.warning("volume %s: dropping an import that was never ended", self.vid)
+            await self._acall("volume_import_abort")
+            info = await self._ainfo()
+        if self.snap_on_start and self.source is not None and \
+                info.get("source") != self.source.vid:
+            log.info("volume %s: source %s (was %s)", self.vid, self.source.vid,
+                     info.get("source"))
+            await self._acall("volume_set", property="source", value=self.source.vid)
+            info = await self._ainfo()
         if info["rw"] != self.rw:
-            await loop.run_in_executor(None, self._set, "rw", str(self.rw).lower())
+            await self._acall("volume_set", property="rw", value=str(self.rw).lower())
         if self.save_on_stop and info["revisions_to_keep"] != self.revisions_to_keep:
-            await loop.run_in_executor(None, self._set, "revisions_to_keep",
-                                       str(self.revisions_to_keep))
-        await self.verify()
+            await self._acall("volume_set", property="revisions_to_keep",
+                              value=str(self.revisions_to_keep))
+        self._check(info)
         if self.pool.attach:
             await self._attach()
         return self
@@ -208,13 +349,15 @@ class ReflinkfsVolume(qubes.storage.Volume):
         try:
             attached = await self._acall("volume_attach", read_only=not self.rw)
             self._device = attached["device"]
-        except qubes.storage.StoragePoolException as e:
+        except ReflinkfsError as e:
             # Still attached from before (qubesd restarted while its VM ran).
-            if "already attached" not in str(e):
+            if not e.is_("busy", "already-attached"):
                 raise
             loop = asyncio.get_running_loop()
             self._device = await loop.run_in_executor(None, self.pool.attached_device,
                                                       self.vid)
+            if self._device is None:
+                raise
 
     @_locked
     async def stop(self):
@@ -226,9 +369,12 @@ class ReflinkfsVolume(qubes.storage.Volume):
             if self.pool.attach:
                 await self._detach()
             await self._acall("volume_wait_stopped",
-                              timeout_ms=int(self.pool.stop_timeout * 1000))
-        except qubes.storage.StoragePoolException as e:
-            if "does not exist" in str(e):
+                              timeout_ms=int(self.pool.stop_timeout * 1000),
+                              timeout=self.pool.stop_timeout + REQUEST_TIMEOUT)
+            # What qubesd reads next (size, revisions) as it is now.
+            await self._ainfo()
+        except ReflinkfsError as e:
+            if e.is_("not-found", "no-such-volume"):
                 return self
             raise
         return self
@@ -244,11 +390,11 @@ class ReflinkfsVolume(qubes.storage.Volume):
                 await self._acall("volume_detach")
                 self._device = None
                 return
-            except qubes.storage.StoragePoolException as e:
-                if "is not attached" in str(e):
+            except ReflinkfsError as e:
+                if e.is_("refused", "not-attached"):
                     self._device = None
                     return
-                if "in use" not in str(e) or loop.time() >= deadline:
+                if not e.is_("busy", "device-in-use") or loop.time() >= deadline:
                     raise
             await asyncio.sleep(0.2)
 
@@ -256,19 +402,24 @@ class ReflinkfsVolume(qubes.storage.Volume):
 
     @_locked
     async def revert(self, revision=None):
-        if self.is_dirty():
-            raise qubes.storage.StoragePoolException(
-                "{}: cannot revert while it runs (or waits to be committed)".format(self.vid))
+        info = await self._ainfo()
+        if self.save_on_stop and info["state"] in UNCOMMITTED:
+            raise ReflinkfsError(
+                "{}: cannot revert while it runs (or waits to be committed)".format(self.vid),
+                kind="busy", cause="running")
         await self._acall("volume_revert", revision=revision)
+        await self._ainfo()
         return self
 
     @_locked
     async def resize(self, size):
         size = int(size)
-        if size < self.size:
-            raise qubes.storage.StoragePoolException(
+        info = await self._ainfo()
+        if size < int(info["size"]):
+            raise ReflinkfsError(
                 "{}: shrinking is not allowed (reflinkfs volume resize "
-                "--allow-shrink does it, losing the data past the end)".format(self.vid))
+                "--allow-shrink does it, losing the data past the end)".format(self.vid),
+                kind="refused")
         await self._acall("volume_resize", size=size)
         self._size = size
         return self
@@ -279,7 +430,9 @@ class ReflinkfsVolume(qubes.storage.Volume):
         if not self.save_on_stop:
             raise NotImplementedError(
                 "{}: only volumes saved on stop have data to export".format(self.vid))
-        return os.path.join(self.pool.mounted_at, self.vid + ".img")
+        where = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: self.pool.mounted_at)
+        return os.path.join(where, self.vid + ".img")
 
     async def export_end(self, path):
         pass
@@ -288,16 +441,20 @@ class ReflinkfsVolume(qubes.storage.Volume):
     async def import_data(self, size):
         """A sparse file of `size` bytes, reading as zeros, for qubesd to
         write the data into in place; nothing changes until
-        import_data_end(True)."""
+        import_data_end(True). An import of this process that was never
+        ended (its Import script died) is dropped by the daemon and begun
+        anew; one of a qubesd that is gone, the daemon has dropped."""
         if not self.save_on_stop:
-            raise qubes.storage.StoragePoolException(
-                "{}: only volumes saved on stop take imported data".format(self.vid))
+            raise ReflinkfsError(
+                "{}: only volumes saved on stop take imported data".format(self.vid),
+                kind="refused")
         begun = await self._acall("volume_import_begin", size=int(size))
         return begun["path"]
 
     @_locked
     async def import_data_end(self, success):
         await self._acall("volume_import_end", success=bool(success))
+        await self._ainfo()
 
     @_locked
     async def import_volume(self, src_volume):
@@ -306,20 +463,26 @@ class ReflinkfsVolume(qubes.storage.Volume):
         if not self.save_on_stop:
             return self
         if isinstance(src_volume, ReflinkfsVolume) and src_volume.pool is self.pool:
-            await self._acall_clone(src_volume)
+            await self._acall("volume_clone", vid=None, src=src_volume.vid, dst=self.vid)
+            await self._ainfo()
             return self
         path = await _maybe(src_volume.export())
         try:
-            with open(path, "rb") as data:
+            try:
+                data = open(path, "rb")  # pylint: disable=consider-using-with
+            except OSError as e:
+                raise wrap(e, "{}: reading {}".format(self.vid, path)) from e
+            with data:
                 size = os.fstat(data.fileno()).st_size or int(src_volume.size)
-                await self._acall("volume_import", fd=data.fileno(), size=size,
+                # A data copy: as long as it takes (in the executor).
+                await self._acall("volume_import", fd=data.fileno(), size=size, timeout=None,
                                   source="{} of pool {}".format(src_volume.vid,
                                                                 src_volume.pool))
         finally:
             await _maybe(src_volume.export_end(path))
+        await self._ainfo()
         return self
 
-    async def _acall_clone(self, src_volume):
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(
-            None, lambda: self.pool.call("volume_clone", src=src_volume.vid, dst=self.vid))
+
+def _revisions_of(revs):
+    return {r["id"]: r["timestamp"].rstrip("Z") for r in revs}

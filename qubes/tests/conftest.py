@@ -80,7 +80,6 @@ class Host:
 
         options.setdefault("dir_path", os.path.join(self.base, name))
         options.setdefault("mountpoint", os.path.join(self.base, name + "-mnt"))
-        options.setdefault("reflinkfs", binary())
         options.setdefault("attach", self.mode == "attach")
         if not self.reflink:
             options.setdefault("setup_check", "False")
@@ -89,6 +88,10 @@ class Host:
         self.run(pool.setup())
         self.pools.append(pool)
         return pool
+
+    def app(self, pool):
+        """A qubesd stand-in with `pool` as its default pool."""
+        return App(self, {pool.name: pool}, pool)
 
     def volume(self, pool, vm, name, size=4 * MIB, **config):
         config.setdefault("rw", True)
@@ -148,18 +151,200 @@ class Host:
         self.loop.close()
 
 
+def driver_config(base, monkeypatch):
+    """The dom0 file naming the binary (root's, mode 0644) and the driver's
+    record of its mounts, both in the test's directory."""
+    import qubes_reflinkfs.pool
+
+    conf = os.path.join(base, "qubes-driver.conf")
+    with open(conf, "w") as f:
+        f.write("# the binary qubesd runs\nREFLINKFS={}\n".format(binary()))
+    os.chmod(conf, 0o644)
+    monkeypatch.setattr(qubes_reflinkfs.pool, "CONFIG_FILE", conf)
+    monkeypatch.setattr(qubes_reflinkfs.pool, "STATE_DIR", os.path.join(base, "run"))
+    return conf
+
+
 @pytest.fixture(params=["attach", "file"])
-def host(request):
+def host(request, monkeypatch):
     require("losetup", "blockdev", "dd")
     root, reflink = scratch_root()
     base = tempfile.mkdtemp(prefix="q-{}-".format(request.node.name[5:25]), dir=root)
     os.chmod(base, 0o755)
+    driver_config(base, monkeypatch)
     h = Host(base, reflink, request.param)
     try:
         yield h
     finally:
         h.close()
         shutil.rmtree(base, ignore_errors=True)
+
+
+MIB4 = 4 * MIB
+
+# The volumes of each class of VM, as qubesd configures them.
+DEFAULT_VOLUMES = {
+    "TemplateVM": {
+        "root": {"snap_on_start": False, "save_on_stop": True, "rw": True, "size": MIB4},
+        "private": {"snap_on_start": False, "save_on_stop": True, "rw": True, "size": MIB4},
+        "volatile": {"snap_on_start": False, "save_on_stop": False, "rw": True,
+                     "size": 2 * MIB},
+    },
+    "AppVM": {
+        "root": {"snap_on_start": True, "save_on_stop": False, "rw": True, "source": None},
+        "private": {"snap_on_start": False, "save_on_stop": True, "rw": True, "size": MIB4},
+        "volatile": {"snap_on_start": False, "save_on_stop": False, "rw": True,
+                     "size": 2 * MIB},
+    },
+    "DispVM": {
+        "root": {"snap_on_start": True, "save_on_stop": False, "rw": True, "source": None},
+        "private": {"snap_on_start": True, "save_on_stop": False, "rw": True, "source": None},
+        "volatile": {"snap_on_start": False, "save_on_stop": False, "rw": True,
+                     "size": 2 * MIB},
+    },
+}
+
+
+class QubesVM:
+    """What qubesd's VM object gives its storage: a name, a class, a
+    template, volume configs, volumes."""
+
+    def __init__(self, app, klass, name, template=None, volume_config=None):
+        self.app = app
+        self.klass = klass
+        self.name = name
+        self.template = template
+        self.dir_path_prefix = "vm-templates" if klass == "TemplateVM" else "appvms"
+        self.volume_config = volume_config or {
+            n: dict(c, name=n) for n, c in DEFAULT_VOLUMES[klass].items()}
+        self.volumes = {}
+        self.storage = None
+
+    def set_template(self, template):
+        """`qvm-prefs VM template T` (the VM is halted): qubesd gives each
+        snapshot volume whose source follows the template a fresh config
+        and re-initialises it; it never calls create()."""
+        self.template = template
+        for name, conf in DEFAULT_VOLUMES[self.klass].items():
+            if conf.get("snap_on_start") and conf.get("source", 0) is None:
+                config = dict(conf, name=name)
+                self.volume_config[name] = config
+                self.storage.init_volume(name, config)
+
+
+class App:
+    """qubesd's view: pools, VMs, qubes.xml."""
+
+    def __init__(self, host, pools, default_pool):
+        self.host = host
+        self.pools = pools
+        self.default_pool = default_pool
+        self.domains = {}
+
+    def get_pool(self, pool):
+        return self.pools[pool] if isinstance(pool, str) else pool
+
+    def add_vm(self, klass, name, template=None, create=True):
+        """qvm-create (or a DispVM's creation): the VM, then its volumes."""
+        import qubes.storage
+
+        vm = QubesVM(self, klass, name, template)
+        self.domains[name] = vm
+        vm.storage = qubes.storage.Storage(vm)
+        if create:
+            self.host.run(vm.storage.create())
+        return vm
+
+    def clone_vm(self, src, name):
+        """qvm-clone: a new VM of the same class and template, its volumes
+        made and filled from the source's."""
+        import qubes.storage
+
+        vm = QubesVM(self, src.klass, name, src.template)
+        self.domains[name] = vm
+        vm.storage = qubes.storage.Storage(vm)
+        self.host.run(vm.storage.clone(src))
+        self.host.run(vm.storage.verify())
+        return vm
+
+    def remove_vm(self, vm):
+        """qvm-remove: out of qubes.xml first, then its storage; a storage
+        failure is only logged (returned here)."""
+        del self.domains[vm.name]
+        errors = self.host.run(vm.storage.remove())
+        self.save()
+        return errors
+
+    def start(self, vm):
+        """qubesd's VM start: verify, start, then Xen attaches each block
+        device; qubes.xml is saved."""
+        self.host.run(vm.storage.verify())
+        self.host.run(vm.storage.start())
+        devs = {v.name: self.host.attach(v) for v in vm.volumes.values()}
+        self.save()
+        return devs
+
+    def shutdown(self, vm, devs, lag=0.3):
+        pending = [self.host.detach(d, after=lag) for d in devs.values()]
+        self.host.run(vm.storage.stop())
+        for p in pending:
+            if p is not None:
+                p.wait()
+
+    def save(self):
+        """qubes.xml: every pool's config and every volume's, as strings."""
+        import xml.etree.ElementTree as ET
+
+        root = ET.Element("qubes")
+        pools = ET.SubElement(root, "pools")
+        for pool in self.pools.values():
+            ET.SubElement(pools, "pool", {k: str(v) for k, v in pool.config.items()})
+        domains = ET.SubElement(root, "domains")
+        for vm in self.domains.values():
+            d = ET.SubElement(domains, "domain", {"class": vm.klass, "name": vm.name})
+            if vm.template is not None:
+                d.set("template", vm.template.name)
+            vc = ET.SubElement(d, "volume-config")
+            for v in vm.volumes.values():
+                ET.SubElement(vc, "volume", {k: str(x) for k, x in v.config.items()})
+        self.xml = ET.tostring(root)
+        return self.xml
+
+    def reload(self):
+        """qubesd restarted: new pool objects from qubes.xml, then every
+        VM (templates first), its volumes from their saved configs."""
+        import xml.etree.ElementTree as ET
+
+        import qubes.storage
+        import qubes_reflinkfs
+
+        root = ET.fromstring(self.save())
+        pools = {}
+        for node in root.find("pools"):
+            attrs = dict(node.attrib)
+            assert attrs.pop("driver") == "reflinkfs"
+            pools[attrs["name"]] = qubes_reflinkfs.ReflinkfsPool(**attrs)
+        app = App(self.host, pools, pools[self.default_pool.name])
+        nodes = {n.get("name"): n for n in root.find("domains")}
+
+        def load(name):
+            if name in app.domains:
+                return app.domains[name]
+            node = nodes[name]
+            template = load(node.get("template")) if node.get("template") else None
+            config = {}
+            for v in node.find("volume-config"):
+                c = {k: (x == "True" if x in ("True", "False") else x)
+                     for k, x in v.attrib.items()}
+                config[c["name"]] = c
+            vm = QubesVM(app, node.get("class"), name, template, config)
+            app.domains[name] = vm
+            vm.storage = qubes.storage.Storage(vm)
+            return vm
+
+        for name in nodes:
+            load(name)
+        return app
 
 
 def write(dev, data, offset=0):
