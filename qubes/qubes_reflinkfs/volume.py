@@ -402,14 +402,52 @@ class ReflinkfsVolume(qubes.storage.Volume):
 
     @_locked
     async def revert(self, revision=None):
-        info = await self._ainfo()
-        if self.save_on_stop and info["state"] in UNCOMMITTED:
-            raise ReflinkfsError(
-                "{}: cannot revert while it runs (or waits to be committed)".format(self.vid),
-                kind="busy", cause="running")
-        await self._acall("volume_revert", revision=revision)
+        """Goes back to `revision` (default: the newest), which stays. On a
+        running volume the revert is queued for its stop, whose writes are
+        then dropped: qubesd does not refuse `qvm-volume revert` of a
+        running qube, and this is what it can honestly mean."""
+        reply = await self._acall("volume_revert", revision=revision)
+        if reply.get("queued"):
+            log.info("volume %s: revert to %s queued for its stop", self.vid,
+                     reply.get("revision"))
         await self._ainfo()
         return self
+
+    # -- beyond qubesd's API (issue 17): for dom0 tools and scripts --------
+
+    @_locked
+    async def pin_revision(self, revision, note=None):
+        """Pins `revision`: no commit, revert or revisions_to_keep prunes
+        it, and it does not count against revisions_to_keep."""
+        fields = {"revision": str(revision)}
+        if note is not None:
+            fields["note"] = str(note)
+        await self._acall("volume_pin", **fields)
+        return self
+
+    @_locked
+    async def unpin_revision(self, revision):
+        await self._acall("volume_unpin", revision=str(revision))
+        return self
+
+    @property
+    def pinned_revisions(self):
+        """{revision: note or None} of the pinned revisions."""
+        revs = self._quick("volume_revisions")
+        return {r["id"]: (r.get("pin") or {}).get("note") for r in revs if r.get("pin")}
+
+    @_locked
+    async def discard_changes(self):
+        """The running volume's current run ends without a commit: at its
+        stop it is as it was at the run's start. The qube runs on."""
+        await self._acall("volume_discard_changes")
+        return self
+
+    @_locked
+    async def cancel_pending(self):
+        """Withdraws a queued discard or revert; True when one was queued."""
+        reply = await self._acall("volume_cancel_pending")
+        return bool(reply.get("cancelled"))
 
     @_locked
     async def resize(self, size):

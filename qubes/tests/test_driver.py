@@ -198,8 +198,6 @@ def test_revert_and_resize_while_running(host):
                           check=True, capture_output=True, text=True).stdout.strip()
     assert int(size) == 8 * MIB and vol.size == 8 * MIB
     with pytest.raises(qubes.storage.StoragePoolException):
-        host.run(vol.revert())
-    with pytest.raises(qubes.storage.StoragePoolException):
         host.run(vol.resize(2 * MIB))
     stop_vm(host, {"private": vol}, devs)
     assert vol.size == 8 * MIB
@@ -344,3 +342,45 @@ def test_start_mounts_the_pool_when_it_is_not_mounted(host):
     host.run(vol.stop())
     assert list(vol.revisions) == ["1"]
     time.sleep(0)
+
+
+def test_pins_discard_and_a_queued_revert(host):
+    """Issue 17: a pinned revision outlives the prunes; a revert of a
+    running qube happens at its stop and drops the run's writes; so does
+    discard_changes; cancel_pending withdraws one."""
+    pool = host.pool(revisions_to_keep="1")
+    vol = host.volume(pool, VM("work"), "private", save_on_stop=True, revisions_to_keep=1)
+    host.run(vol.create())
+    for tag in (1, 2):
+        run_once(host, vol, tag)
+    # Revision 2 holds the first run's data.
+    assert list(vol.revisions) == ["2"]
+    host.run(vol.pin_revision("2", note="before the upgrade"))
+    assert vol.pinned_revisions == {"2": "before the upgrade"}
+    for tag in (3, 4, 5):
+        run_once(host, vol, tag)
+    assert list(vol.revisions) == ["2", "5"], "one pinned + revisions_to_keep=1"
+    # A revert of the running qube: queued, done at the stop.
+    devs = start_vm(host, {"private": vol})
+    write(devs["private"], data(9))
+    host.run(vol.revert("2"))
+    assert read(image(pool, "appvms/work/private"), 4096) == data(5), "not yet"
+    stop_vm(host, {"private": vol}, devs)
+    assert read(image(pool, "appvms/work/private"), 4096) == data(1)
+    assert "2" in vol.revisions and not vol.is_dirty()
+    # discard_changes, and a withdrawn one.
+    devs = start_vm(host, {"private": vol})
+    write(devs["private"], data(7))
+    host.run(vol.discard_changes())
+    stop_vm(host, {"private": vol}, devs)
+    assert read(image(pool, "appvms/work/private"), 4096) == data(1)
+    devs = start_vm(host, {"private": vol})
+    write(devs["private"], data(8))
+    host.run(vol.discard_changes())
+    assert host.run(vol.cancel_pending()) is True
+    stop_vm(host, {"private": vol}, devs)
+    assert read(image(pool, "appvms/work/private"), 4096) == data(8)
+    # Unpinned, it goes with the next prune.
+    host.run(vol.unpin_revision("2"))
+    run_once(host, vol, 6)
+    assert "2" not in vol.revisions and vol.pinned_revisions == {}
