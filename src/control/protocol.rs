@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 /// ignore (a new request, a new optional field).
 pub const PROTOCOL_MAJOR: u32 = 1;
 
-pub const PROTOCOL_MINOR: u32 = 2;
+pub const PROTOCOL_MINOR: u32 = 3;
 
 /// `MAJOR.MINOR` of this build.
 pub fn protocol_version() -> String {
@@ -220,6 +220,10 @@ pub struct Status {
     pub running: Vec<OpenVolume>,
     pub busy: Vec<BusyVolume>,
     pub held: Vec<String>,
+    /// (1.3) Once the mount is gone (unmounted, or lazily unmounted and
+    /// every file closed): the held volumes the daemon still waits for, to
+    /// commit them, before it exits.
+    pub waiting_for: Vec<String>,
     pub commits_in_flight: Vec<String>,
     /// The protocol version of the daemon (`None` offline).
     pub protocol: Option<String>,
