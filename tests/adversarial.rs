@@ -14,7 +14,8 @@
 //! - a sibling volume whose name starts like a revision of another;
 //! - recovery finishes the prune a crash interrupted;
 //! - a start that fails reports EIO, not EROFS;
-//! - `status` after `umount -l`.
+//! - `status` after `umount -l`; a loop device across `umount -l`, and an
+//!   unmount with a held volume, which the daemon waits to commit.
 
 mod common;
 
@@ -369,13 +370,14 @@ fn a_loop_device_that_outlives_umount_f_never_changes_a_committed_image() {
         let (m, lo, writer) = loop_writer_on(&fs, "stale-umount-f");
         let pid = m.daemon_pid() as u32;
         // The mount is busy (the loop device), so umount -f fails, but it
-        // aborts the connection, and the daemon shuts down.
+        // aborts the connection: the session ends, and the daemon waits
+        // for the loop device to let go of the volume.
         let _ = run(Command::new("umount").arg("-f").arg(&m.mnt));
-        wait_for("the daemon to exit", 30, || {
-            !reflinkfs::sys::process_running(pid)
-        });
         let (pool, mnt) = (m.pool.clone(), m.mnt.clone());
         let dead = m.dead();
+        wait_for("the daemon to wait for the held volume", 30, || {
+            rf_json(&pool, "status")["waiting_for"] == serde_json::json!([V])
+        });
         assert!(
             daemon_log(&pool).contains("still open for writing"),
             "{ctx}: the shutdown says why it does not commit: {}",
@@ -385,11 +387,17 @@ fn a_loop_device_that_outlives_umount_f_never_changes_a_committed_image() {
         assert_eq!(volume_json(&pool, V)["state"], "held", "{ctx}");
         stays_fixed(&image(&pool), 5, || writer.count(), &ctx);
 
+        // The loop device lets go: the daemon commits what it wrote, and
+        // only then exits.
         let model = writer.finish();
         lo.detach();
+        wait_for("the daemon to exit", 60, || {
+            !reflinkfs::sys::process_running(pid)
+        });
+        holds_model(&image(&pool), &model, &ctx);
+        assert!(!pool.join("c/v/n-dirty.img").exists(), "{ctx}");
         drop(dead);
         let m = Mounted::mount(&pool, &mnt, "");
-        holds_model(&image(&pool), &model, &ctx);
         assert_eq!(
             state_on(&m.path(DIRTY)).as_deref(),
             Some("stopped"),
@@ -732,6 +740,132 @@ fn an_open_of_a_volume_that_cannot_start_gives_eio() {
         "the reason is logged"
     );
     m.unmount();
+}
+
+/// [`pattern`] with each 4 KiB block's number in its first 8 bytes, so a
+/// block in the wrong place shows.
+fn numbered(tag: u8, len: usize) -> Vec<u8> {
+    let mut v = pattern(tag, len);
+    for (i, block) in v.chunks_mut(4096).enumerate() {
+        block[..8].copy_from_slice(&(i as u64).to_le_bytes());
+    }
+    v
+}
+
+/// Issue 19, as an administrator did it: a loop device on
+/// `appvms/u2/private-dirty.img` of a mount, 8 MiB written through it,
+/// `umount -l`, 8 MiB more written and fsynced through the device, which
+/// the lazily unmounted daemon still serves, then `losetup -d`. The daemon
+/// commits all 16 MiB, leaves no dirty image, and exits.
+#[test]
+fn a_loop_device_across_umount_l_is_committed_when_it_lets_go() {
+    const U2: &str = "appvms/u2/private";
+    const U2_DIRTY: &str = "appvms/u2/private-dirty.img";
+    for fs in mount_filesystems(&["losetup", "umount"])
+        .into_iter()
+        .filter(|f| f.reflink)
+    {
+        let ctx = format!("[{}] umount -l", fs.name);
+        let path = prepared_pool(&fs, "lazy-loop", 1, |pool| {
+            create_origin(pool, U2, 32 * MIB);
+        });
+        let m = Mounted::beside(&path, "");
+        let pid = m.daemon_pid() as u32;
+        let lo = Loop::attach(&m.path(U2_DIRTY), false, None);
+        let dev = open_rw(Path::new(&lo.dev));
+        let (first, second) = (numbered(0x19, 8 << 20), numbered(0x91, 8 << 20));
+        dev.write_all_at(&first, 0).unwrap();
+        dev.sync_all().unwrap();
+        run_ok(Command::new("umount").arg("-l").arg(&m.mnt));
+        dev.write_all_at(&second, 8 * MIB).unwrap();
+        dev.sync_all().unwrap();
+        drop(dev);
+        lo.detach();
+        wait_for("the daemon to exit", 60, || {
+            !reflinkfs::sys::process_running(pid)
+        });
+        m.forget();
+
+        let img = File::open(path.join("appvms/u2/private.img")).unwrap();
+        assert!(read_at(&img, 0, 8 << 20) == first, "{ctx}: the first 8 MiB");
+        assert!(
+            read_at(&img, 8 * MIB, 8 << 20) == second,
+            "{ctx}: the 8 MiB written after umount -l"
+        );
+        assert!(
+            !path.join(U2_DIRTY).exists(),
+            "{ctx}: a dirty image is left: {}",
+            daemon_log(&path)
+        );
+        check_clean(&path, &ctx);
+    }
+}
+
+/// A volume held by a loop device on its dirty image in the pool (outside
+/// reflinkfs) when the mount goes, by SIGTERM or `reflinkfs unmount`: the
+/// daemon stays, says in `status` that it waits for the volume (the control
+/// socket answers meanwhile), never changes `N.img`, and once the device
+/// lets go commits what it wrote and exits.
+#[test]
+fn an_unmount_with_a_held_volume_waits_to_commit_it() {
+    for fs in mount_filesystems(&["losetup"])
+        .into_iter()
+        .filter(|f| f.reflink)
+    {
+        for how in ["SIGTERM", "reflinkfs unmount"] {
+            let ctx = format!("[{}] {how}", fs.name);
+            let m = mounted(&fs, "held-unmount", "", &pattern(9, 4096));
+            let pid = m.daemon_pid() as u32;
+            let f = open_rw(&m.path(DIRTY));
+            let lo = Loop::attach(&m.pool.join(DIRTY), false, None);
+            let writer = LoopWriter::start(&lo.dev);
+            wait_for("the writer", 10, || writer.count() > 5);
+            drop(f);
+            wait_for("the volume to be held", 30, || {
+                state_on(&m.path(DIRTY)).as_deref() == Some("held")
+            });
+
+            if how == "SIGTERM" {
+                // SAFETY: sending a signal has no memory effects.
+                assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
+            } else {
+                let out = run_ok(Command::new(bin()).arg("unmount").arg(&m.mnt));
+                assert!(
+                    out.contains(&format!("exits once it has committed {V}")),
+                    "{ctx}: {out}"
+                );
+            }
+            wait_for("the daemon to wait for the held volume", 30, || {
+                rf_json(&m.pool, "status")["waiting_for"] == serde_json::json!([V])
+            });
+            let status = rf_json(&m.pool, "status");
+            assert!(status["mountpoint"].is_null(), "{ctx}: {status}");
+            assert_eq!(status["held"], serde_json::json!([V]), "{ctx}: {status}");
+            let text = rf_ok(&m.pool, "status");
+            assert!(
+                text.contains(&format!("exits once it has committed {V}")),
+                "{ctx}: {text}"
+            );
+            assert_eq!(volume_json(&m.pool, V)["state"], "held", "{ctx}");
+            stays_fixed(&image(&m.pool), 2, || writer.count(), &ctx);
+            assert!(reflinkfs::sys::process_running(pid), "{ctx}");
+
+            let model = writer.finish();
+            lo.detach();
+            wait_for("the daemon to exit", 60, || {
+                !reflinkfs::sys::process_running(pid)
+            });
+            let pool = m.pool.clone();
+            m.forget();
+            holds_model(&image(&pool), &model, &ctx);
+            assert!(!pool.join(DIRTY).exists(), "{ctx}");
+            assert!(
+                daemon_log(&pool).contains("every held volume is committed"),
+                "{ctx}"
+            );
+            check_clean(&pool, &ctx);
+        }
+    }
 }
 
 #[test]

@@ -407,6 +407,14 @@ class ReflinkfsPool(qubes.storage.Pool):
 
     def _mountpoint_of(self, status):
         where = status.get("mountpoint")
+        if not where and status.get("waiting_for"):
+            # (protocol 1.3) Unmounted; the daemon exits once it has
+            # committed these volumes, which something still writes.
+            raise qubes.storage.StoragePoolException(
+                "pool {}: its daemon serves no mount (unmounted from {}); it exits once it "
+                "has committed {}, still open for writing outside reflinkfs: detach that "
+                "writer and start the VM again".format(self.name, status.get("detached_from"),
+                                                       ", ".join(status["waiting_for"])))
         if not where:
             raise ReflinkfsError(
                 "pool {}: its daemon serves no mount (lazily unmounted from {}); "

@@ -1,5 +1,6 @@
 //! `reflinkfs unmount`: refused while the mount is busy, naming what holds
-//! it; waits for the daemon to commit and let go. (`reflinkfs mount` is
+//! it; waits for the daemon to commit and let go (or says which held
+//! volumes it still waits for). (`reflinkfs mount` is
 //! the daemon's: `crate::daemon::mount`.)
 
 use crate::control::{client, Request, Response};
@@ -55,9 +56,19 @@ pub fn unmount(mountpoint: &Path) -> Result<ExitCode> {
     // The daemon gives the pool's lock up before it has closed its last
     // files (its log, the pool directory): wait until it has exited, so
     // that the filesystem under the pool can be unmounted as soon as this
-    // returns. Without its PID, the lock is all there is to wait for.
+    // returns. Without its PID, the lock is all there is to wait for. A
+    // daemon that waits for held volumes says so, and is not waited for.
     if let Some(pid) = daemon {
-        wait_for_exit(pid);
+        if let Some(held) = wait_for_exit(pid, &pool) {
+            println!(
+                "unmounted {} (pool {}); its daemon (process {pid}) exits once it has committed {}, whose dirty image is still open for writing outside reflinkfs (`reflinkfs status --pool {}` says which)",
+                mnt.display(),
+                pool.display(),
+                held.join(", "),
+                pool.display()
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
     }
     wait_for_pool_release(&pool);
     println!("unmounted {} (pool {})", mnt.display(), pool.display());
@@ -102,15 +113,37 @@ fn daemon_pid(pool: &Path) -> Option<u32> {
         .ok()
 }
 
-/// Waits (up to a minute) until process `pid` has exited.
-fn wait_for_exit(pid: u32) {
-    for _ in 0..3000 {
+/// Waits (up to a minute) until process `pid` has exited; returns early
+/// with the volumes it waits for when its status says it waits to commit
+/// held volumes.
+fn wait_for_exit(pid: u32, pool: &Path) -> Option<Vec<String>> {
+    for i in 0..3000 {
         if !sys::process_running(pid) {
-            return;
+            return None;
+        }
+        if i % 10 == 9 {
+            let waiting = waiting_for(pool);
+            if !waiting.is_empty() {
+                return Some(waiting);
+            }
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     log::warn!("the daemon (process {pid}) is still running a minute after the unmount");
+    None
+}
+
+/// The held volumes a daemon whose mount is gone waits for, from its
+/// status (none when it does not answer).
+fn waiting_for(pool: &Path) -> Vec<String> {
+    let status = client::connect(pool)
+        .ok()
+        .flatten()
+        .and_then(|s| client::call(s, &Request::Status, None).ok());
+    match status {
+        Some(Response::Status(st)) => st.waiting_for,
+        _ => Vec::new(),
+    }
 }
 
 /// Waits (up to a minute) until no process holds the pool's lock.

@@ -258,6 +258,10 @@ pub fn status(v: &Status) -> String {
     }
     let mountpoint = match (&v.mountpoint, &v.detached_from) {
         (Some(m), _) => m.clone(),
+        (None, Some(old)) if !v.waiting_for.is_empty() => format!(
+            "none: unmounted from {old}; the daemon exits once it has committed {}, still open for writing outside reflinkfs",
+            v.waiting_for.join(", ")
+        ),
         (None, Some(old)) => format!(
             "none: lazily unmounted from {old}; the daemon serves the files still open and exits when they close"
         ),

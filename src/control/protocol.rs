@@ -252,6 +252,10 @@ pub struct Status {
     pub running: Vec<OpenVolume>,
     pub busy: Vec<BusyVolume>,
     pub held: Vec<String>,
+    /// (1.3) Once the mount is gone (unmounted, or lazily unmounted and
+    /// every file closed): the held volumes the daemon still waits for, to
+    /// commit them, before it exits.
+    pub waiting_for: Vec<String>,
     pub commits_in_flight: Vec<String>,
     /// The protocol version of the daemon (`None` offline).
     pub protocol: Option<String>,

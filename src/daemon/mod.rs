@@ -1,6 +1,7 @@
 //! The daemon of a mount: it opens the pool, mounts it, detaches once the
 //! mount is ready, starts the control socket, the housekeeping and signal
-//! threads, and closes the pool when the mount goes away.
+//! threads, and closes the pool once the mount is gone and no volume is
+//! held by a writer outside reflinkfs.
 
 mod logfile;
 pub mod mounts;
@@ -16,7 +17,7 @@ use self::state::DaemonState;
 use crate::engine::{InitOptions, Pool};
 use crate::error::{Error, Result};
 use crate::fuse::fs::{FsOptions, ReflinkFs};
-use crate::fuse::Adapter;
+use crate::fuse::{Adapter, Connection};
 use crate::sys;
 use fuser::{Config, MountOption, SessionACL};
 use std::fs::File;
@@ -209,9 +210,11 @@ fn serve(
             Error::io(format!("examining {}", pool.path().display()), e),
         )
     })?;
+    let conn = Arc::new(Connection::default());
     let session = fuser::Session::new(
         Adapter {
             fs: fs.clone(),
+            conn: conn.clone(),
             read_only: opts.read_only,
             owner,
         },
@@ -227,6 +230,16 @@ fn serve(
             ),
         )
     })?;
+    // The daemon's own descriptor of the connection, for passthrough
+    // registrations that can be taken back whenever their last open goes,
+    // even after the session (see `Connection`).
+    let own = session.as_fd().try_clone_to_owned().map_err(|e| {
+        fail(
+            &mut pipe,
+            Error::io("duplicating the FUSE connection's descriptor", e),
+        )
+    })?;
+    conn.set(own);
     // Entries and attributes are cached by the kernel from now on, and
     // dropped at every change of a volume.
     fs.set_invalidator(Box::new(crate::fuse::Notify(session.notifier())));
@@ -281,9 +294,10 @@ fn serve(
         .map_err(|e| fail(&mut pipe, Error::io("starting the housekeeping thread", e)))?;
     let mnt_owned = mnt.to_owned();
     let fs_sig = fs.clone();
+    let id = daemon.mount_id;
     std::thread::Builder::new()
         .name("signals".into())
-        .spawn(move || signals::signal_loop(&signals, &mnt_owned, &fs_sig))
+        .spawn(move || signals::signal_loop(&signals, &mnt_owned, id, &fs_sig))
         .map_err(|e| fail(&mut pipe, Error::io("starting the signal thread", e)))?;
 
     if let Some(mut p) = pipe.take() {
@@ -299,6 +313,9 @@ fn serve(
     }
     let result = session.run();
     fs.shutdown();
+    // The mount is gone; the daemon, its control socket and housekeeping
+    // stay until every held volume is committed.
+    fs.wait_held();
     crate::control::server::remove(&pool);
     match result {
         Ok(()) => {

@@ -51,6 +51,20 @@ pub(crate) fn mount_id(mnt: &Path, pool: &Path) -> Option<u64> {
         .max()
 }
 
+/// Whether the mount of `pool` on `mnt` with this id (see [`mount_id`]) is
+/// still attached: once it is gone from /proc/self/mountinfo (a lazy
+/// unmount), the daemon only serves the files still open. The kernel
+/// reuses the ids of mounts that are gone, so the mountpoint and source
+/// must match too. True when the id is unknown.
+pub(crate) fn is_attached(id: Option<u64>, mnt: &Path, pool: &Path) -> bool {
+    let (Some(id), Some(mnt), Some(pool)) = (id, mnt.to_str(), pool.to_str()) else {
+        return true;
+    };
+    fuse_mounts()
+        .iter()
+        .any(|m| m.id == id && m.mountpoint == mnt && m.source == pool)
+}
+
 /// The pool (FUSE source) of a reflinkfs mount, from /proc/self/mountinfo.
 pub fn pool_of_mount(mnt: &Path) -> Option<PathBuf> {
     let want = mnt.to_str()?;

@@ -5,8 +5,16 @@ use crate::sys;
 use std::path::Path;
 
 /// SIGTERM, SIGINT and SIGHUP unmount when nothing is open; otherwise the
-/// daemon keeps serving rather than pull a disk from under a VM.
-pub(super) fn signal_loop(signals: &[libc::c_int], mnt: &Path, fs: &ReflinkFs) {
+/// daemon keeps serving rather than pull a disk from under a VM. Once the
+/// mount is gone (unmounted, or lazily unmounted), they only say what the
+/// daemon still waits for: it never unmounts whatever is mounted at that
+/// path by then.
+pub(super) fn signal_loop(
+    signals: &[libc::c_int],
+    mnt: &Path,
+    mount_id: Option<u64>,
+    fs: &ReflinkFs,
+) {
     loop {
         let sig = match sys::wait_signal(signals) {
             Ok(s) => s,
@@ -16,6 +24,30 @@ pub(super) fn signal_loop(signals: &[libc::c_int], mnt: &Path, fs: &ReflinkFs) {
             }
         };
         let name = sys::signal_name(sig);
+        if fs.session_ended() {
+            let held: Vec<String> = fs
+                .pool()
+                .held_vids()
+                .iter()
+                .map(|v| v.to_string())
+                .collect();
+            match held.is_empty() {
+                true => log::info!("{name}: {} is unmounted; the daemon is exiting", mnt.display()),
+                false => log::warn!(
+                    "{name}: {} is unmounted; the daemon exits once it has committed {}, whose dirty image is still open for writing outside reflinkfs (a kill leaves it to the next pool open)",
+                    mnt.display(),
+                    held.join(", ")
+                ),
+            }
+            continue;
+        }
+        if !super::mounts::is_attached(mount_id, mnt, fs.pool().path()) {
+            log::warn!(
+                "{name}: {} was lazily unmounted already; the daemon serves the files still open, commits and exits when they close",
+                mnt.display()
+            );
+            continue;
+        }
         let open: Vec<(String, usize)> = fs
             .open_on_mount()
             .into_iter()
@@ -30,10 +62,7 @@ pub(super) fn signal_loop(signals: &[libc::c_int], mnt: &Path, fs: &ReflinkFs) {
             continue;
         }
         match sys::umount2(mnt, 0) {
-            Ok(()) => {
-                log::info!("{name}: unmounted {}", mnt.display());
-                return;
-            }
+            Ok(()) => log::info!("{name}: unmounted {}", mnt.display()),
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                 log::warn!(
                     "{name}: not unmounting {}: {}",

@@ -1,7 +1,6 @@
 //! What the control server asks of a mounted pool's daemon: its status,
 //! what to do after a resize, and when the kernel's caches are settled.
 
-use super::mounts::fuse_mounts;
 use crate::control::{BusyVolume, OpenVolume, Status};
 use crate::fuse::fs::ReflinkFs;
 use crate::sys;
@@ -20,16 +19,6 @@ pub(super) struct DaemonState {
     pub(super) started: std::time::Instant,
     /// Imports begun over the control socket and not yet ended.
     pub(super) imports: crate::control::PendingImports,
-}
-
-impl DaemonState {
-    /// Whether the mount is still attached at its mountpoint.
-    fn attached(&self) -> bool {
-        match self.mount_id {
-            Some(id) => fuse_mounts().iter().any(|m| m.id == id),
-            None => true,
-        }
-    }
 }
 
 impl DaemonState {
@@ -89,7 +78,8 @@ impl crate::control::Daemon for DaemonState {
             .iter()
             .map(|v| v.to_string())
             .collect();
-        let attached = self.attached();
+        let attached = !self.fs.session_ended()
+            && super::mounts::is_attached(self.mount_id, &self.mountpoint, self.fs.pool().path());
         let shown = self.mountpoint.display().to_string();
         Status {
             pool: self.fs.pool().path().display().to_string(),
@@ -101,6 +91,12 @@ impl crate::control::Daemon for DaemonState {
             uptime_seconds: Some(self.started.elapsed().as_secs()),
             running,
             busy,
+            waiting_for: self
+                .fs
+                .waiting_for()
+                .iter()
+                .map(|v| v.to_string())
+                .collect(),
             held,
             commits_in_flight,
             protocol: Some(crate::control::protocol_version()),

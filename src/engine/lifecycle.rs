@@ -296,21 +296,15 @@ impl Pool {
     }
 
     /// [`Pool::stop`], trying again for up to `grace` while the dirty image
-    /// is held (and saying so only at the end). At unmount the kernel lets
-    /// go of the backing files of a torn-down connection a moment after
-    /// the daemon learns of it.
+    /// is held (and saying nothing of it: the caller does). At unmount the
+    /// kernel lets go of the backing files of a torn-down connection a
+    /// moment after the daemon learns of it.
     pub fn stop_within(&self, vid: &ValidVid, grace: Duration) -> Result<StopOutcome> {
         let end = Instant::now() + grace;
         loop {
             match self.stop_logged(vid, false)? {
                 StopOutcome::Held { .. } if Instant::now() < end => {
                     std::thread::sleep(Duration::from_millis(50))
-                }
-                StopOutcome::Held { holders } => {
-                    log::warn!(
-                        "{vid}: not committed: its dirty image is still open for writing by {holders}; the next pool open commits it once that lets go"
-                    );
-                    return Ok(StopOutcome::Held { holders });
                 }
                 outcome => return Ok(outcome),
             }

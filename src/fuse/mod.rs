@@ -28,6 +28,7 @@ use fuser::{
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use std::ffi::OsStr;
+use std::os::fd::AsFd;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -49,12 +50,76 @@ const MAX_WRITE: u32 = 1 << 20;
 #[derive(Clone)]
 pub struct Adapter {
     pub fs: Arc<ReflinkFs>,
+    /// The daemon's own descriptor of the connection, for passthrough
+    /// registrations.
+    pub conn: Arc<Connection>,
     /// Mounted `ro`: every volume behaves as `rw=false`.
     pub read_only: bool,
     /// Who every file and directory belongs to: the pool directory's owner
     /// and group, so that the owner of a pool that root mounted (with
     /// `allow_other`) can use their volumes.
     pub owner: (u32, u32),
+}
+
+/// The daemon's own descriptor of the mount's FUSE connection: a
+/// duplicate of the session's, set once the session exists and kept until
+/// the daemon exits.
+///
+/// Passthrough registrations are taken back through it, never through the
+/// channel of the worker that served the open: fuser's worker channels
+/// close when the session ends, and a registration that could not be taken
+/// back then would keep the daemon's own read-write descriptor of a dirty
+/// image in the kernel for as long as the connection lives, which the
+/// commit's lease probe sees as a writer outside reflinkfs.
+#[derive(Default)]
+pub struct Connection(std::sync::OnceLock<std::os::fd::OwnedFd>);
+
+impl Connection {
+    /// Gives the connection its descriptor (once; later calls do nothing).
+    pub fn set(&self, fd: std::os::fd::OwnedFd) {
+        let _ = self.0.set(fd);
+    }
+}
+
+/// A passthrough registration of a backing file, made through the reply
+/// to an open: taken back from the kernel, through the daemon's own
+/// [`Connection`], when the last open that uses it is gone.
+pub struct Backing {
+    /// `None` only while dropped.
+    id: Option<fuser::BackingId>,
+    conn: Arc<Connection>,
+}
+
+impl Backing {
+    fn register(
+        reply: &ReplyOpen,
+        conn: &Arc<Connection>,
+        file: &std::fs::File,
+    ) -> std::io::Result<Backing> {
+        Ok(Backing {
+            id: Some(reply.open_backing(file)?),
+            conn: conn.clone(),
+        })
+    }
+
+    fn id(&self) -> &fuser::BackingId {
+        self.id
+            .as_ref()
+            .expect("a registration has its id until dropped")
+    }
+}
+
+impl Drop for Backing {
+    fn drop(&mut self) {
+        let Some(id) = self.id.take() else { return };
+        // Without the daemon's descriptor (never, once mounted), fuser
+        // takes it back through the worker's channel.
+        let Some(fd) = self.conn.0.get() else { return };
+        let raw = id.into_raw();
+        if let Err(e) = crate::sys::fuse_backing_close(fd.as_fd(), raw) {
+            log::error!("taking back passthrough registration {raw} failed: {e}");
+        }
+    }
 }
 
 /// A reply that can carry an errno.
@@ -129,9 +194,9 @@ impl fs::Invalidate for Notify {
     }
 }
 
-fn opened(reply: ReplyOpen, o: &fs::Opened<fuser::BackingId>) {
+fn opened(reply: ReplyOpen, o: &fs::Opened<Backing>) {
     match &o.backing {
-        Some(b) => reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), b),
+        Some(b) => reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), b.id()),
         // No FOPEN_KEEP_CACHE: the kernel drops the inode's page cache
         // at open, since a restarted volume has a new dirty image.
         None => reply.opened(FileHandle(o.fh), FopenFlags::empty()),

@@ -224,7 +224,7 @@ impl Filesystem for Adapter {
             }
         }
         let quick = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            let register = |f: &std::fs::File| reply.open_backing(f);
+            let register = |f: &std::fs::File| Backing::register(&reply, &self.conn, f);
             self.fs.open(ino.0, flags.0, &register, false)
         }));
         match quick {
@@ -241,7 +241,8 @@ impl Filesystem for Adapter {
                         // it yields the CPU to the threads answering requests.
                         crate::sys::lower_thread_priority(10);
                         a.guard("open", || {
-                            let register = |f: &std::fs::File| reply.open_backing(f);
+                            let register =
+                                |f: &std::fs::File| Backing::register(&reply, &a.conn, f);
                             match a.fs.open(ino.0, flags.0, &register, true) {
                                 Ok(o) => opened(reply, &o),
                                 Err(fs::OpenError::Errno(e)) => reply.fail(e),

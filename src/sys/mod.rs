@@ -11,10 +11,12 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 mod fsinfo;
+mod fusedev;
 mod loopdev;
 mod process;
 
 pub use fsinfo::*;
+pub use fusedev::*;
 pub use loopdev::*;
 pub use process::*;
 

@@ -8,8 +8,8 @@
 //! committer threads, never on a FUSE worker. An open that would have to
 //! wait (a start, a commit) is done by the adapter on a thread of its own.
 //!
-//! Generic over `B`, the passthrough registration (fuser's `BackingId` on a
-//! real mount), so that the open, release and commit paths can be tested
+//! Generic over `B`, the passthrough registration ([`crate::fuse::Backing`]
+//! on a real mount), so that the open, release and commit paths can be tested
 //! without a kernel (see the tests below).
 
 mod changes;
@@ -91,7 +91,7 @@ pub struct Stats {
     pub panics: AtomicU64,
 }
 
-pub struct ReflinkFs<B: Send + Sync + 'static = fuser::BackingId> {
+pub struct ReflinkFs<B: Send + Sync + 'static = crate::fuse::Backing> {
     pool: Arc<Pool>,
     opts: FsOptions,
     /// Whether the kernel granted passthrough (decided at INIT).
@@ -109,6 +109,15 @@ pub struct ReflinkFs<B: Send + Sync + 'static = fuser::BackingId> {
     notices: Mutex<Option<std::sync::mpsc::Sender<Notice>>>,
     pub stats: Stats,
     started: SystemTime,
+    /// Set when the FUSE session ends: from then on the daemon only waits
+    /// for its held volumes (see [`ReflinkFs::wait_held`]).
+    ended: AtomicBool,
+    /// Set once the unmount's grace period is over with volumes still held:
+    /// the daemon waits for them.
+    waiting: AtomicBool,
+    /// Taken by whoever retries the held volumes, so that two never stop
+    /// the same one at once.
+    retrying: Mutex<()>,
 }
 
 impl<B: Send + Sync + 'static> ReflinkFs<B> {
@@ -127,6 +136,9 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
             notices: Mutex::new(None),
             stats: Stats::default(),
             started: SystemTime::now(),
+            ended: AtomicBool::new(false),
+            waiting: AtomicBool::new(false),
+            retrying: Mutex::new(()),
         }
     }
 
@@ -216,8 +228,12 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
 
     /// Commits the volumes whose stop found their dirty image still open
     /// for writing outside reflinkfs, once that has let go. The daemon
-    /// calls it every second.
+    /// calls it every second, and [`ReflinkFs::wait_held`] after the
+    /// session; one caller at a time does the work.
     pub fn retry_held(&self) {
+        let Some(_one) = self.retrying.try_lock() else {
+            return;
+        };
         for vid in self.pool.held_vids() {
             match self.pool.stop(&vid) {
                 Ok(StopOutcome::Held { .. }) => {}
@@ -227,17 +243,45 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
         }
     }
 
+    /// Whether the FUSE session has ended (the mount is gone): the daemon
+    /// then only waits for its held volumes.
+    pub fn session_ended(&self) -> bool {
+        self.ended.load(Ordering::SeqCst)
+    }
+
     /// Commits every volume still open when the session ends (the kernel
     /// may drop RELEASE requests of an unmounted connection), so the daemon
     /// never exits with data only in a dirty image. The queued stops go
-    /// first.
+    /// first. A volume whose dirty image something outside reflinkfs still
+    /// writes is held, and [`ReflinkFs::wait_held`] commits it later.
+    /// Only the first call does anything (fuser's `destroy`, or the daemon
+    /// when the session ended without it).
     pub fn shutdown(&self) {
+        if self.ended.swap(true, Ordering::SeqCst) {
+            return;
+        }
         self.committer.drain();
+        // Their passthrough registrations go with them (and with the runs
+        // the stops below end), so the kernel keeps no descriptor of the
+        // daemon's that the commits would take for an outside writer.
         self.handles.lock().clear();
         let activity = self.pool.activity();
         // One grace period for all: N volumes held by writers that outlive
         // the mount must not make the unmount wait N times.
         let end = Instant::now() + Duration::from_secs(2);
+        let stop = |vid: &ValidVid| {
+            match self
+                .pool
+                .stop_within(vid, end.saturating_duration_since(Instant::now()))
+            {
+                // `wait_held` says what holds it, and commits it later.
+                Ok(StopOutcome::Held { .. }) => {}
+                Ok(o) => log::info!("{vid}: stopped at unmount: {o:?}"),
+                Err(e) => {
+                    log::error!("{vid}: stop at unmount failed: {e}; recovery will commit it")
+                }
+            }
+        };
         for (vid, _) in activity.open {
             // An attached volume runs on without the mount; its record
             // tells the next open of the pool.
@@ -245,15 +289,62 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
                 log::info!("{vid}: stays attached after the unmount");
                 continue;
             }
-            match self
-                .pool
-                .stop_within(&vid, end.saturating_duration_since(Instant::now()))
-            {
-                Ok(o) => log::info!("{vid}: stopped at unmount: {o:?}"),
-                Err(e) => {
-                    log::error!("{vid}: stop at unmount failed: {e}; recovery will commit it")
+            stop(&vid);
+        }
+        // The runs a last release's stop found held get the rest of the
+        // grace period too: the kernel lets go of a closed passthrough
+        // file a moment after it tells the daemon of the close.
+        let _one = self.retrying.lock();
+        for vid in self.pool.held_vids() {
+            stop(&vid);
+        }
+    }
+
+    /// The held volumes the daemon waits for, to commit them, before it
+    /// exits: none until the session and its grace period are over.
+    pub fn waiting_for(&self) -> Vec<ValidVid> {
+        match self.waiting.load(Ordering::SeqCst) {
+            true => self.pool.held_vids(),
+            false => Vec::new(),
+        }
+    }
+
+    /// After the session: retries the held volumes every second until none
+    /// is left, so the daemon commits each once its outside writer lets go
+    /// before it exits. Says in the log which volumes it waits for, and
+    /// again whenever that changes. A writer that never lets go keeps the
+    /// daemon (and the control socket, whose `status` lists them) running;
+    /// a kill leaves them to the next pool open, as after a power cut.
+    pub fn wait_held(&self) {
+        let mut told: Vec<ValidVid> = Vec::new();
+        loop {
+            self.retry_held();
+            let held = self.pool.held_vids();
+            if held.is_empty() {
+                if !told.is_empty() {
+                    log::info!("every held volume is committed");
                 }
+                return;
             }
+            self.waiting.store(true, Ordering::SeqCst);
+            if held != told {
+                for vid in held.iter().filter(|v| !told.contains(v)) {
+                    let holders = self
+                        .pool
+                        .snapshot(vid)
+                        .ok()
+                        .and_then(|s| s.held)
+                        .unwrap_or_else(|| "something outside reflinkfs".into());
+                    log::warn!("{vid}: the mount is gone, but its dirty image is still open for writing by {holders}; the daemon commits it once that lets go");
+                }
+                let list: Vec<String> = held.iter().map(|v| v.to_string()).collect();
+                log::warn!(
+                    "the daemon exits once it has committed {} (`reflinkfs status` lists them; a kill leaves them to the next pool open)",
+                    list.join(", ")
+                );
+                told = held;
+            }
+            std::thread::sleep(Duration::from_secs(1));
         }
     }
 }

@@ -282,3 +282,41 @@ mod paused {
         assert_eq!(left, vec!["other.img".to_owned()], "nothing orphaned");
     }
 }
+
+/// After the session, a volume held by a writer outside reflinkfs keeps
+/// [`ReflinkFs::wait_held`] (the daemon) waiting, and listed as waited
+/// for, until the writer lets go; then it is committed with what that
+/// writer wrote.
+#[test]
+fn wait_held_commits_a_held_volume_once_its_writer_lets_go() {
+    let s = setup(&["c/v/a"], true);
+    let fh = s.open("c/v/a-dirty.img", true).unwrap();
+    assert_eq!(s.fs.write(fh, 0, b"mine").unwrap(), 4);
+    let outside = std::fs::OpenOptions::new()
+        .write(true)
+        .open(s.dir.path().join("pool/c/v/a-dirty.img"))
+        .unwrap();
+    s.fs.release(fh);
+    let end = Instant::now() + Duration::from_secs(30);
+    while s.state("c/v/a") != "held" {
+        assert!(Instant::now() < end, "c/v/a was not held");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(s.fs.waiting_for().is_empty(), "not before the session ends");
+    s.fs.shutdown();
+    assert_eq!(s.state("c/v/a"), "held", "the writer still has it");
+
+    let fs = s.fs.clone();
+    let waiter = std::thread::spawn(move || fs.wait_held());
+    let vid: ValidVid = "c/v/a".parse().unwrap();
+    while s.fs.waiting_for() != [vid.clone()] {
+        assert!(Instant::now() < end, "the wait did not start");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    outside.write_all_at(b"theirs", 4).unwrap();
+    drop(outside);
+    waiter.join().unwrap();
+    assert_eq!(s.state("c/v/a"), "stopped");
+    assert_eq!(s.committed("c/v/a", 0, 10), b"minetheirs");
+    assert!(s.fs.waiting_for().is_empty());
+}
