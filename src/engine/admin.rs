@@ -533,6 +533,15 @@ impl Pool {
     /// `which` stays in the list. Returns the K the current image was
     /// saved as.
     pub fn revert(&self, vid: &ValidVid, which: Option<&str>) -> Result<Option<u64>> {
+        self.revert_to(vid, which).map(|(_, saved)| saved)
+    }
+
+    /// [`Pool::revert`], also naming the revision gone back to.
+    pub(crate) fn revert_to(
+        &self,
+        vid: &ValidVid,
+        which: Option<&str>,
+    ) -> Result<(String, Option<u64>)> {
         let (claim, cfg, dir) = self.claim_origin(vid, OpName::Revert, "reverting it", false)?;
         if cfg.revisions_to_keep == -1 {
             return Err(refused(
@@ -544,7 +553,7 @@ impl Pool {
         let rev = pick_revision(vid, &revs, which)?;
         let saved = self.revert_in_place(&claim.volume, &dir, &rev.file_name)?;
         log::info!("{vid}: reverted to revision {}", rev.id);
-        Ok(saved)
+        Ok((rev.id.to_string(), saved))
     }
 
     /// The revisions of a volume, oldest first.

@@ -127,13 +127,8 @@ impl Pool {
                 Err(e) => return Err(e),
             }
         }
-        let revs = self.revisions(vid)?;
-        let target = pick_revision(vid, &revs, which)?.clone();
-        let saved_as = self.revert(vid, Some(&target.file_name))?;
-        Ok(RevertOutcome::Done {
-            revision: target.id.to_string(),
-            saved_as,
-        })
+        let (revision, saved_as) = self.revert_to(vid, which)?;
+        Ok(RevertOutcome::Done { revision, saved_as })
     }
 
     /// Stores `make`'s change for the end of the running volume's run.

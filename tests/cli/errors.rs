@@ -226,7 +226,7 @@ fn bad_revisions_and_properties_are_refused() {
         "volume set appvms/vm/private revisions_to_keep 99999999999999999999",
         "volume set appvms/vm/private colour blue",
         "volume set appvms/vm/private size 2M",
-        "volume set appvms/vm/private source appvms/vm/root",
+        "volume set appvms/vm/private source not/a/v@lid",
         "volume set appvms/vm/private rw maybe",
         "volume set appvms/vm/private rw 2",
         "volume set appvms/vm/private rw EMPTY",
