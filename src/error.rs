@@ -77,6 +77,16 @@ pub enum Error {
     #[error("{path} is not a reflinkfs pool (no .reflinkfs/pool.json)")]
     NotAPool { path: PathBuf },
 
+    /// A reflinkfs mount (or a directory in one) given where a pool is
+    /// wanted: `place` says which, `hint` what to give instead.
+    #[error("{path} is {place} of the pool {pool}, not a pool itself; {hint}")]
+    MountGivenAsPool {
+        path: PathBuf,
+        place: String,
+        pool: PathBuf,
+        hint: String,
+    },
+
     #[error("the pool directory {path} does not exist")]
     NoSuchPool { path: PathBuf },
 
@@ -324,6 +334,7 @@ impl Error {
             | Error::UnknownRevision { .. }
             | Error::MissingImage { .. }
             | Error::NotAPool { .. }
+            | Error::MountGivenAsPool { .. }
             | Error::NoSuchPool { .. }
             | Error::NotAMount { .. } => ErrorClass::NotFound,
             Error::Busy { .. } | Error::PoolLocked { .. } | Error::MountBusy { .. } => {

@@ -441,3 +441,253 @@ fn demo_clean_removes_what_it_installed_only_when_it_points_into_the_checkout() 
         "a helper or link of another install stays"
     );
 }
+
+/// Lines a person can paste: the `+ ` lines of `out`, without the `+ `.
+fn echoed_commands(out: &str) -> Vec<String> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix("+ "))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn the_demos_commands_can_be_pasted_without_reflinkfs_pool() {
+    let checkout = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let demo = std::fs::read_to_string(checkout.join("scripts/demo")).unwrap();
+    assert!(
+        demo.contains(". scripts/lib/demo.sh") && demo.contains("demo_pool \"$pool\""),
+        "scripts/demo makes its pool with scripts/lib/demo.sh"
+    );
+    assert!(
+        !demo
+            .lines()
+            .any(|l| l.trim_start().starts_with("export REFLINKFS_POOL")),
+        "the demo's commands do not rely on a REFLINKFS_POOL of its own"
+    );
+    let base = scratch_dir(&xfs(), "demo-paste");
+    let (shown, pasted) = (base.join("shown"), base.join("pasted"));
+    // `reflinkfs` on PATH as the demo has it; no REFLINKFS_POOL, as in a
+    // new user's shell.
+    let path = format!(
+        "{}:{}",
+        bin().parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let bash = |script: &str, args: &[&Path]| {
+        run(Command::new("bash")
+            .args(["-euo", "pipefail", "-c", script, "bash"])
+            .args(args)
+            .current_dir(checkout)
+            .env("PATH", &path)
+            .env_remove("REFLINKFS_POOL"))
+    };
+    // The demo's own block, as the demo runs it.
+    let o = bash(". scripts/lib/demo.sh; demo_pool \"$1\"", &[&shown]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains(&format!("export REFLINKFS_POOL={}", shown.display())),
+        "it says once how to leave --pool out: {out}"
+    );
+    let commands = echoed_commands(&out);
+    assert!(commands.len() >= 6, "{out}");
+    for c in &commands {
+        assert!(
+            c.starts_with("reflinkfs ") && c.contains(&format!("--pool {}", shown.display())),
+            "each command names its pool: {c}"
+        );
+    }
+    // Pasted one by one into a new shell, for another pool: the same pool.
+    for c in &commands {
+        let line = c.replace(&s(&shown), &s(&pasted));
+        let o = bash(&line, &[]);
+        assert!(o.status.success(), "pasted {line:?}: {}", stderr(&o));
+    }
+    let names = |pool: &Path| -> Vec<String> {
+        let mut v: Vec<String> = rf_json(pool, "volume list")
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["vid"].as_str().unwrap().to_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&pasted), names(&shown));
+    assert_eq!(names(&pasted).len(), 4);
+}
+
+#[test]
+fn a_mountpoint_given_as_the_pool_is_named_with_the_pool_it_serves() {
+    let m = mounted_private("mountpoint");
+    let (pool, mnt) = (m.pool.clone(), m.mnt.clone());
+    let pass = format!("pass --pool {}", pool.display());
+    let inside = mnt.join("appvms");
+    for (given, place) in [
+        (
+            &mnt,
+            format!(
+                "{} is a reflinkfs mount of the pool {}",
+                mnt.display(),
+                pool.display()
+            ),
+        ),
+        (
+            &inside,
+            format!(
+                "{} is in {}, a reflinkfs mount of the pool {}",
+                inside.display(),
+                mnt.display(),
+                pool.display()
+            ),
+        ),
+    ] {
+        for args in ["volume list", "status", "volume info work:private"] {
+            let o = rf(given, args);
+            let e = stderr(&o);
+            assert_eq!(o.status.code(), Some(4), "{args}: {e}");
+            assert!(e.contains(&place) && e.contains(&pass), "{args}: {e}");
+            assert!(!e.contains("pool.json"), "{args}: {e}");
+        }
+    }
+    // From REFLINKFS_POOL, the same, and how to set it.
+    let o = run(Command::new(bin())
+        .args(["volume", "list"])
+        .env("REFLINKFS_POOL", &mnt));
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(4), "{e}");
+    assert!(
+        e.contains(&pass) && e.contains(&format!("export REFLINKFS_POOL={}", pool.display())),
+        "{e}"
+    );
+    // The other pool of a clone.
+    let o = rf(
+        &pool,
+        vec![
+            "volume".into(),
+            "clone".into(),
+            "work:private".into(),
+            "appvms/copy/private".into(),
+            "--to-pool".into(),
+            s(&mnt),
+        ],
+    );
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(4), "{e}");
+    assert!(
+        e.contains(&format!("pass --to-pool {}", pool.display())),
+        "{e}"
+    );
+    // A pool is not made or adopted in a mount: refused, nothing changes.
+    let before = std::fs::read_dir(pool.join("appvms")).unwrap().count();
+    for args in ["pool init", "pool adopt --dry-run"] {
+        for given in [&mnt, &inside] {
+            let o = rf(given, args);
+            let e = stderr(&o);
+            assert_eq!(o.status.code(), Some(3), "{args}: {e}");
+            assert!(
+                e.contains(&format!("a reflinkfs mount of the pool {}", pool.display()))
+                    && e.contains("outside any mount"),
+                "{args}: {e}"
+            );
+        }
+    }
+    assert_eq!(
+        std::fs::read_dir(pool.join("appvms")).unwrap().count(),
+        before
+    );
+    assert!(!pool.join("appvms/.reflinkfs").exists());
+    // Mounting the mountpoint names the pool too.
+    let other = pool.parent().unwrap().join("mnt-of-mnt");
+    std::fs::create_dir_all(&other).unwrap();
+    let o = run(Command::new(bin()).arg("mount").arg(&mnt).arg(&other));
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(4), "{e}");
+    assert!(
+        e.contains(&format!(
+            "the pool is {}, mounted there already",
+            pool.display()
+        )),
+        "{e}"
+    );
+    // A directory that is neither keeps the plain message.
+    let plain = pool.parent().unwrap().join("not-a-pool");
+    std::fs::create_dir_all(&plain).unwrap();
+    let e = stderr(&rf(&plain, "volume list"));
+    assert!(e.contains("is not a reflinkfs pool"), "{e}");
+    m.unmount();
+}
+
+/// Runs `script` with scripts/lib/helper.sh sourced, DESTDIR=`root` and
+/// `$1` the built binary.
+fn with_helper_lib(root: &Path, script: &str) -> Output {
+    let checkout = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let full = format!(". scripts/lib/helper.sh\ntrap helper_restore EXIT\n{script}");
+    run(Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &full, "bash"])
+        .arg(bin())
+        .current_dir(checkout)
+        .env("DESTDIR", root))
+}
+
+#[test]
+fn a_test_run_puts_the_mount_helper_back_as_it_was() {
+    let checkout = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let test = std::fs::read_to_string(checkout.join("scripts/test")).unwrap();
+    assert!(
+        test.contains("helper_install \"$PWD/target/debug/reflinkfs\"")
+            && test.contains("    helper_restore\n")
+            && test.contains("trap cleanup EXIT")
+            && !test.contains("mount-helper/install"),
+        "scripts/test installs the helper with scripts/lib/helper.sh and restores it at exit"
+    );
+    let root = tempfile::tempdir().unwrap();
+    let sbin = root.path().join("usr/sbin");
+    std::fs::create_dir_all(&sbin).unwrap();
+    let helper = sbin.join("mount.reflinkfs");
+    let installed = "[ -x \"$DESTDIR/usr/sbin/mount.reflinkfs\" ]\n\
+                     grep -qF \"$1\" \"$DESTDIR/usr/sbin/mount.reflinkfs\"\n";
+
+    // None before: removed at the end, even of a run that fails.
+    let o = with_helper_lib(
+        root.path(),
+        &format!("helper_install \"$1\"\n{installed}exit 3"),
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(!helper.exists(), "{}", stdout(&o));
+    assert!(stdout(&o).contains("removed"), "{}", stdout(&o));
+
+    // One before (another checkout's): put back, byte for byte, mode too.
+    let before = "#!/bin/sh\nREFLINKFS=${REFLINKFS:-/opt/other/reflinkfs}\n";
+    std::fs::write(&helper, before).unwrap();
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let o = with_helper_lib(root.path(), &format!("helper_install \"$1\"\n{installed}"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(&helper).unwrap(), before);
+    let mode = std::fs::metadata(&helper).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o755);
+    assert!(
+        stdout(&o).contains("put back") && stdout(&o).contains("/opt/other/reflinkfs"),
+        "{}",
+        stdout(&o)
+    );
+
+    // Replaced during the run by another install: that one stays.
+    let other = "#!/bin/sh\nREFLINKFS=${REFLINKFS:-/opt/newer/reflinkfs}\n";
+    let o = with_helper_lib(
+        root.path(),
+        &format!(
+            "helper_install \"$1\"\nprintf '%s' '{other}' > \"$DESTDIR/usr/sbin/mount.reflinkfs\""
+        ),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(&helper).unwrap(), other);
+    assert!(stdout(&o).contains("left"), "{}", stdout(&o));
+
+    // No saved copies left behind in TMPDIR.
+    let o = with_helper_lib(
+        root.path(),
+        "TMPDIR=$DESTDIR/tmp; mkdir -p \"$TMPDIR\"; helper_install \"$1\"; helper_restore; [ -z \"$(ls -A \"$TMPDIR\")\" ]",
+    );
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+}

@@ -8,8 +8,18 @@
 #   scratch_cleanup           unmounts FUSE mounts and filesystems under DIR,
 #                             detaches every loop device backed by a file
 #                             under DIR, removes DIR
+#
+# With SCRATCH_VERBOSE=1 (scripts/demo, scripts/test), each says what it
+# does: the image, its loop device and mountpoint; each unmount and detach.
 
 SCRATCH_DIR=
+SCRATCH_VERBOSE=${SCRATCH_VERBOSE:-0}
+
+# A line of what is being done, on stderr (stdout carries results).
+scratch_say() {
+    [ "$SCRATCH_VERBOSE" = 1 ] && echo "$*" >&2
+    return 0
+}
 
 scratch_init() {
     SCRATCH_DIR=$1
@@ -28,36 +38,79 @@ scratch_fs() {
     esac
     mkdir -p "$mnt"
     mount -o loop "$img" "$mnt"
+    scratch_say "  $type: image $img ($size, sparse) on $(findmnt -no SOURCE "$mnt"), mounted on $mnt"
     echo "$mnt"
 }
 
 scratch_cleanup() {
     [ -n "$SCRATCH_DIR" ] && [ -d "$SCRATCH_DIR" ] || return 0
-    local m dev try
-    # Innermost first: FUSE mounts (whose daemons then commit and exit),
-    # filesystems inside volumes, then the scratch filesystems, retrying
-    # while a daemon still holds files, lazily as a last resort.
-    for m in $(awk -v d="$SCRATCH_DIR" 'index($2, d) == 1 && $3 ~ /^fuse/ { print $2 }' /proc/mounts | sort -r); do
-        umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
+    local m dev file try loops left src type
+    # Loop devices whose backing file lives under the scratch directory
+    # (including ones a test attached to an image inside a mount). A
+    # detach of a device in use (mounted, or a file of it open) only marks
+    # it to go once its last user is gone, so they are detached first:
+    # none then keeps a file busy under a mount below.
+    loops=$(scratch_loops)
+    for dev in $(echo "$loops" | awk '{ print $1 }'); do
+        losetup -d "$dev" 2>/dev/null || true
     done
+    # Innermost first (a guest's filesystem, then the FUSE mount whose
+    # file it is on, then the scratch filesystem under the pool), retrying
+    # while a daemon still commits and holds files, lazily as a last
+    # resort.
     for try in $(seq 50); do
-        local left=0
-        for m in $(awk -v d="$SCRATCH_DIR" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r); do
-            umount "$m" 2>/dev/null || left=1
-        done
+        left=0
+        while read -r src m type; do
+            [ -n "$m" ] || continue
+            if umount "$m" 2>/dev/null; then
+                case $type in
+                    fuse*) scratch_say "unmounted $m (reflinkfs, pool $src: its daemon commits and exits)" ;;
+                    *) scratch_say "unmounted $m ($type on $src)" ;;
+                esac
+            else
+                left=1
+            fi
+        done <<< "$(scratch_mounts)"
         [ "$left" = 0 ] && break
         sleep 0.2
     done
-    for m in $(awk -v d="$SCRATCH_DIR" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r); do
-        umount -l "$m" 2>/dev/null || true
+    while read -r src m type; do
+        [ -n "$m" ] || continue
+        if umount -l "$m" 2>/dev/null; then
+            scratch_say "unmounted $m lazily ($type on $src, still busy after 10 s)"
+        fi
+    done <<< "$(scratch_mounts)"
+    # The kernel detaches a device once its last user is gone: wait for
+    # that briefly, then say what became of each.
+    for try in $(seq 20); do
+        [ -z "$(scratch_loops)" ] && break
+        sleep 0.1
     done
-    # Loop devices whose backing file lives under the scratch directory
-    # (including ones a test attached to an image inside a mount).
-    for dev in $(losetup -nl -O NAME,BACK-FILE 2>/dev/null | awk -v d="$SCRATCH_DIR" 'index($2, d) == 1 { print $1 }'); do
-        losetup -d "$dev" 2>/dev/null || true
-    done
+    while read -r dev id file; do
+        [ -n "$dev" ] || continue
+        # The same backing file by device and inode: a lazily unmounted
+        # filesystem shows its files by another path.
+        if [ "$(losetup -nl -O BACK-MAJ:MIN,BACK-INO "$dev" 2>/dev/null | awk '{ print $1 "/" $2 }')" = "$id" ]; then
+            echo "scratch_cleanup: $dev is still attached to $file" >&2
+        else
+            scratch_say "detached $dev (on $file)"
+        fi
+    done <<< "$loops"
     rm -rf "$SCRATCH_DIR"
+    scratch_say "removed $SCRATCH_DIR"
     SCRATCH_DIR=
+}
+
+# The mounts under SCRATCH_DIR, innermost first: "SOURCE MOUNTPOINT TYPE".
+scratch_mounts() {
+    awk -v d="$SCRATCH_DIR" 'index($2, d) == 1 { print $1, $2, $3 }' /proc/mounts | sort -r -k2,2
+}
+
+# The loop devices on files under SCRATCH_DIR: "DEVICE MAJ:MIN/INODE FILE"
+# lines (the backing file's device and inode).
+scratch_loops() {
+    losetup -nl -O NAME,BACK-MAJ:MIN,BACK-INO,BACK-FILE 2>/dev/null |
+        awk -v d="$SCRATCH_DIR" 'index($4, d) == 1 { print $1, $2 "/" $3, $4 }'
 }
 
 # Installs the packages the tests and the demo need, when missing (always

@@ -9,6 +9,7 @@ pub(crate) mod output;
 mod progress;
 
 use crate::control::{self, client, Request, Response};
+use crate::daemon::mounts;
 use crate::engine::props::check_revisions_to_keep;
 use crate::engine::{parse_size, InitOptions, Pool, Property, ValidVid};
 use crate::error::{Error, Result};
@@ -41,6 +42,13 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
+            let e = mounts::explain_not_a_pool(e, |pool| {
+                let also = match std::env::var_os("REFLINKFS_POOL") {
+                    Some(_) => format!(" (or export REFLINKFS_POOL={})", pool.display()),
+                    None => String::new(),
+                };
+                format!("pass --pool {}{also}", pool.display())
+            });
             log::debug!("{e:?}");
             eprintln!("reflinkfs: error: {e}");
             ExitCode::from(e.class().exit_code())
@@ -116,6 +124,7 @@ fn run_pool(cmd: PoolCommand) -> Result<ExitCode> {
                 }
                 opts.revisions_to_keep = n;
             }
+            refuse_mount_for_new_pool(&pool.pool, "make a pool in")?;
             let p = Pool::init(&pool.pool, &opts)?;
             println!(
                 "initialised pool {} ({})",
@@ -140,6 +149,7 @@ fn run_pool(cmd: PoolCommand) -> Result<ExitCode> {
                 dry_run,
                 setup_check: setup_check == "yes",
             };
+            refuse_mount_for_new_pool(&pool.pool, "adopt")?;
             let report = crate::engine::adopt::adopt(&pool.pool, &opts)?;
             if json.json {
                 println!(
@@ -170,6 +180,25 @@ fn run_pool(cmd: PoolCommand) -> Result<ExitCode> {
             }
             dispatch(&pool.pool, Request::PoolCheck { volume }, None, json.json)
         }
+    }
+}
+
+/// Refuses a reflinkfs mount, or a directory in one, as the place of a new
+/// pool (`pool init`, `pool adopt`), naming the mount's pool, before
+/// anything is touched.
+fn refuse_mount_for_new_pool(path: &Path, what: &str) -> Result<()> {
+    let hint = |pool: &Path| {
+        format!(
+            "{what} a directory outside any mount, on the filesystem of the images ({} is a pool already)",
+            pool.display()
+        )
+    };
+    match mounts::mount_given_as_pool(path, hint) {
+        Some(e) => Err(Error::InvalidValue {
+            property: "--pool".into(),
+            reason: e.to_string(),
+        }),
+        None => Ok(()),
     }
 }
 
@@ -540,9 +569,12 @@ fn clone_across(
     let src_vid = info.vid.clone();
     let tmp_dir = dst_pool.join(crate::engine::pool::META_DIR);
     if !tmp_dir.is_dir() {
-        return Err(Error::NotAPool {
+        let e = Error::NotAPool {
             path: dst_pool.to_owned(),
-        });
+        };
+        return Err(mounts::explain_not_a_pool(e, |pool| {
+            format!("pass --to-pool {}", pool.display())
+        }));
     }
     let tmp = tmp_dir.join(format!("clone~{}.img", std::process::id()));
     let result = (|| -> Result<String> {

@@ -148,7 +148,12 @@ fn serve(
             };
             Pool::init(pool_path, &init).map_err(|e| fail(&mut pipe, e))?
         }
-        Err(e) => return Err(fail(&mut pipe, e)),
+        Err(e) => {
+            let e = mounts::explain_not_a_pool(e, |pool| {
+                format!("the pool is {}, mounted there already", pool.display())
+            });
+            return Err(fail(&mut pipe, e));
+        }
     };
     let pool = Arc::new(pool);
     // The detached daemon's log, opened through the metadata directory's fd,

@@ -1,5 +1,6 @@
 //! The FUSE mounts of this mount namespace, from /proc/self/mountinfo.
 
+use crate::error::Error;
 use std::path::{Path, PathBuf};
 
 /// One FUSE mount of /proc/self/mountinfo: its id, mountpoint and source.
@@ -73,12 +74,60 @@ pub fn pool_of_mount(mnt: &Path) -> Option<PathBuf> {
         .filter(|m| m.mountpoint == want)
         .map(|m| PathBuf::from(m.source))
         // Ours when the source is a pool (fuser mounts as plain "fuse").
-        .find(|source| {
-            source
-                .join(crate::engine::pool::META_DIR)
-                .join(crate::engine::pool::POOL_JSON)
-                .exists()
-        })
+        .find(|source| is_pool(source))
+}
+
+/// The reflinkfs mount that `path` is on (its mountpoint or a directory
+/// in it): the mountpoint and the pool, which the daemon mounts as the
+/// FUSE source. `None` when the innermost FUSE mount above `path` is not
+/// one of a pool, or `path` is on no FUSE mount. A path that does not
+/// exist yet is looked up by its nearest existing ancestor.
+pub fn reflinkfs_mount_of(path: &Path) -> Option<(PathBuf, PathBuf)> {
+    let real = path
+        .ancestors()
+        .find_map(|p| std::fs::canonicalize(p).ok())?;
+    fuse_mounts()
+        .into_iter()
+        .filter(|m| real.starts_with(&m.mountpoint))
+        // The innermost; of mounts on the same point, the last (on top).
+        .max_by_key(|m| m.mountpoint.len())
+        .map(|m| (PathBuf::from(m.mountpoint), PathBuf::from(m.source)))
+        .filter(|(_, source)| is_pool(source))
+}
+
+/// Whether `dir` holds a pool's metadata.
+fn is_pool(dir: &Path) -> bool {
+    dir.join(crate::engine::pool::META_DIR)
+        .join(crate::engine::pool::POOL_JSON)
+        .exists()
+}
+
+/// The error for `path` given as a pool when it is a reflinkfs mount or
+/// in one: it names the mount's pool, and `hint` says what to do with it.
+/// `None` when `path` is on no reflinkfs mount.
+pub fn mount_given_as_pool(path: &Path, hint: impl FnOnce(&Path) -> String) -> Option<Error> {
+    let (mountpoint, pool) = reflinkfs_mount_of(path)?;
+    let shown = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    let place = match std::fs::canonicalize(path) {
+        Ok(real) if real == mountpoint => "a reflinkfs mount".to_owned(),
+        _ => format!("in {}, a reflinkfs mount", mountpoint.display()),
+    };
+    Some(Error::MountGivenAsPool {
+        path: shown,
+        place,
+        hint: hint(&pool),
+        pool,
+    })
+}
+
+/// `e`, but when it says that a directory of a reflinkfs mount is not a
+/// pool (the mountpoint given for the pool), the error that names the
+/// mount's pool ([`mount_given_as_pool`]).
+pub fn explain_not_a_pool(e: Error, hint: impl FnOnce(&Path) -> String) -> Error {
+    match &e {
+        Error::NotAPool { path } => mount_given_as_pool(path, hint).unwrap_or(e),
+        _ => e,
+    }
 }
 
 /// Undoes the octal escapes (`\040` for a space) of /proc/self/mountinfo.
