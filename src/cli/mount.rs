@@ -141,7 +141,7 @@ fn waiting_for(pool: &Path) -> Vec<String> {
         .flatten()
         .and_then(|s| client::call(s, &Request::Status, None).ok());
     match status {
-        Some(Response::Status(st)) => st.waiting_for,
+        Some(Response::Status(st)) => st.waiting_for.clone(),
         _ => Vec::new(),
     }
 }

@@ -207,7 +207,7 @@ pub fn execute(
             let only = volume.as_deref().map(|v| vid_of(pool, v)).transpose()?;
             Response::Problems(pool.check(only.as_ref())?)
         }
-        Request::Status => Response::Status(match daemon {
+        Request::Status => Response::Status(Box::new(match daemon {
             Some(d) => d.status(),
             None => Status {
                 pool: pool.path().display().to_string(),
@@ -220,7 +220,7 @@ pub fn execute(
                 pending: PendingVolume::all(pool),
                 ..Status::default()
             },
-        }),
+        })),
         Request::VolumeAttach {
             vid,
             read_only,

@@ -293,7 +293,7 @@ pub enum Response {
     PoolInfo(PoolInfoBox),
     /// `pool check`: every problem found (none: the pool is consistent).
     Problems(Vec<Problem>),
-    Status(Status),
+    Status(Box<Status>),
     Created {
         vid: String,
         /// Set when the volume is larger than the free space of the pool's
