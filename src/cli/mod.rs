@@ -310,7 +310,10 @@ fn run_volume(cmd: VolumeCommand) -> Result<ExitCode> {
             // A source is a volume id, checked like the others (it may be
             // VM:NAME, which only the pool resolves).
             match property.as_str() {
-                "source" => precheck_vid(&value)?,
+                "source" => precheck_vid(&value).map_err(|e| Error::InvalidValue {
+                    property: "source".into(),
+                    reason: e.to_string(),
+                })?,
                 _ => drop(Property::parse(&property, &value)?),
             }
             dispatch(
