@@ -195,6 +195,7 @@ impl Pool {
             dirty_size: None,
             incarnation: crate::sys::random_u64(),
             attached: None,
+            precache: None,
         };
         config.validate(&pool_cfg).map_err(|r| refused(vid, r))?;
 
@@ -253,9 +254,10 @@ impl Pool {
                 let mut config = config;
                 config.size = config_size;
                 self.store_volume(&config)?;
-                self.volumes
-                    .write()
-                    .insert(vid.clone(), Volume::new(config, self.hooks.clone()));
+                let vol = Volume::new(config, self.hooks.clone());
+                // Not in the map yet: nothing else can use it.
+                self.refresh_precache(&vol, &dir);
+                self.volumes.write().insert(vid.clone(), vol);
             } else {
                 dir.sync().map_err(io_ctx(&dir, "syncing", ""))?;
                 self.store_volume(&config)?;
@@ -458,6 +460,7 @@ impl Pool {
         let mut new = (*cfg).clone();
         new.size = size;
         new.generation += 1;
+        new.precache = None;
         if let Err(e) = self.store_volume(&new) {
             let _ = dir.remove(&v, &tmp);
             return Err(e);
@@ -472,6 +475,7 @@ impl Pool {
         }
         failpoint::hit("resize.renamed");
         dir.sync().map_err(io_ctx(&dir, "syncing", ""))?;
+        self.refresh_precache(&claim.volume, &dir);
         log::info!("{vid}: resized from {current} to {size} bytes");
         Ok(ResizeOutcome::Committed)
     }

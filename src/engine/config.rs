@@ -107,6 +107,11 @@ pub struct VolumeConfig {
     /// under a live writer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attached: Option<AttachedLoop>,
+    /// What `N-precache.img` was made from: a start renames it to the
+    /// dirty image only while both files still match this record (see
+    /// `precache.rs`). Cleared whenever the committed image is replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precache: Option<super::precache::PrecacheRecord>,
 }
 
 /// A loop device reflinkfs put on a volume's dirty image (`volume attach`).
@@ -275,6 +280,7 @@ mod tests {
             dirty_size: None,
             incarnation: 0,
             attached: None,
+            precache: None,
         }
     }
 

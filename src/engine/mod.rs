@@ -15,6 +15,7 @@ pub mod fsops;
 pub mod lifecycle;
 pub mod listing;
 pub mod pool;
+pub mod precache;
 pub mod props;
 mod recovery;
 pub mod report;

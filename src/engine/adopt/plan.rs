@@ -513,6 +513,7 @@ pub(super) fn finish_configs(
                 dirty_size: None,
                 incarnation: crate::sys::random_u64(),
                 attached: None,
+                precache: None,
             };
             if let Err(reason) = cfg.validate(pool) {
                 not_adopted(report, vid, reason);
@@ -573,7 +574,7 @@ pub(super) fn file_actions(root: &Path, scan: &Scan, plan: &mut Plan) {
             plan.removals.push((
                 vid.clone(),
                 format!("{n}-precache.img"),
-                format!("Qubes' precache copy of {n}.img, which reflinkfs does not use"),
+                format!("Qubes' precache copy of {n}.img: reflinkfs makes its own, recorded in the volume's config"),
             ));
         }
         match cfg.kind() {
