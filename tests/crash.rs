@@ -179,10 +179,28 @@ fn check_after_crash(fs: &TestFs, fp: &str, path: &Path) {
         .collect();
     assert!(real.is_empty(), "{ctx}: check found {real:?}");
 
+    // A reflink pool has a precache of the committed image again, and
+    // the next start runs it; copy mode keeps none.
+    let pc = vm_dir(path, &v).join("private-precache.img");
+    let pc_ino = std::fs::metadata(&pc).ok().map(|m| m.ino());
+    assert_eq!(
+        pc_ino.is_some(),
+        fs.reflink,
+        "{ctx}: precache after recovery"
+    );
+
     // The next start and stop work and commit.
     let f = pool
         .start(&v)
         .unwrap_or_else(|e| panic!("{ctx}: start after crash: {e}"));
+    if let Some(i) = pc_ino {
+        assert_eq!(f.metadata().unwrap().ino(), i, "{ctx}: started from it");
+    }
+    assert_eq!(
+        read_at(&f, 0, img.len()),
+        img,
+        "{ctx}: the committed data runs"
+    );
     write_at(&f, 4096, &pattern(0xD0, 4096));
     drop(f);
     assert!(
