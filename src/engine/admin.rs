@@ -460,7 +460,6 @@ impl Pool {
         let mut new = (*cfg).clone();
         new.size = size;
         new.generation += 1;
-        new.precache = None;
         if let Err(e) = self.store_volume(&new) {
             let _ = dir.remove(&v, &tmp);
             return Err(e);

@@ -140,8 +140,6 @@ impl Pool {
         cfg.generation += 1;
         cfg.kept_by_revert = revert_target.map(str::to_owned);
         cfg.dirty_size = None;
-        // The precache of the old image is stale from the rename on.
-        cfg.precache = None;
         // The counter is stored before the revision exists, so a crash can
         // skip a K but never reuse one. In memory, the new generation goes
         // with the rename below: a reader sees an image with its own.

@@ -109,7 +109,8 @@ pub struct VolumeConfig {
     pub attached: Option<AttachedLoop>,
     /// What `N-precache.img` was made from: a start renames it to the
     /// dirty image only while both files still match this record (see
-    /// `precache.rs`). Cleared whenever the committed image is replaced.
+    /// `precache.rs`). A record of an older generation is stale, and tells
+    /// recovery that a replacement of the image did not get its precache.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub precache: Option<super::precache::PrecacheRecord>,
 }

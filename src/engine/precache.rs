@@ -7,8 +7,8 @@
 //! the identity (device, inode, size, mtime, ctime) of `N.img` and of the
 //! precache, read once the precache was renamed into place. A start
 //! renames the precache to `N-dirty.img` only while all of it still
-//! matches: a replacement of `N.img` by reflinkfs bumps the generation
-//! (and clears the record), one by hand gives a new inode or ctime, and a
+//! matches: a replacement of `N.img` by reflinkfs bumps the generation,
+//! one by hand gives a new inode or ctime, and a
 //! write to the precache changes its mtime and ctime. Anything else is
 //! stale: it is removed, never run, and the start copies `N.img` as it
 //! would without a precache. After the rename, the dirty image must still
@@ -17,7 +17,8 @@
 //! A precache is made as `N.img~precache` (a temporary file: recovery
 //! removes it), fsynced, then renamed into place, and only then recorded:
 //! a crash at any point leaves at worst an unrecorded precache, which is
-//! stale. Failing to make one (ENOSPC) is a WARN; the volume works without.
+//! stale, and a record of an older generation, by which recovery knows to
+//! make the precache again. Failing to make one (ENOSPC) is a WARN; the volume works without.
 //! Copy-mode pools and `revisions_to_keep=-1` keep none, nor does a process
 //! run with `REFLINKFS_PRECACHE=off` (for comparisons).
 
@@ -146,7 +147,9 @@ impl Pool {
         let n = Names::of(vid);
         let tmp = n.img_tmp("precache");
         // The old one is stale: it goes first, so no failure leaves it.
-        self.drop_precache(vol, dir)?;
+        // (Its record is of an older generation: it matches nothing.)
+        dir.remove_if_exists(&v, &n.precache())
+            .map_err(io_ctx(dir, "removing", &n.precache()))?;
         dir.remove_if_exists(&v, &tmp)
             .map_err(io_ctx(dir, "removing", &tmp))?;
         let src = open_image(dir, vid, &n.img(), libc::O_RDONLY)?;
@@ -207,11 +210,10 @@ impl Pool {
         Ok(())
     }
 
-    /// Removes the precache, if any, and its record.
+    /// Removes the precache's record, then the precache, if any (a file
+    /// without a record is stale whatever happens next).
     fn drop_precache(&self, vol: &Volume, dir: &Dir) -> Result<()> {
         let n = Names::of(&vol.vid);
-        dir.remove_if_exists(&vol.vid.to_string(), &n.precache())
-            .map_err(io_ctx(dir, "removing", &n.precache()))?;
         let old = vol.config();
         if old.precache.is_some() {
             let mut cfg = (*old).clone();
@@ -219,6 +221,8 @@ impl Pool {
             self.store_volume(&cfg)?;
             vol.lock().config = Arc::new(cfg);
         }
+        dir.remove_if_exists(&vol.vid.to_string(), &n.precache())
+            .map_err(io_ctx(dir, "removing", &n.precache()))?;
         Ok(())
     }
 
@@ -329,10 +333,13 @@ impl Pool {
         changed: bool,
     ) -> Result<bool> {
         let n = Names::of(&vol.vid);
-        if !changed && !names.contains(&n.precache()) {
+        let cfg = vol.config();
+        // A record older than the image: the precache of a replacement was
+        // not made (a crash between the rename and the precache).
+        let due = cfg.precache.is_some_and(|r| r.generation != cfg.generation);
+        if !changed && !due && !names.contains(&n.precache()) {
             return Ok(false);
         }
-        let cfg = vol.config();
         let keeps = self.keeps_precache(&cfg);
         let entry = dir
             .entry(&n.precache())
