@@ -378,6 +378,10 @@ impl Pool {
             Entry::Regular(_) if !self.keeps_precache(cfg) => Some(
                 "a precache this volume does not keep; the next pool open removes it".into(),
             ),
+            // Without N.img (an optional volume's image taken away), the
+            // missing image is the news; no start can use the precache, and
+            // the next pool open removes it.
+            Entry::Regular(_) if !matches!(dir.entry(&n.img()), Ok(Entry::Regular(_))) => None,
             Entry::Regular(sig) => match self.precache_valid(cfg, dir, &sig) {
                 Ok(true) => None,
                 _ => Some(
