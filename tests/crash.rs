@@ -50,7 +50,7 @@ fn child_main(pool_path: &Path, fp: &str, side: &Path) {
         "start" => {
             pool.start(&v).unwrap();
         }
-        "commit" | "prune" => {
+        "commit" | "prune" | "precache" => {
             let f = pool.start(&v).unwrap();
             write_at(&f, 0, &new_content());
             drop(f);
@@ -120,7 +120,7 @@ fn acceptable(fp: &str) -> Vec<Vec<u8>> {
     let mut grown = old.clone();
     grown.resize(2 * MIB as usize, 0);
     let new = match op_of(fp) {
-        "commit" | "prune" | "import" => new_content(),
+        "commit" | "prune" | "precache" | "import" => new_content(),
         "revert" => vec![0u8; MIB as usize],
         // A queued discard: the run's writes never survive.
         "pending" => old.clone(),
@@ -207,10 +207,28 @@ fn check_after_crash(fs: &TestFs, fp: &str, path: &Path) {
         .collect();
     assert!(real.is_empty(), "{ctx}: check found {real:?}");
 
+    // A reflink pool has a precache of the committed image again, and
+    // the next start runs it; copy mode keeps none.
+    let pc = vm_dir(path, &v).join("private-precache.img");
+    let pc_ino = std::fs::metadata(&pc).ok().map(|m| m.ino());
+    assert_eq!(
+        pc_ino.is_some(),
+        fs.reflink,
+        "{ctx}: precache after recovery"
+    );
+
     // The next start and stop work and commit.
     let f = pool
         .start(&v)
         .unwrap_or_else(|e| panic!("{ctx}: start after crash: {e}"));
+    if let Some(i) = pc_ino {
+        assert_eq!(f.metadata().unwrap().ino(), i, "{ctx}: started from it");
+    }
+    assert_eq!(
+        read_at(&f, 0, img.len()),
+        img,
+        "{ctx}: the committed data runs"
+    );
     write_at(&f, 4096, &pattern(0xD0, 4096));
     drop(f);
     assert!(
@@ -243,6 +261,10 @@ fn every_failpoint_recovers() {
     let mut names = std::collections::BTreeSet::new();
     for fs in filesystems() {
         for fp in failpoint::ALL {
+            if op_of(fp) == "precache" && !fs.reflink {
+                // Copy mode keeps no precache: the point is never reached.
+                continue;
+            }
             let (path, side) = setup(&fs, fp);
             let out = Command::new(&exe)
                 .args([

@@ -102,15 +102,14 @@ fn parity_script(
         "volume set app:private revisions_to_keep -2",
         "volume set app:private colour blue",
         "volume import app:private DATA --json",
+        "volume revisions pin app:private 1 --note keep",
+        "volume revisions pin app:private 99",
+        "volume revisions app:private",
+        "volume remove app:private",
         "volume revisions app:private --json",
         "volume revert app:private 99",
         "volume revert app:private 1 --json",
         "volume revert app:private",
-        "volume revisions pin app:private 1 --note keep",
-        "volume revisions pin app:private 99",
-        "volume revisions app:private",
-        "volume revisions app:private --json",
-        "volume remove app:private",
         "volume revisions unpin app:private 1 --json",
         "volume revisions unpin app:private 1",
         "volume discard-changes app:private",
@@ -240,7 +239,10 @@ fn the_same_commands_give_the_same_results_offline_and_mounted() {
                 && step.iter().any(|a| a == "--json")
                 && *code == Some(0)
                 && serde_json::from_str::<Value>(out.lines().next().unwrap_or("")).is_ok()),
-            "{cmd:?} --json is in the script"
+            "{cmd:?} --json is in the script: {:?}",
+            on.iter()
+                .filter(|(step, _, _)| step[..2] == cmd)
+                .collect::<Vec<_>>()
         );
     }
     let st = rf_json(&online, "status");

@@ -203,18 +203,26 @@ pub enum VolumeCommand {
     /// Show all properties, derived values and usage of a volume.
     #[command(after_help = exit_status_help())]
     Info(VolumeRef),
-    /// List a volume's revisions, oldest first, with their pins; `pin` and
-    /// `unpin` keep a revision from every prune, or give it back.
-    #[command(
-        after_help = exit_status_help(),
-        args_conflicts_with_subcommands = true,
-        subcommand_negates_reqs = true
-    )]
+    /// List a volume's revisions, oldest first, with their pins.
+    /// `volume revisions pin VID K [--note TEXT]` pins revision K: no
+    /// commit, revert, revisions_to_keep or recovery prunes it, and it does
+    /// not count against revisions_to_keep; `volume revisions unpin VID K`
+    /// gives it back to the prunes.
+    #[command(after_help = exit_status_help())]
     Revisions {
-        #[command(subcommand)]
-        action: Option<RevisionAction>,
         #[command(flatten)]
-        list: VolumeRef,
+        pool: PoolArg,
+        /// VID (CLASS/VM/NAME or VM:NAME) to list its revisions, or `pin VID
+        /// K`, or `unpin VID K` (K: a revision number, or a legacy
+        /// revision's timestamp).
+        #[arg(num_args = 1..=3, required = true, value_name = "VID | pin VID K | unpin VID K")]
+        args: Vec<String>,
+        /// With `pin`: why the revision is kept (one line), shown by
+        /// `volume revisions`.
+        #[arg(long)]
+        note: Option<String>,
+        #[command(flatten)]
+        json: JsonArg,
     },
     /// Change a volume's size. Shrinking needs --allow-shrink.
     #[command(after_help = exit_status_help())]
@@ -384,31 +392,6 @@ pub enum VolumeCommand {
         /// Remove it even with pinned revisions, which go with it.
         #[arg(long)]
         force: bool,
-    },
-}
-
-/// `volume revisions pin|unpin`.
-#[derive(Debug, Subcommand)]
-pub enum RevisionAction {
-    /// Pin revision K: no commit, revert, revisions_to_keep or recovery
-    /// prunes it, and it does not count against revisions_to_keep.
-    #[command(after_help = exit_status_help())]
-    Pin {
-        #[command(flatten)]
-        volume: VolumeRef,
-        /// The revision: its number K, or a legacy revision's timestamp.
-        revision: String,
-        /// Why it is kept (one line), shown by `volume revisions`.
-        #[arg(long)]
-        note: Option<String>,
-    },
-    /// Unpin revision K: prunes count it again from the next one on.
-    #[command(after_help = exit_status_help())]
-    Unpin {
-        #[command(flatten)]
-        volume: VolumeRef,
-        /// The revision: its number K, or a legacy revision's timestamp.
-        revision: String,
     },
 }
 

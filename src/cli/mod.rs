@@ -13,7 +13,7 @@ use crate::daemon::mounts;
 use crate::engine::props::check_revisions_to_keep;
 use crate::engine::{parse_size, InitOptions, Pool, Property, ValidVid};
 use crate::error::{Error, Result};
-use args::{Cli, Command, PoolCommand, RevisionAction, VolumeCommand};
+use args::{Cli, Command, PoolCommand, VolumeCommand};
 use clap::Parser;
 use std::fs::File;
 use std::os::fd::AsFd;
@@ -212,16 +212,11 @@ fn vids_in(cmd: &VolumeCommand) -> Vec<&str> {
         VolumeCommand::Info(v)
         | VolumeCommand::DiscardChanges(v)
         | VolumeCommand::CancelPending(v)
-        | VolumeCommand::Remove { volume: v, .. }
-        | VolumeCommand::Revisions {
-            action: None,
-            list: v,
-        }
-        | VolumeCommand::Revisions {
-            action:
-                Some(RevisionAction::Pin { volume: v, .. } | RevisionAction::Unpin { volume: v, .. }),
-            ..
-        } => vec![v.vid.as_str()],
+        | VolumeCommand::Remove { volume: v, .. } => vec![v.vid.as_str()],
+        VolumeCommand::Revisions { args, .. } => match args.as_slice() {
+            [_, vid, _] | [vid] => vec![vid.as_str()],
+            _ => Vec::new(),
+        },
         VolumeCommand::Resize { vid, .. }
         | VolumeCommand::Revert { vid, .. }
         | VolumeCommand::Set { vid, .. }
@@ -258,21 +253,15 @@ fn run_volume(cmd: VolumeCommand) -> Result<ExitCode> {
             dispatch(&pool.pool, Request::VolumeList, None, json.json)
         }
         VolumeCommand::Info(v) => v.dispatch(|vid| Request::VolumeInfo { vid, brief: false }),
-        VolumeCommand::Revisions { action, list } => match action {
-            None => list.dispatch(|vid| Request::VolumeRevisions { vid }),
-            Some(RevisionAction::Pin {
-                volume,
-                revision,
-                note,
-            }) => volume.dispatch(|vid| Request::VolumePin {
-                vid,
-                revision,
-                note,
-            }),
-            Some(RevisionAction::Unpin { volume, revision }) => {
-                volume.dispatch(|vid| Request::VolumeUnpin { vid, revision })
-            }
-        },
+        VolumeCommand::Revisions {
+            pool,
+            args,
+            note,
+            json,
+        } => {
+            let req = revisions_request(&args, note)?;
+            dispatch(&pool.pool, req, None, json.json)
+        }
         VolumeCommand::DiscardChanges(v) => v.dispatch(|vid| Request::VolumeDiscardChanges { vid }),
         VolumeCommand::CancelPending(v) => v.dispatch(|vid| Request::VolumeCancelPending { vid }),
         VolumeCommand::Resize {
@@ -449,6 +438,29 @@ impl args::VolumeRef {
     /// Runs the request `make` builds from the volume id.
     fn dispatch(self, make: impl FnOnce(String) -> Request) -> Result<ExitCode> {
         dispatch(&self.pool.pool, make(self.vid), None, self.json.json)
+    }
+}
+
+/// `volume revisions VID`, `volume revisions pin VID K [--note TEXT]` or
+/// `volume revisions unpin VID K`.
+fn revisions_request(args: &[String], note: Option<String>) -> Result<Request> {
+    let bad = |reason: &str| Error::InvalidValue {
+        property: "volume revisions".into(),
+        reason: reason.into(),
+    };
+    match (args, note) {
+        ([vid], None) => Ok(Request::VolumeRevisions { vid: vid.clone() }),
+        ([op, vid, k], note) if op == "pin" => Ok(Request::VolumePin {
+            vid: vid.clone(),
+            revision: k.clone(),
+            note,
+        }),
+        ([op, vid, k], None) if op == "unpin" => Ok(Request::VolumeUnpin {
+            vid: vid.clone(),
+            revision: k.clone(),
+        }),
+        ([_], Some(_)) | ([_, _, _], Some(_)) => Err(bad("--note goes with `pin` only")),
+        _ => Err(bad("give VID, or pin VID K, or unpin VID K")),
     }
 }
 

@@ -201,6 +201,7 @@ impl Pool {
             attached: None,
             pins: Default::default(),
             pending: None,
+            precache: None,
         };
         config.validate(&pool_cfg).map_err(|r| refused(vid, r))?;
 
@@ -259,9 +260,10 @@ impl Pool {
                 let mut config = config;
                 config.size = config_size;
                 self.store_volume(&config)?;
-                self.volumes
-                    .write()
-                    .insert(vid.clone(), Volume::new(config, self.hooks.clone()));
+                let vol = Volume::new(config, self.hooks.clone());
+                // Not in the map yet: nothing else can use it.
+                self.refresh_precache(&vol, &dir);
+                self.volumes.write().insert(vid.clone(), vol);
             } else {
                 dir.sync().map_err(io_ctx(&dir, "syncing", ""))?;
                 self.store_volume(&config)?;
@@ -498,6 +500,7 @@ impl Pool {
         }
         failpoint::hit("resize.renamed");
         dir.sync().map_err(io_ctx(&dir, "syncing", ""))?;
+        self.refresh_precache(&claim.volume, &dir);
         log::info!("{vid}: resized from {current} to {size} bytes");
         Ok(ResizeOutcome::Committed)
     }

@@ -85,11 +85,15 @@ impl Pool {
             // only copy of the data.
             if keeps_snapshots && sig.unchanged_since(&started) {
                 drop(dirty);
-                dir.remove(&vid.to_string(), &n.dirty()).map_err(io_ctx(
-                    dir,
-                    "removing",
-                    &n.dirty(),
-                ))?;
+                // Still a copy of N.img: it becomes the precache again
+                // when it can, else it goes.
+                if !self.recycle_dirty(vol, dir) {
+                    dir.remove(&vid.to_string(), &n.dirty()).map_err(io_ctx(
+                        dir,
+                        "removing",
+                        &n.dirty(),
+                    ))?;
+                }
                 dir.sync().map_err(io_ctx(dir, "syncing", ""))?;
                 log::info!("{vid}: the dirty image was not modified; no new revision");
                 return Ok(StopOutcome::Unchanged);
@@ -102,7 +106,8 @@ impl Pool {
     /// Makes the file `new_name` (open as `new`) the committed image of an
     /// origin volume: fsync it, save the current image as a revision when
     /// revisions are kept, rename it over `N.img`, fsync the directory,
-    /// and prune (a revert prunes by its own rule). Shared by commit,
+    /// prune (a revert prunes by its own rule), and make the precache of
+    /// the new image (`precache.rs`). Shared by commit,
     /// revert, import and clone, whose failpoints are `OP.synced`,
     /// `OP.config`, `OP.linked` and `OP.renamed`. The caller owns the
     /// volume (Committing, Starting, or an operation's claim). Returns the
@@ -178,6 +183,7 @@ impl Pool {
         if revert_target.is_none() {
             self.prune_revisions(&cfg, dir)?;
         }
+        self.refresh_precache(vol, dir);
         Ok(revision)
     }
 

@@ -119,6 +119,12 @@ pub struct VolumeConfig {
     /// applies it instead of committing the leftover dirty image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<Pending>,
+    /// What `N-precache.img` was made from: a start renames it to the
+    /// dirty image only while both files still match this record (see
+    /// `precache.rs`). A record of an older generation is stale, and tells
+    /// recovery that a replacement of the image did not get its precache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precache: Option<super::precache::PrecacheRecord>,
 }
 
 /// A pinned revision's record.
@@ -321,6 +327,7 @@ mod tests {
             attached: None,
             pins: Default::default(),
             pending: None,
+            precache: None,
         }
     }
 

@@ -26,6 +26,9 @@ pub const ALL: &[&str] = &[
     "commit.config",
     "commit.linked",
     "commit.renamed",
+    // precache (after a commit): made as a temporary, renamed into place
+    "precache.made",
+    "precache.renamed",
     // prune, after the first revision was removed
     "prune.removed",
     // revert: revision copied, then committed like a stop

@@ -487,6 +487,8 @@ impl Pool {
                 dir.rename(&v, &n.img(), &n.dirty())
                     .map_err(io_ctx(&dir, "renaming", &n.img()))?;
             }
+            // A matching precache is renamed (constant time); else a copy.
+            VolumeKind::Origin if self.start_from_precache(vol, &dir)? => {}
             VolumeKind::Origin => {
                 let src = open_image(&dir, vid, &n.img(), libc::O_RDONLY)?;
                 self.copy_to_dirty(vid, &dir, &src, &dir.shown(&n.img()), None)?;

@@ -16,6 +16,7 @@ pub mod lifecycle;
 pub mod listing;
 pub mod pins;
 pub mod pool;
+pub mod precache;
 pub mod props;
 mod recovery;
 pub mod report;

@@ -229,6 +229,8 @@ impl Pool {
                 cfg.dirty_size = None;
                 self.store_volume(&cfg)?;
                 vol.lock().config = Arc::new(cfg);
+                // The start took the precache: the next start needs one.
+                self.refresh_precache(vol, dir);
                 Ok(StopOutcome::Discarded)
             }
             Pending::Revert { revision } => {

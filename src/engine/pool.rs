@@ -64,6 +64,11 @@ impl<'a> Names<'a> {
     pub fn import(&self) -> String {
         format!("{}-import.img", self.name)
     }
+    /// `N-precache.img`: a reflink of `N.img` the next start renames to
+    /// `N-dirty.img` (see `precache.rs`).
+    pub fn precache(&self) -> String {
+        format!("{}-precache.img", self.name)
+    }
     /// `N-dirty.img~tmp`: a start's copy before it is renamed into place.
     pub fn dirty_tmp(&self) -> String {
         format!("{}-dirty.img~tmp", self.name)
@@ -80,7 +85,7 @@ impl<'a> Names<'a> {
         file.starts_with(&dirty_stem) || file.starts_with(&img_stem)
     }
     /// Whether `file` is one of the names this volume generates: its
-    /// image, dirty and import images, its temporary files, and revisions
+    /// image, dirty, import and precache images, its temporary files, and revisions
     /// whose names parse. Nothing else: a name that merely starts like one
     /// of ours (`p.img.7.img`, the image of volume `p.img.7`) is not `p`'s.
     /// Given the id rules (no `@` or `~`, no reserved suffix), no file is
@@ -89,6 +94,7 @@ impl<'a> Names<'a> {
         file == self.img()
             || file == self.dirty()
             || file == self.import()
+            || file == self.precache()
             || self.is_temp(file)
             || matches!(parse_revision_name(self.name, file), Parsed::Revision(_))
     }

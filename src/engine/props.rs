@@ -181,6 +181,12 @@ impl Pool {
                 self.prune_revisions(&cfg, &dir)?;
             }
         }
+        // -1 keeps no precache; back from it, the volume gets one.
+        if (cfg.revisions_to_keep == -1) != (old.revisions_to_keep == -1) {
+            if let Some(dir) = self.vm_dir_if_exists(vid)? {
+                self.refresh_precache(&claim.volume, &dir);
+            }
+        }
         Ok(())
     }
 

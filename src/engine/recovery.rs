@@ -210,6 +210,9 @@ impl Pool {
                 }
             }
         }
+        // A stale precache goes (a crash between a commit and its
+        // record, an image replaced by hand), and is made again.
+        changed |= self.recover_precache(vol, dir, names, changed)?;
         if changed {
             dir.sync().map_err(io_ctx(dir, "syncing", ""))?;
         }

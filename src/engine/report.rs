@@ -266,8 +266,8 @@ impl Pool {
             (Some(d), true) => {
                 let mut files = Vec::new();
                 let mut seen = BTreeSet::new();
-                let names = std::iter::once(n.img())
-                    .chain(std::iter::once(n.dirty()))
+                let names = [n.img(), n.dirty(), n.precache()]
+                    .into_iter()
                     .chain(revisions.iter().map(|r| r.file_name.clone()));
                 for name in names {
                     if let Entry::Regular(sig) = d.entry(&name).unwrap_or(Entry::Missing) {
@@ -701,7 +701,10 @@ impl Pool {
                 );
             }
         }
-        for name in [n.img(), n.dirty()] {
+        if let Some(p) = self.precache_problem(cfg, dir) {
+            push(Some(vid), shown(&n.precache()), p);
+        }
+        for name in [n.img(), n.dirty(), n.precache()] {
             if let Ok(st) = sys::lstatat(dir.fd(), &name) {
                 if st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_mode & 0o077 != 0 {
                     push(

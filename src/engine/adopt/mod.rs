@@ -310,6 +310,12 @@ pub fn adopt(path: &Path, opts: &AdoptOptions) -> Result<AdoptReport> {
         }
         Err(e) => return Err(e),
     };
+    // Qubes' precache copies went with the plan: ours replace them, so
+    // the first start costs what it did under file-reflink.
+    let made = pool.make_missing_precaches();
+    if made > 0 {
+        log::info!("made the precache of {made} volume(s)");
+    }
     for v in &mut report.volumes {
         let Ok(vid) = v.vid.parse::<ValidVid>() else {
             continue;

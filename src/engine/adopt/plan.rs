@@ -515,6 +515,7 @@ pub(super) fn finish_configs(
                 attached: None,
                 pins: Default::default(),
                 pending: None,
+                precache: None,
             };
             if let Err(reason) = cfg.validate(pool) {
                 not_adopted(report, vid, reason);
@@ -575,7 +576,7 @@ pub(super) fn file_actions(root: &Path, scan: &Scan, plan: &mut Plan) {
             plan.removals.push((
                 vid.clone(),
                 format!("{n}-precache.img"),
-                format!("Qubes' precache copy of {n}.img, which reflinkfs does not use"),
+                format!("Qubes' precache copy of {n}.img: reflinkfs makes its own, recorded in the volume's config"),
             ));
         }
         match cfg.kind() {

@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""The precache part of the benchmarks (issue 16), run by `benches/precache`
+(and `benches/run --precache`).
+
+  precache.py cycles BIN POOL MNT VID --label L [--repeat K]
+      K start/commit cycles through the mount (first open of -dirty.img,
+      a 4 KiB write, close, wait for the commit) and K through
+      `volume attach` / `volume detach` (a 4 KiB write to the device
+      between them); one JSON line per cycle.
+  precache.py cp IMG DEST [--repeat K]
+      cp --reflink=always of the committed image, with a sync of the copy.
+  precache.py report OUT_DIR
+      OUT_DIR/precache.json (JSON lines) -> OUT_DIR/precache.md
+
+Nothing here is a pass or fail: the numbers are compared with each other.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+
+def state(path):
+    try:
+        return os.getxattr(path, "user.reflinkfs.state").decode()
+    except OSError:
+        return None
+
+
+def wait_stopped(path, timeout=600):
+    end = time.monotonic() + timeout
+    while state(path) != "stopped":
+        if time.monotonic() > end:
+            raise SystemExit(f"precache: {path} not stopped after {timeout}s")
+        time.sleep(0.0002)
+    return time.perf_counter()
+
+
+def run(*args):
+    return subprocess.run(list(args), check=True, capture_output=True, text=True).stdout
+
+
+def cmd_cycles(args):
+    binary, pool, mnt, vid = args[:4]
+    label = args[args.index("--label") + 1]
+    repeat = int(args[args.index("--repeat") + 1]) if "--repeat" in args else 5
+    dirty = os.path.join(mnt, vid + "-dirty.img")
+    precache = os.path.join(pool, vid + "-precache.img")
+    block = os.urandom(4096)
+    wait_stopped(dirty)
+    for i in range(repeat):
+        had = os.path.exists(precache)
+        t0 = time.perf_counter()
+        fd = os.open(dirty, os.O_RDWR)
+        t1 = time.perf_counter()
+        os.pwrite(fd, block, 0)
+        t2 = time.perf_counter()
+        os.close(fd)
+        t3 = wait_stopped(dirty)
+        out = {"label": label, "via": "mount", "repeat": i, "precache_found": had,
+               "start_ms": (t1 - t0) * 1e3, "commit_ms": (t3 - t2) * 1e3}
+        print(json.dumps(out), flush=True)
+    for i in range(repeat):
+        had = os.path.exists(precache)
+        t0 = time.perf_counter()
+        dev = run(binary, "volume", "attach", "--pool", pool, vid).strip()
+        t1 = time.perf_counter()
+        fd = os.open(dev, os.O_WRONLY)
+        os.pwrite(fd, block, 0)
+        os.fsync(fd)
+        os.close(fd)
+        t2 = time.perf_counter()
+        run(binary, "volume", "detach", "--pool", pool, vid)
+        t3 = time.perf_counter()
+        out = {"label": label, "via": "attach", "repeat": i, "precache_found": had,
+               "start_ms": (t1 - t0) * 1e3, "commit_ms": (t3 - t2) * 1e3}
+        print(json.dumps(out), flush=True)
+
+
+def cmd_cp(args):
+    img, dest = args[0], args[1]
+    repeat = int(args[args.index("--repeat") + 1]) if "--repeat" in args else 5
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        subprocess.run(["cp", "--reflink=always", img, dest], check=True)
+        subprocess.run(["sync", dest], check=True)
+        times.append((time.perf_counter() - t0) * 1e3)
+        os.unlink(dest)
+    print(json.dumps({"label": "cp --reflink", "cp_ms": statistics.median(times)}))
+
+
+def cmd_report(args):
+    out = args[0]
+    rows = []
+    with open(os.path.join(out, "precache.json")) as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+    cases = sorted({r["extents"] for r in rows})
+    lines = [
+        "# Start latency with and without the precache",
+        "",
+        "Median of each row's cycles, in ms. *start*: the first open of",
+        "`-dirty.img` through the mount, or `reflinkfs volume attach` (which",
+        "also runs the CLI and sets up the loop device); *commit*: from the",
+        "close (or the 4 KiB write's fsync on the device) until the volume is",
+        "stopped, detach included. *with*: the default (the commit before",
+        "each start made the precache); *without*: the daemon run with",
+        "`REFLINKFS_PRECACHE=off` (each start reflinks `NAME.img`). `cp",
+        "--reflink`: `cp --reflink=always` of the committed image and a sync",
+        "of the copy, the cost of one reflink of the image by itself.",
+        "",
+        "| extents (found) | via | start with | start without | commit with | commit without | cp --reflink |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+
+    def med(ext, via, label, key):
+        xs = [r[key] for r in rows if r["extents"] == ext and r.get("via") == via
+              and r.get("label") == label and key in r]
+        return statistics.median(xs) if xs else None
+
+    def fmt(v):
+        return "–" if v is None else (f"{v:.1f}" if v >= 10 else f"{v:.2f}")
+
+    for ext in cases:
+        found = next((r["actual_extents"] for r in rows
+                      if r["extents"] == ext and "actual_extents" in r), None)
+        cp = next((r["cp_ms"] for r in rows if r["extents"] == ext and "cp_ms" in r), None)
+        for via in ("mount", "attach"):
+            cells = [med(ext, via, "with", "start_ms"), med(ext, via, "without", "start_ms"),
+                     med(ext, via, "with", "commit_ms"), med(ext, via, "without", "commit_ms")]
+            lines.append(f"| {ext:,} ({found:,}) | {via} | " + " | ".join(fmt(c) for c in cells)
+                         + f" | {fmt(cp)} |")
+    used = [r for r in rows if r.get("label") == "with" and "precache_found" in r]
+    if used and not all(r["precache_found"] for r in used):
+        lines += ["", "Note: some *with* cycles found no precache before their start."]
+    with open(os.path.join(out, "precache.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main():
+    cmd, args = sys.argv[1], sys.argv[2:]
+    {"cycles": cmd_cycles, "cp": cmd_cp, "report": cmd_report}[cmd](args)
+
+
+if __name__ == "__main__":
+    main()
