@@ -167,9 +167,26 @@ struct Origin {
     /// The revision the last revert went back to: kept beyond
     /// `revisions_to_keep` until the next commit.
     pinned: Option<u64>,
+    /// Whether a stopped volume of a reflink pool has its precache: every
+    /// replacement of the image makes one, but a revert (a link, in
+    /// constant time) drops it until the next commit.
+    precache: bool,
+    /// Which file the committed image is, and each revision's (by K): a
+    /// revert links the revision as the committed image, and a revision
+    /// saved then is another name of that file. Reverting to a revision
+    /// that is already the committed image's file does nothing.
+    file: u64,
+    files: std::collections::BTreeMap<u64, u64>,
+    next_file: u64,
 }
 
 impl Origin {
+    /// The committed image is a new file (a commit, import or resize).
+    fn new_file(&mut self) {
+        self.next_file += 1;
+        self.file = self.next_file;
+    }
+
     /// Drops the oldest revisions beyond `revisions_to_keep` (-1 keeps none)
     /// and the one the last revert went back to, which is never dropped.
     fn prune(&mut self) {
@@ -190,6 +207,8 @@ impl Origin {
         self.committed = bytes;
         self.generation += 1;
         self.pinned = None;
+        self.precache = true;
+        self.new_file();
         self.prune();
     }
 
@@ -201,6 +220,7 @@ impl Origin {
         let k = self.next_k;
         self.next_k += 1;
         self.revisions.push((k, self.committed.clone()));
+        self.files.insert(k, self.file);
         Some(k)
     }
 }
@@ -223,6 +243,10 @@ impl Model {
             rtk: setup.rtk[i],
             generation: 0,
             pinned: None,
+            precache: true,
+            file: 0,
+            files: Default::default(),
+            next_file: 0,
         };
         Model {
             origins: [origin(0), origin(1)],
@@ -499,13 +523,19 @@ impl<'a> Harness<'a> {
         let Some((target_k, bytes)) = target else {
             return expect_err(got, ErrorClass::NotFound);
         };
+        // Already the committed image's file: nothing to do.
+        if o.files.get(&target_k) == Some(&o.file) {
+            return expect_ok(got, None);
+        }
         // The current image becomes a revision; the target stays (pinned
         // until the next commit) and so does the saved one, the newest;
         // older ones go down to revisions_to_keep + 1.
         let saved = o.save_revision();
+        o.file = o.files[&target_k];
         o.committed = bytes;
         o.generation += 1;
         o.pinned = Some(target_k);
+        o.precache = false;
         o.prune();
         expect_ok(got, saved)
     }
@@ -538,6 +568,8 @@ impl<'a> Harness<'a> {
                 let o = &mut m.origins[v.origin().unwrap()];
                 o.committed.resize(new, 0);
                 o.generation += 1;
+                o.precache = true;
+                o.new_file();
                 expect_ok(got, ResizeOutcome::Committed)
             }
             Snap => {
@@ -567,6 +599,9 @@ impl<'a> Harness<'a> {
             return expect_err(got, ErrorClass::Busy);
         }
         let lowered = n < o.rtk;
+        if o.rtk == -1 && n != -1 {
+            o.precache = true;
+        }
         o.rtk = n;
         if lowered {
             o.prune();
@@ -691,7 +726,11 @@ impl<'a> Harness<'a> {
                 }
                 // A stopped origin of a reflink pool has its precache, a
                 // copy of the committed image; a start renamed it away.
-                if self.fs.reflink && running.is_none() && m.origins[i].rtk != -1 {
+                if self.fs.reflink
+                    && running.is_none()
+                    && m.origins[i].rtk != -1
+                    && m.origins[i].precache
+                {
                     let got = read_file(&dir.join(format!("{name}-precache.img")))?;
                     compare(&ctx("precache"), &got, &m.origins[i].committed)?;
                     expected_files.push(format!("{name}-precache.img"));

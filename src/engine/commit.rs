@@ -182,8 +182,13 @@ impl Pool {
         );
         if revert_target.is_none() {
             self.prune_revisions(&cfg, dir)?;
+            self.refresh_precache(vol, dir);
+        } else {
+            // A revert is a link, in constant time: a precache would be a
+            // reflink of every extent. The next start copies N.img, and its
+            // stop makes the precache again.
+            self.forget_precache(vol, dir);
         }
-        self.refresh_precache(vol, dir);
         Ok(revision)
     }
 

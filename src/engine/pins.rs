@@ -255,7 +255,19 @@ impl Pool {
     ) -> Result<Option<u64>> {
         let vid = &vol.vid;
         let v = vid.to_string();
-        let tmp = Names::of(vid).img_tmp("revert");
+        let n = Names::of(vid);
+        // Already the committed image (reverted to before, by a link): a
+        // rename between two names of one file does nothing (POSIX), so
+        // nothing is to be done, and no copy of it is saved.
+        let target = regular_entry(dir, vid, file_name)?;
+        let img = regular_entry(dir, vid, &n.img())?;
+        if let (Some(t), Some(i)) = (target, img) {
+            if t.same_inode(&i) {
+                log::info!("{vid}: {file_name} already is the committed image");
+                return Ok(None);
+            }
+        }
+        let tmp = n.img_tmp("revert");
         dir.remove_if_exists(&v, &tmp)
             .map_err(io_ctx(dir, "removing", &tmp))?;
         dir.link(&v, file_name, &tmp)

@@ -212,6 +212,15 @@ impl Pool {
 
     /// Removes the precache's record, then the precache, if any (a file
     /// without a record is stale whatever happens next).
+    /// Removes the precache (and its record) of a volume whose image was
+    /// just replaced by a revert. Never fails: a failure is logged, and a
+    /// precache left behind is stale (it records an older generation).
+    pub(crate) fn forget_precache(&self, vol: &Volume, dir: &Dir) {
+        if let Err(e) = self.drop_precache(vol, dir) {
+            log::warn!("{}: could not remove its precache: {e}", vol.vid);
+        }
+    }
+
     fn drop_precache(&self, vol: &Volume, dir: &Dir) -> Result<()> {
         let n = Names::of(&vol.vid);
         let old = vol.config();
