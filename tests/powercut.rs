@@ -106,7 +106,7 @@ fn power_cut_case(kind: &str) {
     fc.write_all_at(&pattern(0xC2, 4096), 0).unwrap();
     fc.sync_all().unwrap();
     rf_ok(&pool_path, ["volume", "discard-changes", C]);
-    let pinned = rf_json(&pool_path, ["volume", "revisions", A, "--json"])[0]["id"]
+    let pinned = rf_json(&pool_path, ["volume", "revisions", A])[0]["id"]
         .as_str()
         .unwrap()
         .to_owned();
