@@ -10,10 +10,12 @@ use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
+mod extents;
 mod fsinfo;
 mod loopdev;
 mod process;
 
+pub use extents::*;
 pub use fsinfo::*;
 pub use loopdev::*;
 pub use process::*;
