@@ -113,6 +113,10 @@ ceph_start() {
         return 0
     fi
     CEPH_DIR=$1
+    # monmaptool records the monitor's address as msgr2 only, so with the
+    # script's `ms bind msgr2 = false` an OSD finds no address to reach the
+    # monitor and never comes up (Debian 12's Ceph 16): bind msgr2 too.
+    export CEPH_ARGS="${CEPH_ARGS:-} --ms_bind_msgr2=true"
     eval "$(bash "$script" start "$CEPH_DIR" "${CEPH_PORT:-6799}")"
     export CEPH_CONF
 }
