@@ -109,8 +109,6 @@ fn cases() -> u64 {
         .unwrap_or(1000)
 }
 
-
-
 /// The exactness property: after any change pattern, every byte outside the
 /// ranges `volume diff` reports is equal, from the change map recorded at
 /// commit, along a chain of maps, and by comparing data where no map is.
