@@ -117,7 +117,7 @@ scratch_loops() {
 # in CI, which starts on a fresh machine).
 install_packages() {
     local need=0 tool
-    for tool in mkfs.xfs mkfs.btrfs mkfs.ext4 losetup fusermount3 fio fsck.ext4 debugfs setfattr runuser fallocate qemu-io qemu-system-x86_64 busybox; do
+    for tool in mkfs.xfs mkfs.btrfs mkfs.ext4 losetup fusermount3 fio fsck.ext4 debugfs setfattr runuser fallocate qemu-io qemu-system-x86_64 busybox ceph-mon ceph-osd rbd; do
         command -v "$tool" >/dev/null 2>&1 || need=1
     done
     # The Qubes driver's tests run on Debian's own Python, as dom0's would.
@@ -126,7 +126,9 @@ install_packages() {
         export DEBIAN_FRONTEND=noninteractive
         # qemu-system-x86 and busybox-static: the real VMs of tests/vm
         # (tests/vm/build-guest fetches the guest's kernel package itself).
-        local pkgs="xfsprogs btrfs-progs e2fsprogs util-linux fuse3 fio attr qemu-utils python3 python3-pytest qemu-system-x86 busybox-static"
+        # ceph-mon, ceph-osd, ceph-common: the single-node Ceph cluster of
+        # tests/delta.rs (../shared/ceph-single-node.sh) and `rbd`.
+        local pkgs="xfsprogs btrfs-progs e2fsprogs util-linux fuse3 fio attr qemu-utils python3 python3-pytest qemu-system-x86 busybox-static ceph-mon ceph-osd ceph-common"
         echo "apt-get install: $pkgs"
         apt-get update -qq
         # shellcheck disable=SC2086
@@ -149,4 +151,32 @@ require_rust() {
         echo "rustc $have is older than $want, which reflinkfs needs: rustup update" >&2
         return 1
     fi
+}
+
+# A real single-node Ceph cluster (../shared/ceph-single-node.sh, beside the
+# checkout) for the delta tests, in DIR; exports CEPH_CONF. Without the
+# script it says so, and fails under CI=true.
+CEPH_DIR=
+ceph_start() {
+    local script
+    script="$(cd .. && pwd)/shared/ceph-single-node.sh"
+    if [ ! -f "$script" ]; then
+        echo "no $script: the Ceph tests will be skipped" >&2
+        [ "${CI:-}" = true ] && { echo "CI=true: the Ceph cluster script is required" >&2; return 1; }
+        return 0
+    fi
+    CEPH_DIR=$1
+    # monmaptool records the monitor's address as msgr2 only, so with the
+    # script's `ms bind msgr2 = false` an OSD finds no address to reach the
+    # monitor and never comes up (Debian 12's Ceph 16): bind msgr2 too.
+    export CEPH_ARGS="${CEPH_ARGS:-} --ms_bind_msgr2=true"
+    eval "$(bash "$script" start "$CEPH_DIR" "${CEPH_PORT:-6799}")"
+    export CEPH_CONF
+}
+
+# Stops the cluster ceph_start started (its daemons, by their pids).
+ceph_stop() {
+    [ -n "$CEPH_DIR" ] || return 0
+    bash "$(cd .. && pwd)/shared/ceph-single-node.sh" stop "$CEPH_DIR" || true
+    CEPH_DIR=
 }

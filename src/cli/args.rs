@@ -296,6 +296,11 @@ pub enum VolumeCommand {
         /// The size the data must have (default: the volume's size).
         #[arg(long, allow_hyphen_values = true)]
         size: Option<String>,
+        /// FILE is an `rbd diff v1` stream (`volume export --delta`, `rbd
+        /// export-diff`): applied onto the committed image whose id it names
+        /// as its from-snapshot, or refused with nothing changed.
+        #[arg(long, conflicts_with_all = ["size", "abort"])]
+        delta: bool,
         #[command(flatten)]
         json: JsonArg,
     },
@@ -310,8 +315,34 @@ pub enum VolumeCommand {
         /// Where to write it: a new file, or - for stdout.
         file: PathBuf,
         /// Export revision K instead of the committed image.
-        #[arg(long, value_name = "K")]
+        #[arg(long, value_name = "K", conflicts_with_all = ["delta", "since"])]
         revision: Option<String>,
+        /// Write an `rbd diff v1` stream (Ceph's `rbd import-diff` reads
+        /// it) carrying the image's revision id, instead of the raw image.
+        #[arg(long)]
+        delta: bool,
+        /// Only the changes since revision K (a number or an id): a delta
+        /// stream from K's id to the committed image's (implies --delta).
+        #[arg(long, value_name = "K")]
+        since: Option<String>,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// The byte ranges where revision K and the committed image (or
+    /// revision K2) differ, from the change maps recorded at commit, or by
+    /// comparing data where none joins them.
+    #[command(after_help = exit_status_help())]
+    Diff {
+        #[command(flatten)]
+        pool: PoolArg,
+        /// The volume: CLASS/VM/NAME (e.g. appvms/work/private), or VM:NAME.
+        vid: String,
+        /// The older revision: a number K or a revision id.
+        #[arg(long, value_name = "K")]
+        from: String,
+        /// The newer one (default: the committed image).
+        #[arg(long, value_name = "K2")]
+        to: Option<String>,
         #[command(flatten)]
         json: JsonArg,
     },

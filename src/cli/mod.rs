@@ -4,6 +4,7 @@
 
 mod adopt_report;
 mod args;
+mod delta;
 mod mount;
 pub(crate) mod output;
 mod progress;
@@ -222,6 +223,7 @@ fn vids_in(cmd: &VolumeCommand) -> Vec<&str> {
         | VolumeCommand::Set { vid, .. }
         | VolumeCommand::Import { vid, .. }
         | VolumeCommand::Export { vid, .. }
+        | VolumeCommand::Diff { vid, .. }
         | VolumeCommand::Attach { vid, .. }
         | VolumeCommand::Detach { vid, .. } => vec![vid.as_str()],
         VolumeCommand::Clone {
@@ -331,6 +333,35 @@ fn run_volume(cmd: VolumeCommand) -> Result<ExitCode> {
         VolumeCommand::Import {
             pool,
             vid,
+            file: Some(file),
+            delta: true,
+            json,
+            ..
+        } => delta::import(&pool.pool, vid, &file, json.json),
+        VolumeCommand::Diff {
+            pool,
+            vid,
+            from,
+            to,
+            json,
+        } => dispatch(
+            &pool.pool,
+            Request::VolumeDiff { vid, from, to },
+            None,
+            json.json,
+        ),
+        VolumeCommand::Export {
+            pool,
+            vid,
+            file,
+            delta,
+            since,
+            json,
+            ..
+        } if delta || since.is_some() => delta::export(&pool.pool, vid, &file, since, json.json),
+        VolumeCommand::Import {
+            pool,
+            vid,
             file,
             size,
             json,
@@ -353,6 +384,7 @@ fn run_volume(cmd: VolumeCommand) -> Result<ExitCode> {
             file,
             revision,
             json,
+            ..
         } => {
             let to_stdout = file == Path::new("-");
             if to_stdout && json.json {

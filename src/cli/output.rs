@@ -416,6 +416,7 @@ pub fn text(r: &Response) -> String {
         Response::Stopped { vid } => format!("{vid}: stopped\n"),
         // The device alone, for `dev=$(reflinkfs volume attach …)`.
         Response::Attached(a) => format!("{}\n", a.device),
+        Response::Delta(d) => super::delta::text(d),
         Response::Detached { vid, device, stop } => format!(
             "{vid}: detached {device}; {}\n",
             stop.as_deref()
@@ -484,6 +485,7 @@ pub fn json(r: &Response) -> Value {
         Response::ImportAborted { vid, aborted } => json!({ "vid": vid, "aborted": aborted }),
         Response::Stopped { vid } => json!({ "vid": vid, "stopped": true }),
         Response::Attached(a) => v(a),
+        Response::Delta(d) => v(&**d),
         Response::Detached { vid, device, stop } => {
             json!({ "vid": vid, "device": device, "stop": stop })
         }

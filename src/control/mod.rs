@@ -7,6 +7,7 @@
 //! client (the Qubes driver) gets data. `doc/CONTROL.md` documents it.
 
 pub mod client;
+mod delta;
 mod protocol;
 pub mod server;
 
@@ -513,6 +514,9 @@ pub fn execute(
                 bytes,
             }
         }
+        req @ (Request::VolumeDiff { .. }
+        | Request::VolumeExportDelta { .. }
+        | Request::VolumeImportDelta { .. }) => delta::execute(pool, req, fd)?,
         Request::VolumeClone { src, dst } => {
             let src = vid_of(pool, &src)?;
             let dst = pool

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 /// ignore (a new request, a new optional field).
 pub const PROTOCOL_MAJOR: u32 = 1;
 
-pub const PROTOCOL_MINOR: u32 = 3;
+pub const PROTOCOL_MINOR: u32 = 4;
 
 /// `MAJOR.MINOR` of this build.
 pub fn protocol_version() -> String {
@@ -147,6 +147,32 @@ pub enum Request {
     VolumeImportAbort {
         vid: String,
     },
+    /// (1.4) The byte ranges where revision `from` (K or an id) and `to`
+    /// (default: the committed image) differ.
+    VolumeDiff {
+        vid: String,
+        from: String,
+        #[serde(default)]
+        to: Option<String>,
+    },
+    /// (1.4) The committed image as an `rbd diff v1` stream, to the passed
+    /// file descriptor: whole, or the changes `since` revision K (or id).
+    VolumeExportDelta {
+        vid: String,
+        #[serde(default)]
+        since: Option<String>,
+        /// How the destination is shown; `-` for stdout.
+        #[serde(default)]
+        dest: String,
+    },
+    /// (1.4) Applies the `rbd diff v1` stream read from the passed file
+    /// descriptor onto the committed image whose id it names.
+    VolumeImportDelta {
+        vid: String,
+        /// How the source is shown in the reply.
+        #[serde(default)]
+        source: String,
+    },
     /// (1.1) Waits until the volume's run is over and its commit (or
     /// discard) is done and durable; at once when it is not running.
     /// Refused when still running after `timeout_ms` (default 60 s), naming
@@ -194,6 +220,8 @@ impl Request {
             self,
             Request::VolumeImport { .. }
                 | Request::VolumeExport { .. }
+                | Request::VolumeExportDelta { .. }
+                | Request::VolumeImportDelta { .. }
                 | Request::VolumeCreate {
                     with_data: true,
                     ..
@@ -395,6 +423,8 @@ pub enum Response {
     },
     /// `volume_attach`.
     Attached(AttachedVolume),
+    /// (1.4) `volume_diff`, `volume_export_delta`, `volume_import_delta`.
+    Delta(Box<crate::engine::delta::DeltaResponse>),
     /// `volume_detach`: the device removed, and what the stop did
     /// (`None` while the mount still has the volume open).
     Detached {

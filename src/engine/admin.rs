@@ -69,7 +69,7 @@ pub(super) fn busy(vid: &ValidVid, reason: impl Into<String>) -> Error {
     }
 }
 
-pub(super) fn refused(vid: &ValidVid, reason: impl Into<String>) -> Error {
+pub(crate) fn refused(vid: &ValidVid, reason: impl Into<String>) -> Error {
     Error::Refused {
         vid: vid.to_string(),
         reason: reason.into(),
@@ -343,6 +343,7 @@ impl Pool {
             .map_err(io_ctx(&mdir, "removing", &file))?;
         mdir.sync().map_err(io_ctx(&mdir, "syncing", ""))?;
         self.remove_dir_if_empty(vid.class(), vid.vm(), true);
+        self.delta_forget(vid);
         // Marked removed before it leaves the map: an open or operation
         // waiting on it fails cleanly, and nothing it made is orphaned.
         claim.finish_removed();

@@ -124,11 +124,13 @@ impl Pool {
         let vid = &vol.vid;
         let v = vid.to_string();
         let n = Names::of(vid);
+        let new_id = self.delta_stamp(dir, vid, new, op)?;
         sys::fsync(new.as_fd()).map_err(io_ctx(dir, "syncing", new_name))?;
         let new_size = sys::fstat(new.as_fd())
             .map_err(io_ctx(dir, "examining", new_name))?
             .st_size as u64;
         failpoint::hit(&format!("{op}.synced"));
+        self.delta_record(dir, vid, new, new_id);
 
         let img = regular_entry(dir, vid, &n.img())?;
         let old = vol.config();

@@ -10,6 +10,7 @@ pub mod adopt;
 pub mod attach;
 mod commit;
 pub mod config;
+pub mod delta;
 pub mod failpoint;
 pub mod fsops;
 pub mod lifecycle;

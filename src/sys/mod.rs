@@ -10,11 +10,13 @@ use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
+mod extents;
 mod fsinfo;
 mod fusedev;
 mod loopdev;
 mod process;
 
+pub use extents::*;
 pub use fsinfo::*;
 pub use fusedev::*;
 pub use loopdev::*;
