@@ -174,6 +174,8 @@ fn strip_usage(v: &mut Value) {
                 "pool_allocated",
                 "pool_shared",
                 "exclusive",
+                // Revision ids are random.
+                "rev_id",
             ] {
                 m.remove(k);
             }

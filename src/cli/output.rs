@@ -198,6 +198,7 @@ pub fn revisions(list: &[Revision]) -> String {
             r.timestamp,
             r.file_name
         ));
+
         if let Some(p) = &r.pin {
             s.push_str(&format!(
                 "          pinned {}{}{}\n",

@@ -299,6 +299,10 @@ impl Pool {
     ) -> Vec<Revision> {
         for r in &mut revs {
             r.pin = cfg.pins.get(&r.id.to_string()).cloned();
+            r.rev_id = dir
+                .and_then(|d| d.open(&r.file_name, libc::O_RDONLY).ok())
+                .and_then(|f| super::delta::ids::read_id(&f).ok().flatten())
+                .map(|id| id.to_string());
             if let (Some(_), Some(d), true) = (&r.pin, dir, with_usage) {
                 r.exclusive = self.revision_exclusive(cfg, d, r);
             }

@@ -73,6 +73,10 @@ pub struct Revision {
     /// For a pinned revision, with usage: the bytes only it holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exclusive: Option<u64>,
+    /// Its revision id (doc/DELTA.md), when it has one: what `volume
+    /// export --delta` streams name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rev_id: Option<String>,
 }
 
 impl Revision {
@@ -134,6 +138,7 @@ pub fn parse_revision_name(name: &str, file: &str) -> Parsed {
         file_name: file.to_owned(),
         pin: None,
         exclusive: None,
+        rev_id: None,
     })
 }
 

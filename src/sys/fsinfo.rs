@@ -94,69 +94,19 @@ pub struct Extent {
 }
 
 /// All extents of a file, through `ioctl(FS_IOC_FIEMAP)` with
-/// `FIEMAP_FLAG_SYNC` off (delayed allocations are reported as they are).
+/// `FIEMAP_FLAG_SYNC` off (delayed allocations are reported as they are),
+/// with whether each is shared with another file.
 /// Errors: `EOPNOTSUPP` on filesystems without FIEMAP.
 pub fn fiemap(fd: BorrowedFd<'_>) -> io::Result<Vec<Extent>> {
-    const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
-    const FIEMAP_EXTENT_LAST: u32 = 0x1;
     const FIEMAP_EXTENT_SHARED: u32 = 0x2000;
-    const BATCH: usize = 256;
-
-    #[repr(C)]
-    #[derive(Clone, Copy, Default)]
-    struct RawExtent {
-        logical: u64,
-        physical: u64,
-        length: u64,
-        reserved64: [u64; 2],
-        flags: u32,
-        reserved: [u32; 3],
-    }
-    #[repr(C)]
-    struct Request {
-        start: u64,
-        length: u64,
-        flags: u32,
-        mapped_extents: u32,
-        extent_count: u32,
-        reserved: u32,
-        extents: [RawExtent; BATCH],
-    }
-
-    let mut out = Vec::new();
-    let mut start = 0u64;
-    loop {
-        let mut req = Request {
-            start,
-            length: u64::MAX - start,
-            flags: 0,
-            mapped_extents: 0,
-            extent_count: BATCH as u32,
-            reserved: 0,
-            extents: [RawExtent::default(); BATCH],
-        };
-        // SAFETY: `req` is a correctly laid out `struct fiemap` followed by
-        // room for `extent_count` extents, and lives across the call.
-        cvt(unsafe { libc::ioctl(fd.as_raw_fd(), FS_IOC_FIEMAP as _, &mut req) })?;
-        let n = req.mapped_extents as usize;
-        if n == 0 {
-            return Ok(out);
-        }
-        let mut last = false;
-        for e in &req.extents[..n] {
-            out.push(Extent {
-                logical: e.logical,
-                length: e.length,
-                shared: e.flags & FIEMAP_EXTENT_SHARED != 0,
-            });
-            last |= e.flags & FIEMAP_EXTENT_LAST != 0;
-        }
-        let tail = req.extents[n - 1];
-        if last || n < BATCH {
-            return Ok(out);
-        }
-        start = tail.logical + tail.length;
-    }
+    Ok(super::fiemap_physical(fd, false)?
+        .into_iter()
+        .map(|e| Extent {
+            logical: e.logical,
+            length: e.length,
+            shared: e.flags & FIEMAP_EXTENT_SHARED != 0,
+        })
+        .collect())
 }
 
 /// `ioctl(loopfd, LOOP_SET_CAPACITY, 0)`: makes a loop device re-read the
