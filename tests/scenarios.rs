@@ -929,6 +929,22 @@ fn queued_changes_happen_at_the_stop() {
             revision_ids(pool, &v).contains(&target),
             "[{ctx}] the target stays"
         );
+        // A queued revert whose target was removed by hand: the run is
+        // dropped all the same, and nothing stays queued for the next run.
+        let before = read_committed(path, &v, 0, 4096);
+        let f = pool.start(&v).unwrap();
+        write_at(&f, 0, b"also gone");
+        let t = revision_ids(pool, &v)[0].clone();
+        pool.revert_or_queue(&v, Some(&t)).unwrap();
+        let file = revision_files(path, "appvms/vm/private")
+            .into_iter()
+            .find(|n| n.starts_with(&format!("private.img.{t}@")))
+            .unwrap();
+        std::fs::remove_file(vm_dir(path, &v).join(file)).unwrap();
+        drop(f);
+        assert_eq!(pool.stop(&v).unwrap(), StopOutcome::Discarded, "[{ctx}]");
+        assert_eq!(read_committed(path, &v, 0, 4096), before, "[{ctx}]");
+        assert_eq!(pool.info(&v).unwrap().pending, None, "[{ctx}]");
         // Stopped: a revert is at once.
         let done = pool.revert_or_queue(&v, None).unwrap();
         assert!(

@@ -467,6 +467,12 @@ impl Pool {
             );
         }
 
+        // A queued change belongs to the run it was asked for; one still
+        // stored now (its stop failed after dropping the run) must never
+        // drop this new run's writes.
+        if vol.config().pending.is_some() {
+            self.withdraw_stale_pending(vol)?;
+        }
         let cfg = vol.config();
         let v = vid.to_string();
         let mut started_from = None;

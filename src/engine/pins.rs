@@ -233,6 +233,20 @@ impl Pool {
                 self.refresh_precache(vol, dir);
                 Ok(StopOutcome::Discarded)
             }
+            Pending::Revert { revision } if regular_entry(dir, vid, revision)?.is_none() => {
+                // Protected from prunes and unlinking, so only a hand could
+                // have removed it: the run is dropped all the same.
+                log::error!(
+                    "{vid}: the queued revert's target {} is gone; the run's changes were dropped, the committed image is as before",
+                    dir.shown(revision).display()
+                );
+                let mut cfg = (*vol.config()).clone();
+                cfg.pending = None;
+                cfg.dirty_size = None;
+                self.store_volume(&cfg)?;
+                vol.lock().config = Arc::new(cfg);
+                Ok(StopOutcome::Discarded)
+            }
             Pending::Revert { revision } => {
                 let saved_as = self.revert_in_place(vol, dir, revision)?;
                 Ok(StopOutcome::Reverted {
@@ -241,6 +255,22 @@ impl Pool {
                 })
             }
         }
+    }
+
+    /// Clears a queued change found at the start of a new run (the caller
+    /// owns the volume, Starting): it was for a run that is over.
+    pub(crate) fn withdraw_stale_pending(&self, vol: &Volume) -> Result<()> {
+        let mut cfg = (*vol.config()).clone();
+        if let Some(p) = cfg.pending.take() {
+            log::warn!(
+                "{}: withdrawing a queued change ({}) left from an earlier run",
+                vol.vid,
+                p.describe()
+            );
+            self.store_volume(&cfg)?;
+            vol.lock().config = Arc::new(cfg);
+        }
+        Ok(())
     }
 
     /// Makes revision `file_name` the committed image of an origin volume
