@@ -137,8 +137,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Why a request was refused, as a client can act on it; it crosses the
 /// control socket as the error's `cause` (doc/CONTROL.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cause {
     NoSuchVolume,
     NoSuchPool,

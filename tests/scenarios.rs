@@ -792,7 +792,7 @@ fn a_pinned_revision_outlives_every_prune() {
         write_cycle(pool, &v, 0, &pattern(2, 4096));
         // Revision 2 holds pattern 1; pin it.
         assert_eq!(revision_ids(pool, &v), ["2"], "[{ctx}]");
-        let r = pool
+        let (r, _) = pool
             .pin_revision(&v, "2", Some("before the upgrade".into()))
             .unwrap();
         assert_eq!(r.id.to_string(), "2");

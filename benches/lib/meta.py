@@ -19,6 +19,8 @@ import sys
 import threading
 import time
 
+from benchlib import load_jsonl
+
 MIB = 1 << 20
 
 
@@ -350,11 +352,7 @@ def fmt(v, d=1):
 
 def cmd_report(args):
     out_dir = args[0]
-    rows = []
-    with open(os.path.join(out_dir, "meta.json")) as f:
-        for line in f:
-            if line.strip():
-                rows.append(json.loads(line))
+    rows = load_jsonl(os.path.join(out_dir, "meta.json"))
     scale = [r for r in rows if r["part"] == "scale"]
     live = [r for r in rows if r["part"] == "liveness"]
     md = ["# Metadata and liveness", ""]

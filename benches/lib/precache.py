@@ -10,8 +10,8 @@
   precache.py cp IMG DEST [--repeat K]
       cp --reflink=always of the committed image, with a sync of the copy.
   precache.py revert BIN POOL VID [--repeat K]
-      pins the newest revision, then K times `volume revert` to it (issue
-      17: a link of the revision renamed over NAME.img); the median.
+      pins two revisions, then K times `volume revert` to each in turn
+      (issue 17: a link of the revision renamed over NAME.img); the median.
   precache.py report OUT_DIR
       OUT_DIR/precache.json (JSON lines) -> OUT_DIR/precache.md
 
@@ -25,21 +25,7 @@ import subprocess
 import sys
 import time
 
-
-def state(path):
-    try:
-        return os.getxattr(path, "user.reflinkfs.state").decode()
-    except OSError:
-        return None
-
-
-def wait_stopped(path, timeout=600):
-    end = time.monotonic() + timeout
-    while state(path) != "stopped":
-        if time.monotonic() > end:
-            raise SystemExit(f"precache: {path} not stopped after {timeout}s")
-        time.sleep(0.0002)
-    return time.perf_counter()
+from benchlib import load_jsonl, wait_stopped
 
 
 def run(*args):
@@ -99,13 +85,22 @@ def cmd_cp(args):
 def cmd_revert(args):
     binary, pool, vid = args[:3]
     repeat = int(args[args.index("--repeat") + 1]) if "--repeat" in args else 5
-    revs = json.loads(run(binary, "volume", "revisions", "--pool", pool, vid, "--json"))
-    k = revs[-1]["id"]
-    run(binary, "volume", "revisions", "--pool", pool, "pin", vid, k)
+    def newest():
+        revs = json.loads(run(binary, "volume", "revisions", "--pool", pool, vid, "--json"))
+        return revs[-1]["id"]
+
+    # Two pinned revisions of the image's size, gone back to in turn: every
+    # timed revert really replaces N.img (a revert to the revision that
+    # already is N.img's file does nothing).
+    a = newest()
+    run(binary, "volume", "revisions", "--pool", pool, "pin", vid, a)
+    run(binary, "volume", "revert", "--pool", pool, vid, a)
+    b = newest()
+    run(binary, "volume", "revisions", "--pool", pool, "pin", vid, b)
     times = []
-    for _ in range(repeat):
+    for i in range(repeat):
         t0 = time.perf_counter()
-        run(binary, "volume", "revert", "--pool", pool, vid, k)
+        run(binary, "volume", "revert", "--pool", pool, vid, b if i % 2 == 0 else a)
         times.append((time.perf_counter() - t0) * 1e3)
     # The CLI's own start and the request's round trip, for comparison.
     t0 = time.perf_counter()
@@ -117,11 +112,7 @@ def cmd_revert(args):
 
 def cmd_report(args):
     out = args[0]
-    rows = []
-    with open(os.path.join(out, "precache.json")) as f:
-        for line in f:
-            if line.strip():
-                rows.append(json.loads(line))
+    rows = load_jsonl(os.path.join(out, "precache.json"))
     cases = sorted({r["extents"] for r in rows})
     lines = [
         "# Start latency with and without the precache",

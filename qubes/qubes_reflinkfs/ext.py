@@ -8,6 +8,7 @@ import asyncio
 import qubes.ext
 
 from .pool import sweep_unused_mounts
+from .threads import in_thread
 
 
 class ReflinkfsExtension(qubes.ext.Extension):
@@ -20,4 +21,4 @@ class ReflinkfsExtension(qubes.ext.Extension):
             return
         used = {p.dir_path for p in app.pools.values()
                 if p is not pool and getattr(p, "driver", None) == "reflinkfs"}
-        await asyncio.get_running_loop().run_in_executor(None, sweep_unused_mounts, used)
+        await in_thread(sweep_unused_mounts, used)

@@ -46,11 +46,6 @@ _sweep_lock = threading.Lock()
 _swept = False
 
 
-async def in_thread(fn, *args):
-    """Runs blocking work (a socket request, a mount) off qubesd's loop."""
-    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
-
-
 def reflinkfs_binary():
     """The reflinkfs binary: the one CONFIG_FILE names, else the first of
     DEFAULT_BINARIES. Both the file and the binary must be root's and

@@ -27,6 +27,7 @@ import qubes.storage
 from .control import QUICK_TIMEOUT, REQUEST_TIMEOUT
 from .errors import ReflinkfsError, wrap
 from .props import as_bool, pushed
+from .threads import in_background, in_thread
 
 log = logging.getLogger("qubes.storage.reflinkfs")
 
@@ -89,9 +90,8 @@ class ReflinkfsVolume(qubes.storage.Volume):
         vid = fields.pop("vid", self.vid)
         if vid is not None:
             fields["vid"] = vid
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            None, functools.partial(self.pool.call, op, fd=fd, timeout=timeout, **fields))
+        return await in_thread(
+            functools.partial(self.pool.call, op, fd=fd, timeout=timeout, **fields))
 
     async def _ainfo(self):
         info = await self._acall("volume_info", brief=True)
@@ -184,7 +184,7 @@ class ReflinkfsVolume(qubes.storage.Volume):
             self._read_usage()
         elif not self._usage_pending:
             self._usage_pending = True
-            loop.run_in_executor(None, self._read_usage)
+            in_background(self._read_usage)
         return self._usage[0] if self._usage is not None else 0
 
     def _read_usage(self):
@@ -353,9 +353,7 @@ class ReflinkfsVolume(qubes.storage.Volume):
             # Still attached from before (qubesd restarted while its VM ran).
             if not e.is_("busy", "already-attached"):
                 raise
-            loop = asyncio.get_running_loop()
-            self._device = await loop.run_in_executor(None, self.pool.attached_device,
-                                                      self.vid)
+            self._device = await in_thread(self.pool.attached_device, self.vid)
             if self._device is None:
                 raise
 
@@ -468,8 +466,7 @@ class ReflinkfsVolume(qubes.storage.Volume):
         if not self.save_on_stop:
             raise NotImplementedError(
                 "{}: only volumes saved on stop have data to export".format(self.vid))
-        where = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: self.pool.mounted_at)
+        where = await in_thread(lambda: self.pool.mounted_at)
         return os.path.join(where, self.vid + ".img")
 
     async def export_end(self, path):

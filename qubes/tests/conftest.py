@@ -134,7 +134,7 @@ class Host:
             # Volumes still attached (a test that failed midway): detached
             # first, so no loop device outlives the test.
             try:
-                for a in pool.call("status").get("attached", []):
+                for a in pool.call("status", mount=False).get("attached", []):
                     subprocess.run([binary(), "volume", "detach", "--force", a["vid"],
                                     "--pool", pool.dir_path], capture_output=True)
             except Exception as e:
@@ -148,6 +148,12 @@ class Host:
                                       capture_output=True)
                 if done.returncode != 0:
                     subprocess.run(["umount", "-l", pool.mountpoint], capture_output=True)
+            # A mount whose daemon a test killed is no mount to ismount
+            # (ENOTCONN): it goes too.
+            try:
+                pool._clear_stale_mounts()  # pylint: disable=protected-access
+            except Exception as e:  # pylint: disable=broad-except
+                print("cleanup of pool {}: {}".format(pool.name, e))
         self.loop.close()
 
 

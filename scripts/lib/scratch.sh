@@ -103,14 +103,14 @@ scratch_cleanup() {
 
 # The mounts under SCRATCH_DIR, innermost first: "SOURCE MOUNTPOINT TYPE".
 scratch_mounts() {
-    awk -v d="$SCRATCH_DIR" 'index($2, d) == 1 { print $1, $2, $3 }' /proc/mounts | sort -r -k2,2
+    awk -v d="$SCRATCH_DIR" '$2 == d || index($2, d "/") == 1 { print $1, $2, $3 }' /proc/mounts | sort -r -k2,2
 }
 
 # The loop devices on files under SCRATCH_DIR: "DEVICE MAJ:MIN/INODE FILE"
 # lines (the backing file's device and inode).
 scratch_loops() {
     losetup -nl -O NAME,BACK-MAJ:MIN,BACK-INO,BACK-FILE 2>/dev/null |
-        awk -v d="$SCRATCH_DIR" 'index($4, d) == 1 { print $1, $2 "/" $3, $4 }'
+        awk -v d="$SCRATCH_DIR" 'index($4, d "/") == 1 { print $1, $2 "/" $3, $4 }'
 }
 
 # Installs the packages the tests and the demo need, when missing (always
@@ -157,26 +157,32 @@ require_rust() {
 # checkout) for the delta tests, in DIR; exports CEPH_CONF. Without the
 # script it says so, and fails under CI=true.
 CEPH_DIR=
+CEPH_SCRIPT=
 ceph_start() {
-    local script
+    local script out
     script="$(cd .. && pwd)/shared/ceph-single-node.sh"
     if [ ! -f "$script" ]; then
         echo "no $script: the Ceph tests will be skipped" >&2
         [ "${CI:-}" = true ] && { echo "CI=true: the Ceph cluster script is required" >&2; return 1; }
         return 0
     fi
-    CEPH_DIR=$1
+    CEPH_DIR=$1 CEPH_SCRIPT=$script
     # monmaptool records the monitor's address as msgr2 only, so with the
     # script's `ms bind msgr2 = false` an OSD finds no address to reach the
     # monitor and never comes up (Debian 12's Ceph 16): bind msgr2 too.
     export CEPH_ARGS="${CEPH_ARGS:-} --ms_bind_msgr2=true"
-    eval "$(bash "$script" start "$CEPH_DIR" "${CEPH_PORT:-6799}")"
+    # A start that fails says so here, not as a missing cluster later.
+    out=$(bash "$script" start "$CEPH_DIR" "${CEPH_PORT:-6799}") || {
+        echo "ceph_start: the single-node Ceph cluster did not start" >&2
+        return 1
+    }
+    eval "$out"
     export CEPH_CONF
 }
 
 # Stops the cluster ceph_start started (its daemons, by their pids).
 ceph_stop() {
     [ -n "$CEPH_DIR" ] || return 0
-    bash "$(cd .. && pwd)/shared/ceph-single-node.sh" stop "$CEPH_DIR" || true
+    bash "$CEPH_SCRIPT" stop "$CEPH_DIR" || true
     CEPH_DIR=
 }

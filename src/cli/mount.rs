@@ -83,20 +83,23 @@ fn is_fuse_mount(mnt: &Path) -> bool {
         .any(|m| m.mountpoint == want)
 }
 
+/// The status of a mounted pool's daemon (none when it does not answer).
+fn daemon_status(pool: &Path) -> Option<Box<crate::control::Status>> {
+    let s = client::connect(pool).ok().flatten()?;
+    match client::call(s, &Request::Status, None).ok()? {
+        Response::Status(st) => Some(st),
+        _ => None,
+    }
+}
+
 /// The volumes open on a mounted pool, from its daemon's status.
 fn open_volumes(pool: &Path) -> Vec<(String, usize)> {
-    let status = client::connect(pool)
-        .ok()
-        .flatten()
-        .and_then(|s| client::call(s, &Request::Status, None).ok());
-    match status {
-        Some(Response::Status(st)) => st
-            .running
+    daemon_status(pool).map_or_else(Vec::new, |st| {
+        st.running
             .into_iter()
             .map(|r| (r.vid, r.open_handles))
-            .collect(),
-        _ => Vec::new(),
-    }
+            .collect()
+    })
 }
 
 fn lock_path(pool: &Path) -> PathBuf {
@@ -136,14 +139,7 @@ fn wait_for_exit(pid: u32, pool: &Path) -> Option<Vec<String>> {
 /// The held volumes a daemon whose mount is gone waits for, from its
 /// status (none when it does not answer).
 fn waiting_for(pool: &Path) -> Vec<String> {
-    let status = client::connect(pool)
-        .ok()
-        .flatten()
-        .and_then(|s| client::call(s, &Request::Status, None).ok());
-    match status {
-        Some(Response::Status(st)) => st.waiting_for.clone(),
-        _ => Vec::new(),
-    }
+    daemon_status(pool).map_or_else(Vec::new, |st| st.waiting_for)
 }
 
 /// Waits (up to a minute) until no process holds the pool's lock.

@@ -1,19 +1,13 @@
 //! The delta requests of protocol 1.4: `volume_diff`,
 //! `volume_export_delta`, `volume_import_delta` (doc/DELTA.md).
 
-use super::{vid_of, Request, Response};
+use super::{need_fd, vid_of, Request, Response};
 use crate::engine::delta::DeltaResponse;
 use crate::engine::Pool;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use std::fs::File;
 
 pub(super) fn execute(pool: &Pool, req: Request, fd: Option<File>) -> Result<Response> {
-    let need_fd = |fd: Option<File>| -> Result<File> {
-        fd.ok_or_else(|| Error::InvalidValue {
-            property: "request".into(),
-            reason: "this operation needs a file descriptor passed with the request".into(),
-        })
-    };
     let r = match req {
         Request::VolumeDiff { vid, from, to } => {
             let vid = vid_of(pool, &vid)?;

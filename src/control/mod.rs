@@ -187,6 +187,15 @@ fn new_vid(pool: &Pool, input: &str) -> Result<ValidVid> {
     }
 }
 
+/// The file descriptor a request needs (an import's source, an export's
+/// destination).
+fn need_fd(fd: Option<File>) -> Result<File> {
+    fd.ok_or_else(|| Error::InvalidValue {
+        property: "request".into(),
+        reason: "this operation needs a file descriptor passed with the request".into(),
+    })
+}
+
 /// Executes a request against an open pool. `fd` is the file of an import
 /// (its source) or export (its destination).
 pub fn execute(
@@ -196,12 +205,6 @@ pub fn execute(
     daemon: Option<&dyn Daemon>,
     peer: Option<i32>,
 ) -> Result<Response> {
-    let need_fd = |fd: Option<File>| -> Result<File> {
-        fd.ok_or_else(|| Error::InvalidValue {
-            property: "request".into(),
-            reason: "this operation needs a file descriptor passed with the request".into(),
-        })
-    };
     Ok(match req {
         Request::PoolInfo => Response::PoolInfo(Box::new(pool.pool_info()?)),
         Request::PoolCheck { volume } => {
@@ -429,9 +432,7 @@ pub fn execute(
             note,
         } => {
             let vid = vid_of(pool, &vid)?;
-            let was = pool.revisions(&vid)?;
-            let rev = pool.pin_revision(&vid, &revision, note)?;
-            let changed = !was.iter().any(|r| r.id == rev.id && r.pin.is_some());
+            let (rev, changed) = pool.pin_revision(&vid, &revision, note)?;
             Response::Pinned {
                 vid: vid.to_string(),
                 revision: rev.id.to_string(),

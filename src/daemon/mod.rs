@@ -289,8 +289,13 @@ fn serve(
         .spawn(move || {
             for tick in 1u64.. {
                 std::thread::sleep(std::time::Duration::from_secs(1));
-                fs_house.retry_held();
                 crate::control::reap_stale_imports(&daemon_house.imports);
+                // Once the session ended, `wait_held` retries held volumes
+                // and no inode is looked up any more.
+                if fs_house.session_ended() {
+                    continue;
+                }
+                fs_house.retry_held();
                 if tick % 10 == 0 {
                     fs_house.sweep_inodes();
                 }

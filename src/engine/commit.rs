@@ -130,7 +130,11 @@ impl Pool {
             .map_err(io_ctx(dir, "examining", new_name))?
             .st_size as u64;
         failpoint::hit(&format!("{op}.synced"));
-        self.delta_record(dir, vid, new, new_id);
+        // A revert links a revision whose changes were recorded when it was
+        // committed; mapping it again would read every extent of both.
+        if revert_target.is_none() {
+            self.delta_record(dir, vid, new, new_id);
+        }
 
         let img = regular_entry(dir, vid, &n.img())?;
         let old = vol.config();

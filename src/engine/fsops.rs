@@ -24,6 +24,9 @@ pub enum CopyStrategy {
     Reflink,
     /// Always a sparse copy (copy-mode pools).
     Sparse,
+    /// FICLONE or nothing: a copy whose only point is to be instant (the
+    /// precache) fails rather than copy every byte.
+    ReflinkOnly,
 }
 
 /// What a copy turned out to be, for logs and reports.
@@ -288,10 +291,10 @@ impl Dir {
 
 /// Copies all of `src` into the empty file `dst`.
 pub fn copy_into(src: &File, dst: &File, strategy: CopyStrategy) -> io::Result<CopyKind> {
-    if strategy == CopyStrategy::Reflink {
+    if strategy != CopyStrategy::Sparse {
         match sys::ficlone(dst.as_fd(), src.as_fd()) {
             Ok(()) => return Ok(CopyKind::Reflink),
-            Err(e) if sys::is_reflink_unsupported(&e) => {
+            Err(e) if sys::is_reflink_unsupported(&e) && strategy == CopyStrategy::Reflink => {
                 log::debug!("FICLONE unavailable ({e}); making a sparse copy");
             }
             Err(e) => return Err(e),

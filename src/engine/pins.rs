@@ -46,20 +46,37 @@ pub(crate) fn is_protected(cfg: &VolumeConfig, r: &Revision) -> bool {
         || matches!(&cfg.pending, Some(Pending::Revert { revision }) if *revision == r.file_name)
 }
 
+/// The one revision that may be the leftover of a commit interrupted
+/// between its link of `N.img` and its rename (recovery removes it, `check`
+/// reports it, when it is `N.img`'s file): the newest numbered revision,
+/// unless it is protected or the last revert's target, which share `N.img`'s
+/// file by design (reverts link).
+pub(crate) fn half_made_commit_candidate(
+    cfg: &VolumeConfig,
+    revs: impl IntoIterator<Item = Revision>,
+) -> Option<Revision> {
+    revs.into_iter()
+        .filter_map(|r| match r.id {
+            super::revision::RevisionId::Numbered(k) => Some((k, r)),
+            super::revision::RevisionId::Legacy(_) => None,
+        })
+        .max_by_key(|(k, _)| *k)
+        .map(|(_, r)| r)
+        .filter(|r| {
+            !is_protected(cfg, r) && cfg.kept_by_revert.as_deref() != Some(r.file_name.as_str())
+        })
+}
+
 impl Pool {
     /// Pins revision `which` of `vid`, with an optional note; pinning a
     /// pinned revision replaces its note. Running or not.
+    /// Gives whether it was not pinned before.
     pub fn pin_revision(
         &self,
         vid: &ValidVid,
         which: &str,
         note: Option<String>,
-    ) -> Result<Revision> {
-        let claim = self.volume(vid)?.claim(OpName::Set, |_| Ok(()))?;
-        let mut cfg = (*claim.config()).clone();
-        let dir = self.vm_dir(vid, false)?;
-        let revs = self.list_revisions(vid, Some(&dir))?;
-        let rev = pick_revision(vid, &revs, Some(which))?.clone();
+    ) -> Result<(Revision, bool)> {
         if let Some(n) = &note {
             if n.len() > 1024 || n.chars().any(char::is_control) {
                 return Err(Error::InvalidValue {
@@ -68,26 +85,21 @@ impl Pool {
                 });
             }
         }
-        cfg.pins.insert(
-            rev.id.to_string(),
-            Pin {
-                pinned_at: now_utc(),
-                note,
-            },
-        );
+        let (claim, mut cfg, rev) = self.claim_revision(vid, which)?;
+        let pin = Pin {
+            pinned_at: now_utc(),
+            note,
+        };
+        let new = cfg.pins.insert(rev.id.to_string(), pin).is_none();
         self.set_config(&claim, cfg)?;
         log::info!("{vid}: pinned revision {} ({})", rev.id, rev.file_name);
-        Ok(rev)
+        Ok((rev, new))
     }
 
     /// Unpins revision `which`; false when it was not pinned. The next
     /// prune counts it again.
     pub fn unpin_revision(&self, vid: &ValidVid, which: &str) -> Result<(Revision, bool)> {
-        let claim = self.volume(vid)?.claim(OpName::Set, |_| Ok(()))?;
-        let mut cfg = (*claim.config()).clone();
-        let dir = self.vm_dir(vid, false)?;
-        let revs = self.list_revisions(vid, Some(&dir))?;
-        let rev = pick_revision(vid, &revs, Some(which))?.clone();
+        let (claim, mut cfg, rev) = self.claim_revision(vid, which)?;
         let was = cfg.pins.remove(&rev.id.to_string()).is_some();
         if was {
             self.set_config(&claim, cfg)?;
@@ -96,10 +108,25 @@ impl Pool {
         Ok((rev, was))
     }
 
+    /// Claims a volume, running or not, to change what its config says of
+    /// revision `which`: the claim, a copy of the config, the revision.
+    fn claim_revision(
+        &self,
+        vid: &ValidVid,
+        which: &str,
+    ) -> Result<(super::volume::Claim, VolumeConfig, Revision)> {
+        let claim = self.volume(vid)?.claim(OpName::Set, |_| Ok(()))?;
+        let cfg = (*claim.config()).clone();
+        let dir = self.vm_dir(vid, false)?;
+        let revs = self.list_revisions(vid, Some(&dir))?;
+        let rev = pick_revision(vid, &revs, Some(which))?.clone();
+        Ok((claim, cfg, rev))
+    }
+
     /// `volume discard-changes`: the current run ends without a commit,
     /// and the volume comes back as it was at the run's start.
     pub fn discard_changes(&self, vid: &ValidVid) -> Result<()> {
-        self.queue(vid, "discarding its changes", |_, _| Ok(Pending::Discard))
+        self.queue(vid, "discarding its changes", |_| Ok(Pending::Discard))
             .map(drop)
     }
 
@@ -107,14 +134,13 @@ impl Pool {
     /// for the end of its run when it runs.
     pub fn revert_or_queue(&self, vid: &ValidVid, which: Option<&str>) -> Result<RevertOutcome> {
         if self.volume(vid)?.snapshot().running {
-            let queued = self.queue(vid, "reverting it", |pool, cfg| {
+            let queued = self.queue(vid, "reverting it", |pool| {
                 let dir = pool.vm_dir(vid, false)?;
                 let revs = pool.list_revisions(vid, Some(&dir))?;
                 let rev = pick_revision(vid, &revs, which)?;
                 Ok(Pending::Revert {
                     revision: rev.file_name.clone(),
                 })
-                .inspect(|_| log::debug!("{}: revert target {}", cfg.vid, rev.id))
             });
             match queued {
                 Ok(Pending::Revert { revision }) => return Ok(RevertOutcome::Queued { revision }),
@@ -136,7 +162,7 @@ impl Pool {
         &self,
         vid: &ValidVid,
         doing: &str,
-        make: impl FnOnce(&Pool, &VolumeConfig) -> Result<Pending>,
+        make: impl FnOnce(&Pool) -> Result<Pending>,
     ) -> Result<Pending> {
         let claim = self.volume(vid)?.claim(OpName::Set, |_| Ok(()))?;
         let mut cfg = (*claim.config()).clone();
@@ -165,7 +191,7 @@ impl Pool {
                 format!("it is not running, so there is no run to end by {doing}"),
             ));
         }
-        let pending = make(self, &cfg)?;
+        let pending = make(self)?;
         if let Some(old) = &cfg.pending {
             log::info!("{vid}: replacing the queued change ({})", old.describe());
         }
@@ -341,11 +367,11 @@ impl Pool {
     }
 
     /// The bytes a revision's file holds that no other file does: 0 when
-    /// its file is also the committed image (a revert by link).
+    /// its file has another name too (`N.img` after a revert by link, or
+    /// another revision), since removing this one frees nothing.
     fn revision_exclusive(&self, cfg: &VolumeConfig, dir: &Dir, r: &Revision) -> Option<u64> {
         let own = regular_entry(dir, &cfg.vid, &r.file_name).ok()??;
-        let img = regular_entry(dir, &cfg.vid, &Names::of(&cfg.vid).img()).ok()?;
-        if img.is_some_and(|i| i.same_inode(&own)) || own.nlink > 1 {
+        if own.nlink > 1 {
             return Some(0);
         }
         super::report::exclusive_bytes(dir, &r.file_name).ok()

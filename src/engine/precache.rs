@@ -24,7 +24,7 @@
 
 use super::config::{VolumeConfig, VolumeKind};
 use super::failpoint;
-use super::fsops::{Dir, Entry, FileSig};
+use super::fsops::{CopyStrategy, Dir, Entry, FileSig};
 use super::lifecycle::{io_ctx, open_image, regular_entry};
 use super::pool::{Names, Pool};
 use super::volume::Volume;
@@ -98,6 +98,15 @@ fn disabled_by_env() -> bool {
     })
 }
 
+/// Whether `copy` matches the volume's precache record, `img` being its
+/// committed image now (`None`: there is none).
+fn precache_matches(cfg: &VolumeConfig, img: Option<&FileSig>, copy: &FileSig) -> bool {
+    match (cfg.precache, img) {
+        (Some(rec), Some(img)) => rec.matches(cfg.generation, img, copy),
+        _ => false,
+    }
+}
+
 impl Pool {
     /// Whether a volume keeps a precache: an origin volume of a reflink
     /// pool, with snapshots (`revisions_to_keep` ≠ -1).
@@ -111,11 +120,8 @@ impl Pool {
     /// Whether the volume's precache matches its record (see the module
     /// docs), from the two files' signatures.
     fn precache_valid(&self, cfg: &VolumeConfig, dir: &Dir, copy: &FileSig) -> Result<bool> {
-        let Some(rec) = cfg.precache else {
-            return Ok(false);
-        };
         let img = regular_entry(dir, &cfg.vid, &Names::of(&cfg.vid).img())?;
-        Ok(img.is_some_and(|i| rec.matches(cfg.generation, &i, copy)))
+        Ok(precache_matches(cfg, img.as_ref(), copy))
     }
 
     /// After `N.img` was replaced (and the rename is durable): makes the new
@@ -125,9 +131,7 @@ impl Pool {
     pub(crate) fn refresh_precache(&self, vol: &Volume, dir: &Dir) {
         let vid = &vol.vid;
         if !self.keeps_precache(&vol.config()) {
-            if let Err(e) = self.drop_precache(vol, dir) {
-                log::warn!("{vid}: could not remove its precache: {e}");
-            }
+            self.forget_precache(vol, dir);
             return;
         }
         if let Err(e) = self.make_precache(vol, dir) {
@@ -135,9 +139,7 @@ impl Pool {
                 "{vid}: no precache ({e}); the next start copies {} instead",
                 dir.shown(&Names::of(vid).img()).display()
             );
-            if let Err(e) = self.drop_precache(vol, dir) {
-                log::warn!("{vid}: could not remove its precache: {e}");
-            }
+            self.forget_precache(vol, dir);
         }
     }
 
@@ -153,25 +155,15 @@ impl Pool {
         dir.remove_if_exists(&v, &tmp)
             .map_err(io_ctx(dir, "removing", &tmp))?;
         let src = open_image(dir, vid, &n.img(), libc::O_RDONLY)?;
-        let out = dir
-            .create_new(&tmp)
-            .map_err(io_ctx(dir, "creating", &tmp))?;
-        let made = sys::ficlone(out.as_fd(), src.as_fd())
-            .and_then(|()| sys::fstat(src.as_fd()))
-            .and_then(|st| sys::set_mtime(out.as_fd(), st.st_mtime, st.st_mtime_nsec))
-            .and_then(|()| sys::fsync(out.as_fd()));
-        if let Err(e) = made {
-            drop(out);
-            let _ = dir.remove_if_exists(&v, &tmp);
-            return Err(Error::io(
-                format!(
-                    "{vid}: reflinking {} to {}",
-                    dir.shown(&n.img()).display(),
-                    dir.shown(&tmp).display()
-                ),
-                e,
-            ));
-        }
+        let (out, _) = dir
+            .copy_from(
+                &v,
+                &src,
+                &dir.shown(&n.img()),
+                &tmp,
+                CopyStrategy::ReflinkOnly,
+            )
+            .map_err(io_ctx(dir, "reflinking to", &tmp))?;
         failpoint::hit("precache.made");
         dir.rename(&v, &tmp, &n.precache())
             .map_err(io_ctx(dir, "renaming", &tmp))?;
@@ -210,17 +202,18 @@ impl Pool {
         Ok(())
     }
 
-    /// Removes the precache's record, then the precache, if any (a file
-    /// without a record is stale whatever happens next).
-    /// Removes the precache (and its record) of a volume whose image was
-    /// just replaced by a revert. Never fails: a failure is logged, and a
-    /// precache left behind is stale (it records an older generation).
+    /// Removes the precache and its record (after a revert, or when the
+    /// volume should keep none or it cannot be made). Never fails: a
+    /// failure is logged, and a precache left behind is stale (its record
+    /// is gone or of an older generation).
     pub(crate) fn forget_precache(&self, vol: &Volume, dir: &Dir) {
         if let Err(e) = self.drop_precache(vol, dir) {
             log::warn!("{}: could not remove its precache: {e}", vol.vid);
         }
     }
 
+    /// Removes the precache's record, then the precache, if any (a file
+    /// without a record is stale whatever happens next).
     fn drop_precache(&self, vol: &Volume, dir: &Dir) -> Result<()> {
         let n = Names::of(&vol.vid);
         let old = vol.config();
@@ -249,9 +242,7 @@ impl Pool {
                 "{vid}: {} {why}: not used",
                 dir.shown(&n.precache()).display()
             );
-            if let Err(e) = self.drop_precache(vol, dir) {
-                log::warn!("{vid}: could not remove its precache: {e}");
-            }
+            self.forget_precache(vol, dir);
             Ok(false)
         };
         let copy = match dir.entry(&n.precache()) {
@@ -353,8 +344,9 @@ impl Pool {
         let entry = dir
             .entry(&n.precache())
             .map_err(io_ctx(dir, "examining", &n.precache()))?;
+        let img = regular_entry(dir, &vol.vid, &n.img())?;
         let valid = match entry {
-            Entry::Regular(sig) => keeps && self.precache_valid(&cfg, dir, &sig)?,
+            Entry::Regular(sig) => keeps && precache_matches(&cfg, img.as_ref(), &sig),
             _ => false,
         };
         let removed = entry != Entry::Missing && !valid;
@@ -371,7 +363,6 @@ impl Pool {
             );
             self.drop_precache(vol, dir)?;
         }
-        let img = regular_entry(dir, &vol.vid, &n.img())?;
         if keeps && !valid && img.is_some() {
             self.refresh_precache(vol, dir);
         }
@@ -381,6 +372,7 @@ impl Pool {
     /// What `check` says of a volume's precache, if anything is wrong.
     pub(crate) fn precache_problem(&self, cfg: &VolumeConfig, dir: &Dir) -> Option<String> {
         let n = Names::of(&cfg.vid);
+        let img = regular_entry(dir, &cfg.vid, &n.img()).ok().flatten();
         match dir.entry(&n.precache()).ok()? {
             Entry::Missing => None,
             Entry::Other => Some("not a regular file (a symlink?)".into()),
@@ -390,10 +382,10 @@ impl Pool {
             // Without N.img (an optional volume's image taken away), the
             // missing image is the news; no start can use the precache, and
             // the next pool open removes it.
-            Entry::Regular(_) if !matches!(dir.entry(&n.img()), Ok(Entry::Regular(_))) => None,
-            Entry::Regular(sig) => match self.precache_valid(cfg, dir, &sig) {
-                Ok(true) => None,
-                _ => Some(
+            Entry::Regular(_) if img.is_none() => None,
+            Entry::Regular(sig) => match precache_matches(cfg, img.as_ref(), &sig) {
+                true => None,
+                false => Some(
                     "a stale precache (it does not match the committed image): no start uses it, and the next pool open removes it"
                         .into(),
                 ),
@@ -418,20 +410,16 @@ impl Pool {
             let Ok(claim) = vol.claim(super::volume::OpName::Set, stopped) else {
                 continue;
             };
-            let cfg = claim.config();
             let Ok(Some(dir)) = self.vm_dir_if_exists(&vol.vid) else {
                 continue;
             };
-            let n = Names::of(&vol.vid);
-            let current = match regular_entry(&dir, &vol.vid, &n.precache()) {
-                Ok(Some(sig)) => self.precache_valid(&cfg, &dir, &sig).unwrap_or(false),
-                _ => false,
-            };
-            let has_img = matches!(regular_entry(&dir, &vol.vid, &n.img()), Ok(Some(_)));
-            if self.keeps_precache(&cfg) && has_img && !current {
-                self.refresh_precache(&claim.volume, &dir);
-                made += usize::from(claim.config().precache.is_some());
+            // As recovery does it: a stale one goes, a missing one is made.
+            let before = claim.config().precache;
+            if let Err(e) = self.recover_precache(&claim.volume, &dir, &[], true) {
+                log::warn!("{}: its precache: {e}", vol.vid);
             }
+            let after = claim.config().precache;
+            made += usize::from(after.is_some() && after != before);
         }
         made
     }

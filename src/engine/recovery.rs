@@ -6,7 +6,7 @@ use super::config::VolumeKind;
 use super::fsops::Dir;
 use super::lifecycle::*;
 use super::pool::{Names, Pool};
-use super::revision::{parse_revision_name, Parsed, RevisionId};
+use super::revision::{parse_revision_name, Parsed};
 use super::volume::{Phase, Run, Volume};
 use crate::error::Result;
 use std::sync::atomic::AtomicU64;
@@ -76,16 +76,8 @@ impl Pool {
         // the newest can be that: an older one sharing N.img's file is a
         // revert's target (reverts link), which stays.
         if let Some(img) = img.filter(|i| i.nlink > 1) {
-            let cfg = vol.config();
-            let newest = self
-                .list_revisions(&vid, Some(dir))?
-                .into_iter()
-                .rfind(|r| matches!(r.id, RevisionId::Numbered(_)))
-                .filter(|r| {
-                    !super::pins::is_protected(&cfg, r)
-                        && cfg.kept_by_revert.as_deref() != Some(r.file_name.as_str())
-                });
-            if let Some(r) = newest {
+            let revs = self.list_revisions(&vid, Some(dir))?;
+            if let Some(r) = super::pins::half_made_commit_candidate(&vol.config(), revs) {
                 if let Some(rs) = regular_entry(dir, &vid, &r.file_name)? {
                     if rs.same_inode(&img) {
                         log::warn!(

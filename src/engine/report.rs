@@ -628,21 +628,15 @@ impl Pool {
         let mut revisions = 0i64;
         // Only the newest revision can be a half-made commit's link of
         // N.img; an older one sharing its file is a revert's target.
-        let newest = names
-            .iter()
-            .filter_map(|f| match parse_revision_name(vid.name(), f) {
-                Parsed::Revision(r) => match r.id {
-                    super::revision::RevisionId::Numbered(k) => Some((k, r)),
+        let newest = super::pins::half_made_commit_candidate(
+            cfg,
+            names
+                .iter()
+                .filter_map(|f| match parse_revision_name(vid.name(), f) {
+                    Parsed::Revision(r) => Some(r),
                     _ => None,
-                },
-                _ => None,
-            })
-            .max_by_key(|(k, _)| *k)
-            .map(|(_, r)| r)
-            .filter(|r| {
-                !super::pins::is_protected(cfg, r)
-                    && cfg.kept_by_revert.as_deref() != Some(r.file_name.as_str())
-            });
+                }),
+        );
         for name in names {
             if n.is_temp(name) || *name == n.import() {
                 push(

@@ -97,8 +97,7 @@ pub fn fiemap_physical(fd: BorrowedFd<'_>, sync: bool) -> io::Result<Vec<PhysExt
 /// `fgetxattr(fd, name)`: the value, or `None` when the file has no such
 /// attribute (or the filesystem has no extended attributes).
 pub fn xattr_get(fd: BorrowedFd<'_>, name: &str) -> io::Result<Option<Vec<u8>>> {
-    let cname =
-        std::ffi::CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let cname = super::c_name(name)?;
     let mut buf = [0u8; 256];
     // SAFETY: `cname` is NUL-terminated; `buf` is writable for its length.
     let n = unsafe {
@@ -127,8 +126,7 @@ pub fn xattr_set(
     value: &[u8],
     create_only: bool,
 ) -> io::Result<()> {
-    let cname =
-        std::ffi::CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let cname = super::c_name(name)?;
     let flags = if create_only { libc::XATTR_CREATE } else { 0 };
     // SAFETY: `cname` is NUL-terminated; `value` is readable for its length.
     cvt(unsafe {
@@ -145,8 +143,7 @@ pub fn xattr_set(
 
 /// `fremovexattr(fd, name)`; a missing attribute is not an error.
 pub fn xattr_remove(fd: BorrowedFd<'_>, name: &str) -> io::Result<()> {
-    let cname =
-        std::ffi::CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let cname = super::c_name(name)?;
     // SAFETY: `cname` is NUL-terminated.
     match cvt(unsafe { libc::fremovexattr(fd.as_raw_fd(), cname.as_ptr()) }) {
         Ok(_) => Ok(()),

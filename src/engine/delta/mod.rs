@@ -94,7 +94,9 @@ impl Pool {
         new: &File,
         new_id: Option<RevId>,
     ) -> std::io::Result<()> {
-        let Some(new_id) = new_id else {
+        // A copy-mode pool shares no extents: such a map would call
+        // everything changed, and comparing data later does better.
+        let Some(new_id) = new_id.filter(|_| !self.config().copy_mode) else {
             return Ok(());
         };
         let Ok(old) = open_image(dir, vid, &Names::of(vid).img(), libc::O_RDONLY) else {
@@ -105,17 +107,9 @@ impl Pool {
         };
         let cdir = changes::changes_dir(&self.meta, vid, true)?.expect("created");
         let mut live = vec![old_id, new_id];
-        if let Ok(revs) = self.list_revisions(vid, Some(dir)) {
-            for r in revs {
-                if let Ok(f) = open_image(dir, vid, &r.file_name, libc::O_RDONLY) {
-                    live.extend(ids::read_id(&f).ok().flatten());
-                }
-            }
-        }
+        live.extend(self.revision_ids(vid, dir));
         changes::collect_garbage(&cdir, &live)?;
-        // A copy-mode pool shares no extents: such a map would call
-        // everything changed, and comparing data later does better.
-        if self.config().copy_mode || old_id == new_id {
+        if old_id == new_id {
             return Ok(());
         }
         let sizes = (
@@ -124,6 +118,16 @@ impl Pool {
         );
         let changed = changes::extent_changes(&old, sizes.0, new, sizes.1)?;
         changes::store(&cdir, old_id, new_id, sizes, &changed)
+    }
+
+    /// The ids of a volume's revisions (those that have one).
+    pub(crate) fn revision_ids(&self, vid: &ValidVid, dir: &Dir) -> Vec<RevId> {
+        self.list_revisions(vid, Some(dir))
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|r| open_image(dir, vid, &r.file_name, libc::O_RDONLY).ok())
+            .filter_map(|f| ids::read_id(&f).ok().flatten())
+            .collect()
     }
 
     /// Removes a volume's change maps (it is being removed).

@@ -479,10 +479,21 @@ impl Pool {
                 Some((want, cur))
             }
         };
-        let to_id =
-            h.to.as_deref()
-                .and_then(RevId::parse)
-                .unwrap_or_else(RevId::random);
+        // The stream's to-name becomes the new image's id, unless this
+        // volume already has that id (the base's, or a revision's): two
+        // images of one id would make a diff between them call them equal.
+        let taken = |id: &RevId| {
+            from_id.as_ref().is_some_and(|(f, _)| f == id)
+                || self.revision_ids(vid, &dir).contains(id)
+        };
+        let to_id = match h.to.as_deref().and_then(RevId::parse) {
+            Some(id) if !taken(&id) => id,
+            Some(id) => {
+                log::warn!("{vid}: the delta's to-snapshot {id} is an id this volume already has; the new image gets a new one");
+                RevId::random()
+            }
+            None => RevId::random(),
+        };
         let tmp = n.import();
         dir.remove_if_exists(&v, &tmp)
             .map_err(io_ctx(&dir, "removing", &tmp))?;
