@@ -3,8 +3,6 @@ remove` does not call the pool's destroy(); this unmounts the mount the
 driver made of a pool qubesd removed, once no other pool uses its
 directory."""
 
-import asyncio
-
 import qubes.ext
 
 from .pool import sweep_unused_mounts

@@ -1,6 +1,5 @@
 """The pool: options, setup, the mount, and the volumes qubesd knows."""
 
-import asyncio
 import ctypes
 import errno
 import hashlib
@@ -19,6 +18,7 @@ from . import control
 from .control import QUICK_TIMEOUT, REQUEST_TIMEOUT
 from .errors import ReflinkfsError, wrap
 from .props import as_bool, pushed
+from .threads import in_thread
 from .volume import ReflinkfsVolume
 
 log = logging.getLogger("qubes.storage.reflinkfs")
