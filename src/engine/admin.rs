@@ -7,7 +7,7 @@ use super::fsops::Dir;
 use super::lifecycle::{io_ctx, open_image, regular_entry};
 use super::pool::{Names, Pool};
 use super::props::check_revisions_to_keep;
-use super::revision::Revision;
+use super::revision::{pick_revision, Revision};
 use super::size::check_size;
 use super::vid::ValidVid;
 use super::volume::{Claim, Life, OpName, Volume};
@@ -62,19 +62,7 @@ pub enum ResizeOutcome {
     Nominal,
 }
 
-pub(super) fn busy(vid: &ValidVid, reason: impl Into<String>) -> Error {
-    Error::Busy {
-        vid: vid.to_string(),
-        reason: reason.into(),
-    }
-}
-
-pub(crate) fn refused(vid: &ValidVid, reason: impl Into<String>) -> Error {
-    Error::Refused {
-        vid: vid.to_string(),
-        reason: reason.into(),
-    }
-}
+pub(super) use crate::error::{busy, refused};
 
 impl Pool {
     /// Claims a volume for `op` once it is settled, refusing while it runs
@@ -206,7 +194,7 @@ impl Pool {
         config.validate(&pool_cfg).map_err(|r| refused(vid, r))?;
 
         if let Some(src) = &source {
-            if !self.volumes.read().contains_key(src) {
+            if !self.table.volumes.read().contains_key(src) {
                 return Err(Error::NoSuchVolume(format!("{src} (the source of {vid})")));
             }
             // The chain must end at an origin volume.
@@ -263,11 +251,12 @@ impl Pool {
                 let vol = Volume::new(config, self.hooks.clone());
                 // Not in the map yet: nothing else can use it.
                 self.refresh_precache(&vol, &dir);
-                self.volumes.write().insert(vid.clone(), vol);
+                self.table.volumes.write().insert(vid.clone(), vol);
             } else {
                 dir.sync().map_err(io_ctx(&dir, "syncing", ""))?;
                 self.store_volume(&config)?;
-                self.volumes
+                self.table
+                    .volumes
                     .write()
                     .insert(vid.clone(), Volume::new(config, self.hooks.clone()));
             }
@@ -293,7 +282,7 @@ impl Pool {
     pub fn remove_forced(&self, vid: &ValidVid, force: bool) -> Result<()> {
         // Dependants are looked up before this volume is locked: a snapshot
         // is always locked before its source, never after.
-        let others: Vec<_> = self.volumes.read().values().cloned().collect();
+        let others: Vec<_> = self.table.all();
         let dependants: Vec<String> = others
             .iter()
             .filter_map(|v| {
@@ -347,7 +336,7 @@ impl Pool {
         // Marked removed before it leaves the map: an open or operation
         // waiting on it fails cleanly, and nothing it made is orphaned.
         claim.finish_removed();
-        self.volumes.write().remove(vid);
+        self.table.volumes.write().remove(vid);
         log::info!("{vid}: removed");
         Ok(())
     }
@@ -575,7 +564,7 @@ impl Pool {
         let revs = self.list_revisions(vid, Some(&dir))?;
         let rev = pick_revision(vid, &revs, Some(which))?;
         let cfg = self.volume(vid)?.config();
-        if super::pins::is_protected(&cfg, rev) {
+        if super::revision::is_protected(&cfg, rev) {
             return Err(Error::because(
                 vid,
                 Cause::Pinned,
@@ -603,11 +592,8 @@ impl Pool {
     /// Reserves the id of a volume being created, refusing one that exists
     /// or is being created; the reservation ends when the guard drops.
     fn reserve_new<'a>(&'a self, vid: &ValidVid) -> Result<Reserved<'a>> {
-        let mut creating = self.creating.lock();
-        if self.volumes.read().contains_key(vid)
-            || self.corrupt.read().contains_key(vid)
-            || creating.contains(vid)
-        {
+        let mut creating = self.table.creating.lock();
+        if self.table.contains(vid) || creating.contains(vid) {
             return Err(Error::VolumeExists(vid.to_string()));
         }
         creating.insert(vid.clone());
@@ -626,7 +612,7 @@ struct Reserved<'a> {
 
 impl Drop for Reserved<'_> {
     fn drop(&mut self) {
-        self.pool.creating.lock().remove(&self.vid);
+        self.pool.table.creating.lock().remove(&self.vid);
     }
 }
 
@@ -642,50 +628,5 @@ fn not_running(vid: &ValidVid, life: &Life, what: &str) -> Result<()> {
             ),
         }),
         None => Ok(()),
-    }
-}
-
-/// Finds a revision by what a person typed, or says which ones exist. A
-/// timestamp shared by several revisions is refused as ambiguous.
-pub(super) fn pick_revision<'a>(
-    vid: &ValidVid,
-    revs: &'a [Revision],
-    which: Option<&str>,
-) -> Result<&'a Revision> {
-    let valid = || {
-        if revs.is_empty() {
-            "none".to_owned()
-        } else {
-            revs.iter()
-                .map(|r| r.id.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        }
-    };
-    let Some(w) = which else {
-        return revs.last().ok_or_else(|| Error::UnknownRevision {
-            vid: vid.to_string(),
-            wanted: "newest".to_owned(),
-            valid: valid(),
-        });
-    };
-    let found: Vec<&Revision> = revs.iter().filter(|r| r.matches(w)).collect();
-    match found.as_slice() {
-        [one] => Ok(one),
-        [] => Err(Error::UnknownRevision {
-            vid: vid.to_string(),
-            wanted: w.to_owned(),
-            valid: valid(),
-        }),
-        many => Err(Error::InvalidValue {
-            property: "revision".into(),
-            reason: format!(
-                "{w:?} matches revisions {} of {vid}; give the revision number",
-                many.iter()
-                    .map(|r| r.id.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        }),
     }
 }

@@ -10,13 +10,13 @@
 //! that has exited (an offline CLI) is found running by the next open of
 //! the pool, never committed under the loop device.
 
-use super::admin::{busy, refused};
 use super::config::AttachedLoop;
 use super::fsops::Dir;
 use super::lifecycle::{io_ctx, open_image, StopOutcome};
 use super::pool::{Names, Pool};
 use super::vid::ValidVid;
 use super::volume::{Lease, Phase, Run, Volume};
+use crate::error::{busy, refused};
 use crate::error::{Cause, Error, Result};
 use crate::sys;
 use std::os::fd::AsFd;

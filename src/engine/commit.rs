@@ -237,7 +237,7 @@ impl Pool {
             match self
                 .list_revisions(&cfg.vid, Some(dir))?
                 .into_iter()
-                .find(|r| &r.file_name == pinned && !super::pins::is_protected(cfg, r))
+                .find(|r| &r.file_name == pinned && !super::revision::is_protected(cfg, r))
             {
                 Some(r) => (keep + 1, vec![r.id]),
                 None => (keep, Vec::new()),
@@ -259,7 +259,7 @@ impl Pool {
         let revs: Vec<_> = self
             .list_revisions(&cfg.vid, Some(dir))?
             .into_iter()
-            .filter(|r| !super::pins::is_protected(cfg, r))
+            .filter(|r| !super::revision::is_protected(cfg, r))
             .collect();
         if revs.len() <= keep {
             return Ok(0);

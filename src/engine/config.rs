@@ -124,7 +124,7 @@ pub struct VolumeConfig {
     /// `precache.rs`). A record of an older generation is stale, and tells
     /// recovery that a replacement of the image did not get its precache.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub precache: Option<super::precache::PrecacheRecord>,
+    pub precache: Option<super::ident::PrecacheRecord>,
 }
 
 /// A pinned revision's record.

@@ -382,12 +382,12 @@ impl Pool {
                     held: Some(holders.clone()),
                     ..*run
                 }));
-                self.held.lock().insert(vid.clone());
+                self.table.set_held(vid, true);
                 Ok(StopOutcome::Held { holders })
             }
             Ok((outcome, _)) => {
                 life.phase = Phase::Stopped;
-                self.held.lock().remove(vid);
+                self.table.set_held(vid, false);
                 if was_held {
                     log::info!("{vid}: the outside writer let go of its dirty image");
                 }
@@ -396,7 +396,7 @@ impl Pool {
             }
             Err(e) => {
                 life.phase = Phase::Stopped;
-                self.held.lock().remove(vid);
+                self.table.set_held(vid, false);
                 Err(e)
             }
         };
@@ -422,7 +422,7 @@ impl Pool {
     }
 
     pub fn held_vids(&self) -> Vec<ValidVid> {
-        self.held.lock().iter().cloned().collect()
+        self.table.held()
     }
 
     // ---------------------------------------------------------------

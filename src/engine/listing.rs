@@ -32,7 +32,7 @@ impl Pool {
         let mut from: Option<ValidVid> = None;
         loop {
             let next = {
-                let vols = self.volumes.read();
+                let vols = self.table.volumes.read();
                 let mut range = match &from {
                     Some(f) => vols.range(f.clone()..),
                     None => vols.range(..),
@@ -59,6 +59,7 @@ impl Pool {
         );
         loop {
             let next = self
+                .table
                 .volumes
                 .read()
                 .range(from.clone()..end.clone())
@@ -85,7 +86,7 @@ impl Pool {
         let mut optional = Vec::new();
         {
             // The map, then each volume's lock, briefly: the lock order.
-            let vols = self.volumes.read();
+            let vols = self.table.volumes.read();
             for (vid, vol) in vols.range(lo..hi) {
                 if !vol.config().optional {
                     return true;
@@ -100,6 +101,7 @@ impl Pool {
     pub fn shown_in_vm(&self, class: &str, vm: &str) -> Vec<ValidVid> {
         let (lo, hi) = ValidVid::vm_bounds(class, vm);
         let vids: Vec<ValidVid> = self
+            .table
             .volumes
             .read()
             .range(lo..hi)
@@ -110,8 +112,8 @@ impl Pool {
 
     /// Every known volume id, including corrupt ones, sorted.
     pub fn vids(&self) -> Vec<ValidVid> {
-        let mut v: Vec<ValidVid> = self.volumes.read().keys().cloned().collect();
-        v.extend(self.corrupt.read().keys().cloned());
+        let mut v: Vec<ValidVid> = self.table.volumes.read().keys().cloned().collect();
+        v.extend(self.table.corrupt.read().keys().cloned());
         v.sort();
         v.dedup();
         v
@@ -151,12 +153,19 @@ impl Pool {
     pub(crate) fn siblings(&self, vid: &ValidVid) -> Vec<ValidVid> {
         let (lo, hi) = ValidVid::vm_bounds(vid.class(), vid.vm());
         let mut out: Vec<ValidVid> = self
+            .table
             .volumes
             .read()
             .range(lo.clone()..hi.clone())
             .map(|(v, _)| v.clone())
             .collect();
-        out.extend(self.corrupt.read().range(lo..hi).map(|(v, _)| v.clone()));
+        out.extend(
+            self.table
+                .corrupt
+                .read()
+                .range(lo..hi)
+                .map(|(v, _)| v.clone()),
+        );
         out.retain(|v| v != vid);
         out
     }

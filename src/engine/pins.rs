@@ -8,16 +8,15 @@
 //! survives a crash, after which recovery applies it instead of committing
 //! the run's dirty image.
 
-use super::admin::{pick_revision, refused};
 use super::config::{Pending, Pin, VolumeConfig, VolumeKind};
 use super::failpoint;
 use super::fsops::Dir;
 use super::lifecycle::{io_ctx, open_image, regular_entry, StopOutcome};
 use super::pool::{Names, Pool};
-use super::revision::{now_utc, Revision};
+use super::revision::{now_utc, pick_revision, Revision};
 use super::vid::ValidVid;
 use super::volume::{OpName, Volume};
-use crate::error::{Cause, Error, Result};
+use crate::error::{refused, Cause, Error, Result};
 use std::sync::Arc;
 
 /// What `volume revert` did: at once, or queued for the end of the run.
@@ -32,39 +31,6 @@ pub enum RevertOutcome {
     /// The volume runs: the revert happens at its stop, and the run's
     /// writes are dropped.
     Queued { revision: String },
-}
-
-/// Whether a revision is pinned in `cfg`.
-pub(crate) fn is_pinned(cfg: &VolumeConfig, r: &Revision) -> bool {
-    cfg.pins.contains_key(&r.id.to_string())
-}
-
-/// Revisions no prune may take: pinned ones, and the target of a queued
-/// revert. Neither counts against `revisions_to_keep`.
-pub(crate) fn is_protected(cfg: &VolumeConfig, r: &Revision) -> bool {
-    is_pinned(cfg, r)
-        || matches!(&cfg.pending, Some(Pending::Revert { revision }) if *revision == r.file_name)
-}
-
-/// The one revision that may be the leftover of a commit interrupted
-/// between its link of `N.img` and its rename (recovery removes it, `check`
-/// reports it, when it is `N.img`'s file): the newest numbered revision,
-/// unless it is protected or the last revert's target, which share `N.img`'s
-/// file by design (reverts link).
-pub(crate) fn half_made_commit_candidate(
-    cfg: &VolumeConfig,
-    revs: impl IntoIterator<Item = Revision>,
-) -> Option<Revision> {
-    revs.into_iter()
-        .filter_map(|r| match r.id {
-            super::revision::RevisionId::Numbered(k) => Some((k, r)),
-            super::revision::RevisionId::Legacy(_) => None,
-        })
-        .max_by_key(|(k, _)| *k)
-        .map(|(_, r)| r)
-        .filter(|r| {
-            !is_protected(cfg, r) && cfg.kept_by_revert.as_deref() != Some(r.file_name.as_str())
-        })
 }
 
 impl Pool {
@@ -205,7 +171,7 @@ impl Pool {
     /// The volumes with a queued change. Reads each volume's config (no
     /// waiting).
     pub fn pending_changes(&self) -> Vec<(ValidVid, Pending)> {
-        let vols: Vec<Arc<Volume>> = self.volumes.read().values().cloned().collect();
+        let vols: Vec<Arc<Volume>> = self.table.all();
         vols.iter()
             .filter_map(|v| v.config().pending.clone().map(|p| (v.vid.clone(), p)))
             .collect()

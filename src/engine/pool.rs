@@ -4,18 +4,20 @@
 use super::config::{parse_json, store_json, PoolConfig, VolumeConfig, FORMAT_VERSION};
 use super::fsops::{read_small_file, CopyStrategy, Dir, Entry};
 use super::revision::{now_utc, parse_revision_name, Parsed, Revision};
-use super::vid::{check_component, ValidVid};
+use super::table::VolumeTable;
+use super::vid::ValidVid;
 use super::volume::{ChangeHook, Hooks, Volume};
 use crate::error::{Error, Result};
 use crate::sys;
 use parking_lot::{Mutex, RwLock};
-use std::collections::BTreeMap;
-use std::collections::BTreeSet;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+pub use super::names::Names;
+pub(crate) use super::setup_check::reflink_check;
 
 pub const META_DIR: &str = ".reflinkfs";
 pub const POOL_JSON: &str = "pool.json";
@@ -45,61 +47,6 @@ impl Default for InitOptions {
     }
 }
 
-/// File names of one volume's backing files (SPEC §3).
-#[derive(Debug, Clone)]
-pub struct Names<'a> {
-    pub name: &'a str,
-}
-
-impl<'a> Names<'a> {
-    pub fn of(vid: &'a ValidVid) -> Names<'a> {
-        Names { name: vid.name() }
-    }
-    pub fn img(&self) -> String {
-        format!("{}.img", self.name)
-    }
-    pub fn dirty(&self) -> String {
-        format!("{}-dirty.img", self.name)
-    }
-    pub fn import(&self) -> String {
-        format!("{}-import.img", self.name)
-    }
-    /// `N-precache.img`: a reflink of `N.img` the next start renames to
-    /// `N-dirty.img` (see `precache.rs`).
-    pub fn precache(&self) -> String {
-        format!("{}-precache.img", self.name)
-    }
-    /// `N-dirty.img~tmp`: a start's copy before it is renamed into place.
-    pub fn dirty_tmp(&self) -> String {
-        format!("{}-dirty.img~tmp", self.name)
-    }
-    /// `N.img~OP`: the new committed image of a resize or revert.
-    pub fn img_tmp(&self, op: &str) -> String {
-        format!("{}.img~{op}", self.name)
-    }
-    /// Whether `file` is one of this volume's temporary files. The stem must
-    /// match exactly, so `priv` never claims `private.img~tmp`.
-    pub fn is_temp(&self, file: &str) -> bool {
-        let dirty_stem = format!("{}-dirty.img~", self.name);
-        let img_stem = format!("{}.img~", self.name);
-        file.starts_with(&dirty_stem) || file.starts_with(&img_stem)
-    }
-    /// Whether `file` is one of the names this volume generates: its
-    /// image, dirty, import and precache images, its temporary files, and revisions
-    /// whose names parse. Nothing else: a name that merely starts like one
-    /// of ours (`p.img.7.img`, the image of volume `p.img.7`) is not `p`'s.
-    /// Given the id rules (no `@` or `~`, no reserved suffix), no file is
-    /// owned by two volumes of one VM; `tests/names.rs` checks it.
-    pub fn owns(&self, file: &str) -> bool {
-        file == self.img()
-            || file == self.dirty()
-            || file == self.import()
-            || file == self.precache()
-            || self.is_temp(file)
-            || matches!(parse_revision_name(self.name, file), Parsed::Revision(_))
-    }
-}
-
 /// An open pool. Holds the pool's lock for as long as it lives.
 pub struct Pool {
     pub(crate) root: Dir,
@@ -112,20 +59,8 @@ pub struct Pool {
     pub(crate) setting: Mutex<()>,
     /// How many runs were started since the pool was opened.
     pub(crate) starts: std::sync::atomic::AtomicU64,
-    /// Every volume, by id: sorted by class, VM and name, so a VM's volumes
-    /// are one range. Held only to look up, insert or remove (see the lock
-    /// order in `volume.rs`).
-    pub(crate) volumes: RwLock<BTreeMap<ValidVid, Arc<Volume>>>,
-    /// Volumes whose config file could not be read: path and reason. They
-    /// are listed, and every operation on them fails with the reason.
-    pub(crate) corrupt: RwLock<BTreeMap<ValidVid, (PathBuf, String)>>,
-    /// Volumes whose run is held (see `volume::Run::held`), for the daemon
-    /// to retry their commit.
-    pub(crate) held: Mutex<BTreeSet<ValidVid>>,
-    /// Ids of volumes being created (a clone's copy can take long): taken
-    /// while the volume is not yet in `volumes`, so no second create of
-    /// the same id can start.
-    pub(crate) creating: Mutex<BTreeSet<ValidVid>>,
+    /// Every volume by id, and the ids being created or held.
+    pub(crate) table: VolumeTable,
     /// Told of every change to a volume's files or properties.
     pub(crate) hooks: Arc<Hooks>,
 }
@@ -313,13 +248,11 @@ impl Pool {
             config: RwLock::new(config),
             setting: Mutex::new(()),
             starts: Default::default(),
-            volumes: RwLock::new(BTreeMap::new()),
-            corrupt: RwLock::new(BTreeMap::new()),
-            held: Mutex::new(BTreeSet::new()),
-            creating: Mutex::new(BTreeSet::new()),
+            table: VolumeTable::default(),
             hooks: Arc::new(Hooks::default()),
         };
-        pool.load_volumes()?;
+        let loaded = super::table::load(&pool.volmeta, &pool.config.read(), &pool.hooks)?;
+        pool.table.fill(loaded);
         pool.recover_all()?;
         log::debug!("opened pool {}", path.display());
         Ok(pool)
@@ -437,120 +370,9 @@ impl Pool {
         }
     }
 
-    /// Reads every `.reflinkfs/volumes/CLASS/VM/NAME.json`.
-    fn load_volumes(&self) -> Result<()> {
-        let mut volumes = BTreeMap::new();
-        let mut corrupt = BTreeMap::new();
-        let ctx = |p: &Path| format!("reading {}", p.display());
-        for class in self
-            .volmeta
-            .names()
-            .map_err(|e| Error::io(ctx(self.volmeta.path()), e))?
-        {
-            if check_component(&class, "class", &class).is_err() {
-                log::warn!(
-                    "ignoring {}: not a valid class name",
-                    self.volmeta.shown(&class).display()
-                );
-                continue;
-            }
-            let cdir = self
-                .volmeta
-                .subdir(&class, false)
-                .map_err(|e| Error::io(ctx(&self.volmeta.shown(&class)), e))?;
-            for vm in cdir.names().map_err(|e| Error::io(ctx(cdir.path()), e))? {
-                if check_component(&vm, "VM name", &vm).is_err() {
-                    log::warn!(
-                        "ignoring {}: not a valid VM name",
-                        cdir.shown(&vm).display()
-                    );
-                    continue;
-                }
-                let vdir = cdir
-                    .subdir(&vm, false)
-                    .map_err(|e| Error::io(ctx(&cdir.shown(&vm)), e))?;
-                for file in vdir.names().map_err(|e| Error::io(ctx(vdir.path()), e))? {
-                    if file.ends_with(".json~tmp") {
-                        log::warn!(
-                            "recovery: removing unfinished metadata write {}",
-                            vdir.shown(&file).display()
-                        );
-                        sys::unlinkat(vdir.fd(), &file).map_err(|e| {
-                            Error::io(format!("removing {}", vdir.shown(&file).display()), e)
-                        })?;
-                        continue;
-                    }
-                    let Some(name) = file.strip_suffix(".json") else {
-                        log::warn!("ignoring unexpected file {}", vdir.shown(&file).display());
-                        continue;
-                    };
-                    let Ok(vid) = ValidVid::new(&class, &vm, name) else {
-                        log::warn!(
-                            "ignoring {}: not a valid volume name",
-                            vdir.shown(&file).display()
-                        );
-                        continue;
-                    };
-                    let shown = vdir.shown(&file);
-                    let parsed = read_small_file(&vdir, &file)
-                        .map_err(|e| Error::CorruptMetadata {
-                            path: shown.clone(),
-                            reason: format!("cannot be read: {e}"),
-                        })
-                        .and_then(|b| parse_json::<VolumeConfig>(&b, &shown))
-                        .and_then(|c| {
-                            if c.vid != vid {
-                                return Err(Error::CorruptMetadata {
-                                    path: shown.clone(),
-                                    reason: format!(
-                                        "it names volume {} but lies at the place of {vid}",
-                                        c.vid
-                                    ),
-                                });
-                            }
-                            c.validate(&self.config.read()).map_err(|reason| {
-                                Error::CorruptMetadata {
-                                    path: shown.clone(),
-                                    reason,
-                                }
-                            })?;
-                            Ok(c)
-                        });
-                    match parsed {
-                        Ok(config) => {
-                            volumes.insert(vid, Volume::new(config, self.hooks.clone()));
-                        }
-                        Err(e) => {
-                            log::error!(
-                                "{vid}: {e}; the volume is unavailable until the file is fixed"
-                            );
-                            let reason = match e {
-                                Error::CorruptMetadata { reason, .. } => reason,
-                                other => other.to_string(),
-                            };
-                            corrupt.insert(vid, (shown, reason));
-                        }
-                    }
-                }
-            }
-        }
-        *self.volumes.write() = volumes;
-        *self.corrupt.write() = corrupt;
-        Ok(())
-    }
-
     /// A volume, or the error that says why there is none.
     pub(crate) fn volume(&self, vid: &ValidVid) -> Result<Arc<Volume>> {
-        if let Some(v) = self.volumes.read().get(vid) {
-            return Ok(v.clone());
-        }
-        if let Some((path, reason)) = self.corrupt.read().get(vid) {
-            return Err(Error::CorruptMetadata {
-                path: path.clone(),
-                reason: reason.clone(),
-            });
-        }
-        Err(Error::NoSuchVolume(vid.to_string()))
+        self.table.get(vid)
     }
 
     /// Opens the image directory of a VM (`POOL/CLASS/VM`), never through a
@@ -621,95 +443,6 @@ impl Pool {
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
-    }
-}
-
-/// The reflink check (SPEC §1.2): clones a small non-empty file with
-/// FICLONE and compares the content. The two files are unnamed
-/// (`O_TMPFILE`) in `dir`, so the check leaves nothing behind, not even
-/// after a crash, and a dry run can make it. Where the filesystem has no
-/// `O_TMPFILE`, it uses two named files in `dir` (removed again) if `named`
-/// allows, else it returns `Ok(false)`: not run. Errors name `path`.
-pub(crate) fn reflink_check(dir: &Dir, path: &Path, named: bool) -> Result<bool> {
-    let io_error = |e| Error::io(format!("reflink check in {}", path.display()), e);
-    let result = match open_unnamed(dir) {
-        Ok(src) => {
-            let dst = open_unnamed(dir).map_err(io_error)?;
-            clone_and_compare(&src, &dst)
-        }
-        Err(e)
-            if !matches!(
-                e.raw_os_error(),
-                Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
-            ) =>
-        {
-            return Err(io_error(e))
-        }
-        Err(_) if !named => return Ok(false),
-        Err(_) => {
-            let (a, b) = (".reflinkfs-setup-check~src", ".reflinkfs-setup-check~dst");
-            let _ = sys::unlinkat(dir.fd(), a);
-            let _ = sys::unlinkat(dir.fd(), b);
-            let result = (|| {
-                let src = dir.create_new(a)?;
-                let dst = dir.create_new(b)?;
-                clone_and_compare(&src, &dst)
-            })();
-            let _ = sys::unlinkat(dir.fd(), a);
-            let _ = sys::unlinkat(dir.fd(), b);
-            result
-        }
-    };
-    result.map_err(|e| reflink_error(path, e))?;
-    Ok(true)
-}
-
-/// A new unnamed file (`O_TMPFILE`, mode 0600) in `dir`: in the directory
-/// open as `dir` exactly, through /proc, or by its path without /proc.
-fn open_unnamed(dir: &Dir) -> io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let open = |p: &Path| {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .mode(super::fsops::FILE_MODE)
-            .custom_flags(libc::O_TMPFILE)
-            .open(p)
-    };
-    let exact = PathBuf::from(format!("/proc/self/fd/{}", dir.fd().as_raw_fd()));
-    match open(&exact) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => open(dir.path()),
-        other => other,
-    }
-}
-
-/// Writes a small non-empty pattern to `src`, clones it into `dst` with
-/// FICLONE and compares the content.
-fn clone_and_compare(src: &File, dst: &File) -> io::Result<()> {
-    let content: Vec<u8> = (0..65536u32).map(|i| (i * 7 + 3) as u8).collect();
-    super::fsops::write_all_at(src, &content, 0)?;
-    sys::fsync(src.as_fd())?;
-    sys::ficlone(dst.as_fd(), src.as_fd())?;
-    let mut back = vec![0u8; content.len()];
-    let n = sys::pread(dst.as_fd(), &mut back, 0)?;
-    if n != content.len() || back != content {
-        return Err(io::Error::other(
-            "the clone's content differs from the source",
-        ));
-    }
-    Ok(())
-}
-
-/// The error of a failed reflink check: "unsupported" (with the
-/// setup_check=no hint) when the kernel or the content says so.
-fn reflink_error(path: &Path, e: io::Error) -> Error {
-    if sys::is_reflink_unsupported(&e) || e.kind() == io::ErrorKind::Other {
-        Error::ReflinkUnsupported {
-            path: path.to_owned(),
-            source: e,
-        }
-    } else {
-        Error::io(format!("reflink check in {}", path.display()), e)
     }
 }
 

@@ -28,64 +28,15 @@ use super::fsops::{CopyStrategy, Dir, Entry, FileSig};
 use super::lifecycle::{io_ctx, open_image, regular_entry};
 use super::pool::{Names, Pool};
 use super::volume::Volume;
+
+pub use super::ident::{FileIdent, PrecacheRecord};
 use crate::error::{Error, Result};
 use crate::sys;
-use serde::{Deserialize, Serialize};
 use std::os::fd::AsFd;
 use std::sync::Arc;
 
 /// The environment variable that turns the precache off for a process.
 pub const ENV: &str = "REFLINKFS_PRECACHE";
-
-/// What identifies one state of a file: replaced, it has another inode
-/// (or ctime); written, another mtime and ctime.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileIdent {
-    pub dev: u64,
-    pub ino: u64,
-    pub size: u64,
-    pub mtime: (i64, i64),
-    pub ctime: (i64, i64),
-}
-
-impl FileIdent {
-    pub fn of(sig: &FileSig) -> FileIdent {
-        FileIdent {
-            dev: sig.dev,
-            ino: sig.ino,
-            size: sig.size,
-            mtime: sig.mtime,
-            ctime: sig.ctime,
-        }
-    }
-}
-
-/// What a volume's precache was made from (stored in its config).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PrecacheRecord {
-    /// The volume's generation when the precache was made.
-    pub generation: u64,
-    /// `N.img` then.
-    pub image: FileIdent,
-    /// The precache then.
-    pub copy: FileIdent,
-}
-
-impl PrecacheRecord {
-    /// Whether `copy` is still a copy of `image`, the committed image of
-    /// generation `generation`.
-    pub fn matches(&self, generation: u64, image: &FileSig, copy: &FileSig) -> bool {
-        self.generation == generation
-            && self.image == FileIdent::of(image)
-            && self.copy == FileIdent::of(copy)
-    }
-
-    /// Whether `image` is still the committed image this record was made
-    /// from (the precache itself aside).
-    fn same_image(&self, generation: u64, image: &FileSig) -> bool {
-        self.generation == generation && self.image == FileIdent::of(image)
-    }
-}
 
 fn disabled_by_env() -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -397,7 +348,7 @@ impl Pool {
     /// one and has none that matches (after `pool adopt`). Gives how many
     /// were made.
     pub fn make_missing_precaches(&self) -> usize {
-        let vols: Vec<Arc<Volume>> = self.volumes.read().values().cloned().collect();
+        let vols: Vec<Arc<Volume>> = self.table.all();
         let mut made = 0;
         for vol in vols {
             let stopped = |life: &super::volume::Life| match life.run() {

@@ -1,12 +1,12 @@
 //! Properties: `volume set` of a volume's, and `pool set` of the pool's
 //! defaults.
 
-use super::admin::{busy, refused};
 use super::config::{check_pool_constraints, VolumeKind};
 use super::failpoint;
 use super::pool::Pool;
 use super::vid::ValidVid;
 use super::volume::{OpName, Volume};
+use crate::error::{busy, refused};
 use crate::error::{Cause, Error, Result};
 use std::sync::Arc;
 
@@ -193,7 +193,7 @@ impl Pool {
     /// The running snapshot volumes whose chain ends at `origin`. Each
     /// volume is looked at alone (never two volumes' locks at once).
     fn running_snapshots_of(&self, origin: &ValidVid) -> Vec<ValidVid> {
-        let all: Vec<Arc<Volume>> = self.volumes.read().values().cloned().collect();
+        let all: Vec<Arc<Volume>> = self.table.all();
         all.iter()
             .filter(|v| {
                 let snap = v.snapshot();

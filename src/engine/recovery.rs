@@ -19,7 +19,7 @@ impl Pool {
     /// listed once, and a volume with nothing to recover costs one lstat:
     /// opening a pool of 10,000 volumes takes well under a second.
     pub(crate) fn recover_all(&self) -> Result<()> {
-        let vols: Vec<Arc<Volume>> = self.volumes.read().values().cloned().collect();
+        let vols: Vec<Arc<Volume>> = self.table.all();
         let mut i = 0;
         while i < vols.len() {
             let (class, vm) = (vols[i].vid.class(), vols[i].vid.vm());
@@ -77,7 +77,7 @@ impl Pool {
         // revert's target (reverts link), which stays.
         if let Some(img) = img.filter(|i| i.nlink > 1) {
             let revs = self.list_revisions(&vid, Some(dir))?;
-            if let Some(r) = super::pins::half_made_commit_candidate(&vol.config(), revs) {
+            if let Some(r) = super::revision::half_made_commit_candidate(&vol.config(), revs) {
                 if let Some(rs) = regular_entry(dir, &vid, &r.file_name)? {
                     if rs.same_inode(&img) {
                         log::warn!(
@@ -129,7 +129,7 @@ impl Pool {
                         attachment: None,
                         attached: None,
                     }));
-                    self.held.lock().insert(vid.clone());
+                    self.table.set_held(&vid, true);
                     return Ok(());
                 }
             } else {
@@ -182,7 +182,7 @@ impl Pool {
             let listed = names
                 .iter()
                 .filter(|f| match parse_revision_name(vid.name(), f) {
-                    Parsed::Revision(r) => !super::pins::is_protected(&cfg, &r),
+                    Parsed::Revision(r) => !super::revision::is_protected(&cfg, &r),
                     _ => false,
                 })
                 .count();
@@ -191,7 +191,7 @@ impl Pool {
                 let unprotected = self
                     .list_revisions(&vid, Some(dir))?
                     .iter()
-                    .filter(|r| !super::pins::is_protected(&cfg, r))
+                    .filter(|r| !super::revision::is_protected(&cfg, r))
                     .count();
                 if unprotected > keep {
                     log::warn!(

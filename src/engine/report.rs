@@ -314,7 +314,7 @@ impl Pool {
     }
 
     fn corrupt_info(&self, vid: &ValidVid) -> Option<VolumeInfo> {
-        let (path, reason) = self.corrupt.read().get(vid).cloned()?;
+        let (path, reason) = self.table.corrupt(vid)?;
         Some(VolumeInfo {
             vid: vid.to_string(),
             kind: None,
@@ -437,7 +437,7 @@ impl Pool {
         if let Some(vid) = only {
             self.volume(vid)?;
         }
-        for (vid, (path, reason)) in self.corrupt.read().iter() {
+        for (vid, (path, reason)) in self.table.corrupt.read().iter() {
             if only.is_none_or(|o| o == vid) {
                 push(
                     Some(vid),
@@ -628,7 +628,7 @@ impl Pool {
         let mut revisions = 0i64;
         // Only the newest revision can be a half-made commit's link of
         // N.img; an older one sharing its file is a revert's target.
-        let newest = super::pins::half_made_commit_candidate(
+        let newest = super::revision::half_made_commit_candidate(
             cfg,
             names
                 .iter()
@@ -654,7 +654,7 @@ impl Pool {
                     "looks like a revision but the name does not parse".into(),
                 ),
                 Parsed::Revision(r) => {
-                    revisions += i64::from(!super::pins::is_protected(cfg, &r));
+                    revisions += i64::from(!super::revision::is_protected(cfg, &r));
                     let newest = newest.as_ref().is_some_and(|n| n.file_name == r.file_name);
                     match dir.entry(name).unwrap_or(Entry::Missing) {
                         Entry::Regular(s)

@@ -1,6 +1,9 @@
 //! Revision names (SPEC §3): `N.img.K@YYYY-MM-DDTHH:MM:SSZ`, and the legacy
 //! Qubes form `N.img@YYYY-MM-DDTHH:MM:SSZ`.
 
+use super::config::{Pending, VolumeConfig};
+use super::vid::ValidVid;
+use crate::error::Error;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::cmp::Ordering;
 use std::fmt;
@@ -214,6 +217,84 @@ pub fn now_utc() -> String {
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
     format_utc(secs)
+}
+
+/// Whether a revision is pinned in `cfg`.
+pub(crate) fn is_pinned(cfg: &VolumeConfig, r: &Revision) -> bool {
+    cfg.pins.contains_key(&r.id.to_string())
+}
+
+/// Revisions no prune may take: pinned ones, and the target of a queued
+/// revert. Neither counts against `revisions_to_keep`.
+pub(crate) fn is_protected(cfg: &VolumeConfig, r: &Revision) -> bool {
+    is_pinned(cfg, r)
+        || matches!(&cfg.pending, Some(Pending::Revert { revision }) if *revision == r.file_name)
+}
+
+/// The one revision that may be the leftover of a commit interrupted
+/// between its link of `N.img` and its rename (recovery removes it, `check`
+/// reports it, when it is `N.img`'s file): the newest numbered revision,
+/// unless it is protected or the last revert's target, which share `N.img`'s
+/// file by design (reverts link).
+pub(crate) fn half_made_commit_candidate(
+    cfg: &VolumeConfig,
+    revs: impl IntoIterator<Item = Revision>,
+) -> Option<Revision> {
+    revs.into_iter()
+        .filter_map(|r| match r.id {
+            RevisionId::Numbered(k) => Some((k, r)),
+            RevisionId::Legacy(_) => None,
+        })
+        .max_by_key(|(k, _)| *k)
+        .map(|(_, r)| r)
+        .filter(|r| {
+            !is_protected(cfg, r) && cfg.kept_by_revert.as_deref() != Some(r.file_name.as_str())
+        })
+}
+
+/// Finds a revision by what a person typed, or says which ones exist. A
+/// timestamp shared by several revisions is refused as ambiguous.
+pub(crate) fn pick_revision<'a>(
+    vid: &ValidVid,
+    revs: &'a [Revision],
+    which: Option<&str>,
+) -> crate::error::Result<&'a Revision> {
+    let valid = || {
+        if revs.is_empty() {
+            "none".to_owned()
+        } else {
+            revs.iter()
+                .map(|r| r.id.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    };
+    let Some(w) = which else {
+        return revs.last().ok_or_else(|| Error::UnknownRevision {
+            vid: vid.to_string(),
+            wanted: "newest".to_owned(),
+            valid: valid(),
+        });
+    };
+    let found: Vec<&Revision> = revs.iter().filter(|r| r.matches(w)).collect();
+    match found.as_slice() {
+        [one] => Ok(one),
+        [] => Err(Error::UnknownRevision {
+            vid: vid.to_string(),
+            wanted: w.to_owned(),
+            valid: valid(),
+        }),
+        many => Err(Error::InvalidValue {
+            property: "revision".into(),
+            reason: format!(
+                "{w:?} matches revisions {} of {vid}; give the revision number",
+                many.iter()
+                    .map(|r| r.id.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }),
+    }
 }
 
 #[cfg(test)]

@@ -2,18 +2,19 @@
 //! pipe, export of an image or a revision, and clone of a volume into this
 //! pool or another.
 
-use super::admin::*;
+use super::admin::CreateOptions;
 use super::config::VolumeKind;
 use super::failpoint;
 use super::fsops::Dir;
 use super::fsops::{copy_into, write_all_at, CopyKind, CopyStrategy};
 use super::lifecycle::{io_ctx, open_image};
 use super::pool::{Names, Pool};
+use super::revision::pick_revision;
 use super::size::check_size;
 use super::vid::ValidVid;
 use super::volume::Claim;
 use super::volume::OpName;
-use crate::error::{Error, Result};
+use crate::error::{busy, refused, Error, Result};
 use crate::sys;
 use std::fs::File;
 use std::io::{Read, Write};
@@ -362,8 +363,7 @@ impl Pool {
         }
         let (file, shown) = self.open_export_source(src, None)?;
         let src_rw = self.volume(src)?.config().rw;
-        let exists =
-            dst_pool.volumes.read().contains_key(dst) || dst_pool.corrupt.read().contains_key(dst);
+        let exists = dst_pool.table.contains(dst);
         if !exists {
             let size = sys::fstat(file.as_fd())
                 .map_err(|e| Error::io(format!("examining {}", shown.display()), e))?

@@ -172,7 +172,7 @@ impl Pool {
     /// The snapshot volumes whose chain of sources leads to `vid`: their
     /// size shows the source's. Reads every volume's config (no waiting).
     pub fn snapshots_of(&self, vid: &ValidVid) -> Vec<ValidVid> {
-        let vols: Vec<Arc<super::volume::Volume>> = self.volumes.read().values().cloned().collect();
+        let vols: Vec<Arc<super::volume::Volume>> = self.table.all();
         let sources: Vec<(ValidVid, Option<ValidVid>)> = vols
             .iter()
             .map(|v| (v.vid.clone(), v.config().source.clone()))
@@ -199,7 +199,7 @@ impl Pool {
     /// volumes whose state is not plain `running` or `stopped` (a start, a
     /// commit, a hold or an operation in progress), for `status`.
     pub fn activity(&self) -> Activity {
-        let vols: Vec<Arc<super::volume::Volume>> = self.volumes.read().values().cloned().collect();
+        let vols: Vec<Arc<super::volume::Volume>> = self.table.all();
         let (mut open, mut busy, mut attached) = (Vec::new(), Vec::new(), Vec::new());
         for v in vols {
             let snap = v.snapshot();
