@@ -4,6 +4,7 @@
 //! filesystem of `REFLINKFS_TEST_FS`. The adopted pools are then used
 //! through the CLI and through a real mount, and bad input is shown to
 //! change nothing at all.
+#![allow(clippy::unwrap_used)] // in tests, a failed unwrap fails the test
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! no destructors run), the pool is reopened, and recovery must leave the
 //! latest committed data whole (old or new), no temporary files, no
 //! duplicate revisions, and a volume that starts and stops.
+#![allow(clippy::unwrap_used)] // in tests, a failed unwrap fails the test
 
 mod common;
 

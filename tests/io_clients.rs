@@ -6,6 +6,7 @@
 //! is a guard of `common::mount`, declared in the order that makes the drops
 //! right when a test fails: `Mounted` first, then `Loop`, then the
 //! `BlockMount` of the ext4 inside it (dropped first).
+#![allow(clippy::unwrap_used)] // in tests, a failed unwrap fails the test
 
 mod common;
 

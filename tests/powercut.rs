@@ -8,6 +8,7 @@
 //!
 //! Each test makes its own small filesystem on a loop device (the shutdown
 //! kills it), on XFS (reflink=1) and on ext4 (copy mode).
+#![allow(clippy::unwrap_used)] // in tests, a failed unwrap fails the test
 
 mod common;
 

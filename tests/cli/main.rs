@@ -14,6 +14,7 @@
 //!   and the help;
 //! - `volume`: create, list, info, resize, set, clone and remove;
 //! - `data`: import, export, revisions and revert.
+#![allow(clippy::unwrap_used)] // in tests, a failed unwrap fails the test
 
 #[path = "../common/mod.rs"]
 mod common;
