@@ -1,10 +1,11 @@
 //! How `reflinkfs pool adopt` reads to a person: the rendering of an
 //! [`AdoptReport`].
 
-use crate::engine::adopt::{AdoptReport, ConfigFrom};
+use crate::engine::adopt::{AdoptReport, AdoptedVolume, ConfigFrom};
 use crate::engine::config::VolumeKind;
 use crate::engine::revision::RevisionId;
 use crate::engine::size::format_size;
+use std::fmt::Write;
 
 fn plural(n: usize) -> &'static str {
     if n == 1 {
@@ -16,8 +17,23 @@ fn plural(n: usize) -> &'static str {
 
 /// The report as text.
 pub fn text(report: &AdoptReport) -> String {
-    use std::fmt::Write;
     let mut o = String::new();
+    header(&mut o, report);
+    let _ = writeln!(
+        o,
+        "\n{} volume{}:",
+        report.volumes.len(),
+        plural(report.volumes.len())
+    );
+    for v in &report.volumes {
+        volume(&mut o, v);
+    }
+    files_and_problems(&mut o, report);
+    o
+}
+
+/// What was adopted how, and where the volume configs came from.
+fn header(o: &mut String, report: &AdoptReport) {
     let mode = if report.mode == "copy" {
         "copy mode"
     } else {
@@ -58,57 +74,56 @@ pub fn text(report: &AdoptReport) -> String {
         }
     }
     let _ = writeln!(o, "default revisions_to_keep: {}", report.revisions_to_keep);
+}
 
-    let _ = writeln!(
-        o,
-        "\n{} volume{}:",
-        report.volumes.len(),
-        plural(report.volumes.len())
+/// One adopted volume: a line, and what was guessed or noted about it.
+fn volume(o: &mut String, v: &AdoptedVolume) {
+    let mut line = format!(
+        "  {}  {}  {}  {}",
+        v.vid,
+        v.kind.as_str(),
+        format_size(v.size),
+        if v.rw { "rw" } else { "ro" }
     );
-    for v in &report.volumes {
-        let mut line = format!(
-            "  {}  {}  {}  {}",
-            v.vid,
-            v.kind.as_str(),
-            format_size(v.size),
-            if v.rw { "rw" } else { "ro" }
+    if v.kind == VolumeKind::Origin {
+        let _ = write!(
+            line,
+            "  revisions_to_keep={}  next_revision={}",
+            v.revisions_to_keep, v.next_revision
         );
-        if v.kind == VolumeKind::Origin {
-            let _ = write!(
-                line,
-                "  revisions_to_keep={}  next_revision={}",
-                v.revisions_to_keep, v.next_revision
-            );
-        }
-        if let Some(s) = &v.source {
-            let _ = write!(line, "  source={s}");
-        }
-        match (v.from, &v.qube) {
-            (ConfigFrom::QubesXml, Some(q)) => {
-                let _ = write!(line, "  [qubes.xml, qube {q}]");
-            }
-            (ConfigFrom::QubesXml, None) => line.push_str("  [qubes.xml]"),
-            (ConfigFrom::Inferred, _) => line.push_str("  [guessed]"),
-        }
-        let _ = writeln!(o, "{line}");
-        if let Some(g) = &v.guess {
-            let _ = writeln!(o, "      guess: {g}");
-        }
-        if !v.revisions.is_empty() {
-            let revs: Vec<String> = v
-                .revisions
-                .iter()
-                .map(|r| match &r.id {
-                    RevisionId::Numbered(k) => format!("{k} ({})", r.timestamp),
-                    RevisionId::Legacy(ts) => format!("@{ts} (legacy name)"),
-                })
-                .collect();
-            let _ = writeln!(o, "      revisions: {}", revs.join(", "));
-        }
-        for n in &v.notes {
-            let _ = writeln!(o, "      note: {n}");
-        }
     }
+    if let Some(s) = &v.source {
+        let _ = write!(line, "  source={s}");
+    }
+    match (v.from, &v.qube) {
+        (ConfigFrom::QubesXml, Some(q)) => {
+            let _ = write!(line, "  [qubes.xml, qube {q}]");
+        }
+        (ConfigFrom::QubesXml, None) => line.push_str("  [qubes.xml]"),
+        (ConfigFrom::Inferred, _) => line.push_str("  [guessed]"),
+    }
+    let _ = writeln!(o, "{line}");
+    if let Some(g) = &v.guess {
+        let _ = writeln!(o, "      guess: {g}");
+    }
+    if !v.revisions.is_empty() {
+        let revs: Vec<String> = v
+            .revisions
+            .iter()
+            .map(|r| match &r.id {
+                RevisionId::Numbered(k) => format!("{k} ({})", r.timestamp),
+                RevisionId::Legacy(ts) => format!("@{ts} (legacy name)"),
+            })
+            .collect();
+        let _ = writeln!(o, "      revisions: {}", revs.join(", "));
+    }
+    for n in &v.notes {
+        let _ = writeln!(o, "      note: {n}");
+    }
+}
+
+/// What was left alone, removed, changed or found, and the pool check.
+fn files_and_problems(o: &mut String, report: &AdoptReport) {
     if !report.not_adopted.is_empty() {
         let _ = writeln!(
             o,
@@ -180,5 +195,4 @@ pub fn text(report: &AdoptReport) -> String {
             }
         }
     }
-    o
 }

@@ -147,6 +147,57 @@ fn reason_of(e: Error) -> String {
 /// Adopts the Qubes pool directory `path` (see the module docs).
 pub fn adopt(path: &Path, opts: &AdoptOptions) -> Result<AdoptReport> {
     let path = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    let root = open_root(&path)?;
+    let mut plan = Plan::default();
+    plan.report.dry_run = opts.dry_run;
+    plan.report.pool = path.display().to_string();
+
+    // An earlier adopt that did not finish left its metadata directory.
+    let stale_adopt = write::stale_adopt(&root, &path, opts.dry_run)?;
+    if stale_adopt {
+        plan.report.removed.push(FileAction {
+            path: root.shown(ADOPT_DIR).display().to_string(),
+            reason: "the unfinished metadata of an interrupted adopt".into(),
+        });
+    }
+
+    let xml = match &opts.qubes_xml {
+        Some(x) => Some(qubes_xml::read_qubes_xml(x)?),
+        None => None,
+    };
+
+    let mut warnings = Vec::new();
+    let scan = scan::scan(&root, &mut warnings)?;
+    plan.report.warnings = warnings;
+    setup_check(&root, &path, opts, &mut plan)?;
+    plan_configs(&path, opts, xml.as_ref(), &scan, &mut plan)?;
+    if opts.dry_run {
+        return Ok(plan.report);
+    }
+
+    // Phase 2.
+    if stale_adopt {
+        log::warn!(
+            "removing {}, left by an adopt that did not finish",
+            root.shown(ADOPT_DIR).display()
+        );
+        write::remove_tree(&root, ADOPT_DIR).map_err(io_ctx(&root, "removing", ADOPT_DIR))?;
+    }
+    write::write_pool(&root, &path, &plan)?;
+    log::info!(
+        "adopted {} with {} volume(s)",
+        path.display(),
+        plan.configs.len()
+    );
+    let report = plan.report;
+    drop(root);
+    check_adopted(&path, report)
+}
+
+/// Opens the directory to adopt, refusing a symlink, a FUSE mount and a
+/// directory that already is a pool.
+fn open_root(path: &Path) -> Result<Dir> {
+    let path = path.to_owned();
     let root = match Dir::open_path(&path) {
         Ok(d) => d,
         Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR)) => {
@@ -184,31 +235,13 @@ pub fn adopt(path: &Path, opts: &AdoptOptions) -> Result<AdoptReport> {
         });
     }
 
-    let mut plan = Plan::default();
-    plan.report.dry_run = opts.dry_run;
-    plan.report.pool = path.display().to_string();
+    Ok(root)
+}
 
-    // An earlier adopt that did not finish left its metadata directory.
-    let stale_adopt = write::stale_adopt(&root, &path, opts.dry_run)?;
-    if stale_adopt {
-        plan.report.removed.push(FileAction {
-            path: root.shown(ADOPT_DIR).display().to_string(),
-            reason: "the unfinished metadata of an interrupted adopt".into(),
-        });
-    }
-
-    let xml = match &opts.qubes_xml {
-        Some(x) => Some(qubes_xml::read_qubes_xml(x)?),
-        None => None,
-    };
-
-    let mut warnings = Vec::new();
-    let scan = scan::scan(&root, &mut warnings)?;
-    plan.report.warnings = warnings;
-
-    // The reflink check, which writes nothing visible.
+/// The reflink check, which writes nothing visible.
+fn setup_check(root: &Dir, path: &Path, opts: &AdoptOptions, plan: &mut Plan) -> Result<()> {
     if opts.setup_check {
-        if reflink_check(&root, &path, false)? {
+        if reflink_check(root, path, false)? {
             plan.report.setup_check = "passed: FICLONE works here".into();
         } else {
             plan.named_check = true;
@@ -224,16 +257,28 @@ pub fn adopt(path: &Path, opts: &AdoptOptions) -> Result<AdoptReport> {
             "skipped (--setup-check=no): copy mode, every snapshot is a full sparse copy".into();
     }
 
-    let (cands, default_keep) = match &xml {
+    Ok(())
+}
+
+/// The pool's config and every volume's, from qubes.xml or inferred from
+/// the file names, and what is to be done to each file.
+fn plan_configs(
+    path: &Path,
+    opts: &AdoptOptions,
+    xml: Option<&qubes_xml::QubesXml>,
+    scan: &scan::Scan,
+    plan: &mut Plan,
+) -> Result<()> {
+    let (cands, default_keep) = match xml {
         Some(xml) => {
             let xml_path = opts.qubes_xml.as_deref().expect("given");
             plan.report.qubes_xml = Some(xml_path.display().to_string());
-            let pools = qubes_xml::choose_pools(xml, xml_path, &path, &scan, &mut plan.report)?;
+            let pools = qubes_xml::choose_pools(xml, xml_path, path, scan, &mut plan.report)?;
             let keep = qubes_xml::default_keep(&pools, xml_path)?;
-            let cands = plan::from_xml(xml, xml_path, &pools, keep, &scan, &mut plan.report)?;
+            let cands = plan::from_xml(xml, xml_path, &pools, keep, scan, &mut plan.report)?;
             (cands, keep)
         }
-        None => (plan::infer(&scan, 1, &mut plan.report), 1),
+        None => (plan::infer(scan, 1, &mut plan.report), 1),
     };
     let pool_cfg = PoolConfig {
         format: FORMAT_VERSION,
@@ -250,7 +295,7 @@ pub fn adopt(path: &Path, opts: &AdoptOptions) -> Result<AdoptReport> {
     .into();
     plan.report.revisions_to_keep = default_keep;
 
-    let finished = plan::finish_configs(cands, &pool_cfg, &scan, &mut plan.report);
+    let finished = plan::finish_configs(cands, &pool_cfg, scan, &mut plan.report);
     for (vid, (cfg, c)) in &finished {
         let files = scan.vols.get(vid);
         plan.report.volumes.push(AdoptedVolume {
@@ -270,7 +315,7 @@ pub fn adopt(path: &Path, opts: &AdoptOptions) -> Result<AdoptReport> {
     }
     plan.configs = finished.into_iter().map(|(v, (cfg, _))| (v, cfg)).collect();
     plan.pool = Some(pool_cfg);
-    plan::file_actions(&path, &scan, &mut plan);
+    plan::file_actions(path, scan, plan);
     plan.report.not_adopted.sort_by(|a, b| a.vid.cmp(&b.vid));
     if plan.configs.is_empty() {
         plan.report
@@ -278,29 +323,14 @@ pub fn adopt(path: &Path, opts: &AdoptOptions) -> Result<AdoptReport> {
             .push("no volume was found to adopt; the pool is empty".into());
     }
 
-    if opts.dry_run {
-        return Ok(plan.report);
-    }
+    Ok(())
+}
 
-    // Phase 2.
-    if stale_adopt {
-        log::warn!(
-            "removing {}, left by an adopt that did not finish",
-            root.shown(ADOPT_DIR).display()
-        );
-        write::remove_tree(&root, ADOPT_DIR).map_err(io_ctx(&root, "removing", ADOPT_DIR))?;
-    }
-    write::write_pool(&root, &path, &plan)?;
-    log::info!(
-        "adopted {} with {} volume(s)",
-        path.display(),
-        plan.configs.len()
-    );
-    let mut report = plan.report;
-    drop(root);
-
+/// Opens the adopted pool (recovery runs), makes the precaches, brings the
+/// report's sizes and revisions up to date and checks the pool.
+fn check_adopted(path: &Path, mut report: AdoptReport) -> Result<AdoptReport> {
     // Open the adopted pool: recovery runs, then the check.
-    let pool = match Pool::open(&path) {
+    let pool = match Pool::open(path) {
         Ok(p) => p,
         Err(Error::PoolLocked { holder, .. }) => {
             report.warnings.push(format!(

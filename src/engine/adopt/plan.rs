@@ -84,6 +84,48 @@ fn origin_size(vid: &ValidVid, files: &VolFiles) -> std::result::Result<(u64, bo
     Ok((meta.size, from_dirty))
 }
 
+/// A candidate inferred from the file names, with the guess that made it.
+fn base(kind: VolumeKind, size: Option<u64>, keep: i64, guess: String) -> Candidate {
+    Candidate {
+        kind,
+        size,
+        rw: true,
+        revisions_to_keep: keep,
+        source: None,
+        from: ConfigFrom::Inferred,
+        qube: None,
+        guess: Some(guess),
+        notes: Vec::new(),
+    }
+}
+
+/// A volume named `volatile`, sized by its leftover image; or why it is
+/// not adopted.
+fn infer_volatile(files: &VolFiles) -> std::result::Result<Candidate, String> {
+    let Some(m) = files.dirty.or(files.clean) else {
+        return Err(
+            "a volatile volume with no image to take its size from; give --qubes-xml".into(),
+        );
+    };
+    if m.size == 0 || m.size % 512 != 0 {
+        return Err(format!(
+            "its image is {} bytes, not a positive multiple of 512",
+            m.size
+        ));
+    }
+    let mut c = base(
+        VolumeKind::Volatile,
+        Some(m.size),
+        0,
+        "a volume named volatile is volatile (emptied at every start); size from its leftover image".into(),
+    );
+    if !files.revisions.is_empty() {
+        c.notes
+            .push("its revisions are left alone; a volatile volume has none".into());
+    }
+    Ok(c)
+}
+
 /// Configs inferred from the file names (no qubes.xml).
 pub(super) fn infer(
     scan: &Scan,
@@ -101,48 +143,11 @@ pub(super) fn infer(
     }
     for (vid, files) in &scan.vols {
         let is_template_root = vid.class() == "vm-templates" && vid.name() == "root";
-        let base = |kind: VolumeKind, size: Option<u64>, keep: i64, guess: String| Candidate {
-            kind,
-            size,
-            rw: true,
-            revisions_to_keep: keep,
-            source: None,
-            from: ConfigFrom::Inferred,
-            qube: None,
-            guess: Some(guess),
-            notes: Vec::new(),
-        };
         if vid.name() == "volatile" {
-            let Some(m) = files.dirty.or(files.clean) else {
-                not_adopted(
-                    report,
-                    vid,
-                    "a volatile volume with no image to take its size from; give --qubes-xml",
-                );
-                continue;
-            };
-            if m.size == 0 || m.size % 512 != 0 {
-                not_adopted(
-                    report,
-                    vid,
-                    format!(
-                        "its image is {} bytes, not a positive multiple of 512",
-                        m.size
-                    ),
-                );
-                continue;
+            match infer_volatile(files) {
+                Ok(c) => drop(out.insert(vid.clone(), c)),
+                Err(reason) => not_adopted(report, vid, reason),
             }
-            let mut c = base(
-                VolumeKind::Volatile,
-                Some(m.size),
-                0,
-                "a volume named volatile is volatile (emptied at every start); size from its leftover image".into(),
-            );
-            if !files.revisions.is_empty() {
-                c.notes
-                    .push("its revisions are left alone; a volatile volume has none".into());
-            }
-            out.insert(vid.clone(), c);
             continue;
         }
         // A clean image that is the same file as a template's root image is
@@ -277,102 +282,16 @@ pub(super) fn from_xml(
         let empty = VolFiles::default();
         let files = scan.vols.get(&vid).unwrap_or(&empty);
         let mut notes = Vec::new();
-        let (size, keep, source) = match kind {
-            VolumeKind::Origin => {
-                let (actual, from_dirty) = match origin_size(&vid, files) {
-                    Ok(s) => s,
-                    Err(reason) => {
-                        not_adopted(report, &vid, reason);
-                        continue;
-                    }
-                };
-                if let Some(s) = size.filter(|s| *s != actual) {
-                    notes.push(format!(
-                        "qubes.xml says size {s}; the image's size {actual} is used"
-                    ));
-                }
-                if from_dirty {
-                    notes.push(format!(
-                        "only {}-dirty.img exists; recovery makes it the image",
-                        vid.name()
-                    ));
-                }
-                let mut keep = keep.unwrap_or(default_keep);
-                let pending = usize::from(files.dirty.is_some() && files.clean.is_some());
-                let found = files.revisions.len() + pending;
-                if keep >= 0 && found as i64 > keep {
-                    // Adopt deletes no revision: opening the pool would
-                    // prune down to revisions_to_keep at once.
-                    notes.push(format!(
-                        "{found} revision(s){} but revisions_to_keep={keep} in qubes.xml: raised to {found} so that none is deleted; lower it with `volume set`, which prunes the oldest (legacy names first)",
-                        if pending == 1 { " with the recovery commit" } else { "" }
-                    ));
-                    keep = found as i64;
-                }
-                (Some(actual), keep, None)
-            }
-            VolumeKind::Snapshot => {
-                let Some(src) = &v.source else {
-                    not_adopted(
-                        report,
-                        &vid,
-                        "snap_on_start=True but qubes.xml gives no source",
-                    );
-                    continue;
-                };
-                let src = match src.parse::<ValidVid>() {
-                    Ok(s) => s,
-                    Err(e) => {
-                        not_adopted(
-                            report,
-                            &vid,
-                            format!(
-                                "its source {src:?} is not a valid volume id: {}",
-                                reason_of(e)
-                            ),
-                        );
-                        continue;
-                    }
-                };
-                if keep.is_some_and(|k| k != 0) {
-                    notes.push(format!(
-                        "qubes.xml says revisions_to_keep={}; a snapshot volume keeps none",
-                        keep.unwrap_or(0)
-                    ));
-                }
-                let size = size.filter(|s| check_size(*s, &s.to_string()).is_ok());
-                (size, 0, Some(src))
-            }
-            VolumeKind::Volatile => {
-                let size = match size {
-                    Some(s) if check_size(s, &s.to_string()).is_ok() => s,
-                    other => match files.dirty.or(files.clean) {
-                        Some(m) if m.size > 0 && m.size % 512 == 0 => {
-                            notes.push(format!(
-                                "qubes.xml gives {}; the size of its leftover image is used",
-                                other
-                                    .map(|s| format!("size {s}, not a positive multiple of 512"))
-                                    .unwrap_or_else(|| "no size".into())
-                            ));
-                            m.size
-                        }
-                        _ => {
-                            not_adopted(
-                                report,
-                                &vid,
-                                "a volatile volume without a valid size in qubes.xml",
-                            );
-                            continue;
-                        }
-                    },
-                };
-                if keep.is_some_and(|k| k != 0) {
-                    notes.push(format!(
-                        "qubes.xml says revisions_to_keep={}; a volatile volume keeps none",
-                        keep.unwrap_or(0)
-                    ));
-                }
-                (Some(size), 0, None)
+        let shape = match kind {
+            VolumeKind::Origin => xml_origin(&vid, files, size, keep, default_keep, &mut notes),
+            VolumeKind::Snapshot => xml_snapshot(v.source.as_deref(), size, keep, &mut notes),
+            VolumeKind::Volatile => xml_volatile(files, size, keep, &mut notes),
+        };
+        let (size, keep, source) = match shape {
+            Ok(s) => s,
+            Err(reason) => {
+                not_adopted(report, &vid, reason);
+                continue;
             }
         };
         if kind != VolumeKind::Snapshot && v.source.is_some() {
@@ -395,7 +314,127 @@ pub(super) fn from_xml(
             },
         );
     }
-    // Files of volumes qubes.xml does not list in this pool.
+    unlisted(scan, &listed, pools, report);
+    Ok(out)
+}
+
+/// What a volume of qubes.xml becomes: its size, revisions_to_keep and
+/// source, or why it is not adopted.
+type Shape = std::result::Result<(Option<u64>, i64, Option<ValidVid>), String>;
+
+/// An origin volume of qubes.xml: the size of its image, and no fewer
+/// revisions to keep than it has.
+fn xml_origin(
+    vid: &ValidVid,
+    files: &VolFiles,
+    size: Option<u64>,
+    keep: Option<i64>,
+    default_keep: i64,
+    notes: &mut Vec<String>,
+) -> Shape {
+    let (actual, from_dirty) = match origin_size(vid, files) {
+        Ok(s) => s,
+        Err(reason) => {
+            return Err(reason);
+        }
+    };
+    if let Some(s) = size.filter(|s| *s != actual) {
+        notes.push(format!(
+            "qubes.xml says size {s}; the image's size {actual} is used"
+        ));
+    }
+    if from_dirty {
+        notes.push(format!(
+            "only {}-dirty.img exists; recovery makes it the image",
+            vid.name()
+        ));
+    }
+    let mut keep = keep.unwrap_or(default_keep);
+    let pending = usize::from(files.dirty.is_some() && files.clean.is_some());
+    let found = files.revisions.len() + pending;
+    if keep >= 0 && found as i64 > keep {
+        // Adopt deletes no revision: opening the pool would
+        // prune down to revisions_to_keep at once.
+        notes.push(format!(
+                "{found} revision(s){} but revisions_to_keep={keep} in qubes.xml: raised to {found} so that none is deleted; lower it with `volume set`, which prunes the oldest (legacy names first)",
+                if pending == 1 { " with the recovery commit" } else { "" }
+            ));
+        keep = found as i64;
+    }
+    Ok((Some(actual), keep, None))
+}
+
+/// A snapshot volume of qubes.xml: its source, and no revisions.
+fn xml_snapshot(
+    source: Option<&str>,
+    size: Option<u64>,
+    keep: Option<i64>,
+    notes: &mut Vec<String>,
+) -> Shape {
+    let Some(src) = source else {
+        return Err("snap_on_start=True but qubes.xml gives no source".into());
+    };
+    let src = match src.parse::<ValidVid>() {
+        Ok(s) => s,
+        Err(e) => {
+            return Err(format!(
+                "its source {src:?} is not a valid volume id: {}",
+                reason_of(e)
+            ));
+        }
+    };
+    if keep.is_some_and(|k| k != 0) {
+        notes.push(format!(
+            "qubes.xml says revisions_to_keep={}; a snapshot volume keeps none",
+            keep.unwrap_or(0)
+        ));
+    }
+    let size = size.filter(|s| check_size(*s, &s.to_string()).is_ok());
+    Ok((size, 0, Some(src)))
+}
+
+/// A volatile volume of qubes.xml: its size, from qubes.xml or its
+/// leftover image, and no revisions.
+fn xml_volatile(
+    files: &VolFiles,
+    size: Option<u64>,
+    keep: Option<i64>,
+    notes: &mut Vec<String>,
+) -> Shape {
+    let size = match size {
+        Some(s) if check_size(s, &s.to_string()).is_ok() => s,
+        other => match files.dirty.or(files.clean) {
+            Some(m) if m.size > 0 && m.size % 512 == 0 => {
+                notes.push(format!(
+                    "qubes.xml gives {}; the size of its leftover image is used",
+                    other
+                        .map(|s| format!("size {s}, not a positive multiple of 512"))
+                        .unwrap_or_else(|| "no size".into())
+                ));
+                m.size
+            }
+            _ => {
+                return Err("a volatile volume without a valid size in qubes.xml".into());
+            }
+        },
+    };
+    if keep.is_some_and(|k| k != 0) {
+        notes.push(format!(
+            "qubes.xml says revisions_to_keep={}; a volatile volume keeps none",
+            keep.unwrap_or(0)
+        ));
+    }
+    Ok((Some(size), 0, None))
+}
+
+/// Files of volumes qubes.xml does not list in the chosen pools are not
+/// adopted.
+fn unlisted(
+    scan: &Scan,
+    listed: &BTreeSet<ValidVid>,
+    pools: &[XmlPoolDef],
+    report: &mut AdoptReport,
+) {
     for (vid, files) in &scan.vols {
         if listed.contains(vid) {
             continue;
@@ -415,7 +454,6 @@ pub(super) fn from_xml(
             );
         }
     }
-    Ok(out)
 }
 
 /// Follows a snapshot's source chain among the candidates, down to an
