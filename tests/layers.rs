@@ -113,3 +113,197 @@ fn unsafe_code_lives_in_sys() {
         }
     }
 }
+
+/// The engine's modules (the top-level ones: a folder counts as one) and
+/// the modules each one names in its code (comments aside).
+fn engine_arrows() -> std::collections::BTreeMap<String, std::collections::BTreeSet<String>> {
+    let engine = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/engine");
+    let mut files = Vec::new();
+    rust_files(&engine, &mut files);
+    let top = |f: &Path| -> String {
+        let rel = f.strip_prefix(&engine).unwrap();
+        let first = rel
+            .components()
+            .next()
+            .unwrap()
+            .as_os_str()
+            .to_str()
+            .unwrap();
+        first.trim_end_matches(".rs").to_owned()
+    };
+    let modules: std::collections::BTreeSet<String> = files.iter().map(|f| top(f)).collect();
+    let mut arrows: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+        Default::default();
+    for f in &files {
+        let from = top(f);
+        let text = std::fs::read_to_string(f).unwrap();
+        let code: String = text
+            .lines()
+            .map(|l| l.split("//").next().unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join("\n");
+        // `super::m`, `super::super::m`, `crate::engine::m`, and the names
+        // inside `super::{a, b::c}`.
+        let mut named = Vec::new();
+        for prefix in ["super::", "crate::engine::"] {
+            for (i, _) in code.match_indices(prefix) {
+                let mut rest = &code[i + prefix.len()..];
+                while let Some(r) = rest.strip_prefix("super::") {
+                    rest = r;
+                }
+                if let Some(group) = rest.strip_prefix('{') {
+                    let group = &group[..group.find('}').unwrap_or(group.len())];
+                    named.extend(
+                        group
+                            .split(',')
+                            .map(|s| s.trim().split("::").next().unwrap_or("").to_owned()),
+                    );
+                } else {
+                    let end = rest
+                        .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+                        .unwrap_or(rest.len());
+                    named.push(rest[..end].to_owned());
+                }
+            }
+        }
+        for m in named {
+            if m != from && modules.contains(&m) {
+                arrows.entry(from.clone()).or_default().insert(m);
+            }
+        }
+    }
+    arrows
+}
+
+#[test]
+fn the_engines_modules_form_no_cycle() {
+    let arrows = engine_arrows();
+    assert!(arrows.len() > 15, "found the engine's modules: {arrows:?}");
+    // Depth-first search, with the path to tell the cycle.
+    fn visit(
+        m: &str,
+        arrows: &std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+        path: &mut Vec<String>,
+        done: &mut std::collections::BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(i) = path.iter().position(|p| p == m) {
+            let mut cycle = path[i..].to_vec();
+            cycle.push(m.to_owned());
+            return Some(cycle);
+        }
+        if done.contains(m) {
+            return None;
+        }
+        path.push(m.to_owned());
+        for next in arrows.get(m).into_iter().flatten() {
+            if let Some(c) = visit(next, arrows, path, done) {
+                return Some(c);
+            }
+        }
+        path.pop();
+        done.insert(m.to_owned());
+        None
+    }
+    let mut done = Default::default();
+    for m in arrows.keys() {
+        if let Some(cycle) = visit(m, &arrows, &mut Vec::new(), &mut done) {
+            panic!("the engine's modules form a cycle: {}", cycle.join(" -> "));
+        }
+    }
+}
+
+/// Files of `src/` stay under 700 lines and functions under 120, so that
+/// each can be read in one sitting.
+#[test]
+fn files_and_functions_stay_small() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut long = Vec::new();
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        if lines.len() > 700 {
+            long.push(format!(
+                "{}: {} lines (at most 700)",
+                f.display(),
+                lines.len()
+            ));
+        }
+        for (start, len) in function_lengths(&lines) {
+            if len > 120 {
+                long.push(format!(
+                    "{}:{}: a function of {len} lines (at most 120)",
+                    f.display(),
+                    start + 1
+                ));
+            }
+        }
+    }
+    assert!(files.len() > 30, "found the sources");
+    assert!(long.is_empty(), "too long:\n{}", long.join("\n"));
+}
+
+/// The first line and the length of every `fn` with a body, by its braces
+/// (string literals and comments aside; good enough for rustfmt'd code).
+fn function_lengths(lines: &[&str]) -> Vec<(usize, usize)> {
+    let is_fn = |l: &str| {
+        let t = l.trim_start();
+        let t = t
+            .strip_prefix("pub(crate) ")
+            .or(t.strip_prefix("pub(super) "))
+            .or(t.strip_prefix("pub "))
+            .unwrap_or(t);
+        let t = t.strip_prefix("const ").unwrap_or(t);
+        let t = t.strip_prefix("unsafe ").unwrap_or(t);
+        t.starts_with("fn ")
+    };
+    let mut out = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        if !is_fn(l) {
+            continue;
+        }
+        let mut depth = 0i32;
+        let mut opened = false;
+        for (j, l) in lines.iter().enumerate().skip(i) {
+            let code = strip_strings(l.split("//").next().unwrap_or(""));
+            for c in code.chars() {
+                match c {
+                    '{' => {
+                        depth += 1;
+                        opened = true
+                    }
+                    '}' => depth -= 1,
+                    _ => {}
+                }
+            }
+            if !opened && code.trim_end().ends_with(';') {
+                break;
+            }
+            if opened && depth == 0 {
+                out.push((i, j - i + 1));
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// A line with its string literals emptied (their braces are not code).
+fn strip_strings(code: &str) -> String {
+    let mut out = String::new();
+    let mut in_str = false;
+    let mut escaped = false;
+    for c in code.chars() {
+        match (in_str, escaped, c) {
+            (true, true, _) => escaped = false,
+            (true, false, '\\') => escaped = true,
+            (true, false, '"') => in_str = false,
+            (true, false, _) => {}
+            (false, _, '"') => in_str = true,
+            (false, _, '\'') => out.push(' '),
+            (false, _, c) => out.push(c),
+        }
+    }
+    out
+}
