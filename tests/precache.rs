@@ -39,6 +39,33 @@ fn start_ino(pool: &Pool, v: &ValidVid, len: usize) -> (u64, Vec<u8>) {
     (f.metadata().unwrap().ino(), data)
 }
 
+/// A new pool on each reflink filesystem, with one origin volume of 1 MiB:
+/// the context for messages, the pool, its path, the volume and the path
+/// of its precache.
+fn on_reflink(
+    name: &str,
+    keep: i64,
+) -> impl Iterator<Item = (String, Pool, PathBuf, ValidVid, PathBuf)> + '_ {
+    filesystems()
+        .into_iter()
+        .filter(|f| f.reflink)
+        .map(move |fs| {
+            let (pool, path) = new_pool_with(&fs, name, keep);
+            let v = create_origin(&pool, V, MIB);
+            let pc = precache_path(&path, &v);
+            (format!("[{}]", fs.name), pool, path, v, pc)
+        })
+}
+
+/// Starts `v`: its running image must be the precache inode `made`, with
+/// `data` at its start; then stops it and checks the pool.
+fn runs_precache(pool: &Pool, v: &ValidVid, made: u64, data: &[u8], ctx: &str) {
+    let (running, got) = start_ino(pool, v, data.len());
+    assert_eq!((running, got.as_slice()), (made, data), "{ctx}");
+    pool.stop(v).unwrap();
+    assert_eq!(pool.check(None).unwrap(), vec![], "{ctx}");
+}
+
 #[test]
 fn a_start_after_a_commit_renames_the_precache() {
     for fs in filesystems() {
@@ -89,21 +116,13 @@ fn a_start_after_a_commit_renames_the_precache() {
         // A real commit makes a new one, of the new content.
         write_cycle(&pool, &v, 0, &pattern(0x22, 4096));
         let again = ino(&pc).expect("a new precache");
-        let (running, data) = start_ino(&pool, &v, 4096);
-        assert_eq!(running, again, "{ctx}");
-        assert_eq!(data, pattern(0x22, 4096), "{ctx}");
-        pool.stop(&v).unwrap();
-        assert_eq!(pool.check(None).unwrap(), vec![], "{ctx}");
+        runs_precache(&pool, &v, again, &pattern(0x22, 4096), &ctx);
     }
 }
 
 #[test]
 fn a_stale_precache_is_never_run() {
-    for fs in filesystems().into_iter().filter(|f| f.reflink) {
-        let ctx = format!("[{}]", fs.name);
-        let (pool, path) = new_pool_with(&fs, "precache-stale", 2);
-        let v = create_origin(&pool, V, MIB);
-        let pc = precache_path(&path, &v);
+    for (ctx, pool, path, v, pc) in on_reflink("precache-stale", 2) {
         let img = image_path(&path, &v);
         write_cycle(&pool, &v, 0, &pattern(0xA1, 4096));
         write_cycle(&pool, &v, 0, &pattern(0xB2, 4096));
@@ -187,20 +206,13 @@ fn a_stale_precache_is_never_run() {
         let pool = Pool::open(&path).unwrap();
         let fresh = ino(&pc).expect("recovery made a new precache");
         assert_eq!(std::fs::read(&pc).unwrap(), e, "{ctx}");
-        let (running, data) = start_ino(&pool, &v, 4096);
-        assert_eq!((running, data), (fresh, pattern(0xF6, 4096)), "{ctx}");
-        pool.stop(&v).unwrap();
-        assert_eq!(pool.check(None).unwrap(), vec![], "{ctx}");
+        runs_precache(&pool, &v, fresh, &pattern(0xF6, 4096), &ctx);
     }
 }
 
 #[test]
 fn revisions_to_keep_minus_one_keeps_no_precache() {
-    for fs in filesystems().into_iter().filter(|f| f.reflink) {
-        let ctx = format!("[{}]", fs.name);
-        let (pool, path) = new_pool(&fs, "precache-minus-one");
-        let v = create_origin(&pool, V, MIB);
-        let pc = precache_path(&path, &v);
+    for (ctx, pool, path, v, pc) in on_reflink("precache-minus-one", 1) {
         assert!(pc.exists(), "{ctx}");
         pool.set(&v, Property::RevisionsToKeep(-1)).unwrap();
         assert!(!pc.exists(), "{ctx}: removed at the set");
@@ -221,11 +233,7 @@ fn revisions_to_keep_minus_one_keeps_no_precache() {
 
 #[test]
 fn a_precache_that_cannot_be_made_costs_only_the_copy() {
-    for fs in filesystems().into_iter().filter(|f| f.reflink) {
-        let ctx = format!("[{}]", fs.name);
-        let (pool, path) = new_pool(&fs, "precache-fail");
-        let v = create_origin(&pool, V, MIB);
-        let pc = precache_path(&path, &v);
+    for (ctx, pool, path, v, pc) in on_reflink("precache-fail", 1) {
         // A directory in its place: neither removable nor replaceable.
         std::fs::remove_file(&pc).unwrap();
         std::fs::create_dir(&pc).unwrap();
@@ -277,6 +285,18 @@ fn usage_counts_the_precache() {
     }
 }
 
+/// No name in the mount's listing of the VM is a precache.
+fn assert_no_precache_listed(m: &Mounted, ctx: &str) {
+    let names: Vec<String> = std::fs::read_dir(m.path("appvms/vm"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.contains("precache")),
+        "{ctx}: {names:?}"
+    );
+}
+
 #[test]
 fn the_mount_never_shows_the_precache() {
     for fs in mount_filesystems(&[]) {
@@ -290,14 +310,7 @@ fn the_mount_never_shows_the_precache() {
         let made = ino(&pc);
         assert_eq!(made.is_some(), fs.reflink, "{ctx}");
         let m = Mounted::beside(&path, "");
-        let names: Vec<String> = std::fs::read_dir(m.path("appvms/vm"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        assert!(
-            !names.iter().any(|n| n.contains("precache")),
-            "{ctx}: {names:?}"
-        );
+        assert_no_precache_listed(&m, &ctx);
         let err = std::fs::metadata(m.path("appvms/vm/private-precache.img")).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "{ctx}");
         // The first open through the mount runs the precache.
@@ -311,14 +324,7 @@ fn the_mount_never_shows_the_precache() {
         drop(f);
         m.wait_stopped("appvms/vm/private-dirty.img");
         assert_eq!(ino(&pc).is_some(), fs.reflink, "{ctx}: made at the commit");
-        let names: Vec<String> = std::fs::read_dir(m.path("appvms/vm"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        assert!(
-            !names.iter().any(|n| n.contains("precache")),
-            "{ctx}: {names:?}"
-        );
+        assert_no_precache_listed(&m, &ctx);
         m.unmount();
     }
 }
