@@ -14,6 +14,8 @@ mod handlers;
 mod imports;
 mod protocol;
 pub mod server;
+#[cfg(test)]
+mod tests;
 
 pub use imports::{reap_stale_imports, BegunImport, PendingImports};
 pub use protocol::*;
