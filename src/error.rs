@@ -121,9 +121,14 @@ pub enum Error {
     #[error("{reason}")]
     Protocol { reason: String },
 
-    /// An error the daemon reported for a request sent to it.
+    /// An error the daemon reported for a request sent to it, with the
+    /// class and cause it gave.
     #[error("{message}")]
-    Remote { class: ErrorClass, message: String },
+    Remote {
+        class: ErrorClass,
+        cause: Option<Cause>,
+        message: String,
+    },
 
     #[error("{context}: {source}")]
     Io {
@@ -178,6 +183,29 @@ impl Cause {
             | Cause::InProgress
             | Cause::TimedOut => ErrorClass::Busy,
         }
+    }
+
+    /// Every cause.
+    pub const ALL: [Cause; 13] = [
+        Cause::NoSuchVolume,
+        Cause::NoSuchPool,
+        Cause::NoSuchRevision,
+        Cause::AlreadyAttached,
+        Cause::NotAttached,
+        Cause::DeviceInUse,
+        Cause::Running,
+        Cause::Held,
+        Cause::Importing,
+        Cause::InProgress,
+        Cause::TimedOut,
+        Cause::NotRunning,
+        Cause::Pinned,
+    ];
+
+    /// The cause of a name on the wire; `None` for one this build does not
+    /// know.
+    pub fn from_name(name: &str) -> Option<Cause> {
+        Self::ALL.into_iter().find(|c| c.name() == name)
     }
 
     /// The name on the wire.
@@ -361,6 +389,7 @@ impl Error {
     pub fn cause(&self) -> Option<Cause> {
         match self {
             Error::Because { cause, .. } => Some(*cause),
+            Error::Remote { cause, .. } => *cause,
             Error::NoSuchVolume(_) => Some(Cause::NoSuchVolume),
             Error::NoSuchPool { .. } => Some(Cause::NoSuchPool),
             Error::UnknownRevision { .. } => Some(Cause::NoSuchRevision),
@@ -445,6 +474,18 @@ pub fn refused(vid: impl ToString, reason: impl Into<String>) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_cause_reads_back_from_its_wire_name() {
+        let mut names: Vec<&str> = Cause::ALL.iter().map(|c| c.name()).collect();
+        for c in Cause::ALL {
+            assert_eq!(Cause::from_name(c.name()), Some(c));
+        }
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), Cause::ALL.len(), "names are distinct");
+        assert_eq!(Cause::from_name("a-cause-of-a-newer-daemon"), None);
+    }
 
     #[test]
     fn exit_codes_are_distinct() {

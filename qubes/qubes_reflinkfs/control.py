@@ -103,7 +103,10 @@ def request(pool_dir, op, fd=None, timeout=None, **fields):
         except socket.timeout:
             raise _late(pool_dir, op, timeout) from None
         _check_peer(sock, pool_dir)
-        message = {"protocol": PROTOCOL, "request": dict(fields, op=op)}
+        # A field left at its default (None) is not sent: a daemon older
+        # than the field then still serves the request (doc/CONTROL.md).
+        given = {k: v for k, v in fields.items() if v is not None}
+        message = {"protocol": PROTOCOL, "request": dict(given, op=op)}
         data = json.dumps(message).encode() + b"\n"
         if fd is not None:
             sent = socket.send_fds(sock, [data], [fd])

@@ -4,7 +4,7 @@
 use crate::control::{Response, Status};
 use crate::engine::report::{PoolInfo, Problem, VolumeInfo};
 use crate::engine::size::{format_approx, format_size};
-use crate::engine::{ResizeOutcome, Revision};
+use crate::engine::{LifeState, Pending, ResizeOutcome, Revision};
 use crate::error::ErrorClass;
 use serde_json::{json, Value};
 
@@ -83,10 +83,7 @@ pub fn volume_list(list: &[VolumeInfo]) -> String {
         rows.push([
             v.vid.clone(),
             kind_name(v).into(),
-            serde_json::to_value(v.state)
-                .ok()
-                .and_then(|s| s.as_str().map(str::to_owned))
-                .unwrap_or_default(),
+            v.state.to_string(),
             format_size(v.size),
             if v.rw { "rw" } else { "ro" }.into(),
             v.revisions_to_keep.to_string(),
@@ -111,10 +108,7 @@ pub fn volume_list(list: &[VolumeInfo]) -> String {
 }
 
 pub fn volume_info(v: &VolumeInfo) -> String {
-    let state = serde_json::to_value(v.state)
-        .ok()
-        .and_then(|s| s.as_str().map(str::to_owned))
-        .unwrap_or_default();
+    let state = v.state;
     let mut s = format!(
         "vid:                {}\n\
          type:               {}\n\
@@ -272,7 +266,7 @@ pub fn status(v: &Status) -> String {
         "pool:        {}\nmountpoint:  {}\nI/O mode:    {}\ndaemon:      PID {}, up {} s, protocol {}\n",
         v.pool,
         mountpoint,
-        v.io_mode.as_deref().unwrap_or("?"),
+        v.io_mode.map_or("?".into(), |m| m.to_string()),
         v.pid.map_or("?".into(), |p| p.to_string()),
         v.uptime_seconds.unwrap_or(0),
         v.protocol.as_deref().unwrap_or("?"),
@@ -284,7 +278,11 @@ pub fn status(v: &Status) -> String {
             r.vid, r.open_handles
         ));
     }
-    let busy: Vec<_> = v.busy.iter().filter(|b| b.state != "held").collect();
+    let busy: Vec<_> = v
+        .busy
+        .iter()
+        .filter(|b| b.state != LifeState::Held)
+        .collect();
     s.push_str(&format!(
         "busy:        {} (a start, commit or operation in progress)\n",
         busy.len()
@@ -305,11 +303,37 @@ pub fn status(v: &Status) -> String {
             v.pending.len()
         ));
         for p in &v.pending {
-            s.push_str(&format!("  {}  ({})\n", p.vid, p.pending));
+            let what = p
+                .change
+                .as_ref()
+                .map_or(p.pending.clone(), Pending::describe);
+            s.push_str(&format!("  {}  ({what})\n", p.vid));
         }
     }
     attached(&mut s, v);
     s
+}
+
+fn reverted(vid: &str, revision: &str, saved_as: Option<u64>, queued: bool) -> String {
+    match (queued, saved_as) {
+        (true, _) => format!(
+            "{vid}: it is running: at its stop its changes are dropped and it goes back to {revision} (`volume cancel-pending` withdraws this)\n"
+        ),
+        (false, Some(k)) => {
+            format!("{vid}: reverted to revision {revision}; the previous image is revision {k}\n")
+        }
+        (false, None) => format!("{vid}: reverted to revision {revision}\n"),
+    }
+}
+
+fn import_ended(vid: &str, committed: bool, saved_as: Option<u64>) -> String {
+    match (committed, saved_as) {
+        (true, Some(k)) => {
+            format!("{vid}: import committed; the previous image is revision {k}\n")
+        }
+        (true, None) => format!("{vid}: import committed\n"),
+        (false, _) => format!("{vid}: import dropped; the volume is unchanged\n"),
+    }
 }
 
 /// How a response reads to a person.
@@ -330,22 +354,9 @@ pub fn text(r: &Response) -> String {
         Response::Reverted {
             vid,
             revision,
-            queued: true,
-            ..
-        } => format!(
-            "{vid}: it is running: at its stop its changes are dropped and it goes back to {revision} (`volume cancel-pending` withdraws this)\n"
-        ),
-        Response::Reverted {
-            vid,
-            revision,
             saved_as,
-            ..
-        } => match saved_as {
-            Some(k) => format!(
-                "{vid}: reverted to revision {revision}; the previous image is revision {k}\n"
-            ),
-            None => format!("{vid}: reverted to revision {revision}\n"),
-        },
+            queued,
+        } => reverted(vid, revision, *saved_as, *queued),
         Response::Set {
             vid,
             property,
@@ -362,8 +373,13 @@ pub fn text(r: &Response) -> String {
             (false, true) => format!("{vid}: revision {revision} unpinned\n"),
             (false, false) => format!("{vid}: revision {revision} was not pinned\n"),
         },
-        Response::Queued { vid, pending } => format!(
-            "{vid}: queued: {pending} (the VM runs on until then; `volume cancel-pending` withdraws it)\n"
+        Response::Queued {
+            vid,
+            pending,
+            change,
+        } => format!(
+            "{vid}: queued: {} (the VM runs on until then; `volume cancel-pending` withdraws it)\n",
+            change.as_ref().map_or(pending.clone(), Pending::describe)
         ),
         Response::Cancelled {
             vid,
@@ -400,13 +416,7 @@ pub fn text(r: &Response) -> String {
             vid,
             committed,
             saved_as,
-        } => match (committed, saved_as) {
-            (true, Some(k)) => {
-                format!("{vid}: import committed; the previous image is revision {k}\n")
-            }
-            (true, None) => format!("{vid}: import committed\n"),
-            (false, _) => format!("{vid}: import dropped; the volume is unchanged\n"),
-        },
+        } => import_ended(vid, *committed, *saved_as),
         Response::ImportAborted { vid, aborted: true } => {
             format!("{vid}: import dropped; the volume is unchanged\n")
         }
@@ -418,10 +428,19 @@ pub fn text(r: &Response) -> String {
         // The device alone, for `dev=$(reflinkfs volume attach …)`.
         Response::Attached(a) => format!("{}\n", a.device),
         Response::Delta(d) => super::delta::text(d),
-        Response::Detached { vid, device, stop } => format!(
+        Response::Detached {
+            vid,
+            device,
+            stop,
+            outcome,
+        } => format!(
             "{vid}: detached {device}; {}\n",
-            stop.as_deref()
-                .unwrap_or("it stays running: the mount still has it open")
+            // A daemon before 1.5 sends only the text.
+            match (outcome, stop) {
+                (Some(o), _) => o.to_string(),
+                (None, Some(text)) => text.clone(),
+                (None, None) => "it stays running: the mount still has it open".into(),
+            }
         ),
     }
 }
@@ -463,7 +482,11 @@ pub fn json(r: &Response) -> Value {
             pinned,
             changed,
         } => json!({ "vid": vid, "revision": revision, "pinned": pinned, "changed": changed }),
-        Response::Queued { vid, pending } => json!({ "vid": vid, "pending": pending }),
+        Response::Queued {
+            vid,
+            pending,
+            change,
+        } => json!({ "vid": vid, "pending": pending, "change": change }),
         Response::Cancelled { vid, cancelled } => json!({ "vid": vid, "cancelled": cancelled }),
         Response::Set {
             vid,
@@ -487,8 +510,13 @@ pub fn json(r: &Response) -> Value {
         Response::Stopped { vid } => json!({ "vid": vid, "stopped": true }),
         Response::Attached(a) => v(a),
         Response::Delta(d) => v(&**d),
-        Response::Detached { vid, device, stop } => {
-            json!({ "vid": vid, "device": device, "stop": stop })
+        Response::Detached {
+            vid,
+            device,
+            stop,
+            outcome,
+        } => {
+            json!({ "vid": vid, "device": device, "stop": stop, "outcome": outcome })
         }
     }
 }

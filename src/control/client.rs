@@ -1,7 +1,7 @@
 //! The CLI's side of the control socket.
 
 use super::{major_of, version_mismatch, Message, Reply, ReplyOutcome, Request, Response};
-use crate::error::{Error, ErrorClass, Result};
+use crate::error::{Error, Result};
 use crate::sys;
 use std::io::{BufRead, BufReader};
 use std::os::fd::{AsFd, BorrowedFd};
@@ -131,10 +131,7 @@ pub fn call(stream: UnixStream, req: &Request, fd: Option<BorrowedFd<'_>>) -> Re
         Ok(Reply {
             outcome: ReplyOutcome::Error(w),
             ..
-        }) => Err(Error::Remote {
-            class: ErrorClass::from_name(&w.kind).unwrap_or(ErrorClass::Io),
-            message: w.message,
-        }),
+        }) => Err(Error::from(w)),
         Err(e) => {
             // A daemon from before versioned replies answers in a shape
             // this client cannot read.

@@ -3,8 +3,9 @@
 //! carries, and the data of `status`.
 
 use crate::engine::report::{PoolInfo, Problem, VolumeInfo};
-use crate::engine::{Pool, ResizeOutcome, Revision, ValidVid};
-use crate::error::Error;
+use crate::engine::view::IoMode;
+use crate::engine::{LifeState, Pending, Pool, ResizeOutcome, Revision, StopOutcome, ValidVid};
+use crate::error::{Cause, Error, ErrorClass};
 use serde::{Deserialize, Serialize};
 
 /// The protocol's version: a client and a daemon talk only when the major
@@ -12,7 +13,7 @@ use serde::{Deserialize, Serialize};
 /// ignore (a new request, a new optional field).
 pub const PROTOCOL_MAJOR: u32 = 1;
 
-pub const PROTOCOL_MINOR: u32 = 4;
+pub const PROTOCOL_MINOR: u32 = 5;
 
 /// `MAJOR.MINOR` of this build.
 pub fn protocol_version() -> String {
@@ -30,6 +31,7 @@ pub const MAX_REQUEST: usize = 1 << 20;
 pub enum Request {
     PoolInfo,
     PoolCheck {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         volume: Option<String>,
     },
     /// (1.1) A pool property: `revisions_to_keep`, the default of new
@@ -42,25 +44,27 @@ pub enum Request {
     VolumeCreate {
         vid: String,
         size: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         snapshot_of: Option<String>,
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "is_false")]
         volatile: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         revisions_to_keep: Option<i64>,
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "is_false")]
         read_only: bool,
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "is_false")]
         optional: bool,
         /// (1.1) The new origin volume's data comes as the passed file
         /// descriptor (its size is the data's): the volume exists with
         /// all its data, or not at all.
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "is_false")]
         with_data: bool,
     },
     VolumeList,
     VolumeInfo {
         vid: String,
         /// (1.1) Leave out `usage` (no FIEMAP of the files): cheap.
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "is_false")]
         brief: bool,
     },
     VolumeRevisions {
@@ -69,11 +73,12 @@ pub enum Request {
     VolumeResize {
         vid: String,
         size: u64,
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "is_false")]
         allow_shrink: bool,
     },
     VolumeRevert {
         vid: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         revision: Option<String>,
     },
     VolumeSet {
@@ -84,17 +89,19 @@ pub enum Request {
     /// The data comes as the passed file descriptor.
     VolumeImport {
         vid: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         size: Option<u64>,
         /// How the source is shown in the reply.
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "String::is_empty")]
         source: String,
     },
     /// The destination comes as the passed file descriptor.
     VolumeExport {
         vid: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         revision: Option<String>,
         /// How the destination is shown; `-` for stdout (no message).
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "String::is_empty")]
         dest: String,
     },
     /// A clone within this pool.
@@ -152,17 +159,17 @@ pub enum Request {
     VolumeDiff {
         vid: String,
         from: String,
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         to: Option<String>,
     },
     /// (1.4) The committed image as an `rbd diff v1` stream, to the passed
     /// file descriptor: whole, or the changes `since` revision K (or id).
     VolumeExportDelta {
         vid: String,
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         since: Option<String>,
         /// How the destination is shown; `-` for stdout.
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "String::is_empty")]
         dest: String,
     },
     /// (1.4) Applies the `rbd diff v1` stream read from the passed file
@@ -170,7 +177,7 @@ pub enum Request {
     VolumeImportDelta {
         vid: String,
         /// How the source is shown in the reply.
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "String::is_empty")]
         source: String,
     },
     /// (1.1) Waits until the volume's run is over and its commit (or
@@ -179,22 +186,22 @@ pub enum Request {
     /// what holds it.
     VolumeWaitStopped {
         vid: String,
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout_ms: Option<u64>,
     },
     /// (1.2) Puts a loop device on the volume's dirty image, starting it
     /// (`volume attach`).
     VolumeAttach {
         vid: String,
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "is_false")]
         read_only: bool,
         /// Default: on.
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         direct_io: Option<bool>,
         /// The device's logical block size: 512 (the default, what
         /// a disk image is laid out for) or 4096 (needed for direct I/O
         /// on XFS and btrfs).
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         block_size: Option<u32>,
     },
     /// (1.2) Removes it, waits until the kernel let go of the file (up to
@@ -202,9 +209,9 @@ pub enum Request {
     /// has it open. `force`: even while the device is in use.
     VolumeDetach {
         vid: String,
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "is_false")]
         force: bool,
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout_ms: Option<u64>,
     },
 }
@@ -259,8 +266,7 @@ pub struct OpenVolume {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BusyVolume {
     pub vid: String,
-    /// `starting`, `committing`, `held`, `importing`, …
-    pub state: String,
+    pub state: LifeState,
 }
 
 /// `reflinkfs status`: whether the pool is mounted, and what its daemon is
@@ -274,7 +280,7 @@ pub struct Status {
     /// where it was).
     pub mountpoint: Option<String>,
     pub detached_from: Option<String>,
-    pub io_mode: Option<String>,
+    pub io_mode: Option<IoMode>,
     pub pid: Option<u32>,
     pub uptime_seconds: Option<u64>,
     pub running: Vec<OpenVolume>,
@@ -298,20 +304,12 @@ pub struct Status {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PendingVolume {
     pub vid: String,
+    /// The change, for a person (what clients before 1.5 show).
     pub pending: String,
-}
-
-impl PendingVolume {
-    /// Every volume of `pool` with a queued change.
-    pub fn all(pool: &Pool) -> Vec<PendingVolume> {
-        pool.pending_changes()
-            .into_iter()
-            .map(|(v, p)| PendingVolume {
-                vid: v.to_string(),
-                pending: p.describe(),
-            })
-            .collect()
-    }
+    /// (1.5) The change: `{"action": "discard"}` or `{"action":
+    /// "revert", "revision": FILE}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change: Option<Pending>,
 }
 
 /// What a request produced: data, one variant per request.
@@ -362,7 +360,11 @@ pub enum Response {
     /// `volume_discard_changes`: what the end of the run will do.
     Queued {
         vid: String,
+        /// For a person (what clients before 1.5 show).
         pending: String,
+        /// (1.5) The change queued.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        change: Option<Pending>,
     },
     /// `volume_cancel_pending`: whether there was a queued change.
     Cancelled {
@@ -430,7 +432,11 @@ pub enum Response {
     Detached {
         vid: String,
         device: String,
+        /// What the stop did, for a person (what clients before 1.5 show).
         stop: Option<String>,
+        /// (1.5) What the stop did.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        outcome: Option<StopReport>,
     },
 }
 
@@ -476,22 +482,78 @@ impl AttachedVolume {
     }
 }
 
-/// How a stop reads, in replies.
-pub fn stop_text(o: &crate::engine::StopOutcome) -> String {
-    use crate::engine::StopOutcome as S;
-    match o {
-        S::Committed { revision: Some(k) } => {
-            format!("committed; the previous image is revision {k}")
+/// What a stop did (`volume_detach`), as it crosses the socket: the
+/// engine's [`StopOutcome`] under stable names. A kind this build does not
+/// know (from a newer daemon) reads as `unknown`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StopReport {
+    /// The run's writes are the committed image; the previous image was
+    /// kept as revision `revision`, if one was kept.
+    Committed {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        revision: Option<u64>,
+    },
+    /// Nothing was written: no revision was added.
+    Unchanged,
+    /// The run's writes were dropped (a snapshot or volatile volume, or a
+    /// queued discard).
+    Discarded,
+    /// A queued revert: the writes were dropped and the volume went back
+    /// to revision file `revision`; the previous image is `saved_as`.
+    Reverted {
+        revision: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        saved_as: Option<u64>,
+    },
+    /// Not committed: the dirty image is still written by `holders` (a
+    /// description for a person); committed once they let go.
+    Held { holders: String },
+    #[serde(other)]
+    Unknown,
+}
+
+impl From<&StopOutcome> for StopReport {
+    fn from(o: &StopOutcome) -> StopReport {
+        match o {
+            StopOutcome::Committed { revision } => StopReport::Committed {
+                revision: *revision,
+            },
+            StopOutcome::Unchanged => StopReport::Unchanged,
+            StopOutcome::Discarded => StopReport::Discarded,
+            StopOutcome::Reverted { revision, saved_as } => StopReport::Reverted {
+                revision: revision.clone(),
+                saved_as: *saved_as,
+            },
+            StopOutcome::Held { holders } => StopReport::Held {
+                holders: holders.clone(),
+            },
         }
-        S::Committed { revision: None } => "committed".into(),
-        S::Unchanged => "unchanged (no revision added)".into(),
-        S::Discarded => "discarded".into(),
-        S::Reverted {
-            revision,
-            saved_as: Some(k),
-        } => format!("reverted to {revision} as queued; the previous image is revision {k}"),
-        S::Reverted { revision, .. } => format!("reverted to {revision} as queued"),
-        S::Held { holders } => format!("not committed: still written by {holders}"),
+    }
+}
+
+/// How a stop reads to a person: the CLI's text, and the `stop` field
+/// clients before 1.5 show (doc/CONTROL.md lists its forms).
+impl std::fmt::Display for StopReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StopReport::Committed { revision: Some(k) } => {
+                write!(f, "committed; the previous image is revision {k}")
+            }
+            StopReport::Committed { revision: None } => f.write_str("committed"),
+            StopReport::Unchanged => f.write_str("unchanged (no revision added)"),
+            StopReport::Discarded => f.write_str("discarded"),
+            StopReport::Reverted {
+                revision,
+                saved_as: Some(k),
+            } => write!(
+                f,
+                "reverted to {revision} as queued; the previous image is revision {k}"
+            ),
+            StopReport::Reverted { revision, .. } => write!(f, "reverted to {revision} as queued"),
+            StopReport::Held { holders } => write!(f, "not committed: still written by {holders}"),
+            StopReport::Unknown => f.write_str("stopped"),
+        }
     }
 }
 
@@ -499,31 +561,78 @@ pub fn stop_text(o: &crate::engine::StopOutcome) -> String {
 pub type PoolInfoBox = Box<PoolInfo>;
 
 /// An error as it crosses the socket: its kind (the error class, which
-/// also gives the CLI's exit status) and a one-line message.
+/// also gives the CLI's exit status), its cause where a client may act on
+/// one, and a one-line message for a person. Clients classify on `kind`
+/// and `cause`, never on the message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WireError {
     /// `invalid-input`, `not-found`, `busy`, `refused`, `no-space`,
     /// `corrupt`, `unsupported`, `exists`, `io`, or `protocol` (the peers
-    /// do not speak the same major version).
-    pub kind: String,
+    /// do not speak the same major version); a kind this build does not
+    /// know reads as `io`.
+    #[serde(with = "class_name")]
+    pub kind: ErrorClass,
     /// The CLI's exit status for it.
     pub code: u8,
     pub message: String,
-    /// (1.3) Why, where a client may act on it: `no-such-volume`,
-    /// `already-attached`, `device-in-use`, `timed-out`, … (doc/CONTROL.md).
-    /// Clients classify on `kind` and `cause`, never on the message.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cause: Option<String>,
+    /// (1.3) Why: `no-such-volume`, `already-attached`, `device-in-use`,
+    /// `timed-out`, … (doc/CONTROL.md). A cause this build does not know
+    /// reads as none: the error is then its kind alone.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "cause_name")]
+    pub cause: Option<Cause>,
 }
 
 impl From<&Error> for WireError {
     fn from(e: &Error) -> WireError {
         WireError {
-            kind: e.class().name().to_owned(),
+            kind: e.class(),
             code: e.class().exit_code(),
             message: e.to_string(),
-            cause: e.cause().map(|c| c.name().to_owned()),
+            cause: e.cause(),
         }
+    }
+}
+
+impl From<WireError> for Error {
+    fn from(w: WireError) -> Error {
+        Error::Remote {
+            class: w.kind,
+            cause: w.cause,
+            message: w.message,
+        }
+    }
+}
+
+/// `ErrorClass` by its name on the wire.
+mod class_name {
+    use crate::error::ErrorClass;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(c: &ErrorClass, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(c.name())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ErrorClass, D::Error> {
+        let name = String::deserialize(d)?;
+        Ok(ErrorClass::from_name(&name).unwrap_or(ErrorClass::Io))
+    }
+}
+
+/// `Option<Cause>` by its name on the wire.
+mod cause_name {
+    use crate::error::Cause;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(c: &Option<Cause>, s: S) -> Result<S::Ok, S::Error> {
+        match c {
+            Some(c) => s.serialize_str(c.name()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Cause>, D::Error> {
+        let name = Option::<String>::deserialize(d)?;
+        Ok(name.as_deref().and_then(Cause::from_name))
     }
 }
 

@@ -61,14 +61,14 @@ impl crate::control::Daemon for DaemonState {
         let busy = self.fs.busy_volumes();
         let commits_in_flight = busy
             .iter()
-            .filter(|(_, st)| *st == "committing")
+            .filter(|(_, st)| *st == crate::engine::LifeState::Committing)
             .map(|(v, _)| v.to_string())
             .collect();
         let busy = busy
             .into_iter()
             .map(|(v, st)| BusyVolume {
                 vid: v.to_string(),
-                state: st.to_owned(),
+                state: st,
             })
             .collect();
         let held = self
@@ -86,7 +86,7 @@ impl crate::control::Daemon for DaemonState {
             mounted: true,
             mountpoint: attached.then(|| shown.clone()),
             detached_from: (!attached).then_some(shown),
-            io_mode: Some(self.fs.io_mode().to_owned()),
+            io_mode: Some(self.fs.io_mode()),
             pid: Some(std::process::id()),
             uptime_seconds: Some(self.started.elapsed().as_secs()),
             running,

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod adopt;
 pub mod attach;
+mod check;
 mod commit;
 pub mod config;
 pub mod delta;
@@ -43,4 +44,4 @@ pub use report::{PoolInfo, Problem, Usage, VolumeInfo, VolumeStateName};
 pub use revision::{Revision, RevisionId};
 pub use size::{format_size, parse_size};
 pub use vid::ValidVid;
-pub use volume::{Attachment, Lease, OpName, PendingStop, Snapshot};
+pub use volume::{Attachment, Lease, LifeState, OpName, PendingStop, Snapshot};

@@ -1,13 +1,14 @@
-//! list, info, check and usage (SPEC §1.5, §5): read-only reports whose
-//! serialised form is the stable `--json` output.
+//! list, info and usage (SPEC §1.5, §5): read-only reports whose
+//! serialised form is the stable `--json` output. `pool check` is in
+//! `check.rs`.
 
 use super::config::VolumeKind;
 use super::fsops::{Dir, Entry};
 use super::lifecycle::regular_entry;
 use super::pool::{Names, Pool};
-use super::revision::{parse_revision_name, Parsed, Revision};
+use super::revision::Revision;
 use super::vid::ValidVid;
-use super::volume::Snapshot;
+use super::volume::{LifeState, Snapshot};
 use crate::error::{Error, Result};
 use crate::sys;
 use serde::{Deserialize, Serialize};
@@ -41,6 +42,58 @@ pub enum VolumeStateName {
     Missing,
     /// Its config file cannot be read.
     Corrupt,
+    /// A state this build does not know (sent by a newer daemon).
+    #[serde(other)]
+    Unknown,
+}
+
+impl VolumeStateName {
+    /// The state `info` shows for a start, commit, hold or operation in
+    /// progress; `None` for a volume running or stopped (the files say
+    /// more) or removed.
+    fn of_busy(s: LifeState) -> Option<VolumeStateName> {
+        Some(match s {
+            LifeState::Starting => VolumeStateName::Starting,
+            LifeState::Committing => VolumeStateName::Committing,
+            LifeState::Held => VolumeStateName::Held,
+            LifeState::Importing => VolumeStateName::Importing,
+            LifeState::Cloning => VolumeStateName::Cloning,
+            LifeState::Resizing => VolumeStateName::Resizing,
+            LifeState::Reverting => VolumeStateName::Reverting,
+            LifeState::Setting => VolumeStateName::Setting,
+            LifeState::Removing | LifeState::RemovingRevision => VolumeStateName::Removing,
+            LifeState::Stopped | LifeState::Running | LifeState::Removed | LifeState::Unknown => {
+                return None
+            }
+        })
+    }
+
+    /// Its name, as on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VolumeStateName::Stopped => "stopped",
+            VolumeStateName::Running => "running",
+            VolumeStateName::Starting => "starting",
+            VolumeStateName::Committing => "committing",
+            VolumeStateName::Importing => "importing",
+            VolumeStateName::Cloning => "cloning",
+            VolumeStateName::Resizing => "resizing",
+            VolumeStateName::Reverting => "reverting",
+            VolumeStateName::Setting => "setting",
+            VolumeStateName::Removing => "removing",
+            VolumeStateName::Held => "held",
+            VolumeStateName::Dirty => "dirty",
+            VolumeStateName::Missing => "missing",
+            VolumeStateName::Corrupt => "corrupt",
+            VolumeStateName::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for VolumeStateName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Bytes held by the files of a volume (SPEC §1.5).
@@ -149,6 +202,28 @@ pub(crate) fn exclusive_bytes(dir: &Dir, name: &str) -> Result<u64> {
     file_usage(dir, name).map(|u| u.usage.exclusive)
 }
 
+/// The usage of a volume's files (each inode once): its images, its
+/// precache and its revisions.
+fn volume_usage(d: &Dir, n: &Names<'_>, revisions: &[Revision]) -> Result<VolumeUsage> {
+    let mut files = Vec::new();
+    let mut seen = BTreeSet::new();
+    let names = [n.img(), n.dirty(), n.precache()]
+        .into_iter()
+        .chain(revisions.iter().map(|r| r.file_name.clone()));
+    for name in names {
+        if let Entry::Regular(sig) = d.entry(&name).unwrap_or(Entry::Missing) {
+            if seen.insert((sig.dev, sig.ino)) {
+                files.push(file_usage(d, &name)?);
+            }
+        }
+    }
+    let mut total = Usage::default();
+    for f in &files {
+        total += f.usage;
+    }
+    Ok(VolumeUsage { total, files })
+}
+
 fn file_usage(dir: &Dir, name: &str) -> Result<FileUsage> {
     let f = dir
         .open(name, libc::O_RDONLY)
@@ -207,19 +282,7 @@ impl Pool {
         };
         let running = snap.running;
         let mut problem = None;
-        let busy = match snap.state {
-            "starting" => Some(VolumeStateName::Starting),
-            "committing" => Some(VolumeStateName::Committing),
-            "importing" => Some(VolumeStateName::Importing),
-            "cloning" => Some(VolumeStateName::Cloning),
-            "resizing" => Some(VolumeStateName::Resizing),
-            "reverting" => Some(VolumeStateName::Reverting),
-            "setting" => Some(VolumeStateName::Setting),
-            "removing" | "removing a revision" => Some(VolumeStateName::Removing),
-            "held" => Some(VolumeStateName::Held),
-            _ => None,
-        };
-        let state = if let Some(b) = busy {
+        let state = if let Some(b) = VolumeStateName::of_busy(snap.state) {
             b
         } else if running {
             VolumeStateName::Running
@@ -263,25 +326,7 @@ impl Pool {
             problem = dir_problem;
         }
         let usage = match (&dir, with_usage) {
-            (Some(d), true) => {
-                let mut files = Vec::new();
-                let mut seen = BTreeSet::new();
-                let names = [n.img(), n.dirty(), n.precache()]
-                    .into_iter()
-                    .chain(revisions.iter().map(|r| r.file_name.clone()));
-                for name in names {
-                    if let Entry::Regular(sig) = d.entry(&name).unwrap_or(Entry::Missing) {
-                        if seen.insert((sig.dev, sig.ino)) {
-                            files.push(file_usage(d, &name)?);
-                        }
-                    }
-                }
-                let mut total = Usage::default();
-                for f in &files {
-                    total += f.usage;
-                }
-                Some(VolumeUsage { total, files })
-            }
+            (Some(d), true) => Some(volume_usage(d, &n, &revisions)?),
             _ => None,
         };
         Ok(VolumeInfo {
@@ -423,118 +468,14 @@ impl Pool {
         })
     }
 
-    /// The consistency check of the whole pool (`vid: None`) or of one
-    /// volume: every problem found, each with its file.
-    pub fn check(&self, only: Option<&ValidVid>) -> Result<Vec<Problem>> {
-        let mut problems = Vec::new();
-        let mut push = |vid: Option<&ValidVid>, path: String, problem: String| {
-            problems.push(Problem {
-                vid: vid.map(|v| v.to_string()),
-                path,
-                problem,
-            })
-        };
-        if let Some(vid) = only {
-            self.volume(vid)?;
-        }
-        for (vid, (path, reason)) in self.table.corrupt.read().iter() {
-            if only.is_none_or(|o| o == vid) {
-                push(
-                    Some(vid),
-                    path.display().to_string(),
-                    format!("corrupt metadata: {reason}"),
-                );
-            }
-        }
-        // Volumes by VM directory, to find files no volume owns.
-        let mut vms: std::collections::BTreeMap<(String, String), Vec<ValidVid>> =
-            Default::default();
-        for vid in self.vids() {
-            vms.entry((vid.class().to_owned(), vid.vm().to_owned()))
-                .or_default()
-                .push(vid);
-        }
-        for ((class, vm), vids) in &vms {
-            let Some(first) = vids.first() else { continue };
-            if only.is_some_and(|o| !vids.contains(o)) {
-                continue;
-            }
-            let dir = match self.vm_dir_if_exists(first) {
-                Ok(Some(d)) => d,
-                Ok(None) => {
-                    for vid in vids {
-                        if let Ok(vol) = self.volume(vid) {
-                            let c = vol.config();
-                            if c.kind() == VolumeKind::Origin && !c.optional {
-                                push(
-                                    Some(vid),
-                                    self.path().join(class).join(vm).display().to_string(),
-                                    "the VM directory is missing".into(),
-                                );
-                            }
-                        }
-                    }
-                    continue;
-                }
-                Err(e) => {
-                    push(
-                        Some(first),
-                        self.path().join(class).join(vm).display().to_string(),
-                        e.to_string(),
-                    );
-                    continue;
-                }
-            };
-            let names = dir
-                .names()
-                .map_err(|e| Error::io(format!("listing {}", dir.path().display()), e))?;
-            for name in &names {
-                let owners: Vec<&ValidVid> =
-                    vids.iter().filter(|v| Names::of(v).owns(name)).collect();
-                // Only image-like names: Qubes keeps other files (such as
-                // firewall.xml) in VM directories, and they are no problem.
-                // A name that looks like a revision of a volume but does
-                // not parse is reported once, as that volume's problem.
-                let malformed = vids
-                    .iter()
-                    .any(|v| matches!(parse_revision_name(v.name(), name), Parsed::Malformed));
-                if owners.is_empty() && !malformed && only.is_none() && name.contains(".img") {
-                    push(
-                        None,
-                        dir.shown(name).display().to_string(),
-                        "no volume owns this file".into(),
-                    );
-                }
-            }
-            for vid in vids {
-                if only.is_some_and(|o| o != vid) {
-                    continue;
-                }
-                let Ok(vol) = self.volume(vid) else { continue };
-                let snap = vol.snapshot();
-                if !matches!(snap.state, "running" | "stopped" | "held") {
-                    // A start, commit or operation in progress has files
-                    // in flight: they are no problem.
-                    continue;
-                }
-                // A sibling's files are no problem of this volume's, however
-                // much their names look like its revisions.
-                let mine: Vec<String> = names
-                    .iter()
-                    .filter(|f| !vids.iter().any(|o| o != vid && Names::of(o).owns(f)))
-                    .cloned()
-                    .collect();
-                self.check_volume(&snap, &dir, &mine, &mut push);
-            }
-        }
-        Ok(problems)
-    }
-
     /// Why a stopped snapshot volume cannot start because of its source:
     /// the committed image of the origin its chain ends at is missing (or
     /// not a regular file). `None` for other volumes, and while that origin
     /// runs with `revisions_to_keep=-1` (its image is then its dirty image).
-    fn source_image_problem(&self, cfg: &super::config::VolumeConfig) -> Option<(String, String)> {
+    pub(super) fn source_image_problem(
+        &self,
+        cfg: &super::config::VolumeConfig,
+    ) -> Option<(String, String)> {
         if cfg.kind() != VolumeKind::Snapshot {
             return None;
         }
@@ -559,158 +500,6 @@ impl Pool {
                 path.display().to_string(),
                 format!("the image of its source {origin} is missing: it cannot start"),
             )),
-        }
-    }
-
-    fn check_volume(
-        &self,
-        snap: &Snapshot,
-        dir: &Dir,
-        names: &[String],
-        push: &mut impl FnMut(Option<&ValidVid>, String, String),
-    ) {
-        let cfg = &*snap.config;
-        let vid = &cfg.vid;
-        let n = Names::of(vid);
-        let kind = cfg.kind();
-        let shown = |f: &str| dir.shown(f).display().to_string();
-        let img = dir.entry(&n.img()).unwrap_or(Entry::Missing);
-        match (&img, kind) {
-            (Entry::Other, _) => push(
-                Some(vid),
-                shown(&n.img()),
-                "not a regular file (a symlink?); reflinkfs will not use it".into(),
-            ),
-            (Entry::Missing, VolumeKind::Origin)
-                if !(cfg.optional || snap.running && cfg.revisions_to_keep == -1) =>
-            {
-                push(
-                    Some(vid),
-                    shown(&n.img()),
-                    "the committed image is missing".into(),
-                )
-            }
-            // In a read-only pool the image's size is the size.
-            (Entry::Regular(sig), VolumeKind::Origin)
-                if sig.size != cfg.size && !snap.running && !self.read_only() =>
-            {
-                push(
-                    Some(vid),
-                    shown(&n.img()),
-                    format!(
-                        "the image is {} bytes but the config says {}",
-                        sig.size, cfg.size
-                    ),
-                );
-            }
-            (Entry::Regular(_), VolumeKind::Origin) => {}
-            (Entry::Regular(_), _) => push(
-                Some(vid),
-                shown(&n.img()),
-                format!("a {} volume should have no committed image", kind.as_str()),
-            ),
-            _ => {}
-        }
-        if !snap.running {
-            if let Some((path, p)) = self.source_image_problem(cfg) {
-                push(Some(vid), path, p);
-            }
-            match dir.entry(&n.dirty()).unwrap_or(Entry::Missing) {
-                Entry::Missing => {}
-                Entry::Regular(_) => push(Some(vid), shown(&n.dirty()), "a dirty image waits to be committed (a stop failed); the next start or pool open commits it".into()),
-                Entry::Other => push(Some(vid), shown(&n.dirty()), "not a regular file (a symlink?)".into()),
-            }
-        }
-        let img_sig = match img {
-            Entry::Regular(s) => Some(s),
-            _ => None,
-        };
-        let mut revisions = 0i64;
-        // Only the newest revision can be a half-made commit's link of
-        // N.img; an older one sharing its file is a revert's target.
-        let newest = super::revision::half_made_commit_candidate(
-            cfg,
-            names
-                .iter()
-                .filter_map(|f| match parse_revision_name(vid.name(), f) {
-                    Parsed::Revision(r) => Some(r),
-                    _ => None,
-                }),
-        );
-        for name in names {
-            if n.is_temp(name) || *name == n.import() {
-                push(
-                    Some(vid),
-                    shown(name),
-                    "a temporary file of an unfinished operation".into(),
-                );
-                continue;
-            }
-            match parse_revision_name(vid.name(), name) {
-                Parsed::NotOurs => {}
-                Parsed::Malformed => push(
-                    Some(vid),
-                    shown(name),
-                    "looks like a revision but the name does not parse".into(),
-                ),
-                Parsed::Revision(r) => {
-                    revisions += i64::from(!super::revision::is_protected(cfg, &r));
-                    let newest = newest.as_ref().is_some_and(|n| n.file_name == r.file_name);
-                    match dir.entry(name).unwrap_or(Entry::Missing) {
-                        Entry::Regular(s)
-                            if newest && img_sig.is_some_and(|i| i.same_inode(&s)) =>
-                        {
-                            push(
-                                Some(vid),
-                                shown(name),
-                                "the same file as the committed image (an interrupted commit)"
-                                    .into(),
-                            )
-                        }
-                        Entry::Other => push(Some(vid), shown(name), "not a regular file".into()),
-                        _ => {}
-                    }
-                }
-            }
-        }
-        let allowed = self
-            .revisions_allowed(cfg, dir)
-            .map_or(cfg.revisions_to_keep.max(0) as usize + 1, |(k, _)| k);
-        if revisions as usize > allowed {
-            push(
-                Some(vid),
-                dir.path().display().to_string(),
-                format!(
-                    "{revisions} revisions, more than revisions_to_keep={} allows",
-                    cfg.revisions_to_keep
-                ),
-            );
-        }
-        if kind == VolumeKind::Snapshot {
-            if let Err(e) = self.resolve_source(cfg) {
-                push(
-                    Some(vid),
-                    String::new(),
-                    format!("its source cannot be resolved: {e}"),
-                );
-            }
-        }
-        if let Some(p) = self.precache_problem(cfg, dir) {
-            push(Some(vid), shown(&n.precache()), p);
-        }
-        for name in [n.img(), n.dirty(), n.precache()] {
-            if let Ok(st) = sys::lstatat(dir.fd(), &name) {
-                if st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_mode & 0o077 != 0 {
-                    push(
-                        Some(vid),
-                        shown(&name),
-                        format!(
-                            "mode {:o} lets others read or write it; images are 0600",
-                            st.st_mode & 0o777
-                        ),
-                    );
-                }
-            }
         }
     }
 }

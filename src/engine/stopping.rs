@@ -6,7 +6,7 @@ use super::fsops::FileSig;
 use super::lifecycle::held_reason;
 use super::pool::Pool;
 use super::vid::ValidVid;
-use super::volume::{PendingStop, Phase};
+use super::volume::{LifeState, PendingStop, Phase};
 use crate::error::{Cause, Error, Result};
 use crate::sys;
 use std::os::fd::AsFd;
@@ -32,7 +32,11 @@ impl Pool {
     pub(crate) fn end_linger(&self, vid: &ValidVid) -> Result<()> {
         let vol = self.volume(vid)?;
         let idle = vol.snapshot();
-        if idle.running && idle.leases == 0 && idle.held.is_none() && idle.state == "running" {
+        if idle.running
+            && idle.leases == 0
+            && idle.held.is_none()
+            && idle.state == LifeState::Running
+        {
             // As a last release's stop: nothing happens if an open came
             // meanwhile.
             self.finish_stop(PendingStop {

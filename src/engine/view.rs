@@ -6,7 +6,7 @@ use super::fsops::FileSig;
 use super::lifecycle::{open_image, regular_entry};
 use super::pool::{Names, Pool};
 use super::vid::ValidVid;
-use super::volume::Snapshot;
+use super::volume::{LifeState, Snapshot};
 use crate::error::{Error, Result};
 use crate::sys::{self, FsStats};
 use std::fs::File;
@@ -19,9 +19,31 @@ pub struct Activity {
     pub open: Vec<(ValidVid, usize)>,
     /// Volumes a start, a commit, a hold or an operation is in progress on,
     /// with its name.
-    pub busy: Vec<(ValidVid, &'static str)>,
+    pub busy: Vec<(ValidVid, LifeState)>,
     /// Volumes attached to a loop device (`volume attach`).
     pub attached: Vec<(ValidVid, super::config::AttachedLoop)>,
+}
+
+/// How the mount serves a volume's open dirty image: by kernel
+/// passthrough to the backing file, or through the daemon. `status` sends
+/// it as `io_mode`; a name this build does not know reads as `unknown`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IoMode {
+    Passthrough,
+    Daemon,
+    #[serde(other)]
+    Unknown,
+}
+
+impl std::fmt::Display for IoMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            IoMode::Passthrough => "passthrough",
+            IoMode::Daemon => "daemon",
+            IoMode::Unknown => "unknown",
+        })
+    }
 }
 
 /// A volume as the mount shows it.
@@ -32,9 +54,8 @@ pub struct VolumeView {
     /// The run is over but not committed: the dirty image is still open
     /// for writing outside reflinkfs.
     pub held: bool,
-    /// The state's name: `running`, `held`, `stopped`, `starting`,
-    /// `committing`, or an operation in progress (`importing`, …).
-    pub state: &'static str,
+    /// An operation in progress, else the phase.
+    pub state: LifeState,
     /// Bumped whenever the committed image is replaced.
     pub generation: u64,
     /// The committed image, for origin volumes that have one.
@@ -206,7 +227,7 @@ impl Pool {
             if snap.leases > 0 {
                 open.push((v.vid.clone(), snap.leases));
             }
-            if !matches!(snap.state, "running" | "stopped") {
+            if !matches!(snap.state, LifeState::Running | LifeState::Stopped) {
                 busy.push((v.vid.clone(), snap.state));
             }
             if let Some(a) = snap.attached {

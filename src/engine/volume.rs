@@ -39,6 +39,7 @@ use super::fsops::FileSig;
 use super::vid::ValidVid;
 use crate::error::{Cause, Error, Result};
 use parking_lot::{Condvar, Mutex, MutexGuard};
+use serde::{Deserialize, Serialize};
 use std::any::Any;
 use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,15 +59,15 @@ pub enum OpName {
 
 impl OpName {
     /// How the operation shows in `status`, `volume list` and `info`.
-    pub fn state(self) -> &'static str {
+    pub fn state(self) -> LifeState {
         match self {
-            OpName::Import => "importing",
-            OpName::Clone => "cloning",
-            OpName::Resize => "resizing",
-            OpName::Revert => "reverting",
-            OpName::Set => "setting",
-            OpName::Remove => "removing",
-            OpName::RemoveRevision => "removing a revision",
+            OpName::Import => LifeState::Importing,
+            OpName::Clone => LifeState::Cloning,
+            OpName::Resize => LifeState::Resizing,
+            OpName::Revert => LifeState::Reverting,
+            OpName::Set => LifeState::Setting,
+            OpName::Remove => LifeState::Removing,
+            OpName::RemoveRevision => LifeState::RemovingRevision,
         }
     }
 
@@ -75,6 +76,61 @@ impl OpName {
     /// operation is refused at once instead of waiting on it.
     fn waitable(self) -> bool {
         !matches!(self, OpName::Import | OpName::Clone)
+    }
+}
+
+/// A volume's state at one instant: an operation in progress, else its
+/// phase. `status` sends it as `busy[].state` (doc/CONTROL.md), under the
+/// names below; a name this build does not know (from a newer daemon)
+/// reads as `unknown`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LifeState {
+    Stopped,
+    Starting,
+    Running,
+    /// Closed, but its dirty image is still written outside reflinkfs.
+    Held,
+    Committing,
+    /// Gone: every waiter fails.
+    Removed,
+    Importing,
+    Cloning,
+    Resizing,
+    Reverting,
+    Setting,
+    Removing,
+    #[serde(rename = "removing a revision")]
+    RemovingRevision,
+    #[serde(other)]
+    Unknown,
+}
+
+impl LifeState {
+    /// Its name, as on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LifeState::Stopped => "stopped",
+            LifeState::Starting => "starting",
+            LifeState::Running => "running",
+            LifeState::Held => "held",
+            LifeState::Committing => "committing",
+            LifeState::Removed => "removed",
+            LifeState::Importing => "importing",
+            LifeState::Cloning => "cloning",
+            LifeState::Resizing => "resizing",
+            LifeState::Reverting => "reverting",
+            LifeState::Setting => "setting",
+            LifeState::Removing => "removing",
+            LifeState::RemovingRevision => "removing a revision",
+            LifeState::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for LifeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -171,17 +227,17 @@ impl Life {
 
     /// A name for the state, for status and list: an operation in
     /// progress, then the phase.
-    pub fn state_name(&self) -> &'static str {
+    pub fn state_name(&self) -> LifeState {
         if let Some(op) = self.op {
             return op.state();
         }
         match &self.phase {
-            Phase::Stopped => "stopped",
-            Phase::Starting => "starting",
-            Phase::Running(r) if r.held.is_some() => "held",
-            Phase::Running(_) => "running",
-            Phase::Committing => "committing",
-            Phase::Removed => "removed",
+            Phase::Stopped => LifeState::Stopped,
+            Phase::Starting => LifeState::Starting,
+            Phase::Running(r) if r.held.is_some() => LifeState::Held,
+            Phase::Running(_) => LifeState::Running,
+            Phase::Committing => LifeState::Committing,
+            Phase::Removed => LifeState::Removed,
         }
     }
 }
@@ -190,9 +246,8 @@ impl Life {
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     pub config: Arc<VolumeConfig>,
-    /// `stopped`, `starting`, `running`, `held`, `committing`, or an
-    /// operation (`importing`, …).
-    pub state: &'static str,
+    /// An operation in progress, else the phase.
+    pub state: LifeState,
     /// Started and not yet committed (running, held, or committing).
     pub running: bool,
     pub held: Option<String>,

@@ -111,7 +111,7 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
                 .pool
                 .snapshot(v)
                 .ok()
-                .filter(|s| s.state != "removed")
+                .filter(|s| s.state != crate::engine::LifeState::Removed)
                 .map(|s| s.config.incarnation);
             for (ino, parent, name, node) in files {
                 inv.inode(ino);

@@ -158,11 +158,12 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
         self.passthrough.load(Ordering::SeqCst)
     }
 
-    pub fn io_mode(&self) -> &'static str {
+    pub fn io_mode(&self) -> crate::engine::view::IoMode {
+        use crate::engine::view::IoMode;
         if self.passthrough() {
-            "passthrough"
+            IoMode::Passthrough
         } else {
-            "daemon"
+            IoMode::Daemon
         }
     }
 
@@ -193,7 +194,7 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
     }
 
     /// Volumes a start, commit, hold or operation is in progress on.
-    pub fn busy_volumes(&self) -> Vec<(ValidVid, &'static str)> {
+    pub fn busy_volumes(&self) -> Vec<(ValidVid, crate::engine::LifeState)> {
         self.pool.activity().busy
     }
 

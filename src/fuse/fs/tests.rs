@@ -67,7 +67,12 @@ impl Setup {
     }
 
     fn state(&self, vid: &str) -> &'static str {
-        self.fs.pool.snapshot(&vid.parse().unwrap()).unwrap().state
+        self.fs
+            .pool
+            .snapshot(&vid.parse().unwrap())
+            .unwrap()
+            .state
+            .as_str()
     }
 
     fn wait_stopped(&self, vid: &str) {

@@ -314,7 +314,7 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
             Node::Root => {
                 let n = |c: &AtomicU64| c.load(Ordering::Relaxed).to_string();
                 put("pool", self.pool.path().display().to_string());
-                put("io_mode", self.io_mode().to_owned());
+                put("io_mode", self.io_mode().to_string());
                 put("read_requests", n(&self.stats.reads));
                 put("write_requests", n(&self.stats.writes));
                 put("read_bytes", n(&self.stats.read_bytes));
@@ -331,7 +331,7 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
                 let c = &view.config;
                 put("vid", vid.to_string());
                 put("type", c.kind().as_str().to_owned());
-                put("state", view.state.to_owned());
+                put("state", view.state.to_string());
                 put("size", view.nominal_size.to_string());
                 put("rw", c.rw.to_string());
                 put("revisions_to_keep", c.revisions_to_keep.to_string());

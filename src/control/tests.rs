@@ -1,0 +1,186 @@
+//! The wire's compatibility rules (doc/CONTROL.md, "Versions"): names stay
+//! what they were, a newer peer's unknown names do not fail a reply, an
+//! older daemon's replies still read, and defaulted request fields are not
+//! sent.
+
+use super::*;
+use crate::engine::report::VolumeStateName;
+use crate::engine::view::IoMode;
+use crate::engine::LifeState;
+use crate::error::{Cause, ErrorClass};
+use serde_json::{json, Value};
+
+fn reply(v: Value) -> Reply {
+    serde_json::from_value(v).expect("reads as a reply")
+}
+
+#[test]
+fn an_error_keeps_its_kind_and_cause_across_the_socket() {
+    let e = Error::because("appvms/w/private", Cause::TimedOut, "still running");
+    let wire = serde_json::to_string(&Reply::error(WireError::from(&e))).unwrap();
+    let back = match serde_json::from_str::<Reply>(&wire).unwrap().outcome {
+        ReplyOutcome::Error(w) => Error::from(w),
+        ReplyOutcome::Ok(r) => panic!("not an error: {r:?}"),
+    };
+    assert_eq!(back.class(), ErrorClass::Busy);
+    assert_eq!(
+        back.cause(),
+        Some(Cause::TimedOut),
+        "the CLI keeps the cause"
+    );
+    assert_eq!(back.to_string(), e.to_string());
+    let v: Value = serde_json::from_str(&wire).unwrap();
+    assert_eq!(v["error"]["kind"], "busy");
+    assert_eq!(v["error"]["cause"], "timed-out");
+}
+
+#[test]
+fn names_a_newer_daemon_adds_read_as_unknown() {
+    let r = reply(
+        json!({"protocol": "1.9", "error": {"kind": "frobbed", "code": 12,
+        "message": "m", "cause": "a-new-cause"}}),
+    );
+    let ReplyOutcome::Error(w) = r.outcome else {
+        panic!("not an error")
+    };
+    assert_eq!((w.kind, w.cause), (ErrorClass::Io, None));
+    let r = reply(
+        json!({"protocol": "1.9", "ok": {"result": "status", "data": {
+        "pool": "/p", "mounted": true, "io_mode": "uring",
+        "busy": [{"vid": "a/b/c", "state": "defragmenting"}]}}}),
+    );
+    let ReplyOutcome::Ok(resp) = r.outcome else {
+        panic!("not ok")
+    };
+    let Response::Status(st) = *resp else {
+        panic!("not a status")
+    };
+    assert_eq!(st.io_mode, Some(IoMode::Unknown));
+    assert_eq!(st.busy[0].state, LifeState::Unknown);
+    let o: StopReport = serde_json::from_value(json!({"kind": "teleported"})).unwrap();
+    assert_eq!(o, StopReport::Unknown);
+    let s: VolumeStateName = serde_json::from_value(json!("hibernating")).unwrap();
+    assert_eq!(s, VolumeStateName::Unknown);
+}
+
+#[test]
+fn replies_of_a_daemon_before_1_5_still_read() {
+    let r = reply(
+        json!({"protocol": "1.4", "ok": {"result": "detached", "data": {
+        "vid": "a/b/c", "device": "/dev/loop0", "stop": "discarded"}}}),
+    );
+    let ReplyOutcome::Ok(resp) = r.outcome else {
+        panic!("not ok")
+    };
+    assert!(matches!(
+        *resp,
+        Response::Detached {
+            outcome: None,
+            stop: Some(_),
+            ..
+        }
+    ));
+    let r = reply(
+        json!({"protocol": "1.4", "ok": {"result": "queued", "data": {
+        "vid": "a/b/c", "pending": "discard the running changes at stop"}}}),
+    );
+    let ReplyOutcome::Ok(resp) = r.outcome else {
+        panic!("not ok")
+    };
+    assert!(matches!(*resp, Response::Queued { change: None, .. }));
+}
+
+/// The wire names of every variant of a unit enum, and its Display.
+fn same_names<T: serde::Serialize + std::fmt::Display>(all: &[T]) {
+    for x in all {
+        assert_eq!(serde_json::to_value(x).unwrap(), json!(x.to_string()));
+    }
+}
+
+#[test]
+fn states_show_as_they_are_sent() {
+    use LifeState as L;
+    same_names(&[
+        L::Stopped,
+        L::Starting,
+        L::Running,
+        L::Held,
+        L::Committing,
+        L::Removed,
+        L::Importing,
+        L::Cloning,
+        L::Resizing,
+        L::Reverting,
+        L::Setting,
+        L::Removing,
+        L::RemovingRevision,
+    ]);
+    assert_eq!(L::RemovingRevision.to_string(), "removing a revision");
+    use VolumeStateName as V;
+    same_names(&[
+        V::Stopped,
+        V::Running,
+        V::Starting,
+        V::Committing,
+        V::Importing,
+        V::Cloning,
+        V::Resizing,
+        V::Reverting,
+        V::Setting,
+        V::Removing,
+        V::Held,
+        V::Dirty,
+        V::Missing,
+        V::Corrupt,
+    ]);
+    same_names(&[IoMode::Passthrough, IoMode::Daemon]);
+}
+
+#[test]
+fn defaulted_request_fields_are_not_sent() {
+    let vid = || "w:private".to_owned();
+    let sent = |r: Request| {
+        let v = serde_json::to_value(&r).unwrap();
+        let mut keys: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        // And it reads back as the same request.
+        assert_eq!(serde_json::from_value::<Request>(v).unwrap(), r);
+        keys.join(",")
+    };
+    let create = Request::VolumeCreate {
+        vid: vid(),
+        size: 1,
+        snapshot_of: None,
+        volatile: false,
+        revisions_to_keep: None,
+        read_only: false,
+        optional: false,
+        with_data: false,
+    };
+    assert_eq!(sent(create), "op,size,vid");
+    let attach = Request::VolumeAttach {
+        vid: vid(),
+        read_only: false,
+        direct_io: None,
+        block_size: None,
+    };
+    assert_eq!(sent(attach), "op,vid");
+    let detach = Request::VolumeDetach {
+        vid: vid(),
+        force: false,
+        timeout_ms: None,
+    };
+    assert_eq!(sent(detach), "op,vid");
+    let export = Request::VolumeExport {
+        vid: vid(),
+        revision: None,
+        dest: String::new(),
+    };
+    assert_eq!(sent(export), "op,vid");
+    let info = Request::VolumeInfo {
+        vid: vid(),
+        brief: false,
+    };
+    assert_eq!(sent(info), "op,vid");
+    assert_eq!(sent(Request::PoolCheck { volume: None }), "op");
+}
