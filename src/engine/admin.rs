@@ -444,27 +444,23 @@ impl Pool {
                     }
                 }
             }
-            match kind {
-                VolumeKind::Volatile => {
-                    let mut new = (*cfg).clone();
-                    new.size = size;
-                    self.set_config(&claim, new)?;
-                }
-                VolumeKind::Origin => {
+            self.update_config(&claim.volume, |new| {
+                match kind {
+                    VolumeKind::Volatile => new.size = size,
                     // The commit makes it the volume's size; stored now for
                     // recovery (see `VolumeConfig::dirty_size`).
-                    let mut new = (*cfg).clone();
-                    new.dirty_size = Some(size);
-                    self.set_config(&claim, new)?;
+                    VolumeKind::Origin => new.dirty_size = Some(size),
+                    VolumeKind::Snapshot => {}
                 }
-                VolumeKind::Snapshot => {}
-            }
+                Ok(())
+            })?;
             return Ok(ResizeOutcome::Running);
         }
         if kind != VolumeKind::Origin {
-            let mut new = (*cfg).clone();
-            new.size = size;
-            self.set_config(&claim, new)?;
+            self.update_config(&claim.volume, |new| {
+                new.size = size;
+                Ok(())
+            })?;
             log::info!("{vid}: nominal size changed from {current} to {size} bytes");
             return Ok(ResizeOutcome::Nominal);
         }
@@ -484,7 +480,8 @@ impl Pool {
             return Err(e);
         }
         failpoint::hit("resize.truncated");
-        let mut new = (*cfg).clone();
+        let writer = claim.volume.write_config();
+        let mut new = (*writer.current()).clone();
         new.size = size;
         new.generation += 1;
         if let Err(e) = self.store_volume(&new) {
@@ -497,8 +494,9 @@ impl Pool {
             let mut life = claim.lock();
             dir.rename(&v, &tmp, &n.img())
                 .map_err(io_ctx(&dir, "renaming", &tmp))?;
-            life.config = Arc::new(new);
+            writer.publish(&mut life, new);
         }
+        drop(writer);
         failpoint::hit("resize.renamed");
         dir.sync().map_err(io_ctx(&dir, "syncing", ""))?;
         self.refresh_precache(&claim.volume, &dir);
@@ -593,13 +591,6 @@ impl Pool {
 }
 
 impl Pool {
-    /// Stores a claimed volume's new config, then shows it to readers.
-    pub(super) fn set_config(&self, claim: &Claim, cfg: VolumeConfig) -> Result<()> {
-        self.store_volume(&cfg)?;
-        claim.lock().config = Arc::new(cfg);
-        Ok(())
-    }
-
     /// Reserves the id of a volume being created, refusing one that exists
     /// or is being created; the reservation ends when the guard drops.
     fn reserve_new<'a>(&'a self, vid: &ValidVid) -> Result<Reserved<'a>> {

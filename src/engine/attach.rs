@@ -303,14 +303,10 @@ impl Pool {
     /// Stores the attachment in the volume's config (see
     /// [`super::config::VolumeConfig::attached`]).
     fn record_attached(&self, vol: &Volume, attached: Option<AttachedLoop>) -> Result<()> {
-        let mut cfg = (*vol.config()).clone();
-        if cfg.attached == attached {
-            return Ok(());
-        }
-        cfg.attached = attached;
-        self.store_volume(&cfg)?;
-        vol.lock().config = Arc::new(cfg);
-        Ok(())
+        self.update_config(vol, |cfg| {
+            cfg.attached = attached;
+            Ok(())
+        })
     }
 
     /// At recovery: the loop device on `vid`'s leftover dirty image, from

@@ -556,10 +556,10 @@ impl Pool {
                     // A running resize of a volatile volume persists: the
                     // run's size, never what writes past the end made of
                     // the file.
-                    let mut new = cfg.clone();
-                    new.size = run.limit();
-                    self.store_volume(&new)?;
-                    vol.lock().config = Arc::new(new);
+                    self.update_config(vol, |c| {
+                        c.size = run.limit();
+                        Ok(())
+                    })?;
                 }
                 dir.remove(&vid.to_string(), &n.dirty()).map_err(io_ctx(
                     &dir,

@@ -169,10 +169,10 @@ impl Pool {
                         dir.shown(&n.img()).display(),
                         img.size
                     );
-                    let mut new = (*cfg).clone();
-                    new.size = img.size;
-                    self.store_volume(&new)?;
-                    vol.lock().config = Arc::new(new);
+                    self.update_config(vol, |c| {
+                        c.size = img.size;
+                        Ok(())
+                    })?;
                 }
             }
             // Finishes the prune of a commit (or revert, import, clone, or

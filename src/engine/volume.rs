@@ -29,6 +29,12 @@
 //!    reader sees the image and its generation together);
 //! 3. `Pool::held`, `Pool::creating` (sets of ids), leaves.
 //!
+//! Beside them, each volume has a config writer (`Volume::write_config`),
+//! which serialises every change of its config: read, change, store (an
+//! fsync), publish. It may be held across that I/O, and is taken before
+//! the volume's `life` mutex, never while holding it (the new config is
+//! published under `life`, briefly). It never waits for another volume.
+//!
 //! Never two volumes' locks at once: whoever needs another volume (a
 //! snapshot's source) reads it after releasing its own. No lock of this
 //! module is held across I/O that can take long: copies, fsync, commits,
@@ -208,6 +214,9 @@ pub(crate) struct Volume {
     life: Mutex<Life>,
     changed: Condvar,
     hooks: Arc<Hooks>,
+    /// Held by whoever changes the config, from its read to its publication
+    /// (see [`Volume::write_config`]).
+    config_writer: Mutex<()>,
 }
 
 impl Volume {
@@ -221,7 +230,19 @@ impl Volume {
             }),
             changed: Condvar::new(),
             hooks,
+            config_writer: Mutex::new(()),
         })
+    }
+
+    /// Starts a change of the config: until the writer drops, no other
+    /// change of this volume's config can start, so what it reads is what
+    /// it replaces (no change is lost between a read and a store). Taken
+    /// before `life`, never while it is held; may be held across I/O.
+    pub fn write_config(&self) -> ConfigWriter<'_> {
+        ConfigWriter {
+            volume: self,
+            _one: self.config_writer.lock(),
+        }
     }
 
     /// Tells the pool's hooks that this volume's files or properties
@@ -318,6 +339,31 @@ impl Volume {
             volume: self.clone(),
             removed: false,
         })
+    }
+}
+
+/// A change of a volume's config in progress (see
+/// [`Volume::write_config`]). Use it through `Pool::update_config`, or,
+/// when the publication must go with another step under the volume's lock
+/// (the rename of a new committed image), [`ConfigWriter::current`] and
+/// [`ConfigWriter::publish`].
+pub(crate) struct ConfigWriter<'a> {
+    volume: &'a Volume,
+    _one: MutexGuard<'a, ()>,
+}
+
+impl ConfigWriter<'_> {
+    /// The config as it is now: no other writer changes it meanwhile.
+    pub fn current(&self) -> Arc<VolumeConfig> {
+        self.volume.config()
+    }
+
+    /// Shows a stored config to readers, under `life` (already locked by
+    /// the caller, who may rename an image in the same critical section).
+    pub fn publish(&self, life: &mut Life, config: VolumeConfig) -> Arc<VolumeConfig> {
+        let new = Arc::new(config);
+        life.config = new.clone();
+        new
     }
 }
 
