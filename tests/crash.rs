@@ -307,3 +307,42 @@ fn every_failpoint_recovers() {
     );
     assert_eq!(names.len(), failpoint::ALL.len());
 }
+
+/// Issue 18: recovery walks `/sys/block` (every loop device's backing
+/// file) once, however many volumes have a leftover dirty image. Before,
+/// it walked it once per such volume: 24 volumes took 24 walks.
+#[test]
+fn recovery_scans_loop_devices_once_for_all_leftover_dirty_images() {
+    let (pool, path) = new_pool(&xfs(), "recovery-scans");
+    let vids: Vec<_> = (0..24)
+        .map(|i| create_origin(&pool, &format!("appvms/vm{i}/private"), 1 << 20))
+        .collect();
+    drop(pool);
+    // What a crash of a daemon with every volume running leaves.
+    for v in &vids {
+        let dirty = vm_dir(&path, v).join(format!("{}-dirty.img", v.name()));
+        std::fs::copy(image_path(&path, v), &dirty).unwrap();
+        write_at(
+            &File::options().write(true).open(&dirty).unwrap(),
+            0,
+            &new_content(),
+        );
+    }
+    let before = reflinkfs::sys::loop_backing_scans();
+    let pool = Pool::open(&path).unwrap();
+    let scans = reflinkfs::sys::loop_backing_scans() - before;
+    assert_eq!(
+        scans, 1,
+        "recovery of 24 leftover dirty images walked /sys/block {scans} times"
+    );
+    for v in &vids {
+        assert!(!vm_dir(&path, v)
+            .join(format!("{}-dirty.img", v.name()))
+            .exists());
+        assert_eq!(
+            read_committed(&path, v, 0, new_content().len()),
+            new_content()
+        );
+    }
+    drop(pool);
+}

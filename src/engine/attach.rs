@@ -46,6 +46,18 @@ pub(super) fn loop_on(n: u32, (dev, ino): (u64, u64)) -> bool {
     }
 }
 
+/// Every bound loop device's backing file, from one walk of `/sys/block`
+/// made when first asked: a recovery asks once per volume with a leftover
+/// dirty image, and walks once.
+#[derive(Default)]
+pub(crate) struct LoopMap(std::cell::OnceCell<Vec<(std::path::PathBuf, String)>>);
+
+impl LoopMap {
+    pub fn get(&self) -> &[(std::path::PathBuf, String)] {
+        self.0.get_or_init(sys::loop_backing_files)
+    }
+}
+
 impl Pool {
     /// Puts a loop device on `vid`'s dirty image, starting the volume if it
     /// is stopped. Logical blocks of `block_size` bytes (512 or 4096),
@@ -312,7 +324,12 @@ impl Pool {
     /// At recovery: the loop device on `vid`'s leftover dirty image, from
     /// its record, or found by its backing file (a `losetup` of the pool's
     /// file by hand counts too). A record whose device is gone is cleared.
-    pub(crate) fn attached_loop(&self, vol: &Volume, dir: &Dir) -> Result<Option<AttachedLoop>> {
+    pub(crate) fn attached_loop(
+        &self,
+        vol: &Volume,
+        dir: &Dir,
+        loops: &LoopMap,
+    ) -> Result<Option<AttachedLoop>> {
         let vid = &vol.vid;
         let dirty = Names::of(vid).dirty();
         let Ok(f) = open_image(dir, vid, &dirty, libc::O_RDONLY) else {
@@ -337,11 +354,11 @@ impl Pool {
             self.record_attached(vol, None)?;
         }
         let shown = dir.shown(&dirty).display().to_string();
-        for (dev, backing) in sys::loop_backing_files() {
-            let Some(n) = sys::loop_number(&dev) else {
+        for (dev, backing) in loops.get() {
+            let Some(n) = sys::loop_number(dev) else {
                 continue;
             };
-            if backing != shown {
+            if *backing != shown {
                 continue;
             }
             if let Some(b) = bound_here(n) {

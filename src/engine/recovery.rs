@@ -2,6 +2,7 @@
 //! image, a half-made revision, a temporary file) is committed, finished
 //! or removed, so that every volume is stopped and consistent.
 
+use super::attach::LoopMap;
 use super::config::VolumeKind;
 use super::fsops::Dir;
 use super::lifecycle::*;
@@ -20,6 +21,8 @@ impl Pool {
     /// opening a pool of 10,000 volumes takes well under a second.
     pub(crate) fn recover_all(&self) -> Result<()> {
         let vols: Vec<Arc<Volume>> = self.volumes.read().values().cloned().collect();
+        // One walk of the loop devices for every volume that needs it.
+        let loops = LoopMap::default();
         let mut i = 0;
         while i < vols.len() {
             let (class, vm) = (vols[i].vid.class(), vols[i].vid.vm());
@@ -45,7 +48,7 @@ impl Pool {
                 }
             };
             for vol in group {
-                if let Err(e) = self.recover_volume(vol, &dir, &names) {
+                if let Err(e) = self.recover_volume(vol, &dir, &names, &loops) {
                     log::error!("{}: recovery failed: {e}", vol.vid);
                 }
             }
@@ -53,7 +56,13 @@ impl Pool {
         Ok(())
     }
 
-    fn recover_volume(&self, vol: &Arc<Volume>, dir: &Dir, names: &[String]) -> Result<()> {
+    fn recover_volume(
+        &self,
+        vol: &Arc<Volume>,
+        dir: &Dir,
+        names: &[String],
+        loops: &LoopMap,
+    ) -> Result<()> {
         let vid = vol.vid.clone();
         let v = vid.to_string();
         let n = Names::of(&vid);
@@ -98,7 +107,7 @@ impl Pool {
         if names.contains(&n.dirty()) && regular_entry(dir, &vid, &n.dirty())?.is_some() {
             // A loop device of `volume attach` (or of a hand-made losetup)
             // still writes it: the run goes on.
-            if let Some(attached) = self.attached_loop(vol, dir)? {
+            if let Some(attached) = self.attached_loop(vol, dir, loops)? {
                 return self.resume_attached(vol, dir, attached);
             }
             changed = true;
