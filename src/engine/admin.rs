@@ -10,7 +10,7 @@ use super::props::check_revisions_to_keep;
 use super::revision::Revision;
 use super::size::check_size;
 use super::vid::ValidVid;
-use super::volume::{Claim, Life, OpName, Volume};
+use super::volume::{Claim, Life, OpName, Run, Volume};
 use crate::error::{Cause, Error, Result};
 use crate::sys;
 use std::fs::File;
@@ -122,7 +122,7 @@ impl Pool {
     /// Claims a volume for `op` once it is settled, running or not.
     fn claim_any(&self, vid: &ValidVid, op: OpName) -> Result<Claim> {
         self.volume(vid)?
-            .claim(op, |life| match life.run().and_then(|r| r.held.as_ref()) {
+            .claim(op, |life| match life.run().and_then(Run::held) {
                 Some(h) => Err(Error::because(
                     vid,
                     Cause::Held,
@@ -411,7 +411,7 @@ impl Pool {
             let st = sys::fstat(f.as_fd()).map_err(io_ctx(&dir, "examining", &n.dirty()))?;
             // Only a device still on this image (its number may be
             // another disk's after a `losetup -d` by hand).
-            let recorded = claim.lock().run().and_then(|r| r.attached);
+            let recorded = claim.lock().run().and_then(Run::attached);
             let attached =
                 recorded.filter(|a| super::attach::loop_on(a.number, (st.st_dev, st.st_ino)));
             let block = attached.and_then(|a| sys::loop_block_size(a.number));
@@ -624,7 +624,7 @@ impl Drop for Reserved<'_> {
 /// Refuses an operation on a running (or held) volume.
 fn not_running(vid: &ValidVid, life: &Life, what: &str) -> Result<()> {
     match life.run() {
-        Some(run) => Err(match &run.held {
+        Some(run) => Err(match run.held() {
             Some(h) => Error::because(vid, Cause::Held, super::lifecycle::held_reason(h)),
             None => Error::because(
                 vid,

@@ -16,7 +16,7 @@ use super::fsops::Dir;
 use super::lifecycle::{io_ctx, open_image, StopOutcome};
 use super::pool::{Names, Pool};
 use super::vid::ValidVid;
-use super::volume::{Lease, Phase, Run, Volume};
+use super::volume::{Lease, Phase, Run, RunState, Volume};
 use crate::error::{Cause, Error, Result};
 use crate::sys;
 use std::os::fd::AsFd;
@@ -225,7 +225,7 @@ impl Pool {
     fn dirty_identity(&self, vol: &Volume) -> Result<(u64, u64)> {
         let vid = &vol.vid;
         let dirty = Names::of(vid).dirty();
-        let file = vol.lock().run().and_then(|r| r.file.clone());
+        let file = vol.lock().run().and_then(|r| r.file().cloned());
         let dir = self.vm_dir(vid, false)?;
         let st = match file {
             Some(f) => sys::fstat(f.as_fd()),
@@ -246,8 +246,10 @@ impl Pool {
         let pending = {
             let mut life = vol.lock();
             match life.run_mut() {
-                Some(run) if run.attached == Some(attached) => {
-                    run.attached = None;
+                Some(run) if run.attached() == Some(attached) => {
+                    if let Some(slot) = run.attached_mut() {
+                        *slot = None;
+                    }
                     run.leases = run.leases.saturating_sub(1);
                     run.leases == 0
                 }
@@ -282,13 +284,16 @@ impl Pool {
         } = lease;
         drop((file, attachment));
         let mut life = vol.lock();
-        match life.run_mut() {
-            Some(run) if run.attached.is_none() => {
-                run.attached = Some(attached);
+        let Some(run) = life.run_mut() else {
+            unreachable!("a lease keeps the run")
+        };
+        match run.attached_mut() {
+            Some(slot @ None) => {
+                *slot = Some(attached);
                 Ok(())
             }
-            Some(run) => {
-                let other = run.attached.map(|a| a.device());
+            other => {
+                let other = other.copied().flatten().map(|a| a.device());
                 run.leases = run.leases.saturating_sub(1);
                 Err(busy(
                     &vid,
@@ -298,7 +303,6 @@ impl Pool {
                     ),
                 ))
             }
-            None => unreachable!("a lease keeps the run"),
         }
     }
 
@@ -403,15 +407,16 @@ impl Pool {
         );
         vol.lock().phase = Phase::Running(Box::new(Run {
             leases: 1,
-            file: Some(Arc::new(f)),
             // Unknown for a device found by its backing file: the detach
             // then commits whatever is there.
             started_sig: attached.started,
             started_from: None,
             limit: Arc::new(AtomicU64::new(vol.config().dirty_contract().max(size))),
-            held: None,
-            attachment: None,
-            attached: Some(attached),
+            state: RunState::Live {
+                file: Arc::new(f),
+                attachment: None,
+                attached: Some(attached),
+            },
         }));
         Ok(())
     }

@@ -7,13 +7,13 @@ use super::failpoint;
 use super::fsops::{Dir, Entry, FileSig};
 use super::pool::{Names, Pool};
 use super::vid::ValidVid;
-use super::volume::{Attachment, Lease, Life, PendingStop, Phase, Run, Volume};
+use super::volume::{Attachment, Lease, Life, PendingStop, Phase, Run, RunState, Volume};
 use crate::error::{Cause, Error, Result};
 use crate::sys;
 use parking_lot::MutexGuard;
 use std::fs::File;
 use std::os::fd::AsFd;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -156,13 +156,13 @@ impl Pool {
         let mut life = vol.lock();
         let rw = life.config.rw;
         match &mut life.phase {
-            Phase::Running(run) if run.held.is_none() => {
-                if writable && !rw {
+            Phase::Running(run) => {
+                if writable && !rw && run.held().is_none() {
                     return Err(Error::ReadOnly {
                         vid: vid.to_string(),
                     });
                 }
-                Ok(Some(lease_of(vid, &vol, run)))
+                Ok(lease_of(vid, &vol, run))
             }
             _ => Ok(None),
         }
@@ -183,21 +183,24 @@ impl Pool {
                 Phase::Removed => return Err(Error::NoSuchVolume(vid.to_string())),
                 Phase::Starting | Phase::Committing => vol.wait(&mut life),
                 Phase::Running(run) => {
-                    if let Some(h) = &run.held {
-                        return Err(Error::because(vid, Cause::Held, held_reason(h)));
+                    if run.held().is_none() {
+                        if exclusive {
+                            return Err(Error::Busy {
+                                vid: vid.to_string(),
+                                reason: "already running".into(),
+                            });
+                        }
+                        if writable && !rw {
+                            return Err(Error::ReadOnly {
+                                vid: vid.to_string(),
+                            });
+                        }
                     }
-                    if exclusive {
-                        return Err(Error::Busy {
-                            vid: vid.to_string(),
-                            reason: "already running".into(),
-                        });
-                    }
-                    if writable && !rw {
-                        return Err(Error::ReadOnly {
-                            vid: vid.to_string(),
-                        });
-                    }
-                    return Ok(lease_of(vid, &vol, run));
+                    let lease = lease_of(vid, &vol, run);
+                    return lease.ok_or_else(|| {
+                        let holders = run.held().unwrap_or_default();
+                        Error::because(vid, Cause::Held, held_reason(holders))
+                    });
                 }
                 Phase::Stopped => {
                     if life.op.is_some() {
@@ -236,13 +239,14 @@ impl Pool {
                 };
                 life.phase = Phase::Running(Box::new(Run {
                     leases: 1,
-                    file: Some(file),
                     started_sig: Some(s.sig),
                     started_from: s.started_from,
                     limit,
-                    held: None,
-                    attachment,
-                    attached: None,
+                    state: RunState::Live {
+                        file,
+                        attachment,
+                        attached: None,
+                    },
                 }));
                 Ok(lease)
             }
@@ -337,26 +341,28 @@ impl Pool {
         log_hold: bool,
     ) -> Result<Option<StopOutcome>> {
         loop {
-            match life.run() {
-                Some(run) if run.leases > 0 && !force => return Ok(None),
-                // Its loop device writes it: `volume detach` stops it.
-                Some(Run {
-                    attached: Some(a), ..
-                }) => {
-                    return Err(Error::Busy {
-                        vid: vol.vid.to_string(),
-                        reason: format!(
-                            "it is attached as {}: `reflinkfs volume detach` stops it",
-                            a.device().display()
-                        ),
-                    })
-                }
-                // A bounded operation on the running volume (a resize)
-                // finishes first.
-                Some(_) if life.op.is_some() => vol.wait(&mut life),
-                Some(_) => break,
-                None => return Ok(None),
+            let Some(run) = life.run() else {
+                return Ok(None);
+            };
+            if run.leases > 0 && !force {
+                return Ok(None);
             }
+            // Its loop device writes it: `volume detach` stops it.
+            if let Some(a) = run.attached() {
+                return Err(Error::Busy {
+                    vid: vol.vid.to_string(),
+                    reason: format!(
+                        "it is attached as {}: `reflinkfs volume detach` stops it",
+                        a.device().display()
+                    ),
+                });
+            }
+            // A bounded operation on the running volume (a resize)
+            // finishes first.
+            if life.op.is_none() {
+                break;
+            }
+            vol.wait(&mut life);
         }
         let Phase::Running(run) = std::mem::replace(&mut life.phase, Phase::Committing) else {
             unreachable!("checked above");
@@ -364,12 +370,21 @@ impl Pool {
         let cfg = life.config.clone();
         drop(life);
         let vid = &vol.vid;
-        let was_held = run.held.is_some();
-        let result = self.stop_io(vol, &cfg, run);
+        let was_held = run.held().is_some();
+        // Our descriptors go first: the commit looks for writers.
+        let Run {
+            started_sig,
+            started_from,
+            limit,
+            state,
+            ..
+        } = *run;
+        drop(state);
+        let result = self.stop_io(vol, &cfg, started_sig, limit.load(Ordering::SeqCst));
         vol.changed();
         let mut life = vol.lock();
         let outcome = match result {
-            Ok((StopOutcome::Held { holders }, run)) => {
+            Ok(StopOutcome::Held { holders }) => {
                 if !was_held && log_hold {
                     log::warn!(
                         "{vid}: not committed yet: its dirty image is still open for writing by {holders}; it is committed once that lets go, and the volume cannot start again until then",
@@ -377,15 +392,17 @@ impl Pool {
                 }
                 life.phase = Phase::Running(Box::new(Run {
                     leases: 0,
-                    file: None,
-                    attachment: None,
-                    held: Some(holders.clone()),
-                    ..*run
+                    started_sig,
+                    started_from,
+                    limit,
+                    state: RunState::Held {
+                        holders: holders.clone(),
+                    },
                 }));
                 self.held.lock().insert(vid.clone());
                 Ok(StopOutcome::Held { holders })
             }
-            Ok((outcome, _)) => {
+            Ok(outcome) => {
                 life.phase = Phase::Stopped;
                 self.held.lock().remove(vid);
                 if was_held {
@@ -534,30 +551,29 @@ impl Pool {
         })
     }
 
-    /// The stop of a run taken out of its volume (state Committing): our
-    /// descriptors are closed first, then the dirty image is committed
-    /// (origin) or discarded. Gives the run back for a held outcome.
+    /// The stop of a run taken out of its volume (state Committing), whose
+    /// descriptors are closed: the dirty image is committed (origin) or
+    /// discarded. `started` and `limit` are the run's.
     fn stop_io(
         &self,
         vol: &Arc<Volume>,
         cfg: &VolumeConfig,
-        mut run: Box<Run>,
-    ) -> Result<(StopOutcome, Box<Run>)> {
-        run.file = None;
-        run.attachment = None;
+        started: Option<FileSig>,
+        limit: u64,
+    ) -> Result<StopOutcome> {
         let vid = &vol.vid;
         failpoint::pause("pause.commit", &vid.to_string());
         let dir = self.vm_dir(vid, false)?;
         let n = Names::of(vid);
         let outcome = match cfg.kind() {
-            VolumeKind::Origin => self.commit_dirty(vol, &dir, run.started_sig, run.limit())?,
+            VolumeKind::Origin => self.commit_dirty(vol, &dir, started, limit)?,
             kind => {
-                if kind == VolumeKind::Volatile && run.limit() != cfg.size {
+                if kind == VolumeKind::Volatile && limit != cfg.size {
                     // A running resize of a volatile volume persists: the
                     // run's size, never what writes past the end made of
                     // the file.
                     self.update_config(vol, |c| {
-                        c.size = run.limit();
+                        c.size = limit;
                         Ok(())
                     })?;
                 }
@@ -570,7 +586,7 @@ impl Pool {
                 StopOutcome::Discarded
             }
         };
-        Ok((outcome, run))
+        Ok(outcome)
     }
 
     /// Copies `src` to `N-dirty.img~tmp`, grows it to `min_size` if given,
@@ -699,17 +715,21 @@ impl Pool {
     }
 }
 
-/// A new lease on a running run.
-fn lease_of(vid: &ValidVid, vol: &Arc<Volume>, run: &mut Run) -> Lease {
-    run.leases += 1;
-    Lease {
+/// A new lease on a live run; `None` for a held one.
+fn lease_of(vid: &ValidVid, vol: &Arc<Volume>, run: &mut Run) -> Option<Lease> {
+    let RunState::Live {
+        file, attachment, ..
+    } = &run.state
+    else {
+        return None;
+    };
+    let lease = Lease {
         vid: vid.clone(),
-        file: run
-            .file
-            .clone()
-            .expect("a run that is not held has its file"),
+        file: file.clone(),
         limit: run.limit.clone(),
-        attachment: run.attachment.clone(),
+        attachment: attachment.clone(),
         volume: vol.clone(),
-    }
+    };
+    run.leases += 1;
+    Some(lease)
 }

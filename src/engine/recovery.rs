@@ -8,7 +8,7 @@ use super::fsops::Dir;
 use super::lifecycle::*;
 use super::pool::{Names, Pool};
 use super::revision::{parse_revision_name, Parsed};
-use super::volume::{Phase, Run, Volume};
+use super::volume::{Phase, Run, RunState, Volume};
 use crate::error::Result;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -130,13 +130,10 @@ impl Pool {
                     );
                     vol.lock().phase = Phase::Running(Box::new(Run {
                         leases: 0,
-                        file: None,
                         started_sig: None,
                         started_from: None,
                         limit: Arc::new(AtomicU64::new(contract)),
-                        held: Some(holders),
-                        attachment: None,
-                        attached: None,
+                        state: RunState::Held { holders },
                     }));
                     self.held.lock().insert(vid.clone());
                     return Ok(());

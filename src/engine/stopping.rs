@@ -19,8 +19,8 @@ impl Pool {
     pub fn unmodified(&self, p: &PendingStop) -> bool {
         let life = p.volume.lock();
         let Some(run) = life.run() else { return false };
-        match (&run.file, run.started_sig, run.leases, &run.held) {
-            (Some(f), Some(started), 0, None) => sys::fstat(f.as_fd())
+        match (run.file(), run.started_sig, run.leases) {
+            (Some(f), Some(started), 0) => sys::fstat(f.as_fd())
                 .is_ok_and(|st| FileSig::from_stat(&st).unchanged_since(&started)),
             _ => false,
         }
@@ -58,7 +58,7 @@ impl Pool {
                 Phase::Stopped => return Ok(()),
                 Phase::Removed => return Err(Error::NoSuchVolume(vid.to_string())),
                 Phase::Running(run) => {
-                    if let Some(holders) = &run.held {
+                    if let Some(holders) = run.held() {
                         return Err(Error::because(vid, Cause::Held, held_reason(holders)));
                     }
                     // Its last lease went meanwhile: a lingering run stops

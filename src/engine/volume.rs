@@ -113,10 +113,8 @@ impl Hooks {
 
 /// A started run of a volume.
 pub(crate) struct Run {
-    /// Open file handles (leases) on the run.
+    /// Open file handles (leases) on the run (none once it is held).
     pub leases: usize,
-    /// The dirty image, open read-write; `None` once the run is held.
-    pub file: Option<Arc<File>>,
     /// Signature of the dirty image right after start, to tell whether it
     /// was modified. `None` for a dirty image found at recovery, which is
     /// always committed.
@@ -129,19 +127,61 @@ pub(crate) struct Run {
     /// image back to it (passthrough writes past the end reach the backing
     /// file without the daemon). Changed only by a resize.
     pub limit: Arc<AtomicU64>,
-    /// Set when a stop found the dirty image still open for writing outside
-    /// reflinkfs (what holds it): the run is over for reflinkfs, but it is
+    pub state: RunState,
+}
+
+/// Whether a run still serves its clients.
+pub(crate) enum RunState {
+    /// Open to leases.
+    Live {
+        /// The dirty image, open read-write.
+        file: Arc<File>,
+        attachment: Option<Attachment>,
+        /// The loop device `volume attach` put on the dirty image: it
+        /// holds one of the leases, given back by `volume detach`.
+        attached: Option<super::config::AttachedLoop>,
+    },
+    /// A stop found the dirty image still open for writing outside
+    /// reflinkfs (by `holders`): the run is over for reflinkfs, but it is
     /// not committed until that writer lets go.
-    pub held: Option<String>,
-    pub attachment: Option<Attachment>,
-    /// The loop device `volume attach` put on the dirty image: it holds
-    /// one of the leases, given back by `volume detach`.
-    pub attached: Option<super::config::AttachedLoop>,
+    Held { holders: String },
 }
 
 impl Run {
     pub fn limit(&self) -> u64 {
         self.limit.load(Ordering::SeqCst)
+    }
+
+    /// What holds a held run's dirty image.
+    pub fn held(&self) -> Option<&str> {
+        match &self.state {
+            RunState::Held { holders } => Some(holders),
+            RunState::Live { .. } => None,
+        }
+    }
+
+    /// The dirty image of a live run.
+    pub fn file(&self) -> Option<&Arc<File>> {
+        match &self.state {
+            RunState::Live { file, .. } => Some(file),
+            RunState::Held { .. } => None,
+        }
+    }
+
+    /// The loop device of `volume attach` on a live run.
+    pub fn attached(&self) -> Option<super::config::AttachedLoop> {
+        match &self.state {
+            RunState::Live { attached, .. } => *attached,
+            RunState::Held { .. } => None,
+        }
+    }
+
+    /// The record of the loop device, to change; `None` for a held run.
+    pub fn attached_mut(&mut self) -> Option<&mut Option<super::config::AttachedLoop>> {
+        match &mut self.state {
+            RunState::Live { attached, .. } => Some(attached),
+            RunState::Held { .. } => None,
+        }
     }
 }
 
@@ -184,7 +224,7 @@ impl Life {
         match &self.phase {
             Phase::Stopped => "stopped",
             Phase::Starting => "starting",
-            Phase::Running(r) if r.held.is_some() => "held",
+            Phase::Running(r) if r.held().is_some() => "held",
             Phase::Running(_) => "running",
             Phase::Committing => "committing",
             Phase::Removed => "removed",
@@ -285,11 +325,11 @@ impl Volume {
             config: life.config.clone(),
             state: life.state_name(),
             running: run.is_some() || matches!(life.phase, Phase::Committing),
-            held: run.and_then(|r| r.held.clone()),
+            held: run.and_then(|r| r.held().map(str::to_owned)),
             leases: run.map_or(0, |r| r.leases),
             started_from: run.and_then(|r| r.started_from.clone()),
             limit: run.map(Run::limit),
-            attached: run.and_then(|r| r.attached),
+            attached: run.and_then(Run::attached),
         }
     }
 
