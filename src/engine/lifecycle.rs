@@ -11,6 +11,7 @@ use super::volume::{Attachment, Lease, Life, PendingStop, Phase, Run, RunState, 
 use crate::error::{Cause, Error, Result};
 use crate::sys;
 use parking_lot::MutexGuard;
+use std::cell::Cell;
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -219,11 +220,13 @@ impl Pool {
             }
         }
         drop(life);
-        let started = self.start_io(&vol);
+        let guard = PhaseGuard::new(self, &vol, Phase::Starting);
+        let started = self.start_io(&vol, &guard.made_copy);
         let attachment = match (&started, attach) {
             (Ok(s), Some(f)) => f(&s.file),
             _ => None,
         };
+        guard.disarm();
         vol.changed();
         let mut life = vol.lock();
         let result = match started {
@@ -380,7 +383,9 @@ impl Pool {
             ..
         } = *run;
         drop(state);
+        let guard = PhaseGuard::new(self, vol, Phase::Committing);
         let result = self.stop_io(vol, &cfg, started_sig, limit.load(Ordering::SeqCst));
+        guard.disarm();
         vol.changed();
         let mut life = vol.lock();
         let outcome = match result {
@@ -445,8 +450,10 @@ impl Pool {
     // ---------------------------------------------------------------
     // The I/O of a start and a stop, with no lock held.
 
-    /// Makes the dirty image of a volume in state Starting.
-    fn start_io(&self, vol: &Arc<Volume>) -> Result<Started> {
+    /// Makes the dirty image of a volume in state Starting. Sets
+    /// `made_copy` once `N-dirty.img` is a copy this start made (not the
+    /// committed image itself, not a leftover), which nobody has written.
+    fn start_io(&self, vol: &Arc<Volume>, made_copy: &Cell<bool>) -> Result<Started> {
         let vid = &vol.vid;
         failpoint::pause("pause.start", &vid.to_string());
         let dir = self.vm_dir(vid, true)?;
@@ -533,7 +540,9 @@ impl Pool {
                 ))?;
             }
         }
+        made_copy.set(!(kind == VolumeKind::Origin && cfg.revisions_to_keep == -1));
         failpoint::hit("start.renamed");
+        failpoint::panic_if("start.io", &v);
         dir.sync().map_err(io_ctx(&dir, "syncing", ""))?;
         let file = open_image(&dir, vid, &n.dirty(), libc::O_RDWR)?;
         let sig = FileSig::from_stat(&sys::fstat(file.as_fd()).map_err(io_ctx(
@@ -563,6 +572,7 @@ impl Pool {
     ) -> Result<StopOutcome> {
         let vid = &vol.vid;
         failpoint::pause("pause.commit", &vid.to_string());
+        failpoint::panic_if("stop.io", &vid.to_string());
         let dir = self.vm_dir(vid, false)?;
         let n = Names::of(vid);
         let outcome = match cfg.kind() {
@@ -732,4 +742,85 @@ fn lease_of(vid: &ValidVid, vol: &Arc<Volume>, run: &mut Run) -> Option<Lease> {
     };
     run.leases += 1;
     Some(lease)
+}
+
+/// Puts a volume back when the work of a transient phase (Starting,
+/// Committing) unwinds (a panic), instead of leaving it in that phase
+/// until the daemon restarts: every waiter would wait for ever.
+///
+/// - Starting: back to Stopped; `N-dirty.img~tmp` goes, and so does
+///   `N-dirty.img` when this start made it as a copy (`made_copy`: no
+///   lease was handed out, so nothing wrote it). The committed image
+///   itself (revisions_to_keep=-1) or a leftover is never removed: the
+///   next start commits it, as after a failed stop.
+/// - Committing: back to Stopped with the dirty image kept whatever the
+///   commit had done: the next start (or pool open) commits it, as after
+///   a stop that failed.
+struct PhaseGuard<'a> {
+    pool: &'a Pool,
+    vol: &'a Arc<Volume>,
+    phase: Phase,
+    made_copy: Cell<bool>,
+    armed: bool,
+}
+
+impl<'a> PhaseGuard<'a> {
+    fn new(pool: &'a Pool, vol: &'a Arc<Volume>, phase: Phase) -> Self {
+        PhaseGuard {
+            pool,
+            vol,
+            phase,
+            made_copy: Cell::new(false),
+            armed: true,
+        }
+    }
+
+    /// The work came back (done or failed): its caller sets the phase.
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+
+    /// Removes what a start that unwound made, never failing.
+    fn remove_half_made_start(&self) {
+        let vid = &self.vol.vid;
+        let Ok(dir) = self.pool.vm_dir(vid, false) else {
+            return;
+        };
+        let n = Names::of(vid);
+        let mut doomed = vec![n.dirty_tmp()];
+        if self.made_copy.get() {
+            doomed.push(n.dirty());
+        }
+        for name in doomed {
+            match dir.remove_if_exists(&vid.to_string(), &name) {
+                Ok(true) => log::warn!("{vid}: removed {}", dir.shown(&name).display()),
+                Ok(false) => {}
+                Err(e) => log::error!("{vid}: removing {}: {e}", dir.shown(&name).display()),
+            }
+        }
+        let _ = dir.sync();
+    }
+}
+
+impl Drop for PhaseGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let vid = &self.vol.vid;
+        match self.phase {
+            Phase::Starting => {
+                log::error!("{vid}: its start panicked; it is stopped again");
+                self.remove_half_made_start();
+            }
+            _ => log::error!(
+                "{vid}: its stop panicked; it is stopped, and its dirty image is kept and committed at its next start or pool open"
+            ),
+        }
+        self.pool.held.lock().remove(vid);
+        self.vol.lock().phase = Phase::Stopped;
+        // A hook that panics now would abort the process.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.vol.changed()));
+        self.vol.notify();
+    }
 }

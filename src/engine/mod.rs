@@ -13,6 +13,7 @@ pub mod config;
 pub mod delta;
 pub mod failpoint;
 pub mod fsops;
+pub mod guard;
 pub mod lifecycle;
 pub mod listing;
 pub mod pins;
