@@ -126,7 +126,7 @@ impl Pool {
                 Some(h) => Err(Error::because(
                     vid,
                     Cause::Held,
-                    super::lifecycle::held_reason(h),
+                    super::stopping::held_reason(h),
                 )),
                 None => Ok(()),
             })
@@ -625,7 +625,7 @@ impl Drop for Reserved<'_> {
 fn not_running(vid: &ValidVid, life: &Life, what: &str) -> Result<()> {
     match life.run() {
         Some(run) => Err(match run.held() {
-            Some(h) => Error::because(vid, Cause::Held, super::lifecycle::held_reason(h)),
+            Some(h) => Error::because(vid, Cause::Held, super::stopping::held_reason(h)),
             None => Error::because(
                 vid,
                 Cause::Running,

@@ -5,7 +5,9 @@
 use super::config::{VolumeConfig, VolumeKind};
 use super::failpoint;
 use super::fsops::{Dir, Entry, FileSig};
+use super::phase::PhaseGuard;
 use super::pool::{Names, Pool};
+use super::stopping::held_reason;
 use super::vid::ValidVid;
 use super::volume::{Attachment, Lease, Life, PendingStop, Phase, Run, RunState, Volume};
 use crate::error::{Cause, Error, Result};
@@ -43,15 +45,6 @@ pub enum StopOutcome {
     Held { holders: String },
 }
 
-/// How often, and how long apart, a stop looks again before it calls a
-/// dirty image held: the kernel lets go of a closed passthrough file a
-/// moment after the RELEASE that tells the daemon of the close.
-const HOLD_PROBES: u32 = 5;
-const HOLD_PROBE_GAP: Duration = Duration::from_millis(10);
-
-/// How far a source chain may go before it is called a loop.
-const MAX_SOURCE_DEPTH: usize = 32;
-
 pub(crate) fn io_ctx(dir: &Dir, what: &str, name: &str) -> impl FnOnce(std::io::Error) -> Error {
     let ctx = format!("{what} {}", dir.shown(name).display());
     move |e| Error::io(ctx, e)
@@ -88,32 +81,6 @@ pub(crate) fn regular_entry(dir: &Dir, vid: &ValidVid, name: &str) -> Result<Opt
             what: format!("image of {vid}"),
             path: dir.shown(name),
         }),
-    }
-}
-
-/// Why a held volume cannot start or be changed.
-pub(crate) fn held_reason(holders: &str) -> String {
-    format!("its last run is not committed yet: its dirty image is still open for writing by {holders}; detach or close that first")
-}
-
-/// Names what may hold `dirty` open for writing: the loop devices whose
-/// backing file it is (directly, or through a mount of the pool), else the
-/// kinds of writer that can do so unseen.
-fn describe_holders(dirty: &std::path::Path, vid: &ValidVid) -> String {
-    let tail = format!("/{}/{}/{}", vid.class(), vid.vm(), Names::of(vid).dirty());
-    let direct = dirty.display().to_string();
-    let mut loops = Vec::new();
-    for (dev, backing) in sys::loop_backing_files() {
-        if backing == direct {
-            loops.push(format!("{} (on the image itself)", dev.display()));
-        } else if backing.ends_with(&tail) {
-            loops.push(format!("{} (on {backing})", dev.display()));
-        }
-    }
-    if loops.is_empty() {
-        "something outside reflinkfs (a loop device or program that outlived an earlier daemon, or a shared mapping that outlived its file)".into()
-    } else {
-        format!("loop device {}", loops.join(", "))
     }
 }
 
@@ -635,94 +602,6 @@ impl Pool {
         dir.rename(&v, &n.dirty_tmp(), &n.dirty())
             .map_err(io_ctx(dir, "renaming", &n.dirty_tmp()))
     }
-
-    /// What holds a dirty image open for writing outside reflinkfs, if
-    /// anything does. Looks a few times, a few milliseconds apart: the
-    /// kernel drops a closed passthrough file just after it tells the
-    /// daemon of the close.
-    pub(super) fn outside_writers(
-        &self,
-        vid: &ValidVid,
-        dir: &Dir,
-        dirty: &File,
-    ) -> Option<String> {
-        let name = Names::of(vid).dirty();
-        for probe in 0..HOLD_PROBES {
-            match sys::has_other_writers(dirty.as_fd()) {
-                Ok(false) => return None,
-                Ok(true) if probe + 1 < HOLD_PROBES => std::thread::sleep(HOLD_PROBE_GAP),
-                Ok(true) => {}
-                Err(e) => {
-                    log::warn!(
-                        "{vid}: cannot tell whether {} is still written outside reflinkfs ({e}: leases are off or unsupported); committing it",
-                        dir.shown(&name).display()
-                    );
-                    return None;
-                }
-            }
-        }
-        Some(describe_holders(&dir.shown(&name), vid))
-    }
-
-    /// Follows a snapshot volume's source chain down to an origin volume
-    /// (SPEC §2.2). The only place sources are resolved.
-    pub fn resolve_source(&self, config: &VolumeConfig) -> Result<ValidVid> {
-        let mut cur = config.source.clone().ok_or_else(|| Error::Refused {
-            vid: config.vid.to_string(),
-            reason: format!("a {} volume has no source", config.kind().as_str()),
-        })?;
-        for _ in 0..MAX_SOURCE_DEPTH {
-            if cur == config.vid {
-                break;
-            }
-            let vol = self.volume(&cur).map_err(|e| match e {
-                Error::NoSuchVolume(_) => {
-                    Error::NoSuchVolume(format!("{cur} (the source of {})", config.vid))
-                }
-                other => other,
-            })?;
-            let c = vol.config();
-            cur = match c.kind() {
-                VolumeKind::Origin => return Ok(cur),
-                VolumeKind::Snapshot => c.source.clone().expect("validated"),
-                VolumeKind::Volatile => {
-                    return Err(Error::Refused {
-                        vid: config.vid.to_string(),
-                        reason: format!(
-                            "its source {cur} is a volatile volume, which has no committed image"
-                        ),
-                    })
-                }
-            };
-        }
-        Err(Error::Refused {
-            vid: config.vid.to_string(),
-            reason: format!("its source chain is longer than {MAX_SOURCE_DEPTH} or loops"),
-        })
-    }
-
-    /// Opens the committed image a snapshot volume starts from, with the
-    /// generation it has: both are read under the origin's lock, which is
-    /// also taken around the rename that replaces that image, so the two
-    /// always match.
-    pub(crate) fn open_source_image(
-        &self,
-        vid: &ValidVid,
-        config: &VolumeConfig,
-    ) -> Result<(ValidVid, u64, Dir, File)> {
-        let origin = self.resolve_source(config)?;
-        let vol = self.volume(&origin)?;
-        let dir = self.vm_dir(&origin, false)?;
-        let life = vol.lock();
-        if life.run().is_some() && life.config.revisions_to_keep == -1 {
-            return Err(Error::Busy {
-                vid: vid.to_string(),
-                reason: format!("its source {origin} is running with revisions_to_keep=-1, so it has no committed image now"),
-            });
-        }
-        let file = open_image(&dir, &origin, &Names::of(&origin).img(), libc::O_RDONLY)?;
-        Ok((origin, life.config.generation, dir, file))
-    }
 }
 
 /// A new lease on a live run; `None` for a held one.
@@ -742,85 +621,4 @@ fn lease_of(vid: &ValidVid, vol: &Arc<Volume>, run: &mut Run) -> Option<Lease> {
     };
     run.leases += 1;
     Some(lease)
-}
-
-/// Puts a volume back when the work of a transient phase (Starting,
-/// Committing) unwinds (a panic), instead of leaving it in that phase
-/// until the daemon restarts: every waiter would wait for ever.
-///
-/// - Starting: back to Stopped; `N-dirty.img~tmp` goes, and so does
-///   `N-dirty.img` when this start made it as a copy (`made_copy`: no
-///   lease was handed out, so nothing wrote it). The committed image
-///   itself (revisions_to_keep=-1) or a leftover is never removed: the
-///   next start commits it, as after a failed stop.
-/// - Committing: back to Stopped with the dirty image kept whatever the
-///   commit had done: the next start (or pool open) commits it, as after
-///   a stop that failed.
-struct PhaseGuard<'a> {
-    pool: &'a Pool,
-    vol: &'a Arc<Volume>,
-    phase: Phase,
-    made_copy: Cell<bool>,
-    armed: bool,
-}
-
-impl<'a> PhaseGuard<'a> {
-    fn new(pool: &'a Pool, vol: &'a Arc<Volume>, phase: Phase) -> Self {
-        PhaseGuard {
-            pool,
-            vol,
-            phase,
-            made_copy: Cell::new(false),
-            armed: true,
-        }
-    }
-
-    /// The work came back (done or failed): its caller sets the phase.
-    fn disarm(mut self) {
-        self.armed = false;
-    }
-
-    /// Removes what a start that unwound made, never failing.
-    fn remove_half_made_start(&self) {
-        let vid = &self.vol.vid;
-        let Ok(dir) = self.pool.vm_dir(vid, false) else {
-            return;
-        };
-        let n = Names::of(vid);
-        let mut doomed = vec![n.dirty_tmp()];
-        if self.made_copy.get() {
-            doomed.push(n.dirty());
-        }
-        for name in doomed {
-            match dir.remove_if_exists(&vid.to_string(), &name) {
-                Ok(true) => log::warn!("{vid}: removed {}", dir.shown(&name).display()),
-                Ok(false) => {}
-                Err(e) => log::error!("{vid}: removing {}: {e}", dir.shown(&name).display()),
-            }
-        }
-        let _ = dir.sync();
-    }
-}
-
-impl Drop for PhaseGuard<'_> {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let vid = &self.vol.vid;
-        match self.phase {
-            Phase::Starting => {
-                log::error!("{vid}: its start panicked; it is stopped again");
-                self.remove_half_made_start();
-            }
-            _ => log::error!(
-                "{vid}: its stop panicked; it is stopped, and its dirty image is kept and committed at its next start or pool open"
-            ),
-        }
-        self.pool.held.lock().remove(vid);
-        self.vol.lock().phase = Phase::Stopped;
-        // A hook that panics now would abort the process.
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.vol.changed()));
-        self.vol.notify();
-    }
 }
