@@ -23,6 +23,7 @@ pub mod precache;
 pub mod props;
 mod recovery;
 pub mod report;
+mod resize;
 pub mod revision;
 pub mod size;
 mod source;
