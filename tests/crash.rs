@@ -308,3 +308,109 @@ fn every_failpoint_recovers() {
     );
     assert_eq!(names.len(), failpoint::ALL.len());
 }
+
+/// Issue 18: recovery walks `/sys/block` (every loop device's backing
+/// file) once, however many volumes have a leftover dirty image. Before,
+/// it walked it once per such volume: 24 volumes took 24 walks.
+#[test]
+fn recovery_scans_loop_devices_once_for_all_leftover_dirty_images() {
+    let (pool, path) = new_pool(&xfs(), "recovery-scans");
+    let vids: Vec<_> = (0..24)
+        .map(|i| create_origin(&pool, &format!("appvms/vm{i}/private"), 1 << 20))
+        .collect();
+    drop(pool);
+    // What a crash of a daemon with every volume running leaves.
+    for v in &vids {
+        let dirty = vm_dir(&path, v).join(format!("{}-dirty.img", v.name()));
+        std::fs::copy(image_path(&path, v), &dirty).unwrap();
+        write_at(
+            &File::options().write(true).open(&dirty).unwrap(),
+            0,
+            &new_content(),
+        );
+    }
+    let before = reflinkfs::sys::loop_backing_scans();
+    let pool = Pool::open(&path).unwrap();
+    let scans = reflinkfs::sys::loop_backing_scans() - before;
+    assert_eq!(
+        scans, 1,
+        "recovery of 24 leftover dirty images walked /sys/block {scans} times"
+    );
+    for v in &vids {
+        assert!(!vm_dir(&path, v)
+            .join(format!("{}-dirty.img", v.name()))
+            .exists());
+        assert_eq!(
+            read_committed(&path, v, 0, new_content().len()),
+            new_content()
+        );
+    }
+    drop(pool);
+}
+
+/// Issue 18: a panic in a start's or a stop's I/O puts the volume back
+/// (stopped) instead of leaving it starting or committing until the
+/// process restarts; nothing is lost, and it starts, takes writes and
+/// commits again. Before, every later start or stop waited for ever.
+#[test]
+fn a_panic_in_a_start_or_a_stop_leaves_the_volume_usable() {
+    if !require_failpoints() {
+        return;
+    }
+    let (pool, path) = new_pool(&xfs(), "panic-phases");
+    let v = create_origin(&pool, "appvms/panic/private", 1 << 20);
+    let dirty = vm_dir(&path, &v).join(format!("{}-dirty.img", v.name()));
+    let with_deadline = |what: &str, f: &(dyn Fn() -> bool + Sync)| {
+        // A volume left starting or committing makes the next call wait
+        // for ever: run it on a thread, and fail instead of hanging.
+        std::thread::scope(|s| {
+            let t = s.spawn(f);
+            let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while !t.is_finished() {
+                assert!(
+                    std::time::Instant::now() < end,
+                    "{what} waits for ever: the volume is stuck"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            t.join().unwrap()
+        })
+    };
+    let quiet = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+
+    failpoint::panic_once("start.io", &v.to_string());
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pool.start(&v)));
+    assert!(r.is_err(), "the start did not panic");
+    assert!(!dirty.exists(), "the half-made dirty image stayed");
+    assert!(with_deadline("a start after a panicked start", &|| {
+        let f = pool.start(&v).unwrap();
+        write_at(&f, 0, &pattern(1, 4096));
+        f.sync_all().unwrap();
+        true
+    }));
+
+    failpoint::panic_once("stop.io", &v.to_string());
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pool.stop(&v)));
+    assert!(r.is_err(), "the stop did not panic");
+    assert!(!pool.snapshot(&v).unwrap().running, "still committing");
+    assert!(dirty.exists(), "the dirty image of a panicked stop is gone");
+    std::panic::set_hook(quiet);
+    // The next start commits what the panicked stop kept; its own run
+    // commits as usual.
+    assert!(with_deadline("a start after a panicked stop", &|| {
+        let f = pool.start(&v).unwrap();
+        assert!(read_at(&f, 0, 4096) == pattern(1, 4096));
+        write_at(&f, 8192, &pattern(2, 4096));
+        drop(f);
+        matches!(pool.stop(&v).unwrap(), StopOutcome::Committed { .. })
+    }));
+    assert!(
+        read_committed(&path, &v, 0, 4096) == pattern(1, 4096),
+        "the first run's write is lost"
+    );
+    assert!(
+        read_committed(&path, &v, 8192, 4096) == pattern(2, 4096),
+        "the last run's write is lost"
+    );
+}

@@ -1036,3 +1036,68 @@ fn a_snapshot_volumes_source_changes_while_it_is_stopped() {
     rf_ok(&pool, "volume remove vm-templates/a/root");
     m.unmount();
 }
+
+/// Issue 18: a panic in a committer thread, in a stop or a start on the
+/// mount, or in a control request, fails that piece of work alone: the
+/// volume comes back usable (opens, takes writes, commits) and the mount
+/// and its control socket answer. Each panic point fires once for the
+/// volume named `panic` (REFLINKFS_FAILPOINT lists them).
+#[test]
+fn panics_in_committers_stops_starts_and_control_requests_leave_the_volume_usable() {
+    if !require_failpoints() {
+        return;
+    }
+    let path = prepared_pool(&xfs(), "panic-workers", 1, |pool| {
+        create_origin(pool, "c/v/panic", MIB);
+    });
+    let m = Mounted::mount_with(
+        &path,
+        &path.parent().unwrap().join("mnt"),
+        "",
+        &[("REFLINKFS_FAILPOINT", "start.io,stop.io,committer,control")],
+    );
+    let dirty = m.path("c/v/panic-dirty.img");
+    let vid = vid("c/v/panic");
+    // The start panics: that open fails, the next one starts it.
+    let e = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&dirty)
+        .unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    // The committer panics before its stop: the run goes on, and the
+    // next last close stops it; that stop panics (the volume stopped,
+    // the dirty image kept); the next start commits it.
+    for (round, tag) in [(0, 1u8), (1, 2), (2, 3)] {
+        let f = open_rw(&dirty);
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&pattern(tag, 4096), 4096 * round).unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+    }
+    m.wait_stopped("c/v/panic-dirty.img");
+    // The control request panics once (the client sees the connection
+    // closed); the socket serves on.
+    let first = rf(&m.pool, "volume info c/v/panic");
+    assert!(!first.status.success(), "{}", show(&first));
+    let info = rf_json(&m.pool, "volume info c/v/panic");
+    assert_eq!(info["state"], "stopped", "{info}");
+    for (round, tag) in [(0u64, 1u8), (1, 2), (2, 3)] {
+        assert!(
+            read_committed(&m.pool, &vid, 4096 * round, 4096) == pattern(tag, 4096),
+            "round {round}'s write is lost"
+        );
+    }
+    std::fs::metadata(m.path("c/v/panic.img")).unwrap();
+    let log = daemon_log(&m.pool);
+    for what in [
+        "its start panicked",
+        "its stop panicked",
+        "the stop at its last close panicked",
+        "a control request panicked",
+    ] {
+        assert!(log.contains(what), "no {what:?} in the log:\n{log}");
+    }
+    m.unmount();
+}

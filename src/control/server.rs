@@ -10,7 +10,7 @@ use super::{
     execute, major_of, protocol_version, version_mismatch, Daemon, Message, Reply, WireError,
     MAX_REQUEST, PROTOCOL_MAJOR,
 };
-use crate::engine::Pool;
+use crate::engine::{guard, Pool};
 use crate::error::Error;
 use crate::sys;
 use std::fs::File;
@@ -52,26 +52,40 @@ pub fn spawn(pool: Arc<Pool>, daemon: Arc<dyn Daemon>) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
-            for conn in listener.incoming() {
-                match conn {
-                    Ok(stream) => {
-                        let pool = pool.clone();
-                        let daemon = daemon.clone();
-                        let spawned = std::thread::Builder::new()
-                            .name("control-conn".into())
-                            .spawn(move || serve(stream, &pool, daemon.as_ref(), owner));
-                        if let Err(e) = spawned {
-                            log::error!("control: cannot start a thread: {e}");
-                        }
-                    }
-                    Err(e) => {
-                        log::error!("control: accept failed: {e}");
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                }
-            }
+            // A panic here (not in a request: each has its own guard)
+            // must not end the control socket.
+            guard::keep_running("the control socket's listener", || {
+                accept_loop(&listener, &pool, &daemon, owner)
+            })
         })?;
     Ok(())
+}
+
+/// Accepts connections, each served on its own thread, whose panic is
+/// logged and counted (the client sees its connection closed).
+fn accept_loop(listener: &UnixListener, pool: &Arc<Pool>, daemon: &Arc<dyn Daemon>, owner: u32) {
+    for conn in listener.incoming() {
+        match conn {
+            Ok(stream) => {
+                let pool = pool.clone();
+                let daemon = daemon.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("control-conn".into())
+                    .spawn(move || {
+                        guard::catch("a control request", || {
+                            serve(stream, &pool, daemon.as_ref(), owner)
+                        });
+                    });
+                if let Err(e) = spawned {
+                    log::error!("control: cannot start a thread: {e}");
+                }
+            }
+            Err(e) => {
+                log::error!("control: accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
 }
 
 /// Removes the socket file at shutdown.
@@ -204,6 +218,7 @@ fn serve(mut stream: UnixStream, pool: &Pool, daemon: &dyn Daemon, owner: u32) {
         return;
     }
     log::info!("control: {req:?} from PID {pid} (uid {uid})");
+    crate::engine::failpoint::panic_if("control", &format!("{req:?}"));
     let result = execute(pool, req, fd, Some(daemon), Some(pid));
     daemon.settled();
     match result {

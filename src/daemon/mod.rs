@@ -289,16 +289,19 @@ fn serve(
         .spawn(move || {
             for tick in 1u64.. {
                 std::thread::sleep(std::time::Duration::from_secs(1));
-                crate::control::reap_stale_imports(&daemon_house.imports);
-                // Once the session ended, `wait_held` retries held volumes
-                // and no inode is looked up any more.
-                if fs_house.session_ended() {
-                    continue;
-                }
-                fs_house.retry_held();
-                if tick % 10 == 0 {
-                    fs_house.sweep_inodes();
-                }
+                // A panic ends this tick's work, never the thread.
+                crate::engine::guard::catch("housekeeping", || {
+                    crate::control::reap_stale_imports(&daemon_house.imports);
+                    // Once the session ended, `wait_held` retries held
+                    // volumes and no inode is looked up any more.
+                    if fs_house.session_ended() {
+                        return;
+                    }
+                    fs_house.retry_held();
+                    if tick % 10 == 0 {
+                        fs_house.sweep_inodes();
+                    }
+                });
             }
         })
         .map_err(|e| fail(&mut pipe, Error::io("starting the housekeeping thread", e)))?;
@@ -307,7 +310,11 @@ fn serve(
     let id = daemon.mount_id;
     std::thread::Builder::new()
         .name("signals".into())
-        .spawn(move || signals::signal_loop(&signals, &mnt_owned, id, &fs_sig))
+        .spawn(move || {
+            crate::engine::guard::keep_running("the signal thread", || {
+                signals::signal_loop(&signals, &mnt_owned, id, &fs_sig)
+            })
+        })
         .map_err(|e| fail(&mut pipe, Error::io("starting the signal thread", e)))?;
 
     if let Some(mut p) = pipe.take() {

@@ -4,13 +4,13 @@
 use super::config::{check_pool_constraints, VolumeConfig, VolumeKind, FORMAT_VERSION};
 use super::failpoint;
 use super::fsops::Dir;
-use super::lifecycle::{io_ctx, open_image, regular_entry};
+use super::lifecycle::{io_ctx, regular_entry};
 use super::pool::{Names, Pool};
 use super::props::check_revisions_to_keep;
 use super::revision::{pick_revision, Revision};
 use super::size::check_size;
 use super::vid::ValidVid;
-use super::volume::{Claim, Life, OpName, Volume};
+use super::volume::{Claim, Life, OpName, Run, Volume};
 use crate::error::{Cause, Error, Result};
 use crate::sys;
 use std::fs::File;
@@ -108,13 +108,13 @@ impl Pool {
     }
 
     /// Claims a volume for `op` once it is settled, running or not.
-    fn claim_any(&self, vid: &ValidVid, op: OpName) -> Result<Claim> {
+    pub(super) fn claim_any(&self, vid: &ValidVid, op: OpName) -> Result<Claim> {
         self.volume(vid)?
-            .claim(op, |life| match life.run().and_then(|r| r.held.as_ref()) {
+            .claim(op, |life| match life.run().and_then(Run::held) {
                 Some(h) => Err(Error::because(
                     vid,
                     Cause::Held,
-                    super::lifecycle::held_reason(h),
+                    super::stopping::held_reason(h),
                 )),
                 None => Ok(()),
             })
@@ -147,51 +147,8 @@ impl Pool {
         initial: Option<(&File, &std::path::Path)>,
     ) -> Result<()> {
         vid.check_new()?;
-        let size = check_size(opts.size, &opts.size.to_string())?;
-        let pool_cfg = self.config();
-        let (kind, source) = match &opts.kind {
-            NewKind::Origin => (VolumeKind::Origin, None),
-            NewKind::SnapshotOf(s) => (VolumeKind::Snapshot, Some(s.clone())),
-            NewKind::Volatile => (VolumeKind::Volatile, None),
-        };
-        let revisions_to_keep = match (kind, opts.revisions_to_keep) {
-            (VolumeKind::Origin, Some(n)) => check_revisions_to_keep(n)?,
-            (VolumeKind::Origin, None) => pool_cfg.revisions_to_keep,
-            (_, None | Some(0)) => 0,
-            (_, Some(n)) => {
-                return Err(Error::InvalidValue {
-                    property: "revisions_to_keep".into(),
-                    reason: format!(
-                        "a {} volume keeps no revisions; {n} is not allowed",
-                        kind.as_str()
-                    ),
-                })
-            }
-        };
-        let rw = opts.rw.unwrap_or(!pool_cfg.read_only);
-        check_pool_constraints(&pool_cfg, rw, revisions_to_keep).map_err(|r| refused(vid, r))?;
-        let (snap_on_start, save_on_stop) = kind.flags();
-        let config = VolumeConfig {
-            format: FORMAT_VERSION,
-            vid: vid.clone(),
-            snap_on_start,
-            save_on_stop,
-            size,
-            rw,
-            revisions_to_keep,
-            source: source.clone(),
-            optional: opts.optional,
-            next_revision: 1,
-            generation: 0,
-            kept_by_revert: None,
-            dirty_size: None,
-            incarnation: crate::sys::random_u64(),
-            attached: None,
-            pins: Default::default(),
-            pending: None,
-            precache: None,
-        };
-        config.validate(&pool_cfg).map_err(|r| refused(vid, r))?;
+        let config = self.new_config(vid, opts)?;
+        let (size, kind, source) = (config.size, config.kind(), config.source.clone());
 
         if let Some(src) = &source {
             if !self.table.volumes.read().contains_key(src) {
@@ -269,6 +226,57 @@ impl Pool {
         self.hooks.changed(vid);
         log::info!("{vid}: created ({}, {size} bytes)", kind.as_str());
         Ok(())
+    }
+
+    /// The config of a new volume as `opts` asks, checked against the
+    /// pool's constraints.
+    fn new_config(&self, vid: &ValidVid, opts: &CreateOptions) -> Result<VolumeConfig> {
+        let size = check_size(opts.size, &opts.size.to_string())?;
+        let pool_cfg = self.config();
+        let (kind, source) = match &opts.kind {
+            NewKind::Origin => (VolumeKind::Origin, None),
+            NewKind::SnapshotOf(s) => (VolumeKind::Snapshot, Some(s.clone())),
+            NewKind::Volatile => (VolumeKind::Volatile, None),
+        };
+        let revisions_to_keep = match (kind, opts.revisions_to_keep) {
+            (VolumeKind::Origin, Some(n)) => check_revisions_to_keep(n)?,
+            (VolumeKind::Origin, None) => pool_cfg.revisions_to_keep,
+            (_, None | Some(0)) => 0,
+            (_, Some(n)) => {
+                return Err(Error::InvalidValue {
+                    property: "revisions_to_keep".into(),
+                    reason: format!(
+                        "a {} volume keeps no revisions; {n} is not allowed",
+                        kind.as_str()
+                    ),
+                })
+            }
+        };
+        let rw = opts.rw.unwrap_or(!pool_cfg.read_only);
+        check_pool_constraints(&pool_cfg, rw, revisions_to_keep).map_err(|r| refused(vid, r))?;
+        let (snap_on_start, save_on_stop) = kind.flags();
+        let config = VolumeConfig {
+            format: FORMAT_VERSION,
+            vid: vid.clone(),
+            snap_on_start,
+            save_on_stop,
+            size,
+            rw,
+            revisions_to_keep,
+            source: source.clone(),
+            optional: opts.optional,
+            next_revision: 1,
+            generation: 0,
+            kept_by_revert: None,
+            dirty_size: None,
+            incarnation: crate::sys::random_u64(),
+            attached: None,
+            pins: Default::default(),
+            pending: None,
+            precache: None,
+        };
+        config.validate(&pool_cfg).map_err(|r| refused(vid, r))?;
+        Ok(config)
     }
 
     /// Removes a volume: images, revisions, config, and the VM directories
@@ -359,142 +367,6 @@ impl Pool {
         }
     }
 
-    /// Resizes a volume (SPEC §5).
-    pub fn resize(&self, vid: &ValidVid, size: u64, allow_shrink: bool) -> Result<ResizeOutcome> {
-        let size = check_size(size, &size.to_string())?;
-        let claim = self.claim_any(vid, OpName::Resize)?;
-        let cfg = claim.config();
-        if !cfg.rw {
-            return Err(refused(
-                vid,
-                "it is read-only (rw=false); resizing is refused",
-            ));
-        }
-        let n = Names::of(vid);
-        let v = vid.to_string();
-        let dir = self.vm_dir(vid, true)?;
-        let kind = cfg.kind();
-        let running = claim.lock().run().map(|r| r.limit.clone());
-        let current = if running.is_some() {
-            regular_entry(&dir, vid, &n.dirty())?
-                .ok_or_else(|| Error::MissingImage {
-                    vid: v.clone(),
-                    path: dir.shown(&n.dirty()),
-                })?
-                .size
-        } else {
-            self.check_clean(vid, Some(&dir), "resizing it")?;
-            self.nominal_size(&cfg)
-        };
-        if size == current {
-            return Ok(ResizeOutcome::Unchanged);
-        }
-        if size < current && !allow_shrink {
-            return Err(refused(
-                vid,
-                format!("shrinking from {current} to {size} bytes loses data; give --allow-shrink to do it anyway"),
-            ));
-        }
-        if let Some(limit) = running {
-            let f = open_image(&dir, vid, &n.dirty(), libc::O_RDWR)?;
-            let st = sys::fstat(f.as_fd()).map_err(io_ctx(&dir, "examining", &n.dirty()))?;
-            // Only a device still on this image (its number may be
-            // another disk's after a `losetup -d` by hand).
-            let recorded = claim.lock().run().and_then(|r| r.attached);
-            let attached =
-                recorded.filter(|a| super::attach::loop_on(a.number, (st.st_dev, st.st_ino)));
-            let block = attached.and_then(|a| sys::loop_block_size(a.number));
-            if let (Some(a), Some(b)) = (attached, block) {
-                if size % u64::from(b) != 0 {
-                    return Err(refused(
-                        vid,
-                        format!(
-                            "it is attached as {} with {b}-byte blocks, and {size} bytes is not a multiple of {b}",
-                            a.device().display()
-                        ),
-                    ));
-                }
-            }
-            sys::ftruncate(f.as_fd(), size).map_err(io_ctx(&dir, "resizing", &n.dirty()))?;
-            sys::fsync(f.as_fd()).map_err(io_ctx(&dir, "syncing", &n.dirty()))?;
-            log::info!(
-                "{vid}: resized the running image {} from {current} to {size} bytes",
-                dir.shown(&n.dirty()).display()
-            );
-            limit.store(size, std::sync::atomic::Ordering::SeqCst);
-            // The loop device of `volume attach` reads the new size now.
-            if let Some(a) = attached {
-                let dev =
-                    std::fs::File::open(a.device()).and_then(|d| sys::loop_set_capacity(d.as_fd()));
-                match dev {
-                    Ok(()) => log::info!("{vid}: told {} the new capacity", a.device().display()),
-                    Err(e) => {
-                        log::error!("{vid}: LOOP_SET_CAPACITY on {}: {e}", a.device().display())
-                    }
-                }
-            }
-            match kind {
-                VolumeKind::Volatile => {
-                    let mut new = (*cfg).clone();
-                    new.size = size;
-                    self.set_config(&claim, new)?;
-                }
-                VolumeKind::Origin => {
-                    // The commit makes it the volume's size; stored now for
-                    // recovery (see `VolumeConfig::dirty_size`).
-                    let mut new = (*cfg).clone();
-                    new.dirty_size = Some(size);
-                    self.set_config(&claim, new)?;
-                }
-                VolumeKind::Snapshot => {}
-            }
-            return Ok(ResizeOutcome::Running);
-        }
-        if kind != VolumeKind::Origin {
-            let mut new = (*cfg).clone();
-            new.size = size;
-            self.set_config(&claim, new)?;
-            log::info!("{vid}: nominal size changed from {current} to {size} bytes");
-            return Ok(ResizeOutcome::Nominal);
-        }
-        // A stopped origin: a copy of the image, resized, renamed into
-        // place, so a reader of the old image keeps reading the old bytes.
-        let src = open_image(&dir, vid, &n.img(), libc::O_RDONLY)?;
-        let tmp = n.img_tmp("resize");
-        let (f, _) = dir
-            .copy_from(&v, &src, &dir.shown(&n.img()), &tmp, self.copy_strategy())
-            .map_err(io_ctx(&dir, "copying to", &tmp))?;
-        failpoint::hit("resize.copied");
-        let done = sys::ftruncate(f.as_fd(), size)
-            .and_then(|()| sys::fsync(f.as_fd()))
-            .map_err(io_ctx(&dir, "resizing", &tmp));
-        if let Err(e) = done {
-            let _ = dir.remove(&v, &tmp);
-            return Err(e);
-        }
-        failpoint::hit("resize.truncated");
-        let mut new = (*cfg).clone();
-        new.size = size;
-        new.generation += 1;
-        if let Err(e) = self.store_volume(&new) {
-            let _ = dir.remove(&v, &tmp);
-            return Err(e);
-        }
-        failpoint::hit("resize.config");
-        {
-            // The image and its generation change together for readers.
-            let mut life = claim.lock();
-            dir.rename(&v, &tmp, &n.img())
-                .map_err(io_ctx(&dir, "renaming", &tmp))?;
-            life.config = Arc::new(new);
-        }
-        failpoint::hit("resize.renamed");
-        dir.sync().map_err(io_ctx(&dir, "syncing", ""))?;
-        self.refresh_precache(&claim.volume, &dir);
-        log::info!("{vid}: resized from {current} to {size} bytes");
-        Ok(ResizeOutcome::Committed)
-    }
-
     /// The size a stopped volume shows: an origin's committed size; for a
     /// snapshot the larger of its nominal size and its source's.
     pub(crate) fn nominal_size(&self, cfg: &VolumeConfig) -> u64 {
@@ -582,13 +454,6 @@ impl Pool {
 }
 
 impl Pool {
-    /// Stores a claimed volume's new config, then shows it to readers.
-    pub(super) fn set_config(&self, claim: &Claim, cfg: VolumeConfig) -> Result<()> {
-        self.store_volume(&cfg)?;
-        claim.lock().config = Arc::new(cfg);
-        Ok(())
-    }
-
     /// Reserves the id of a volume being created, refusing one that exists
     /// or is being created; the reservation ends when the guard drops.
     fn reserve_new<'a>(&'a self, vid: &ValidVid) -> Result<Reserved<'a>> {
@@ -619,8 +484,8 @@ impl Drop for Reserved<'_> {
 /// Refuses an operation on a running (or held) volume.
 fn not_running(vid: &ValidVid, life: &Life, what: &str) -> Result<()> {
     match life.run() {
-        Some(run) => Err(match &run.held {
-            Some(h) => Error::because(vid, Cause::Held, super::lifecycle::held_reason(h)),
+        Some(run) => Err(match run.held() {
+            Some(h) => Error::because(vid, Cause::Held, super::stopping::held_reason(h)),
             None => Error::because(
                 vid,
                 Cause::Running,

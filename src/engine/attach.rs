@@ -15,7 +15,7 @@ use super::fsops::Dir;
 use super::lifecycle::{io_ctx, open_image, StopOutcome};
 use super::pool::{Names, Pool};
 use super::vid::ValidVid;
-use super::volume::{Lease, Phase, Run, Volume};
+use super::volume::{Lease, Phase, Run, RunState, Volume};
 use crate::error::{busy, refused};
 use crate::error::{Cause, Error, Result};
 use crate::sys;
@@ -43,6 +43,18 @@ pub(super) fn loop_on(n: u32, (dev, ino): (u64, u64)) -> bool {
     match sys::loop_backing(n) {
         Ok(Some(b)) => b.dev == dev && b.ino == ino,
         Ok(None) | Err(_) => true,
+    }
+}
+
+/// Every bound loop device's backing file, from one walk of `/sys/block`
+/// made when first asked: a recovery asks once per volume with a leftover
+/// dirty image, and walks once.
+#[derive(Default)]
+pub(crate) struct LoopMap(std::cell::OnceCell<Vec<(std::path::PathBuf, String)>>);
+
+impl LoopMap {
+    pub fn get(&self) -> &[(std::path::PathBuf, String)] {
+        self.0.get_or_init(sys::loop_backing_files)
     }
 }
 
@@ -213,7 +225,7 @@ impl Pool {
     fn dirty_identity(&self, vol: &Volume) -> Result<(u64, u64)> {
         let vid = &vol.vid;
         let dirty = Names::of(vid).dirty();
-        let file = vol.lock().run().and_then(|r| r.file.clone());
+        let file = vol.lock().run().and_then(|r| r.file().cloned());
         let dir = self.vm_dir(vid, false)?;
         let st = match file {
             Some(f) => sys::fstat(f.as_fd()),
@@ -234,8 +246,10 @@ impl Pool {
         let pending = {
             let mut life = vol.lock();
             match life.run_mut() {
-                Some(run) if run.attached == Some(attached) => {
-                    run.attached = None;
+                Some(run) if run.attached() == Some(attached) => {
+                    if let Some(slot) = run.attached_mut() {
+                        *slot = None;
+                    }
                     run.leases = run.leases.saturating_sub(1);
                     run.leases == 0
                 }
@@ -270,13 +284,16 @@ impl Pool {
         } = lease;
         drop((file, attachment));
         let mut life = vol.lock();
-        match life.run_mut() {
-            Some(run) if run.attached.is_none() => {
-                run.attached = Some(attached);
+        let Some(run) = life.run_mut() else {
+            unreachable!("a lease keeps the run")
+        };
+        match run.attached_mut() {
+            Some(slot @ None) => {
+                *slot = Some(attached);
                 Ok(())
             }
-            Some(run) => {
-                let other = run.attached.map(|a| a.device());
+            other => {
+                let other = other.copied().flatten().map(|a| a.device());
                 run.leases = run.leases.saturating_sub(1);
                 Err(busy(
                     &vid,
@@ -286,7 +303,6 @@ impl Pool {
                     ),
                 ))
             }
-            None => unreachable!("a lease keeps the run"),
         }
     }
 
@@ -303,20 +319,21 @@ impl Pool {
     /// Stores the attachment in the volume's config (see
     /// [`super::config::VolumeConfig::attached`]).
     fn record_attached(&self, vol: &Volume, attached: Option<AttachedLoop>) -> Result<()> {
-        let mut cfg = (*vol.config()).clone();
-        if cfg.attached == attached {
-            return Ok(());
-        }
-        cfg.attached = attached;
-        self.store_volume(&cfg)?;
-        vol.lock().config = Arc::new(cfg);
-        Ok(())
+        self.update_config(vol, |cfg| {
+            cfg.attached = attached;
+            Ok(())
+        })
     }
 
     /// At recovery: the loop device on `vid`'s leftover dirty image, from
     /// its record, or found by its backing file (a `losetup` of the pool's
     /// file by hand counts too). A record whose device is gone is cleared.
-    pub(crate) fn attached_loop(&self, vol: &Volume, dir: &Dir) -> Result<Option<AttachedLoop>> {
+    pub(crate) fn attached_loop(
+        &self,
+        vol: &Volume,
+        dir: &Dir,
+        loops: &LoopMap,
+    ) -> Result<Option<AttachedLoop>> {
         let vid = &vol.vid;
         let dirty = Names::of(vid).dirty();
         let Ok(f) = open_image(dir, vid, &dirty, libc::O_RDONLY) else {
@@ -341,11 +358,11 @@ impl Pool {
             self.record_attached(vol, None)?;
         }
         let shown = dir.shown(&dirty).display().to_string();
-        for (dev, backing) in sys::loop_backing_files() {
-            let Some(n) = sys::loop_number(&dev) else {
+        for (dev, backing) in loops.get() {
+            let Some(n) = sys::loop_number(dev) else {
                 continue;
             };
-            if backing != shown {
+            if *backing != shown {
                 continue;
             }
             if let Some(b) = bound_here(n) {
@@ -390,15 +407,16 @@ impl Pool {
         );
         vol.lock().phase = Phase::Running(Box::new(Run {
             leases: 1,
-            file: Some(Arc::new(f)),
             // Unknown for a device found by its backing file: the detach
             // then commits whatever is there.
             started_sig: attached.started,
             started_from: None,
             limit: Arc::new(AtomicU64::new(vol.config().dirty_contract().max(size))),
-            held: None,
-            attachment: None,
-            attached: Some(attached),
+            state: RunState::Live {
+                file: Arc::new(f),
+                attachment: None,
+                attached: Some(attached),
+            },
         }));
         Ok(())
     }

@@ -14,7 +14,6 @@ use crate::error::Result;
 use crate::sys;
 use std::fs::File;
 use std::os::fd::AsFd;
-use std::sync::Arc;
 
 /// Cuts a dirty image back to the volume's size when writes went past the
 /// end (passthrough writes do, unseen by the daemon), and rounds a size
@@ -137,7 +136,10 @@ impl Pool {
         }
 
         let img = regular_entry(dir, vid, &n.img())?;
-        let old = vol.config();
+        // Held until the new config is shown with the new image: no other
+        // change of the config comes in between (and none is lost).
+        let writer = vol.write_config();
+        let old = writer.current();
         let mut cfg = (*old).clone();
         let revision = match img {
             Some(_) if cfg.revisions_to_keep > 0 => Some(self.next_revision_number(&cfg, dir)?),
@@ -157,10 +159,13 @@ impl Pool {
         // skip a K but never reuse one. In memory, the new generation goes
         // with the rename below: a reader sees an image with its own.
         self.store_volume(&cfg)?;
-        vol.lock().config = Arc::new(VolumeConfig {
-            generation: old.generation,
-            ..cfg.clone()
-        });
+        writer.publish(
+            &mut vol.lock(),
+            VolumeConfig {
+                generation: old.generation,
+                ..cfg.clone()
+            },
+        );
         failpoint::hit(&format!("{op}.config"));
 
         if let (Some(k), Some(img_sig)) = (revision, img) {
@@ -176,8 +181,9 @@ impl Pool {
             let mut life = vol.lock();
             dir.rename(&v, new_name, &n.img())
                 .map_err(io_ctx(dir, "renaming", new_name))?;
-            life.config = Arc::new(cfg.clone());
+            writer.publish(&mut life, cfg.clone());
         }
+        drop(writer);
         failpoint::hit(&format!("{op}.renamed"));
         dir.sync().map_err(io_ctx(dir, "syncing", ""))?;
         log::info!(

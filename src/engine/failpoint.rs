@@ -91,19 +91,66 @@ pub fn hit(name: &str) {
     }
 }
 
-/// Panics when `name` is the armed failpoint and `subject` (what the
+/// Panics when `name` is an armed failpoint and `subject` (what the
 /// request is about) mentions "panic": a test arms it and touches a volume
 /// named so, and every other request goes on as usual. Only in a build with
 /// failpoints.
+///
+/// `REFLINKFS_FAILPOINT` may name several panic points, separated by
+/// commas. The points of [`PANICS_ONCE`] panic once per subject (the
+/// second time, the work goes on: a test then checks the volume is
+/// usable); [`panic_once`] arms one for one subject in-process.
 pub fn panic_if(name: &str, subject: &str) {
     debug_assert!(PANICS.contains(&name), "panic point {name} is not listed");
-    if armed() == Some(name) && subject.contains("panic") {
+    if !ENABLED {
+        return;
+    }
+    let key = (name.to_owned(), subject.to_owned());
+    if panics_armed().lock().remove(&key) {
+        panic!("failpoint {name} reached for {subject}");
+    }
+    let in_env = armed().is_some_and(|a| a.split(',').any(|p| p == name));
+    if in_env && subject.contains("panic") {
+        if PANICS_ONCE.contains(&name) && !panics_fired().lock().insert(key) {
+            return;
+        }
         panic!("failpoint {name} reached for {subject}");
     }
 }
 
-/// The panic points: a handler panics there (see [`panic_if`]).
-pub const PANICS: &[&str] = &["fuse.getattr"];
+/// Arms panic point `name` for `subject`, in-process: the next time it is
+/// reached for that subject, it panics (once).
+pub fn panic_once(name: &str, subject: &str) {
+    debug_assert!(PANICS.contains(&name), "panic point {name} is not listed");
+    panics_armed()
+        .lock()
+        .insert((name.to_owned(), subject.to_owned()));
+}
+
+fn panics_armed() -> &'static Mutex<std::collections::HashSet<(String, String)>> {
+    static P: OnceLock<Mutex<std::collections::HashSet<(String, String)>>> = OnceLock::new();
+    P.get_or_init(Default::default)
+}
+
+fn panics_fired() -> &'static Mutex<std::collections::HashSet<(String, String)>> {
+    static P: OnceLock<Mutex<std::collections::HashSet<(String, String)>>> = OnceLock::new();
+    P.get_or_init(Default::default)
+}
+
+/// The panic points: the work panics there (see [`panic_if`]). A FUSE
+/// request's getattr; a start's I/O after its copy is in place; a stop's
+/// I/O before its commit; a committer thread before it runs a stop; a
+/// control request before it is executed.
+pub const PANICS: &[&str] = &[
+    "fuse.getattr",
+    "start.io",
+    "stop.io",
+    "committer",
+    "control",
+];
+
+/// The panic points that panic only once per subject.
+pub const PANICS_ONCE: &[&str] = &["start.io", "stop.io", "committer", "control"];
 
 /// The pause points: the work of one volume stops there until released, so
 /// that a test can hold a start, a commit or a removal in progress and

@@ -5,15 +5,18 @@
 use super::config::{VolumeConfig, VolumeKind};
 use super::failpoint;
 use super::fsops::{Dir, Entry, FileSig};
+use super::phase::PhaseGuard;
 use super::pool::{Names, Pool};
+use super::stopping::held_reason;
 use super::vid::ValidVid;
-use super::volume::{Attachment, Lease, Life, PendingStop, Phase, Run, Volume};
+use super::volume::{Attachment, Lease, Life, PendingStop, Phase, Run, RunState, Volume};
 use crate::error::{Cause, Error, Result};
 use crate::sys;
 use parking_lot::MutexGuard;
+use std::cell::Cell;
 use std::fs::File;
 use std::os::fd::AsFd;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,15 +44,6 @@ pub enum StopOutcome {
     /// commit, so it is never an inode something else still writes.
     Held { holders: String },
 }
-
-/// How often, and how long apart, a stop looks again before it calls a
-/// dirty image held: the kernel lets go of a closed passthrough file a
-/// moment after the RELEASE that tells the daemon of the close.
-const HOLD_PROBES: u32 = 5;
-const HOLD_PROBE_GAP: Duration = Duration::from_millis(10);
-
-/// How far a source chain may go before it is called a loop.
-const MAX_SOURCE_DEPTH: usize = 32;
 
 pub(crate) fn io_ctx(dir: &Dir, what: &str, name: &str) -> impl FnOnce(std::io::Error) -> Error {
     let ctx = format!("{what} {}", dir.shown(name).display());
@@ -87,32 +81,6 @@ pub(crate) fn regular_entry(dir: &Dir, vid: &ValidVid, name: &str) -> Result<Opt
             what: format!("image of {vid}"),
             path: dir.shown(name),
         }),
-    }
-}
-
-/// Why a held volume cannot start or be changed.
-pub(crate) fn held_reason(holders: &str) -> String {
-    format!("its last run is not committed yet: its dirty image is still open for writing by {holders}; detach or close that first")
-}
-
-/// Names what may hold `dirty` open for writing: the loop devices whose
-/// backing file it is (directly, or through a mount of the pool), else the
-/// kinds of writer that can do so unseen.
-fn describe_holders(dirty: &std::path::Path, vid: &ValidVid) -> String {
-    let tail = format!("/{}/{}/{}", vid.class(), vid.vm(), Names::of(vid).dirty());
-    let direct = dirty.display().to_string();
-    let mut loops = Vec::new();
-    for (dev, backing) in sys::loop_backing_files() {
-        if backing == direct {
-            loops.push(format!("{} (on the image itself)", dev.display()));
-        } else if backing.ends_with(&tail) {
-            loops.push(format!("{} (on {backing})", dev.display()));
-        }
-    }
-    if loops.is_empty() {
-        "something outside reflinkfs (a loop device or program that outlived an earlier daemon, or a shared mapping that outlived its file)".into()
-    } else {
-        format!("loop device {}", loops.join(", "))
     }
 }
 
@@ -156,13 +124,13 @@ impl Pool {
         let mut life = vol.lock();
         let rw = life.config.rw;
         match &mut life.phase {
-            Phase::Running(run) if run.held.is_none() => {
-                if writable && !rw {
+            Phase::Running(run) => {
+                if writable && !rw && run.held().is_none() {
                     return Err(Error::ReadOnly {
                         vid: vid.to_string(),
                     });
                 }
-                Ok(Some(lease_of(vid, &vol, run)))
+                Ok(lease_of(vid, &vol, run))
             }
             _ => Ok(None),
         }
@@ -183,21 +151,24 @@ impl Pool {
                 Phase::Removed => return Err(Error::NoSuchVolume(vid.to_string())),
                 Phase::Starting | Phase::Committing => vol.wait(&mut life),
                 Phase::Running(run) => {
-                    if let Some(h) = &run.held {
-                        return Err(Error::because(vid, Cause::Held, held_reason(h)));
+                    if run.held().is_none() {
+                        if exclusive {
+                            return Err(Error::Busy {
+                                vid: vid.to_string(),
+                                reason: "already running".into(),
+                            });
+                        }
+                        if writable && !rw {
+                            return Err(Error::ReadOnly {
+                                vid: vid.to_string(),
+                            });
+                        }
                     }
-                    if exclusive {
-                        return Err(Error::Busy {
-                            vid: vid.to_string(),
-                            reason: "already running".into(),
-                        });
-                    }
-                    if writable && !rw {
-                        return Err(Error::ReadOnly {
-                            vid: vid.to_string(),
-                        });
-                    }
-                    return Ok(lease_of(vid, &vol, run));
+                    let lease = lease_of(vid, &vol, run);
+                    return lease.ok_or_else(|| {
+                        let holders = run.held().unwrap_or_default();
+                        Error::because(vid, Cause::Held, held_reason(holders))
+                    });
                 }
                 Phase::Stopped => {
                     if life.op.is_some() {
@@ -216,11 +187,13 @@ impl Pool {
             }
         }
         drop(life);
-        let started = self.start_io(&vol);
+        let guard = PhaseGuard::new(self, &vol, Phase::Starting);
+        let started = self.start_io(&vol, &guard.made_copy);
         let attachment = match (&started, attach) {
             (Ok(s), Some(f)) => f(&s.file),
             _ => None,
         };
+        guard.disarm();
         vol.changed();
         let mut life = vol.lock();
         let result = match started {
@@ -236,13 +209,14 @@ impl Pool {
                 };
                 life.phase = Phase::Running(Box::new(Run {
                     leases: 1,
-                    file: Some(file),
                     started_sig: Some(s.sig),
                     started_from: s.started_from,
                     limit,
-                    held: None,
-                    attachment,
-                    attached: None,
+                    state: RunState::Live {
+                        file,
+                        attachment,
+                        attached: None,
+                    },
                 }));
                 Ok(lease)
             }
@@ -337,26 +311,28 @@ impl Pool {
         log_hold: bool,
     ) -> Result<Option<StopOutcome>> {
         loop {
-            match life.run() {
-                Some(run) if run.leases > 0 && !force => return Ok(None),
-                // Its loop device writes it: `volume detach` stops it.
-                Some(Run {
-                    attached: Some(a), ..
-                }) => {
-                    return Err(Error::Busy {
-                        vid: vol.vid.to_string(),
-                        reason: format!(
-                            "it is attached as {}: `reflinkfs volume detach` stops it",
-                            a.device().display()
-                        ),
-                    })
-                }
-                // A bounded operation on the running volume (a resize)
-                // finishes first.
-                Some(_) if life.op.is_some() => vol.wait(&mut life),
-                Some(_) => break,
-                None => return Ok(None),
+            let Some(run) = life.run() else {
+                return Ok(None);
+            };
+            if run.leases > 0 && !force {
+                return Ok(None);
             }
+            // Its loop device writes it: `volume detach` stops it.
+            if let Some(a) = run.attached() {
+                return Err(Error::Busy {
+                    vid: vol.vid.to_string(),
+                    reason: format!(
+                        "it is attached as {}: `reflinkfs volume detach` stops it",
+                        a.device().display()
+                    ),
+                });
+            }
+            // A bounded operation on the running volume (a resize)
+            // finishes first.
+            if life.op.is_none() {
+                break;
+            }
+            vol.wait(&mut life);
         }
         let Phase::Running(run) = std::mem::replace(&mut life.phase, Phase::Committing) else {
             unreachable!("checked above");
@@ -364,12 +340,23 @@ impl Pool {
         let cfg = life.config.clone();
         drop(life);
         let vid = &vol.vid;
-        let was_held = run.held.is_some();
-        let result = self.stop_io(vol, &cfg, run);
+        let was_held = run.held().is_some();
+        // Our descriptors go first: the commit looks for writers.
+        let Run {
+            started_sig,
+            started_from,
+            limit,
+            state,
+            ..
+        } = *run;
+        drop(state);
+        let guard = PhaseGuard::new(self, vol, Phase::Committing);
+        let result = self.stop_io(vol, &cfg, started_sig, limit.load(Ordering::SeqCst));
+        guard.disarm();
         vol.changed();
         let mut life = vol.lock();
         let outcome = match result {
-            Ok((StopOutcome::Held { holders }, run)) => {
+            Ok(StopOutcome::Held { holders }) => {
                 if !was_held && log_hold {
                     log::warn!(
                         "{vid}: not committed yet: its dirty image is still open for writing by {holders}; it is committed once that lets go, and the volume cannot start again until then",
@@ -377,15 +364,17 @@ impl Pool {
                 }
                 life.phase = Phase::Running(Box::new(Run {
                     leases: 0,
-                    file: None,
-                    attachment: None,
-                    held: Some(holders.clone()),
-                    ..*run
+                    started_sig,
+                    started_from,
+                    limit,
+                    state: RunState::Held {
+                        holders: holders.clone(),
+                    },
                 }));
                 self.table.set_held(vid, true);
                 Ok(StopOutcome::Held { holders })
             }
-            Ok((outcome, _)) => {
+            Ok(outcome) => {
                 life.phase = Phase::Stopped;
                 self.table.set_held(vid, false);
                 if was_held {
@@ -428,8 +417,10 @@ impl Pool {
     // ---------------------------------------------------------------
     // The I/O of a start and a stop, with no lock held.
 
-    /// Makes the dirty image of a volume in state Starting.
-    fn start_io(&self, vol: &Arc<Volume>) -> Result<Started> {
+    /// Makes the dirty image of a volume in state Starting. Sets
+    /// `made_copy` once `N-dirty.img` is a copy this start made (not the
+    /// committed image itself, not a leftover), which nobody has written.
+    fn start_io(&self, vol: &Arc<Volume>, made_copy: &Cell<bool>) -> Result<Started> {
         let vid = &vol.vid;
         failpoint::pause("pause.start", &vid.to_string());
         let dir = self.vm_dir(vid, true)?;
@@ -516,7 +507,9 @@ impl Pool {
                 ))?;
             }
         }
+        made_copy.set(!(kind == VolumeKind::Origin && cfg.revisions_to_keep == -1));
         failpoint::hit("start.renamed");
+        failpoint::panic_if("start.io", &v);
         dir.sync().map_err(io_ctx(&dir, "syncing", ""))?;
         let file = open_image(&dir, vid, &n.dirty(), libc::O_RDWR)?;
         let sig = FileSig::from_stat(&sys::fstat(file.as_fd()).map_err(io_ctx(
@@ -534,32 +527,32 @@ impl Pool {
         })
     }
 
-    /// The stop of a run taken out of its volume (state Committing): our
-    /// descriptors are closed first, then the dirty image is committed
-    /// (origin) or discarded. Gives the run back for a held outcome.
+    /// The stop of a run taken out of its volume (state Committing), whose
+    /// descriptors are closed: the dirty image is committed (origin) or
+    /// discarded. `started` and `limit` are the run's.
     fn stop_io(
         &self,
         vol: &Arc<Volume>,
         cfg: &VolumeConfig,
-        mut run: Box<Run>,
-    ) -> Result<(StopOutcome, Box<Run>)> {
-        run.file = None;
-        run.attachment = None;
+        started: Option<FileSig>,
+        limit: u64,
+    ) -> Result<StopOutcome> {
         let vid = &vol.vid;
         failpoint::pause("pause.commit", &vid.to_string());
+        failpoint::panic_if("stop.io", &vid.to_string());
         let dir = self.vm_dir(vid, false)?;
         let n = Names::of(vid);
         let outcome = match cfg.kind() {
-            VolumeKind::Origin => self.commit_dirty(vol, &dir, run.started_sig, run.limit())?,
+            VolumeKind::Origin => self.commit_dirty(vol, &dir, started, limit)?,
             kind => {
-                if kind == VolumeKind::Volatile && run.limit() != cfg.size {
+                if kind == VolumeKind::Volatile && limit != cfg.size {
                     // A running resize of a volatile volume persists: the
                     // run's size, never what writes past the end made of
                     // the file.
-                    let mut new = cfg.clone();
-                    new.size = run.limit();
-                    self.store_volume(&new)?;
-                    vol.lock().config = Arc::new(new);
+                    self.update_config(vol, |c| {
+                        c.size = limit;
+                        Ok(())
+                    })?;
                 }
                 dir.remove(&vid.to_string(), &n.dirty()).map_err(io_ctx(
                     &dir,
@@ -570,7 +563,7 @@ impl Pool {
                 StopOutcome::Discarded
             }
         };
-        Ok((outcome, run))
+        Ok(outcome)
     }
 
     /// Copies `src` to `N-dirty.img~tmp`, grows it to `min_size` if given,
@@ -609,107 +602,23 @@ impl Pool {
         dir.rename(&v, &n.dirty_tmp(), &n.dirty())
             .map_err(io_ctx(dir, "renaming", &n.dirty_tmp()))
     }
-
-    /// What holds a dirty image open for writing outside reflinkfs, if
-    /// anything does. Looks a few times, a few milliseconds apart: the
-    /// kernel drops a closed passthrough file just after it tells the
-    /// daemon of the close.
-    pub(super) fn outside_writers(
-        &self,
-        vid: &ValidVid,
-        dir: &Dir,
-        dirty: &File,
-    ) -> Option<String> {
-        let name = Names::of(vid).dirty();
-        for probe in 0..HOLD_PROBES {
-            match sys::has_other_writers(dirty.as_fd()) {
-                Ok(false) => return None,
-                Ok(true) if probe + 1 < HOLD_PROBES => std::thread::sleep(HOLD_PROBE_GAP),
-                Ok(true) => {}
-                Err(e) => {
-                    log::warn!(
-                        "{vid}: cannot tell whether {} is still written outside reflinkfs ({e}: leases are off or unsupported); committing it",
-                        dir.shown(&name).display()
-                    );
-                    return None;
-                }
-            }
-        }
-        Some(describe_holders(&dir.shown(&name), vid))
-    }
-
-    /// Follows a snapshot volume's source chain down to an origin volume
-    /// (SPEC §2.2). The only place sources are resolved.
-    pub fn resolve_source(&self, config: &VolumeConfig) -> Result<ValidVid> {
-        let mut cur = config.source.clone().ok_or_else(|| Error::Refused {
-            vid: config.vid.to_string(),
-            reason: format!("a {} volume has no source", config.kind().as_str()),
-        })?;
-        for _ in 0..MAX_SOURCE_DEPTH {
-            if cur == config.vid {
-                break;
-            }
-            let vol = self.volume(&cur).map_err(|e| match e {
-                Error::NoSuchVolume(_) => {
-                    Error::NoSuchVolume(format!("{cur} (the source of {})", config.vid))
-                }
-                other => other,
-            })?;
-            let c = vol.config();
-            cur = match c.kind() {
-                VolumeKind::Origin => return Ok(cur),
-                VolumeKind::Snapshot => c.source.clone().expect("validated"),
-                VolumeKind::Volatile => {
-                    return Err(Error::Refused {
-                        vid: config.vid.to_string(),
-                        reason: format!(
-                            "its source {cur} is a volatile volume, which has no committed image"
-                        ),
-                    })
-                }
-            };
-        }
-        Err(Error::Refused {
-            vid: config.vid.to_string(),
-            reason: format!("its source chain is longer than {MAX_SOURCE_DEPTH} or loops"),
-        })
-    }
-
-    /// Opens the committed image a snapshot volume starts from, with the
-    /// generation it has: both are read under the origin's lock, which is
-    /// also taken around the rename that replaces that image, so the two
-    /// always match.
-    pub(crate) fn open_source_image(
-        &self,
-        vid: &ValidVid,
-        config: &VolumeConfig,
-    ) -> Result<(ValidVid, u64, Dir, File)> {
-        let origin = self.resolve_source(config)?;
-        let vol = self.volume(&origin)?;
-        let dir = self.vm_dir(&origin, false)?;
-        let life = vol.lock();
-        if life.run().is_some() && life.config.revisions_to_keep == -1 {
-            return Err(Error::Busy {
-                vid: vid.to_string(),
-                reason: format!("its source {origin} is running with revisions_to_keep=-1, so it has no committed image now"),
-            });
-        }
-        let file = open_image(&dir, &origin, &Names::of(&origin).img(), libc::O_RDONLY)?;
-        Ok((origin, life.config.generation, dir, file))
-    }
 }
 
-/// A new lease on a running run.
-fn lease_of(vid: &ValidVid, vol: &Arc<Volume>, run: &mut Run) -> Lease {
-    run.leases += 1;
-    Lease {
+/// A new lease on a live run; `None` for a held one.
+fn lease_of(vid: &ValidVid, vol: &Arc<Volume>, run: &mut Run) -> Option<Lease> {
+    let RunState::Live {
+        file, attachment, ..
+    } = &run.state
+    else {
+        return None;
+    };
+    let lease = Lease {
         vid: vid.clone(),
-        file: run
-            .file
-            .clone()
-            .expect("a run that is not held has its file"),
+        file: file.clone(),
         limit: run.limit.clone(),
-        attachment: run.attachment.clone(),
+        attachment: attachment.clone(),
         volume: vol.clone(),
-    }
+    };
+    run.leases += 1;
+    Some(lease)
 }

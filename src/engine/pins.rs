@@ -51,13 +51,14 @@ impl Pool {
                 });
             }
         }
-        let (claim, mut cfg, rev) = self.claim_revision(vid, which)?;
+        let (claim, rev) = self.claim_revision(vid, which)?;
         let pin = Pin {
             pinned_at: now_utc(),
             note,
         };
-        let new = cfg.pins.insert(rev.id.to_string(), pin).is_none();
-        self.set_config(&claim, cfg)?;
+        let new = self.update_config(&claim.volume, |cfg| {
+            Ok(cfg.pins.insert(rev.id.to_string(), pin).is_none())
+        })?;
         log::info!("{vid}: pinned revision {} ({})", rev.id, rev.file_name);
         Ok((rev, new))
     }
@@ -65,28 +66,28 @@ impl Pool {
     /// Unpins revision `which`; false when it was not pinned. The next
     /// prune counts it again.
     pub fn unpin_revision(&self, vid: &ValidVid, which: &str) -> Result<(Revision, bool)> {
-        let (claim, mut cfg, rev) = self.claim_revision(vid, which)?;
-        let was = cfg.pins.remove(&rev.id.to_string()).is_some();
+        let (claim, rev) = self.claim_revision(vid, which)?;
+        let was = self.update_config(&claim.volume, |cfg| {
+            Ok(cfg.pins.remove(&rev.id.to_string()).is_some())
+        })?;
         if was {
-            self.set_config(&claim, cfg)?;
             log::info!("{vid}: unpinned revision {}", rev.id);
         }
         Ok((rev, was))
     }
 
     /// Claims a volume, running or not, to change what its config says of
-    /// revision `which`: the claim, a copy of the config, the revision.
+    /// revision `which`: the claim and the revision.
     fn claim_revision(
         &self,
         vid: &ValidVid,
         which: &str,
-    ) -> Result<(super::volume::Claim, VolumeConfig, Revision)> {
+    ) -> Result<(super::volume::Claim, Revision)> {
         let claim = self.volume(vid)?.claim(OpName::Set, |_| Ok(()))?;
-        let cfg = (*claim.config()).clone();
         let dir = self.vm_dir(vid, false)?;
         let revs = self.list_revisions(vid, Some(&dir))?;
         let rev = pick_revision(vid, &revs, Some(which))?.clone();
-        Ok((claim, cfg, rev))
+        Ok((claim, rev))
     }
 
     /// `volume discard-changes`: the current run ends without a commit,
@@ -131,7 +132,7 @@ impl Pool {
         make: impl FnOnce(&Pool) -> Result<Pending>,
     ) -> Result<Pending> {
         let claim = self.volume(vid)?.claim(OpName::Set, |_| Ok(()))?;
-        let mut cfg = (*claim.config()).clone();
+        let cfg = claim.config();
         match cfg.kind() {
             VolumeKind::Origin => {}
             k => {
@@ -158,11 +159,13 @@ impl Pool {
             ));
         }
         let pending = make(self)?;
-        if let Some(old) = &cfg.pending {
-            log::info!("{vid}: replacing the queued change ({})", old.describe());
-        }
-        cfg.pending = Some(pending.clone());
-        self.set_config(&claim, cfg)?;
+        self.update_config(&claim.volume, |cfg| {
+            if let Some(old) = &cfg.pending {
+                log::info!("{vid}: replacing the queued change ({})", old.describe());
+            }
+            cfg.pending = Some(pending.clone());
+            Ok(())
+        })?;
         failpoint::hit("pending.stored");
         log::info!("{vid}: queued: {}", pending.describe());
         Ok(pending)
@@ -181,11 +184,9 @@ impl Pool {
     /// there was none (or the run already ended and applied it).
     pub fn cancel_pending(&self, vid: &ValidVid) -> Result<bool> {
         let claim = self.volume(vid)?.claim(OpName::Set, |_| Ok(()))?;
-        let mut cfg = (*claim.config()).clone();
-        let Some(old) = cfg.pending.take() else {
+        let Some(old) = self.update_config(&claim.volume, |cfg| Ok(cfg.pending.take()))? else {
             return Ok(false);
         };
-        self.set_config(&claim, cfg)?;
         log::info!("{vid}: withdrew the queued change ({})", old.describe());
         Ok(true)
     }
@@ -216,11 +217,7 @@ impl Pool {
         failpoint::hit("pending.dropped");
         match pending {
             Pending::Discard => {
-                let mut cfg = (*vol.config()).clone();
-                cfg.pending = None;
-                cfg.dirty_size = None;
-                self.store_volume(&cfg)?;
-                vol.lock().config = Arc::new(cfg);
+                self.update_config(vol, clear_pending)?;
                 // The start took the precache: the next start needs one.
                 self.refresh_precache(vol, dir);
                 Ok(StopOutcome::Discarded)
@@ -232,11 +229,7 @@ impl Pool {
                     "{vid}: the queued revert's target {} is gone; the run's changes were dropped, the committed image is as before",
                     dir.shown(revision).display()
                 );
-                let mut cfg = (*vol.config()).clone();
-                cfg.pending = None;
-                cfg.dirty_size = None;
-                self.store_volume(&cfg)?;
-                vol.lock().config = Arc::new(cfg);
+                self.update_config(vol, clear_pending)?;
                 Ok(StopOutcome::Discarded)
             }
             Pending::Revert { revision } => {
@@ -252,15 +245,12 @@ impl Pool {
     /// Clears a queued change found at the start of a new run (the caller
     /// owns the volume, Starting): it was for a run that is over.
     pub(crate) fn withdraw_stale_pending(&self, vol: &Volume) -> Result<()> {
-        let mut cfg = (*vol.config()).clone();
-        if let Some(p) = cfg.pending.take() {
+        if let Some(p) = self.update_config(vol, |cfg| Ok(cfg.pending.take()))? {
             log::warn!(
-                "{}: withdrawing a queued change ({}) left from an earlier run",
+                "{}: withdrew a queued change ({}) left from an earlier run",
                 vol.vid,
                 p.describe()
             );
-            self.store_volume(&cfg)?;
-            vol.lock().config = Arc::new(cfg);
         }
         Ok(())
     }
@@ -342,4 +332,11 @@ impl Pool {
         }
         super::report::exclusive_bytes(dir, &r.file_name).ok()
     }
+}
+
+/// A queued change done with (the run it was for was dropped).
+fn clear_pending(cfg: &mut VolumeConfig) -> Result<()> {
+    cfg.pending = None;
+    cfg.dirty_size = None;
+    Ok(())
 }

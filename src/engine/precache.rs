@@ -142,15 +142,14 @@ impl Pool {
                 std::io::Error::from_raw_os_error(libc::ESTALE),
             ));
         }
-        let mut cfg = (*vol.config()).clone();
-        cfg.precache = Some(PrecacheRecord {
-            generation: cfg.generation,
-            image: FileIdent::of(&img),
-            copy: FileIdent::of(&copy),
-        });
-        self.store_volume(&cfg)?;
-        vol.lock().config = Arc::new(cfg);
-        Ok(())
+        self.update_config(vol, |cfg| {
+            cfg.precache = Some(PrecacheRecord {
+                generation: cfg.generation,
+                image: FileIdent::of(&img),
+                copy: FileIdent::of(&copy),
+            });
+            Ok(())
+        })
     }
 
     /// Removes the precache and its record (after a revert, or when the
@@ -167,13 +166,10 @@ impl Pool {
     /// without a record is stale whatever happens next).
     fn drop_precache(&self, vol: &Volume, dir: &Dir) -> Result<()> {
         let n = Names::of(&vol.vid);
-        let old = vol.config();
-        if old.precache.is_some() {
-            let mut cfg = (*old).clone();
+        self.update_config(vol, |cfg| {
             cfg.precache = None;
-            self.store_volume(&cfg)?;
-            vol.lock().config = Arc::new(cfg);
-        }
+            Ok(())
+        })?;
         dir.remove_if_exists(&vol.vid.to_string(), &n.precache())
             .map_err(io_ctx(dir, "removing", &n.precache()))?;
         Ok(())
@@ -256,13 +252,12 @@ impl Pool {
                 vid: vid.to_string(),
                 path: dir.shown(&n.precache()),
             })?;
-            let mut new = (*cfg).clone();
-            if let Some(rec) = &mut new.precache {
-                rec.copy = FileIdent::of(&copy);
-            }
-            self.store_volume(&new)?;
-            vol.lock().config = Arc::new(new);
-            Ok(())
+            self.update_config(vol, |new| {
+                if let Some(rec) = &mut new.precache {
+                    rec.copy = FileIdent::of(&copy);
+                }
+                Ok(())
+            })
         });
         if let Err(e) = made {
             // Unrecorded, it is stale: no start uses it.

@@ -1,7 +1,7 @@
 //! Properties: `volume set` of a volume's, and `pool set` of the pool's
 //! defaults.
 
-use super::config::{check_pool_constraints, VolumeKind};
+use super::config::{check_pool_constraints, VolumeConfig, VolumeKind};
 use super::failpoint;
 use super::pool::Pool;
 use super::vid::ValidVid;
@@ -104,10 +104,40 @@ impl Pool {
     /// Sets a property (SPEC §5). Lowering `revisions_to_keep` prunes at once.
     pub fn set(&self, vid: &ValidVid, prop: Property) -> Result<()> {
         let claim = self.volume(vid)?.claim(OpName::Set, |_| Ok(()))?;
-        let old = claim.config();
-        let mut cfg = (*old).clone();
         let running = claim.lock().run().is_some();
-        match &prop {
+        // Checked and changed on the config as it is now: an attach or a
+        // commit meanwhile is never undone by this write.
+        let (old, cfg) = self.update_config(&claim.volume, |cfg| {
+            let old = cfg.clone();
+            self.apply_property(vid, &prop, running, cfg)?;
+            Ok((old, cfg.clone()))
+        })?;
+        failpoint::hit("set.stored");
+        log::info!("{vid}: set {prop:?}");
+        if cfg.revisions_to_keep < old.revisions_to_keep {
+            if let Some(dir) = self.vm_dir_if_exists(vid)? {
+                self.prune_revisions(&cfg, &dir)?;
+            }
+        }
+        // -1 keeps no precache; back from it, the volume gets one.
+        if (cfg.revisions_to_keep == -1) != (old.revisions_to_keep == -1) {
+            if let Some(dir) = self.vm_dir_if_exists(vid)? {
+                self.refresh_precache(&claim.volume, &dir);
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks `prop` against the volume's config `cfg` (of a running
+    /// volume when `running`) and sets it there.
+    fn apply_property(
+        &self,
+        vid: &ValidVid,
+        prop: &Property,
+        running: bool,
+        cfg: &mut VolumeConfig,
+    ) -> Result<()> {
+        match prop {
             Property::Rw(rw) => {
                 if running {
                     return Err(busy(vid, "rw cannot change while it is running"));
@@ -137,7 +167,7 @@ impl Pool {
                 // volume without coming back here.
                 self.volume(src)
                     .map_err(|_| Error::NoSuchVolume(format!("{src} (the new source of {vid})")))?;
-                self.resolve_source(&cfg)?;
+                self.resolve_source(cfg)?;
             }
             Property::RevisionsToKeep(n) => {
                 let n = *n;
@@ -171,23 +201,7 @@ impl Pool {
             }
         }
         check_pool_constraints(&self.config(), cfg.rw, cfg.revisions_to_keep)
-            .map_err(|r| refused(vid, r))?;
-        let lowered = cfg.revisions_to_keep < old.revisions_to_keep;
-        self.set_config(&claim, cfg.clone())?;
-        failpoint::hit("set.stored");
-        log::info!("{vid}: set {prop:?}");
-        if lowered {
-            if let Some(dir) = self.vm_dir_if_exists(vid)? {
-                self.prune_revisions(&cfg, &dir)?;
-            }
-        }
-        // -1 keeps no precache; back from it, the volume gets one.
-        if (cfg.revisions_to_keep == -1) != (old.revisions_to_keep == -1) {
-            if let Some(dir) = self.vm_dir_if_exists(vid)? {
-                self.refresh_precache(&claim.volume, &dir);
-            }
-        }
-        Ok(())
+            .map_err(|r| refused(vid, r))
     }
 
     /// The running snapshot volumes whose chain ends at `origin`. Each

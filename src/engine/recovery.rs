@@ -2,12 +2,13 @@
 //! image, a half-made revision, a temporary file) is committed, finished
 //! or removed, so that every volume is stopped and consistent.
 
+use super::attach::LoopMap;
 use super::config::VolumeKind;
-use super::fsops::Dir;
+use super::fsops::{Dir, FileSig};
 use super::lifecycle::*;
 use super::pool::{Names, Pool};
 use super::revision::{parse_revision_name, Parsed};
-use super::volume::{Phase, Run, Volume};
+use super::volume::{Phase, Run, RunState, Volume};
 use crate::error::Result;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -20,6 +21,8 @@ impl Pool {
     /// opening a pool of 10,000 volumes takes well under a second.
     pub(crate) fn recover_all(&self) -> Result<()> {
         let vols: Vec<Arc<Volume>> = self.table.all();
+        // One walk of the loop devices for every volume that needs it.
+        let loops = LoopMap::default();
         let mut i = 0;
         while i < vols.len() {
             let (class, vm) = (vols[i].vid.class(), vols[i].vid.vm());
@@ -45,7 +48,7 @@ impl Pool {
                 }
             };
             for vol in group {
-                if let Err(e) = self.recover_volume(vol, &dir, &names) {
+                if let Err(e) = self.recover_volume(vol, &dir, &names, &loops) {
                     log::error!("{}: recovery failed: {e}", vol.vid);
                 }
             }
@@ -53,93 +56,32 @@ impl Pool {
         Ok(())
     }
 
-    fn recover_volume(&self, vol: &Arc<Volume>, dir: &Dir, names: &[String]) -> Result<()> {
-        let vid = vol.vid.clone();
-        let v = vid.to_string();
-        let n = Names::of(&vid);
-        let mut changed = false;
-        for f in names.iter().filter(|f| n.is_temp(f) || **f == n.import()) {
-            log::warn!(
-                "{vid}: recovery: removing unfinished {}",
-                dir.shown(f).display()
-            );
-            dir.remove(&v, f).map_err(io_ctx(dir, "removing", f))?;
-            changed = true;
-        }
+    /// Recovers one volume, in steps: unfinished files go, a half-made
+    /// revision goes, a leftover dirty image is committed (or dropped, or
+    /// its run resumed or held), a queued change is finished, the size and
+    /// the revisions are put right, and a stale precache is made again.
+    fn recover_volume(
+        &self,
+        vol: &Arc<Volume>,
+        dir: &Dir,
+        names: &[String],
+        loops: &LoopMap,
+    ) -> Result<()> {
+        let vid = &vol.vid;
+        let n = Names::of(vid);
+        let mut changed = self.remove_unfinished(vol, dir, names)?;
         let kind = vol.config().kind();
         let img = match kind {
-            VolumeKind::Origin => regular_entry(dir, &vid, &n.img())?,
+            VolumeKind::Origin => regular_entry(dir, vid, &n.img())?,
             _ => None,
         };
-        // A revision that is the same file as N.img (a commit interrupted
-        // between its link and its rename) shows as a second link. Only
-        // the newest can be that: an older one sharing N.img's file is a
-        // revert's target (reverts link), which stays.
         if let Some(img) = img.filter(|i| i.nlink > 1) {
-            let revs = self.list_revisions(&vid, Some(dir))?;
-            if let Some(r) = super::revision::half_made_commit_candidate(&vol.config(), revs) {
-                if let Some(rs) = regular_entry(dir, &vid, &r.file_name)? {
-                    if rs.same_inode(&img) {
-                        log::warn!(
-                            "{vid}: recovery: removing {}, the same file as {} (an interrupted commit)",
-                            dir.shown(&r.file_name).display(),
-                            dir.shown(&n.img()).display()
-                        );
-                        dir.remove(&v, &r.file_name).map_err(io_ctx(
-                            dir,
-                            "removing",
-                            &r.file_name,
-                        ))?;
-                        changed = true;
-                    }
-                }
-            }
+            changed |= self.remove_half_made_revision(vol, dir, &img)?;
         }
-        if names.contains(&n.dirty()) && regular_entry(dir, &vid, &n.dirty())?.is_some() {
-            // A loop device of `volume attach` (or of a hand-made losetup)
-            // still writes it: the run goes on.
-            if let Some(attached) = self.attached_loop(vol, dir)? {
-                return self.resume_attached(vol, dir, attached);
-            }
-            changed = true;
-            if kind == VolumeKind::Origin {
-                log::warn!(
-                    "{vid}: recovery: committing the leftover {}",
-                    dir.shown(&n.dirty()).display()
-                );
-                let contract = vol.config().dirty_contract();
-                if let StopOutcome::Held { holders } =
-                    self.commit_dirty(vol, dir, None, contract)?
-                {
-                    // Something that outlived the last daemon still writes
-                    // it: a commit now would make N.img change after its
-                    // commit. It stays a run, held, for the daemon to commit
-                    // once the writer lets go.
-                    log::warn!(
-                        "{vid}: recovery: not committing {}: it is still open for writing by {holders}; it is committed once that lets go, and the volume cannot start again until then",
-                        dir.shown(&n.dirty()).display()
-                    );
-                    vol.lock().phase = Phase::Running(Box::new(Run {
-                        leases: 0,
-                        file: None,
-                        started_sig: None,
-                        started_from: None,
-                        limit: Arc::new(AtomicU64::new(contract)),
-                        held: Some(holders),
-                        attachment: None,
-                        attached: None,
-                    }));
-                    self.table.set_held(&vid, true);
-                    return Ok(());
-                }
-            } else {
-                log::warn!(
-                    "{vid}: recovery: removing the leftover {} of a {} volume",
-                    dir.shown(&n.dirty()).display(),
-                    kind.as_str()
-                );
-                dir.remove(&v, &n.dirty())
-                    .map_err(io_ctx(dir, "removing", &n.dirty()))?;
+        if names.contains(&n.dirty()) && regular_entry(dir, vid, &n.dirty())?.is_some() {
+            match self.recover_dirty(vol, dir, loops)? {
+                Dirty::Done => changed = true,
+                Dirty::RunsOn => return Ok(()),
             }
         }
         // A queued change whose dirty image was already dropped when the
@@ -156,51 +98,14 @@ impl Pool {
         }
         if kind == VolumeKind::Origin {
             let img = if changed {
-                regular_entry(dir, &vid, &n.img())?
+                regular_entry(dir, vid, &n.img())?
             } else {
                 img
             };
             if let Some(img) = img {
-                let cfg = vol.config();
-                if img.size != cfg.size {
-                    log::warn!(
-                        "{vid}: recovery: the size in the config ({}) differs from {} ({}); taking the image's",
-                        cfg.size,
-                        dir.shown(&n.img()).display(),
-                        img.size
-                    );
-                    let mut new = (*cfg).clone();
-                    new.size = img.size;
-                    self.store_volume(&new)?;
-                    vol.lock().config = Arc::new(new);
-                }
+                self.take_image_size(vol, dir, img.size)?;
             }
-            // Finishes the prune of a commit (or revert, import, clone, or
-            // lowered revisions_to_keep) that a crash interrupted. Counted
-            // from the listing: no file is read when there is nothing to do.
-            let cfg = vol.config();
-            let listed = names
-                .iter()
-                .filter(|f| match parse_revision_name(vid.name(), f) {
-                    Parsed::Revision(r) => !super::revision::is_protected(&cfg, &r),
-                    _ => false,
-                })
-                .count();
-            if changed || listed > cfg.revisions_to_keep.max(0) as usize {
-                let (keep, _) = self.revisions_allowed(&cfg, dir)?;
-                let unprotected = self
-                    .list_revisions(&vid, Some(dir))?
-                    .iter()
-                    .filter(|r| !super::revision::is_protected(&cfg, r))
-                    .count();
-                if unprotected > keep {
-                    log::warn!(
-                        "{vid}: recovery: pruning the revisions an interrupted operation left"
-                    );
-                    self.prune_revisions(&cfg, dir)?;
-                    changed = true;
-                }
-            }
+            changed |= self.finish_prune(vol, dir, names, changed)?;
         }
         // A stale precache goes (a crash between a commit and its
         // record, an image replaced by hand), and is made again.
@@ -210,4 +115,164 @@ impl Pool {
         }
         Ok(())
     }
+
+    /// Removes the temporary files and unfinished imports of a volume.
+    fn remove_unfinished(&self, vol: &Volume, dir: &Dir, names: &[String]) -> Result<bool> {
+        let vid = &vol.vid;
+        let n = Names::of(vid);
+        let mut changed = false;
+        for f in names.iter().filter(|f| n.is_temp(f) || **f == n.import()) {
+            log::warn!(
+                "{vid}: recovery: removing unfinished {}",
+                dir.shown(f).display()
+            );
+            dir.remove(&vid.to_string(), f)
+                .map_err(io_ctx(dir, "removing", f))?;
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    /// A revision that is the same file as N.img (`img`, with a second
+    /// link: a commit interrupted between its link and its rename) goes.
+    /// Only the newest can be that: an older one sharing N.img's file is a
+    /// revert's target (reverts link), which stays.
+    fn remove_half_made_revision(&self, vol: &Volume, dir: &Dir, img: &FileSig) -> Result<bool> {
+        let vid = &vol.vid;
+        let revs = self.list_revisions(vid, Some(dir))?;
+        let Some(r) = super::revision::half_made_commit_candidate(&vol.config(), revs) else {
+            return Ok(false);
+        };
+        match regular_entry(dir, vid, &r.file_name)? {
+            Some(rs) if rs.same_inode(img) => {
+                log::warn!(
+                    "{vid}: recovery: removing {}, the same file as {} (an interrupted commit)",
+                    dir.shown(&r.file_name).display(),
+                    dir.shown(&Names::of(vid).img()).display()
+                );
+                dir.remove(&vid.to_string(), &r.file_name).map_err(io_ctx(
+                    dir,
+                    "removing",
+                    &r.file_name,
+                ))?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// A leftover dirty image: its run resumes when a loop device still
+    /// writes it; else it is committed (origin; held when something that
+    /// outlived the last daemon still writes it) or removed.
+    fn recover_dirty(&self, vol: &Arc<Volume>, dir: &Dir, loops: &LoopMap) -> Result<Dirty> {
+        let vid = &vol.vid;
+        let n = Names::of(vid);
+        // A loop device of `volume attach` (or of a hand-made losetup)
+        // still writes it: the run goes on.
+        if let Some(attached) = self.attached_loop(vol, dir, loops)? {
+            self.resume_attached(vol, dir, attached)?;
+            return Ok(Dirty::RunsOn);
+        }
+        let kind = vol.config().kind();
+        if kind != VolumeKind::Origin {
+            log::warn!(
+                "{vid}: recovery: removing the leftover {} of a {} volume",
+                dir.shown(&n.dirty()).display(),
+                kind.as_str()
+            );
+            dir.remove(&vid.to_string(), &n.dirty()).map_err(io_ctx(
+                dir,
+                "removing",
+                &n.dirty(),
+            ))?;
+            return Ok(Dirty::Done);
+        }
+        log::warn!(
+            "{vid}: recovery: committing the leftover {}",
+            dir.shown(&n.dirty()).display()
+        );
+        let contract = vol.config().dirty_contract();
+        let StopOutcome::Held { holders } = self.commit_dirty(vol, dir, None, contract)? else {
+            return Ok(Dirty::Done);
+        };
+        // Something that outlived the last daemon still writes it: a
+        // commit now would make N.img change after its commit. It stays a
+        // run, held, for the daemon to commit once the writer lets go.
+        log::warn!(
+            "{vid}: recovery: not committing {}: it is still open for writing by {holders}; it is committed once that lets go, and the volume cannot start again until then",
+            dir.shown(&n.dirty()).display()
+        );
+        vol.lock().phase = Phase::Running(Box::new(Run {
+            leases: 0,
+            started_sig: None,
+            started_from: None,
+            limit: Arc::new(AtomicU64::new(contract)),
+            state: RunState::Held { holders },
+        }));
+        self.table.set_held(vid, true);
+        Ok(Dirty::RunsOn)
+    }
+
+    /// The committed image's size is the volume's: a config that says
+    /// otherwise is put right.
+    fn take_image_size(&self, vol: &Volume, dir: &Dir, size: u64) -> Result<()> {
+        let cfg = vol.config();
+        if size == cfg.size {
+            return Ok(());
+        }
+        log::warn!(
+            "{}: recovery: the size in the config ({}) differs from {} ({size}); taking the image's",
+            vol.vid,
+            cfg.size,
+            dir.shown(&Names::of(&vol.vid).img()).display(),
+        );
+        self.update_config(vol, |c| {
+            c.size = size;
+            Ok(())
+        })
+    }
+
+    /// Finishes the prune of a commit (or revert, import, clone, or
+    /// lowered revisions_to_keep) that a crash interrupted. Counted from
+    /// the listing: no file is read when there is nothing to do.
+    fn finish_prune(
+        &self,
+        vol: &Volume,
+        dir: &Dir,
+        names: &[String],
+        changed: bool,
+    ) -> Result<bool> {
+        let vid = &vol.vid;
+        let cfg = vol.config();
+        let listed = names
+            .iter()
+            .filter(|f| match parse_revision_name(vid.name(), f) {
+                Parsed::Revision(r) => !super::revision::is_protected(&cfg, &r),
+                _ => false,
+            })
+            .count();
+        if !changed && listed <= cfg.revisions_to_keep.max(0) as usize {
+            return Ok(false);
+        }
+        let (keep, _) = self.revisions_allowed(&cfg, dir)?;
+        let unprotected = self
+            .list_revisions(vid, Some(dir))?
+            .iter()
+            .filter(|r| !super::revision::is_protected(&cfg, r))
+            .count();
+        if unprotected <= keep {
+            return Ok(false);
+        }
+        log::warn!("{vid}: recovery: pruning the revisions an interrupted operation left");
+        self.prune_revisions(&cfg, dir)?;
+        Ok(true)
+    }
+}
+
+/// What recovery did with a leftover dirty image.
+enum Dirty {
+    /// Committed or removed: the volume is stopped.
+    Done,
+    /// Its run goes on (attached to a loop device, or held).
+    RunsOn,
 }

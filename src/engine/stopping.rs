@@ -1,16 +1,50 @@
 //! When a run ends: whether it may linger for a next open (qemu's probe
 //! opens), ending a linger early, and waiting for a run's commit (what
-//! qubesd's `stop()` needs).
+//! qubesd's `stop()` needs), and what holds a dirty image open for
+//! writing outside reflinkfs (a held run).
 
+use super::fsops::Dir;
 use super::fsops::FileSig;
-use super::lifecycle::held_reason;
-use super::pool::Pool;
+use super::pool::{Names, Pool};
 use super::vid::ValidVid;
 use super::volume::{LifeState, PendingStop, Phase};
 use crate::error::{Cause, Error, Result};
 use crate::sys;
+use std::fs::File;
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
+
+/// How often, and how long apart, a stop looks again before it calls a
+/// dirty image held: the kernel lets go of a closed passthrough file a
+/// moment after the RELEASE that tells the daemon of the close.
+const HOLD_PROBES: u32 = 5;
+const HOLD_PROBE_GAP: Duration = Duration::from_millis(10);
+
+/// Why a held volume cannot start or be changed.
+pub(crate) fn held_reason(holders: &str) -> String {
+    format!("its last run is not committed yet: its dirty image is still open for writing by {holders}; detach or close that first")
+}
+
+/// Names what may hold `dirty` open for writing: the loop devices whose
+/// backing file it is (directly, or through a mount of the pool), else the
+/// kinds of writer that can do so unseen.
+fn describe_holders(dirty: &std::path::Path, vid: &ValidVid) -> String {
+    let tail = format!("/{}/{}/{}", vid.class(), vid.vm(), Names::of(vid).dirty());
+    let direct = dirty.display().to_string();
+    let mut loops = Vec::new();
+    for (dev, backing) in sys::loop_backing_files() {
+        if backing == direct {
+            loops.push(format!("{} (on the image itself)", dev.display()));
+        } else if backing.ends_with(&tail) {
+            loops.push(format!("{} (on {backing})", dev.display()));
+        }
+    }
+    if loops.is_empty() {
+        "something outside reflinkfs (a loop device or program that outlived an earlier daemon, or a shared mapping that outlived its file)".into()
+    } else {
+        format!("loop device {}", loops.join(", "))
+    }
+}
 
 impl Pool {
     /// Whether the run a last release gave back was not modified since its
@@ -19,8 +53,8 @@ impl Pool {
     pub fn unmodified(&self, p: &PendingStop) -> bool {
         let life = p.volume.lock();
         let Some(run) = life.run() else { return false };
-        match (&run.file, run.started_sig, run.leases, &run.held) {
-            (Some(f), Some(started), 0, None) => sys::fstat(f.as_fd())
+        match (run.file(), run.started_sig, run.leases) {
+            (Some(f), Some(started), 0) => sys::fstat(f.as_fd())
                 .is_ok_and(|st| FileSig::from_stat(&st).unchanged_since(&started)),
             _ => false,
         }
@@ -62,7 +96,7 @@ impl Pool {
                 Phase::Stopped => return Ok(()),
                 Phase::Removed => return Err(Error::NoSuchVolume(vid.to_string())),
                 Phase::Running(run) => {
-                    if let Some(holders) = &run.held {
+                    if let Some(holders) = run.held() {
                         return Err(Error::because(vid, Cause::Held, held_reason(holders)));
                     }
                     // Its last lease went meanwhile: a lingering run stops
@@ -92,5 +126,33 @@ impl Pool {
                 ));
             }
         }
+    }
+
+    /// What holds a dirty image open for writing outside reflinkfs, if
+    /// anything does. Looks a few times, a few milliseconds apart: the
+    /// kernel drops a closed passthrough file just after it tells the
+    /// daemon of the close.
+    pub(super) fn outside_writers(
+        &self,
+        vid: &ValidVid,
+        dir: &Dir,
+        dirty: &File,
+    ) -> Option<String> {
+        let name = Names::of(vid).dirty();
+        for probe in 0..HOLD_PROBES {
+            match sys::has_other_writers(dirty.as_fd()) {
+                Ok(false) => return None,
+                Ok(true) if probe + 1 < HOLD_PROBES => std::thread::sleep(HOLD_PROBE_GAP),
+                Ok(true) => {}
+                Err(e) => {
+                    log::warn!(
+                        "{vid}: cannot tell whether {} is still written outside reflinkfs ({e}: leases are off or unsupported); committing it",
+                        dir.shown(&name).display()
+                    );
+                    return None;
+                }
+            }
+        }
+        Some(describe_holders(&dir.shown(&name), vid))
     }
 }

@@ -105,7 +105,7 @@ impl Pool {
         let vol = self.volume(vid)?;
         let (file, rw) = {
             let life = vol.lock();
-            (life.run().and_then(|r| r.file.clone()), life.config.rw)
+            (life.run().and_then(|r| r.file().cloned()), life.config.rw)
         };
         let Some(file) = file else { return Ok(None) };
         let st = sys::fstat(std::os::fd::AsFd::as_fd(&*file))

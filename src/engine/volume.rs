@@ -29,6 +29,12 @@
 //!    reader sees the image and its generation together);
 //! 3. `Pool::held`, `Pool::creating` (sets of ids), leaves.
 //!
+//! Beside them, each volume has a config writer (`Volume::write_config`),
+//! which serialises every change of its config: read, change, store (an
+//! fsync), publish. It may be held across that I/O, and is taken before
+//! the volume's `life` mutex, never while holding it (the new config is
+//! published under `life`, briefly). It never waits for another volume.
+//!
 //! Never two volumes' locks at once: whoever needs another volume (a
 //! snapshot's source) reads it after releasing its own. No lock of this
 //! module is held across I/O that can take long: copies, fsync, commits,
@@ -163,10 +169,8 @@ impl Hooks {
 
 /// A started run of a volume.
 pub(crate) struct Run {
-    /// Open file handles (leases) on the run.
+    /// Open file handles (leases) on the run (none once it is held).
     pub leases: usize,
-    /// The dirty image, open read-write; `None` once the run is held.
-    pub file: Option<Arc<File>>,
     /// Signature of the dirty image right after start, to tell whether it
     /// was modified. `None` for a dirty image found at recovery, which is
     /// always committed.
@@ -179,19 +183,61 @@ pub(crate) struct Run {
     /// image back to it (passthrough writes past the end reach the backing
     /// file without the daemon). Changed only by a resize.
     pub limit: Arc<AtomicU64>,
-    /// Set when a stop found the dirty image still open for writing outside
-    /// reflinkfs (what holds it): the run is over for reflinkfs, but it is
+    pub state: RunState,
+}
+
+/// Whether a run still serves its clients.
+pub(crate) enum RunState {
+    /// Open to leases.
+    Live {
+        /// The dirty image, open read-write.
+        file: Arc<File>,
+        attachment: Option<Attachment>,
+        /// The loop device `volume attach` put on the dirty image: it
+        /// holds one of the leases, given back by `volume detach`.
+        attached: Option<super::config::AttachedLoop>,
+    },
+    /// A stop found the dirty image still open for writing outside
+    /// reflinkfs (by `holders`): the run is over for reflinkfs, but it is
     /// not committed until that writer lets go.
-    pub held: Option<String>,
-    pub attachment: Option<Attachment>,
-    /// The loop device `volume attach` put on the dirty image: it holds
-    /// one of the leases, given back by `volume detach`.
-    pub attached: Option<super::config::AttachedLoop>,
+    Held { holders: String },
 }
 
 impl Run {
     pub fn limit(&self) -> u64 {
         self.limit.load(Ordering::SeqCst)
+    }
+
+    /// What holds a held run's dirty image.
+    pub fn held(&self) -> Option<&str> {
+        match &self.state {
+            RunState::Held { holders } => Some(holders),
+            RunState::Live { .. } => None,
+        }
+    }
+
+    /// The dirty image of a live run.
+    pub fn file(&self) -> Option<&Arc<File>> {
+        match &self.state {
+            RunState::Live { file, .. } => Some(file),
+            RunState::Held { .. } => None,
+        }
+    }
+
+    /// The loop device of `volume attach` on a live run.
+    pub fn attached(&self) -> Option<super::config::AttachedLoop> {
+        match &self.state {
+            RunState::Live { attached, .. } => *attached,
+            RunState::Held { .. } => None,
+        }
+    }
+
+    /// The record of the loop device, to change; `None` for a held run.
+    pub fn attached_mut(&mut self) -> Option<&mut Option<super::config::AttachedLoop>> {
+        match &mut self.state {
+            RunState::Live { attached, .. } => Some(attached),
+            RunState::Held { .. } => None,
+        }
     }
 }
 
@@ -234,7 +280,7 @@ impl Life {
         match &self.phase {
             Phase::Stopped => LifeState::Stopped,
             Phase::Starting => LifeState::Starting,
-            Phase::Running(r) if r.held.is_some() => LifeState::Held,
+            Phase::Running(r) if r.held().is_some() => LifeState::Held,
             Phase::Running(_) => LifeState::Running,
             Phase::Committing => LifeState::Committing,
             Phase::Removed => LifeState::Removed,
@@ -263,6 +309,9 @@ pub(crate) struct Volume {
     life: Mutex<Life>,
     changed: Condvar,
     hooks: Arc<Hooks>,
+    /// Held by whoever changes the config, from its read to its publication
+    /// (see [`Volume::write_config`]).
+    config_writer: Mutex<()>,
 }
 
 impl Volume {
@@ -276,7 +325,19 @@ impl Volume {
             }),
             changed: Condvar::new(),
             hooks,
+            config_writer: Mutex::new(()),
         })
+    }
+
+    /// Starts a change of the config: until the writer drops, no other
+    /// change of this volume's config can start, so what it reads is what
+    /// it replaces (no change is lost between a read and a store). Taken
+    /// before `life`, never while it is held; may be held across I/O.
+    pub fn write_config(&self) -> ConfigWriter<'_> {
+        ConfigWriter {
+            volume: self,
+            _one: self.config_writer.lock(),
+        }
     }
 
     /// Tells the pool's hooks that this volume's files or properties
@@ -319,11 +380,11 @@ impl Volume {
             config: life.config.clone(),
             state: life.state_name(),
             running: run.is_some() || matches!(life.phase, Phase::Committing),
-            held: run.and_then(|r| r.held.clone()),
+            held: run.and_then(|r| r.held().map(str::to_owned)),
             leases: run.map_or(0, |r| r.leases),
             started_from: run.and_then(|r| r.started_from.clone()),
             limit: run.map(Run::limit),
-            attached: run.and_then(|r| r.attached),
+            attached: run.and_then(Run::attached),
         }
     }
 
@@ -373,6 +434,31 @@ impl Volume {
             volume: self.clone(),
             removed: false,
         })
+    }
+}
+
+/// A change of a volume's config in progress (see
+/// [`Volume::write_config`]). Use it through `Pool::update_config`, or,
+/// when the publication must go with another step under the volume's lock
+/// (the rename of a new committed image), [`ConfigWriter::current`] and
+/// [`ConfigWriter::publish`].
+pub(crate) struct ConfigWriter<'a> {
+    volume: &'a Volume,
+    _one: MutexGuard<'a, ()>,
+}
+
+impl ConfigWriter<'_> {
+    /// The config as it is now: no other writer changes it meanwhile.
+    pub fn current(&self) -> Arc<VolumeConfig> {
+        self.volume.config()
+    }
+
+    /// Shows a stored config to readers, under `life` (already locked by
+    /// the caller, who may rename an image in the same critical section).
+    pub fn publish(&self, life: &mut Life, config: VolumeConfig) -> Arc<VolumeConfig> {
+        let new = Arc::new(config);
+        life.config = new.clone();
+        new
     }
 }
 

@@ -142,28 +142,6 @@ pub fn has_other_writers(fd: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(false)
 }
 
-/// Every bound loop device with the path of its backing file, from sysfs
-/// (`/sys/block/loopN/loop/backing_file`, as the kernel printed it when
-/// asked: a deleted file ends in ` (deleted)`).
-pub fn loop_backing_files() -> Vec<(std::path::PathBuf, String)> {
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/sys/block") else {
-        return out;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !name.starts_with("loop") {
-            continue;
-        }
-        if let Ok(backing) = std::fs::read_to_string(e.path().join("loop/backing_file")) {
-            let backing = backing.trim_end_matches('\n').to_owned();
-            out.push((std::path::PathBuf::from("/dev").join(&name), backing));
-        }
-    }
-    out.sort();
-    out
-}
-
 /// A process that uses a file under some directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct User {

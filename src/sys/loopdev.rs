@@ -223,3 +223,37 @@ pub fn loop_dev_numbers(n: u32) -> Option<(u32, u32)> {
     let (a, b) = s.trim().split_once(':')?;
     Some((a.parse().ok()?, b.parse().ok()?))
 }
+
+thread_local! {
+    static BACKING_SCANS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// How many times this thread listed every loop device's backing file
+/// ([`loop_backing_files`]: a walk of `/sys/block`), for tests that check
+/// a walk is not repeated (recovery does one, however many volumes).
+pub fn loop_backing_scans() -> u64 {
+    BACKING_SCANS.with(|c| c.get())
+}
+
+/// Every bound loop device with the path of its backing file, from sysfs
+/// (`/sys/block/loopN/loop/backing_file`, as the kernel printed it when
+/// asked: a deleted file ends in ` (deleted)`).
+pub fn loop_backing_files() -> Vec<(PathBuf, String)> {
+    BACKING_SCANS.with(|c| c.set(c.get() + 1));
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        if let Ok(backing) = std::fs::read_to_string(e.path().join("loop/backing_file")) {
+            let backing = backing.trim_end_matches('\n').to_owned();
+            out.push((PathBuf::from("/dev").join(&name), backing));
+        }
+    }
+    out.sort();
+    out
+}

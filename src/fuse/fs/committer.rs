@@ -8,6 +8,7 @@
 //! run; a modified run stops at once.
 
 use super::*;
+use crate::engine::guard;
 
 /// Threads that run the stops the last releases ask for, so that ten VMs
 /// shutting down at once never take a FUSE worker.
@@ -58,7 +59,7 @@ impl Committer {
         let (l, t) = (later.clone(), tx.clone());
         let timer = std::thread::Builder::new()
             .name("linger".into())
-            .spawn(move || Self::linger_loop(&l, &t));
+            .spawn(move || guard::keep_running("the linger timer", || Self::linger_loop(&l, &t)));
         match timer {
             Ok(h) => threads.push(h),
             Err(e) => log::error!("cannot start the linger thread: {e}"),
@@ -107,19 +108,32 @@ impl Committer {
     }
 
     /// A committer thread: runs the queued stops until the queue closes.
+    /// A stop that panics is logged and counted, and the thread goes on
+    /// with the next: the volume's own guard put it back (stopped, its
+    /// dirty image kept for the next start); a panic before the stop began
+    /// leaves the run running, stopped by its next last close or unmount.
     fn commit_loop(pool: &Pool, rx: &Mutex<std::sync::mpsc::Receiver<PendingStop>>) {
         loop {
             let next = rx.lock().recv();
             let Ok(p) = next else { return };
             let vid = p.vid.clone();
-            match pool.finish_stop(p) {
-                Ok(None) => log::debug!("{vid}: opened again before its stop; it runs on"),
-                // The engine said at WARN what holds it; the daemon commits
-                // it once that lets go (`retry_held`).
-                Ok(Some(StopOutcome::Held { .. })) => {}
-                Ok(Some(outcome)) => log::info!("{vid}: last close: {outcome:?}"),
-                Err(e) => log::error!("{vid}: stop at the last close failed: {e}; the dirty image is kept and will be committed at the next start or pool open"),
-            }
+            guard::catch(&format!("{vid}: the stop at its last close"), || {
+                Self::run_stop(pool, p)
+            });
+        }
+    }
+
+    /// Runs one queued stop, saying what it did.
+    fn run_stop(pool: &Pool, p: PendingStop) {
+        let vid = p.vid.clone();
+        crate::engine::failpoint::panic_if("committer", &vid.to_string());
+        match pool.finish_stop(p) {
+            Ok(None) => log::debug!("{vid}: opened again before its stop; it runs on"),
+            // The engine said at WARN what holds it; the daemon commits
+            // it once that lets go (`retry_held`).
+            Ok(Some(StopOutcome::Held { .. })) => {}
+            Ok(Some(outcome)) => log::info!("{vid}: last close: {outcome:?}"),
+            Err(e) => log::error!("{vid}: stop at the last close failed: {e}; the dirty image is kept and will be committed at the next start or pool open"),
         }
     }
 
