@@ -15,6 +15,10 @@ pub(super) struct RunIo<B> {
 
 /// One open file handle.
 pub(super) struct Handle<B> {
+    /// The inode it was opened on: a release works with the number, never
+    /// the node, so it cannot put back an inode the kernel has forgotten
+    /// (the kernel may FORGET it as soon as RELEASE is answered).
+    pub(super) ino: u64,
     pub(super) node: Node,
     pub(super) file: Arc<File>,
     pub(super) writable: bool,
@@ -128,6 +132,7 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
                     .and_then(|a| a.downcast::<RunIo<B>>().ok());
                 let backing = run_io.as_ref().and_then(|r| r.backing.clone());
                 let fh = self.add_handle(Handle {
+                    ino,
                     node: node.clone(),
                     file: lease.file.clone(),
                     writable,
@@ -197,6 +202,7 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
         }
         let backing = self.ro_backing_for(ino, &file, register);
         let fh = self.add_handle(Handle {
+            ino,
             node,
             file: Arc::new(file),
             writable: false,
@@ -236,13 +242,15 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
     /// A RELEASE. The last release of a volume's dirty image queues its
     /// stop (commit or discard) on the committer threads: errors cannot
     /// reach the application; they are logged and the dirty image stays.
+    /// It never touches the inode table: the kernel may have forgotten the
+    /// inode already.
     pub fn release(&self, fh: u64) {
         let Some(h) = self.handles.lock().remove(&fh) else {
             log::error!("release of unknown handle {fh}");
             return;
         };
         let Handle {
-            node,
+            ino,
             file,
             lease,
             run_io,
@@ -260,7 +268,6 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
                 }
             }
             None => {
-                let ino = self.ino_of(&node);
                 let mut map = self.ro_backing.lock();
                 if map.get(&ino).is_some_and(|w| w.strong_count() == 0) {
                     map.remove(&ino);

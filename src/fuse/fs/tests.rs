@@ -320,3 +320,46 @@ fn wait_held_commits_a_held_volume_once_its_writer_lets_go() {
     assert_eq!(s.committed("c/v/a", 0, 10), b"minetheirs");
     assert!(s.fs.waiting_for().is_empty());
 }
+
+/// The kernel may FORGET an inode as soon as the daemon has answered the
+/// RELEASE of its last open (the adapter answers before it does the
+/// release's work): the release must not put the forgotten inode back in
+/// the table, nor leave its passthrough registration behind.
+#[test]
+fn a_release_after_forget_does_not_bring_the_inode_back() {
+    let s = setup(&["c/v/a"], true);
+    let fh = s.open("c/v/a-dirty.img", true).unwrap();
+    s.fs.write(fh, 0, b"one").unwrap();
+    s.fs.release(fh);
+    s.wait_stopped("c/v/a");
+    let before = s.fs.inode_count();
+    let ino = s.fs.lookup(s.ino("c/v"), "a.img").unwrap().ino;
+    let revision =
+        s.fs.readdir(s.ino("c/v"))
+            .unwrap()
+            .into_iter()
+            .find(|(_, _, n)| n.starts_with("a.img."))
+            .map(|(_, _, n)| n)
+            .expect("a revision");
+    let rev_ino = s.fs.lookup(s.ino("c/v"), &revision).unwrap().ino;
+    let fhs: Vec<u64> = [ino, rev_ino]
+        .iter()
+        .map(|i| s.fs.open(*i, libc::O_RDONLY, &register, false).unwrap().fh)
+        .collect();
+    assert_eq!(s.fs.ro_backing.lock().len(), 2);
+    // The kernel forgets each (the lookup above and the one of `ino`),
+    // then the release's work runs.
+    s.fs.forget(ino, 2);
+    s.fs.forget(rev_ino, 1);
+    let forgotten = s.fs.inode_count();
+    for fh in fhs {
+        s.fs.release(fh);
+    }
+    assert_eq!(s.fs.inode_count(), forgotten, "no inode came back");
+    assert!(s.fs.node(ino).is_err() && s.fs.node(rev_ino).is_err());
+    assert!(s.fs.ro_backing.lock().is_empty(), "no registration is left");
+    assert!(
+        forgotten <= before + 1,
+        "{forgotten} inodes, {before} before"
+    );
+}
