@@ -416,3 +416,192 @@ fn the_mount_shows_every_change_at_once_despite_caching() {
     assert!(std::fs::metadata(m.path("c/w")).is_err());
     m.unmount();
 }
+
+/// `truncate(2)` of a path, without opening it (an open would be one more
+/// request that may wait, and this is about the setattr).
+fn truncate_path(p: &Path, len: u64) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid C string; truncate(2) only reads it.
+    match unsafe { libc::truncate(c.as_ptr(), len as libc::off_t) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+/// Issue 18: truncates (resizes), unlinks (a revision's removal), renames
+/// (reverts) and opens of volumes whose commits are held all wait in the
+/// daemon's pool of waiting threads, never on a FUSE worker: with more of
+/// them than the mount has workers (two), another volume is still looked
+/// up, stat'ed, opened (a start, which waits too, on its own thread of the
+/// pool), written and read, and every waiting request completes once the
+/// commits are let go.
+#[test]
+fn waiting_truncates_unlinks_renames_and_opens_take_no_fuse_worker() {
+    if !require(&["ls"]) || !require_failpoints() {
+        return;
+    }
+    let fs = xfs();
+    let gate = scratch_dir(&fs, "live-wait-gate").join("open");
+    // Open at first: the commits that make A's revisions go through.
+    File::create(&gate).unwrap();
+    let path = prepared_pool(&fs, "live-wait", 10, |pool| {
+        for v in ["appvms/ra/pause", "appvms/rb/pause", "appvms/free/c"] {
+            create_origin(pool, v, MIB);
+        }
+    });
+    let m = Mounted::mount_with(
+        &path,
+        &path.parent().unwrap().join("mnt"),
+        "threads=2",
+        &[
+            ("REFLINKFS_FAILPOINT", "pause.commit"),
+            ("REFLINKFS_FAILPOINT_GATE", &s(&gate)),
+        ],
+    );
+    let dev = m.dev();
+    let (a, b) = (
+        m.path("appvms/ra/pause-dirty.img"),
+        m.path("appvms/rb/pause-dirty.img"),
+    );
+    for tag in 1..=3 {
+        write_until(&a, &pattern(tag, 4096), "stopped");
+    }
+    let first = |name: &str| {
+        let f = File::open(m.path(&format!("appvms/ra/{name}"))).unwrap();
+        read_at(&f, 0, 4096)
+    };
+    let revisions = revision_files(&m.pool, "appvms/ra/pause");
+    let target = revisions
+        .iter()
+        .find(|r| first(r) == pattern(1, 4096))
+        .expect("a revision with the first write")
+        .clone();
+    let victim = revisions.iter().find(|r| **r != target).unwrap().clone();
+    // From now on both commits stay held.
+    std::fs::remove_file(&gate).unwrap();
+    write_until(&a, &pattern(4, 4096), "committing");
+    write_until(&b, &pattern(5, 4096), "committing");
+
+    let mut waiting: Vec<(String, std::thread::JoinHandle<std::io::Result<()>>)> = Vec::new();
+    let mut wait = |what: &str, f: Box<dyn FnOnce() -> std::io::Result<()> + Send>| {
+        waiting.push((what.to_owned(), std::thread::spawn(f)));
+        // In this order into the daemon (one volume's requests run in turn).
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (a2, b2) = (a.clone(), b.clone());
+    wait(
+        "truncate of A",
+        Box::new(move || truncate_path(&a2, 2 * MIB)),
+    );
+    let (from, to) = (
+        m.path(&format!("appvms/ra/{target}")),
+        m.path("appvms/ra/pause.img"),
+    );
+    wait(
+        "rename (revert) of A",
+        Box::new(move || std::fs::rename(&from, &to)),
+    );
+    let victim_path = m.path(&format!("appvms/ra/{victim}"));
+    wait(
+        "unlink of a revision of A",
+        Box::new(move || std::fs::remove_file(&victim_path)),
+    );
+    wait(
+        "truncate of B",
+        Box::new(move || truncate_path(&b2, 2 * MIB)),
+    );
+    for i in 0..3 {
+        let b = b.clone();
+        wait(
+            &format!("open {i} of B"),
+            Box::new(move || {
+                let f = File::open(&b)?;
+                assert_eq!(read_at(&f, 0, 4096), pattern(5, 4096));
+                Ok(())
+            }),
+        );
+    }
+    for (what, t) in &waiting {
+        assert!(!t.is_finished(), "{what} waits for its volume's commit");
+    }
+
+    // Another volume answers: lookup, getattr, listing, an open that
+    // starts it, a write, a read, and its commit.
+    let mnt = m.mnt.clone();
+    must_return("lookup and getattr of another volume", dev, move || {
+        assert_eq!(
+            std::fs::metadata(mnt.join("appvms/free/c-dirty.img"))
+                .unwrap()
+                .len(),
+            MIB
+        );
+        assert_eq!(
+            std::fs::metadata(mnt.join("appvms/free/c.img"))
+                .unwrap()
+                .len(),
+            MIB
+        );
+    });
+    let mnt = m.mnt.clone();
+    must_return("ls -l of another VM", dev, move || {
+        run_ok(Command::new("ls").arg("-l").arg(mnt.join("appvms/free")));
+    });
+    let c = m.path("appvms/free/c-dirty.img");
+    must_return(
+        "an open (a start), write and read of another volume",
+        dev,
+        move || {
+            let f = open_rw(&c);
+            f.write_all_at(&pattern(6, 4096), 0).unwrap();
+            assert_eq!(read_at(&f, 0, 4096), pattern(6, 4096));
+        },
+    );
+    let img = m.path("appvms/free/c.img");
+    must_return("a read of another volume's N.img", dev, move || {
+        read_at(&File::open(&img).unwrap(), 0, 4096);
+    });
+    for (what, t) in &waiting {
+        assert!(!t.is_finished(), "{what} still waits");
+    }
+
+    // The commits go on, and every waiting request completes.
+    File::create(&gate).unwrap();
+    for (what, t) in waiting {
+        must_return(&what.clone(), dev, move || t.join().unwrap())
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+    }
+    m.wait_stopped("appvms/ra/pause-dirty.img");
+    m.wait_stopped("appvms/rb/pause-dirty.img");
+    m.wait_stopped("appvms/free/c-dirty.img");
+    // A: reverted to the target, the victim gone, and the 2 MiB image made
+    // by the truncate is N.img or (reverted from) a revision.
+    assert_eq!(first("pause.img"), pattern(1, 4096));
+    let now = revision_files(&m.pool, "appvms/ra/pause");
+    assert!(now.contains(&target) && !now.contains(&victim), "{now:?}");
+    let sizes: Vec<u64> = now
+        .iter()
+        .chain([&"pause.img".to_owned()])
+        .map(|n| {
+            std::fs::metadata(m.path(&format!("appvms/ra/{n}")))
+                .unwrap()
+                .len()
+        })
+        .collect();
+    assert!(sizes.contains(&(2 * MIB)), "{now:?}: {sizes:?}");
+    assert_eq!(
+        read_committed(&m.pool, &vid("appvms/rb/pause"), 0, 4096),
+        pattern(5, 4096)
+    );
+    assert_eq!(
+        std::fs::metadata(m.path("appvms/rb/pause.img"))
+            .unwrap()
+            .len(),
+        2 * MIB
+    );
+    assert_eq!(
+        read_committed(&m.pool, &vid("appvms/free/c"), 0, 4096),
+        pattern(6, 4096)
+    );
+    m.unmount();
+}

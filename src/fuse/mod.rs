@@ -4,22 +4,27 @@
 //! `fs/errno.rs`). All behaviour lives in `fs/`.
 //!
 //! Three things only this layer does:
-//! - a read-only mount (`-o ro`) refuses every change here, in
-//!   [`Adapter::change`] and the open of a file for writing, before the
+//! - a read-only mount (`-o ro`) refuses every change here (truncate,
+//!   unlink, rename, and the open of a file for writing) before the
 //!   filesystem sees it, and shows every image 0400;
 //! - every request runs under `catch_unwind`: a panic fails that request
 //!   with EIO (fuser answers a reply dropped unsent with EIO), is logged,
 //!   and the mount keeps serving every other volume;
-//! - an open that would wait for a volume (its start, or the commit of its
-//!   last run) moves, with its reply, to a thread of its own, so that no
-//!   FUSE worker ever waits on a volume: a mount with `threads=1` serves
-//!   every other VM while one volume starts or commits.
+//! - a request that would wait on a volume or on the disk moves, with its
+//!   reply, to the waiting pool ([`Adapter::serve_or_wait`], and
+//!   `fs/waiters.rs`): an open whose volume starts or commits, and every
+//!   truncate (a resize), unlink of a revision (its removal) and rename
+//!   onto `N.img` (a revert), which claim the volume and copy or fsync.
+//!   So no FUSE worker ever waits on a volume: a mount with `threads=1`
+//!   serves every other VM while one volume starts, commits or changes.
+//!   The pool has a few threads, one per waiting volume, and a bounded
+//!   queue: a request that finds it full is answered EBUSY.
 
 pub mod fs;
 pub mod inodes;
 mod ops;
 
-use fs::{Attr, FsResult, Kind, ReflinkFs};
+use fs::{Attr, FsResult, Kind, ReflinkFs, TryError};
 use fuser::{
     AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags, PollEvents,
@@ -240,24 +245,38 @@ impl Adapter {
         })
     }
 
-    /// A request that changes something: refused with EROFS on a read-only
-    /// mount, whatever the kernel let through.
-    fn change<R: Fail, T>(
+    /// Runs a request that may wait on a volume (an open, a truncate, an
+    /// unlink, a rename): `f` runs here first without `may_wait`; when it
+    /// would wait, the request and its reply go to the waiting pool
+    /// ([`ReflinkFs::defer`]), which runs `f` again with `may_wait` and
+    /// answers, and this worker serves on. `f` gets the reply, which an
+    /// open registers its passthrough file through.
+    fn serve_or_wait<R, T>(
         &self,
-        op: &str,
+        op: &'static str,
         reply: R,
-        f: impl FnOnce() -> FsResult<T>,
-        send: impl FnOnce(R, T),
-    ) {
-        self.serve(
-            op,
-            reply,
-            || {
-                self.writable(op)?;
-                f()
-            },
-            send,
-        )
+        f: impl Fn(&Adapter, &R, bool) -> Result<T, TryError> + Send + 'static,
+        send: impl FnOnce(&Adapter, R, T) + Send + 'static,
+    ) where
+        R: Fail + Send + 'static,
+    {
+        self.guard(op, || match f(self, &reply, false) {
+            Ok(v) => send(self, reply, v),
+            Err(TryError::Errno(e)) => reply.fail(e),
+            Err(TryError::WouldWait(vid)) => {
+                let a = self.clone();
+                let job = move |admitted: FsResult<()>| match admitted {
+                    Err(e) => reply.fail(e),
+                    Ok(()) => a.guard(op, || match f(&a, &reply, true) {
+                        Ok(v) => send(&a, reply, v),
+                        Err(TryError::Errno(e)) => reply.fail(e),
+                        // Never with `may_wait`.
+                        Err(TryError::WouldWait(_)) => reply.fail(libc::EIO),
+                    }),
+                };
+                self.fs.defer(vid, Box::new(job));
+            }
+        })
     }
 
     /// EROFS (logged) on a read-only mount.

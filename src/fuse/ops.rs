@@ -102,11 +102,19 @@ impl Filesystem for Adapter {
                 "reflinkfs volume set",
             );
         }
-        let send = |r: ReplyAttr, a: Attr| r.attr(&self.attr_ttl(&a), &self.attr(&a));
-        match size {
-            Some(s) => self.change("truncate", reply, || self.fs.set_size(ino.0, s), send),
-            None => self.serve("setattr", reply, || self.fs.getattr(ino.0, None), send),
-        }
+        let Some(size) = size else {
+            let send = |r: ReplyAttr, a: Attr| r.attr(&self.attr_ttl(&a), &self.attr(&a));
+            return self.serve("setattr", reply, || self.fs.getattr(ino.0, None), send);
+        };
+        self.serve_or_wait(
+            "truncate",
+            reply,
+            move |a, _, may_wait| {
+                a.writable("truncate")?;
+                a.fs.set_size(ino.0, size, may_wait)
+            },
+            |a, r, attr| r.attr(&a.attr_ttl(&attr), &a.attr(&attr)),
+        )
     }
 
     fn mknod(
@@ -144,11 +152,15 @@ impl Filesystem for Adapter {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.change(
+        let name = name.to_os_string();
+        self.serve_or_wait(
             "unlink",
             reply,
-            || self.fs.unlink(parent.0, name_str(name)?),
-            |r, ()| r.ok(),
+            move |a, _, may_wait| {
+                a.writable("unlink")?;
+                a.fs.unlink(parent.0, name_str(&name)?, may_wait)
+            },
+            |_, r, ()| r.ok(),
         )
     }
 
@@ -191,14 +203,16 @@ impl Filesystem for Adapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        self.change(
+        let (name, newname) = (name.to_os_string(), newname.to_os_string());
+        self.serve_or_wait(
             "rename",
             reply,
-            || {
-                let (n, nn) = (name_str(name)?, name_str(newname)?);
-                self.fs.rename(parent.0, n, newparent.0, nn, flags.bits())
+            move |a, _, may_wait| {
+                a.writable("rename")?;
+                let (n, nn) = (name_str(&name)?, name_str(&newname)?);
+                a.fs.rename(parent.0, n, newparent.0, nn, flags.bits(), may_wait)
             },
-            |r, ()| r.ok(),
+            |_, r, ()| r.ok(),
         )
     }
 
@@ -223,44 +237,17 @@ impl Filesystem for Adapter {
                 return reply.fail(e);
             }
         }
-        let quick = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            let register = |f: &std::fs::File| Backing::register(&reply, &self.conn, f);
-            self.fs.open(ino.0, flags.0, &register, false)
-        }));
-        match quick {
-            Ok(Ok(o)) => opened(reply, &o),
-            Ok(Err(fs::OpenError::Errno(e))) => reply.fail(e),
-            Ok(Err(fs::OpenError::WouldWait)) => {
-                // A start or a commit is ahead: the open and its reply go
-                // to a thread that may wait, and this worker serves on.
-                let a = self.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("open".into())
-                    .spawn(move || {
-                        // A start copies (in copy mode, the whole image):
-                        // it yields the CPU to the threads answering requests.
-                        crate::sys::lower_thread_priority(10);
-                        a.guard("open", || {
-                            let register =
-                                |f: &std::fs::File| Backing::register(&reply, &a.conn, f);
-                            match a.fs.open(ino.0, flags.0, &register, true) {
-                                Ok(o) => opened(reply, &o),
-                                Err(fs::OpenError::Errno(e)) => reply.fail(e),
-                                Err(fs::OpenError::WouldWait) => reply.fail(libc::EIO),
-                            }
-                        })
-                    });
-                if let Err(e) = spawned {
-                    log::error!("open: cannot start a thread ({e}); answered EIO");
-                }
-            }
-            Err(_) => {
-                self.fs.stats.panics.fetch_add(1, Ordering::Relaxed);
-                log::error!(
-                    "open: the request panicked; it was answered EIO, and the mount serves on"
-                );
-            }
-        }
+        // A start or a commit ahead: the open and its reply go to the
+        // waiting pool, and this worker serves on.
+        self.serve_or_wait(
+            "open",
+            reply,
+            move |a, reply, may_wait| {
+                let register = |f: &std::fs::File| Backing::register(reply, &a.conn, f);
+                a.fs.open(ino.0, flags.0, &register, may_wait)
+            },
+            |_, r, o| opened(r, &o),
+        )
     }
 
     fn read(

@@ -15,6 +15,10 @@ pub(super) struct RunIo<B> {
 
 /// One open file handle.
 pub(super) struct Handle<B> {
+    /// The inode it was opened on: a release works with the number, never
+    /// the node, so it cannot put back an inode the kernel has forgotten
+    /// (the kernel may FORGET it as soon as RELEASE is answered).
+    pub(super) ino: u64,
     pub(super) node: Node,
     pub(super) file: Arc<File>,
     pub(super) writable: bool,
@@ -64,18 +68,21 @@ pub struct Opened<B> {
     pub backing: Option<Arc<B>>,
 }
 
-/// Why an open did not complete.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OpenError {
+/// Why a request that may wait (an open, a truncate, an unlink, a
+/// rename) did not complete on the calling thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TryError {
     Errno(Errno),
-    /// It would have to wait (a start, or the commit of the last run):
-    /// do it again with `may_wait` on a thread that may block.
-    WouldWait,
+    /// It would have to wait on this volume (a start, the commit of the
+    /// last run, an operation in progress) or on the disk (a copy, an
+    /// fsync): do it again with `may_wait` on a thread of the waiting pool
+    /// ([`ReflinkFs::defer`]).
+    WouldWait(ValidVid),
 }
 
-impl From<Errno> for OpenError {
+impl From<Errno> for TryError {
     fn from(e: Errno) -> Self {
-        OpenError::Errno(e)
+        TryError::Errno(e)
     }
 }
 
@@ -89,16 +96,16 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
     /// Opens a node. `register` makes a passthrough backing registration
     /// for a file; it is only called when passthrough is on. Without
     /// `may_wait`, an open that would have to wait for a start or a commit
-    /// returns [`OpenError::WouldWait`] at once, for the adapter to do it
-    /// again on a thread that may wait: a FUSE worker never waits on a
-    /// volume.
+    /// returns [`TryError::WouldWait`] at once, for the adapter to do it
+    /// again on a thread of the waiting pool: a FUSE worker never waits on
+    /// a volume.
     pub fn open(
         &self,
         ino: u64,
         flags: i32,
         register: &dyn Fn(&File) -> std::io::Result<B>,
         may_wait: bool,
-    ) -> Result<Opened<B>, OpenError> {
+    ) -> Result<Opened<B>, TryError> {
         let node = self.node(ino)?;
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         match &node {
@@ -113,7 +120,7 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
                 }
                 let lease = match self.pool.try_acquire(vid, writable) {
                     Ok(Some(lease)) => lease,
-                    Ok(None) if !may_wait => return Err(OpenError::WouldWait),
+                    Ok(None) if !may_wait => return Err(TryError::WouldWait(vid.clone())),
                     Ok(None) => {
                         let attach = |f: &File| self.attach(vid, f, register);
                         self.pool
@@ -128,6 +135,7 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
                     .and_then(|a| a.downcast::<RunIo<B>>().ok());
                 let backing = run_io.as_ref().and_then(|r| r.backing.clone());
                 let fh = self.add_handle(Handle {
+                    ino,
                     node: node.clone(),
                     file: lease.file.clone(),
                     writable,
@@ -197,6 +205,7 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
         }
         let backing = self.ro_backing_for(ino, &file, register);
         let fh = self.add_handle(Handle {
+            ino,
             node,
             file: Arc::new(file),
             writable: false,
@@ -236,13 +245,15 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
     /// A RELEASE. The last release of a volume's dirty image queues its
     /// stop (commit or discard) on the committer threads: errors cannot
     /// reach the application; they are logged and the dirty image stays.
+    /// It never touches the inode table: the kernel may have forgotten the
+    /// inode already.
     pub fn release(&self, fh: u64) {
         let Some(h) = self.handles.lock().remove(&fh) else {
             log::error!("release of unknown handle {fh}");
             return;
         };
         let Handle {
-            node,
+            ino,
             file,
             lease,
             run_io,
@@ -260,7 +271,6 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
                 }
             }
             None => {
-                let ino = self.ino_of(&node);
                 let mut map = self.ro_backing.lock();
                 if map.get(&ino).is_some_and(|w| w.strong_count() == 0) {
                     map.remove(&ino);

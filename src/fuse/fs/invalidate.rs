@@ -30,8 +30,23 @@ pub fn in_request<R>(f: impl FnOnce() -> R) -> R {
 }
 
 pub(super) enum Notice {
+    /// Everything the kernel caches of a volume's files.
     Volume(ValidVid),
+    /// Only their entries (see [`ReflinkFs::invalidate`]).
+    Entries(ValidVid),
     Barrier(std::sync::mpsc::Sender<()>),
+}
+
+/// What an invalidation drops.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Part {
+    All,
+    /// Attributes and listings: the kernel takes these without a lock a
+    /// request may hold.
+    NoEntries,
+    /// Entries: the kernel takes the directory's lock for each, which an
+    /// unlink or rename in it holds while the daemon serves it.
+    Entries,
 }
 
 impl<B: Send + Sync + 'static> ReflinkFs<B> {
@@ -52,7 +67,8 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
                 for n in rx {
                     let Some(fs) = weak.upgrade() else { return };
                     match n {
-                        Notice::Volume(v) => fs.invalidate_now(&v),
+                        Notice::Volume(v) => fs.invalidate_now(&v, Part::All),
+                        Notice::Entries(v) => fs.invalidate_now(&v, Part::Entries),
                         Notice::Barrier(done) => {
                             let _ = done.send(());
                         }
@@ -78,21 +94,30 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
 
     /// A volume changed: drop what the kernel caches of its files, and of
     /// the snapshots that show its size. From inside a request it is
-    /// queued for the notifier thread; elsewhere it is done at once.
+    /// queued for the notifier thread. Elsewhere (a commit, an operation
+    /// of the control socket) the attributes and listings are dropped at
+    /// once, before the change shows as done, and the entries are queued:
+    /// the kernel drops an entry under its directory's lock, which an
+    /// unlink or rename there holds while it waits in the daemon for this
+    /// very change to end (its claim waits for the commit or operation).
     pub(super) fn invalidate(&self, vid: &ValidVid) {
         if self.invalidator.get().is_none() {
             return;
         }
-        if IN_REQUEST.with(|c| c.get()) {
-            if let Some(tx) = &*self.notices.lock() {
-                let _ = tx.send(Notice::Volume(vid.clone()));
+        let queued = match IN_REQUEST.with(|c| c.get()) {
+            true => Notice::Volume(vid.clone()),
+            false => {
+                self.invalidate_now(vid, Part::NoEntries);
+                Notice::Entries(vid.clone())
             }
-            return;
+        };
+        if let Some(tx) = &*self.notices.lock() {
+            let _ = tx.send(queued);
         }
-        self.invalidate_now(vid);
     }
 
-    pub(super) fn invalidate_now(&self, vid: &ValidVid) {
+    pub(super) fn invalidate_now(&self, vid: &ValidVid, what: Part) {
+        let (attrs, entries) = (what != Part::Entries, what != Part::NoEntries);
         let Some(inv) = self.invalidator.get() else {
             return;
         };
@@ -114,12 +139,14 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
                 .filter(|s| s.state != crate::engine::LifeState::Removed)
                 .map(|s| s.config.incarnation);
             for (ino, parent, name, node) in files {
-                inv.inode(ino);
+                if attrs {
+                    inv.inode(ino);
+                }
                 // `N-dirty.img` names one inode for its volume's whole life:
                 // its entry stays (dropping it would make the file of a
                 // loop device on it look deleted), until the volume is gone.
                 let same = matches!(node, Node::Dirty(_, inc) if Some(inc) == incarnation);
-                if let (Some(p), false) = (parent, same) {
+                if let (Some(p), false, true) = (parent, same, entries) {
                     inv.entry(p, &name);
                 }
             }
@@ -129,18 +156,23 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
             // class's last file, and their entries, with it. New names need
             // no entry invalidation: the mount never answers with a
             // negative entry the kernel could cache.
-            if let Some(vm) = vm {
+            if let (Some(vm), true) = (vm, attrs) {
                 inv.listing(vm);
             }
             if let Some(c) = class {
-                inv.listing(c);
-                if incarnation.is_none() {
+                if attrs {
+                    inv.listing(c);
+                }
+                if incarnation.is_none() && entries {
                     inv.entry(c, v.vm());
                 }
             }
-            inv.listing(crate::fuse::inodes::ROOT_INO);
-            if incarnation.is_none() {
-                inv.entry(crate::fuse::inodes::ROOT_INO, v.class());
+            let root = crate::fuse::inodes::ROOT_INO;
+            if attrs {
+                inv.listing(root);
+            }
+            if incarnation.is_none() && entries {
+                inv.entry(root, v.class());
             }
         }
     }

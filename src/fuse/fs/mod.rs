@@ -5,8 +5,11 @@
 //! A volume's lifecycle lives in the engine: an open of `N-dirty.img`
 //! takes a [`Lease`], which starts the volume the first time, and its
 //! release gives it back; the stop the last one asks for runs on the
-//! committer threads, never on a FUSE worker. An open that would have to
-//! wait (a start, a commit) is done by the adapter on a thread of its own.
+//! committer threads, never on a FUSE worker. A request that would have to
+//! wait (an open during a start or a commit; a truncate, an unlink or a
+//! rename, which claim the volume and copy or fsync) returns
+//! [`TryError::WouldWait`], and the adapter does it again on the waiting
+//! pool ([`ReflinkFs::defer`], `waiters.rs`).
 //!
 //! Generic over `B`, the passthrough registration ([`crate::fuse::Backing`]
 //! on a real mount), so that the open, release and commit paths can be tested
@@ -20,14 +23,17 @@ mod invalidate;
 #[cfg(test)]
 mod tests;
 mod tree;
+mod waiters;
 
 use self::committer::Committer;
 use self::errno::{errno_of, io_errno, start_errno};
 pub use self::errno::{fail, level_of, refuse};
 use self::handles::Handle;
-pub use self::handles::{OpenError, Opened};
+pub use self::handles::{Opened, TryError};
 use self::invalidate::Notice;
 pub use self::invalidate::{in_request, Invalidate};
+use self::waiters::Waiters;
+pub use self::waiters::{Job, PER_VOLUME, QUEUED, THREADS};
 use super::inodes::{Inodes, Node};
 use crate::engine::fsops::FileSig;
 use crate::engine::view::VolumeView;
@@ -103,6 +109,8 @@ pub struct ReflinkFs<B: Send + Sync + 'static = crate::fuse::Backing> {
     handles: Mutex<HashMap<u64, Handle<B>>>,
     next_fh: AtomicU64,
     committer: Committer,
+    /// The threads that run the requests that may wait on a volume.
+    waiters: Waiters,
     /// Where invalidations go, once the daemon has a session.
     invalidator: std::sync::OnceLock<Box<dyn Invalidate>>,
     /// Invalidations made inside requests, for the notifier thread.
@@ -132,6 +140,7 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             committer,
+            waiters: Waiters::new(),
             invalidator: std::sync::OnceLock::new(),
             notices: Mutex::new(None),
             stats: Stats::default(),
@@ -244,6 +253,13 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
         }
     }
 
+    /// Runs `job` on the waiting pool, after the other waiting requests of
+    /// `vid` (see `waiters.rs`); or calls it at once with the errno to
+    /// answer (EBUSY: the queue is full; EIO: the session has ended).
+    pub fn defer(&self, vid: ValidVid, job: Job) {
+        self.waiters.submit(vid, job);
+    }
+
     /// Whether the FUSE session has ended (the mount is gone): the daemon
     /// then only waits for its held volumes.
     pub fn session_ended(&self) -> bool {
@@ -261,6 +277,8 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
         if self.ended.swap(true, Ordering::SeqCst) {
             return;
         }
+        // Before the committers go: a running open may wait for a commit.
+        self.waiters.close();
         self.committer.drain();
         // Their passthrough registrations go with them (and with the runs
         // the stops below end), so the kernel keeps no descriptor of the

@@ -59,7 +59,7 @@ impl Setup {
         ino
     }
 
-    fn open(&self, path: &str, may_wait: bool) -> Result<u64, OpenError> {
+    fn open(&self, path: &str, may_wait: bool) -> Result<u64, TryError> {
         let ino = self.ino(path);
         self.fs
             .open(ino, libc::O_RDWR, &register, may_wait)
@@ -193,7 +193,7 @@ fn a_writable_open_never_races_past_set_rw_false() {
                 );
                 s.fs.release(fh);
             }
-            Err(OpenError::Errno(libc::EROFS)) => refused += 1,
+            Err(TryError::Errno(libc::EROFS)) => refused += 1,
             Err(e) => panic!("{e:?}"),
         }
     }
@@ -210,22 +210,29 @@ mod paused {
     use super::*;
     use crate::engine::failpoint;
 
-    /// A commit held in progress: an open of that volume would wait
-    /// (and the adapter does it on a thread of its own), while every
-    /// other volume opens, commits, lists and stats as usual.
-    #[test]
-    fn a_held_commit_stalls_nothing_but_its_own_volume() {
-        let s = Arc::new(setup(&["c/v/apause", "c/v/b"], true));
-        let a = "c/v/apause";
+    /// A pool of `a` and `c/v/b` whose commit of `a` (with "held" written)
+    /// is held at its failpoint until the gate returned is resumed.
+    fn held_commit(a: &str) -> (Arc<Setup>, Arc<(Mutex<bool>, parking_lot::Condvar)>) {
+        let s = Arc::new(setup(&[a, "c/v/b"], true));
         let gate = failpoint::pause_for("pause.commit", a);
         let fh = s.open(&format!("{a}-dirty.img"), true).unwrap();
         s.fs.write(fh, 0, b"held").unwrap();
         s.fs.release(fh);
         failpoint::wait_paused(&gate);
+        (s, gate)
+    }
+
+    /// A commit held in progress: an open of that volume would wait
+    /// (and the adapter does it on the waiting pool), while every
+    /// other volume opens, commits, lists and stats as usual.
+    #[test]
+    fn a_held_commit_stalls_nothing_but_its_own_volume() {
+        let a = "c/v/apause";
+        let (s, gate) = held_commit(a);
         assert_eq!(s.state(a), "committing");
         assert_eq!(
             s.open(&format!("{a}-dirty.img"), false).unwrap_err(),
-            OpenError::WouldWait
+            TryError::WouldWait(a.parse().unwrap())
         );
         // Everything else goes on.
         let b = s.open("c/v/b-dirty.img", true).unwrap();
@@ -254,6 +261,79 @@ mod paused {
         assert_eq!(s.committed(a, 0, 4), b"held");
     }
 
+    /// The waiting pool: a held volume's waiting requests queue behind one
+    /// another (bounded: past [`PER_VOLUME`] they are answered EBUSY at
+    /// once), another volume's waiting open runs meanwhile, and every
+    /// queued request completes once the volume is let go.
+    #[test]
+    fn the_waiting_pool_serves_other_volumes_and_is_bounded() {
+        let a = "c/v/wpause";
+        let vid: ValidVid = a.parse().unwrap();
+        let (s, gate) = held_commit(a);
+        let ino = s.ino(&format!("{a}-dirty.img"));
+        assert_eq!(
+            s.fs.set_size(ino, 2 * MIB, false).unwrap_err(),
+            TryError::WouldWait(vid.clone()),
+            "a truncate never waits on the caller's thread"
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut admitted = 0;
+        let refused = loop {
+            let (fs, tx, n) = (s.fs.clone(), tx.clone(), admitted);
+            let (done_tx, done_rx) = std::sync::mpsc::channel();
+            s.fs.defer(
+                vid.clone(),
+                Box::new(move |go| {
+                    let r = go.map_err(TryError::Errno);
+                    if r.is_err() {
+                        done_tx.send(r.clone()).unwrap();
+                        return;
+                    }
+                    let _ = done_tx.send(Ok(()));
+                    let r = fs.set_size(ino, 2 * MIB, true).map(|at| at.size);
+                    tx.send((n, r)).unwrap();
+                }),
+            );
+            // A refusal is answered at once, on this thread.
+            match done_rx.try_recv() {
+                Ok(Err(e)) => break e,
+                _ => admitted += 1,
+            }
+            assert!(admitted <= PER_VOLUME + 1, "the queue is not bounded");
+        };
+        assert_eq!(refused, TryError::Errno(libc::EBUSY));
+        assert!(admitted >= PER_VOLUME, "{admitted} admitted");
+        // Another volume's open that waits (a start) runs meanwhile.
+        let (open_tx, open_rx) = std::sync::mpsc::channel();
+        let (fs, b_ino) = (s.fs.clone(), s.ino("c/v/b-dirty.img"));
+        s.fs.defer(
+            "c/v/b".parse().unwrap(),
+            Box::new(move |go| {
+                go.unwrap();
+                let fh = fs.open(b_ino, libc::O_RDWR, &register, true).unwrap().fh;
+                fs.write(fh, 0, b"free").unwrap();
+                fs.release(fh);
+                open_tx.send(()).unwrap();
+            }),
+        );
+        open_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("another volume's open ran while the held one waits");
+        s.wait_stopped("c/v/b");
+        assert_eq!(s.committed("c/v/b", 0, 4), b"free");
+        assert!(rx.try_recv().is_err(), "the held volume's requests wait");
+        failpoint::resume("pause.commit", a, &gate);
+        let mut done: Vec<usize> = Vec::new();
+        for _ in 0..admitted {
+            let (n, r) = rx.recv_timeout(Duration::from_secs(60)).unwrap();
+            assert_eq!(r, Ok(2 * MIB), "request {n}");
+            done.push(n);
+        }
+        assert_eq!(done, (0..admitted).collect::<Vec<_>>(), "in arrival order");
+        s.wait_stopped(a);
+        assert_eq!(s.committed(a, 0, 4), b"held");
+    }
+
     /// An open that waits on a volume being removed fails cleanly
     /// (ENOENT) when the removal is done, and leaves no file behind.
     #[test]
@@ -278,7 +358,7 @@ mod paused {
         remover.join().unwrap().unwrap();
         assert_eq!(
             opener.join().unwrap().unwrap_err(),
-            OpenError::Errno(libc::ENOENT)
+            TryError::Errno(libc::ENOENT)
         );
         let left: Vec<String> = std::fs::read_dir(s.dir.path().join("pool/c/v"))
             .unwrap()
@@ -324,4 +404,47 @@ fn wait_held_commits_a_held_volume_once_its_writer_lets_go() {
     assert_eq!(s.state("c/v/a"), "stopped");
     assert_eq!(s.committed("c/v/a", 0, 10), b"minetheirs");
     assert!(s.fs.waiting_for().is_empty());
+}
+
+/// The kernel may FORGET an inode as soon as the daemon has answered the
+/// RELEASE of its last open (the adapter answers before it does the
+/// release's work): the release must not put the forgotten inode back in
+/// the table, nor leave its passthrough registration behind.
+#[test]
+fn a_release_after_forget_does_not_bring_the_inode_back() {
+    let s = setup(&["c/v/a"], true);
+    let fh = s.open("c/v/a-dirty.img", true).unwrap();
+    s.fs.write(fh, 0, b"one").unwrap();
+    s.fs.release(fh);
+    s.wait_stopped("c/v/a");
+    let before = s.fs.inode_count();
+    let ino = s.fs.lookup(s.ino("c/v"), "a.img").unwrap().ino;
+    let revision =
+        s.fs.readdir(s.ino("c/v"))
+            .unwrap()
+            .into_iter()
+            .find(|(_, _, n)| n.starts_with("a.img."))
+            .map(|(_, _, n)| n)
+            .expect("a revision");
+    let rev_ino = s.fs.lookup(s.ino("c/v"), &revision).unwrap().ino;
+    let fhs: Vec<u64> = [ino, rev_ino]
+        .iter()
+        .map(|i| s.fs.open(*i, libc::O_RDONLY, &register, false).unwrap().fh)
+        .collect();
+    assert_eq!(s.fs.ro_backing.lock().len(), 2);
+    // The kernel forgets each (the lookup above and the one of `ino`),
+    // then the release's work runs.
+    s.fs.forget(ino, 2);
+    s.fs.forget(rev_ino, 1);
+    let forgotten = s.fs.inode_count();
+    for fh in fhs {
+        s.fs.release(fh);
+    }
+    assert_eq!(s.fs.inode_count(), forgotten, "no inode came back");
+    assert!(s.fs.node(ino).is_err() && s.fs.node(rev_ino).is_err());
+    assert!(s.fs.ro_backing.lock().is_empty(), "no registration is left");
+    assert!(
+        forgotten <= before + 1,
+        "{forgotten} inodes, {before} before"
+    );
 }
