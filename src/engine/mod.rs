@@ -11,6 +11,7 @@ pub mod attach;
 mod commit;
 pub mod config;
 pub mod delta;
+mod dirs;
 pub mod failpoint;
 pub mod fsops;
 pub mod lifecycle;

@@ -128,6 +128,8 @@ pub struct Pool {
     pub(crate) creating: Mutex<BTreeSet<ValidVid>>,
     /// Told of every change to a volume's files or properties.
     pub(crate) hooks: Arc<Hooks>,
+    /// Open VM directories, for the mount's lookups (`dirs.rs`).
+    pub(crate) vm_dirs: super::dirs::VmDirs,
 }
 
 impl std::fmt::Debug for Pool {
@@ -318,6 +320,7 @@ impl Pool {
             held: Mutex::new(BTreeSet::new()),
             creating: Mutex::new(BTreeSet::new()),
             hooks: Arc::new(Hooks::default()),
+            vm_dirs: Default::default(),
         };
         pool.load_volumes()?;
         pool.recover_all()?;

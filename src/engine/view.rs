@@ -66,8 +66,8 @@ impl Pool {
     /// the VM directory on every view.
     pub fn volume_view(&self, vid: &ValidVid) -> Result<VolumeView> {
         let snap = self.volume(vid)?.snapshot();
-        let dir = self.vm_dir_if_exists(vid)?;
-        Ok(self.view_in(vid, snap, dir.as_ref(), None))
+        let dir = self.kept_vm_dir(vid)?;
+        Ok(self.view_in(vid, snap, dir.as_deref(), None))
     }
 
     /// A view from a snapshot, with the files looked at in `dir` (the VM
@@ -113,7 +113,7 @@ impl Pool {
         let Some(first) = vids.first() else {
             return Ok(Vec::new());
         };
-        let dir = self.vm_dir_if_exists(first)?;
+        let dir = self.kept_vm_dir(first)?;
         let names = match &dir {
             Some(d) => d
                 .names()
@@ -125,7 +125,7 @@ impl Pool {
         for vid in vids {
             // A volume removed since the range query is left out.
             let Ok(vol) = self.volume(&vid) else { continue };
-            let view = self.view_in(&vid, vol.snapshot(), dir.as_ref(), Some(&listed));
+            let view = self.view_in(&vid, vol.snapshot(), dir.as_deref(), Some(&listed));
             let mut revisions: Vec<(Revision, Option<FileSig>)> = names
                 .iter()
                 .filter_map(|f| match parse_revision_name(vid.name(), f) {
@@ -154,8 +154,8 @@ impl Pool {
     /// [`Pool::revisions`] also reads each one's id and usage).
     pub fn revision_files(&self, vid: &ValidVid) -> Result<Vec<Revision>> {
         self.volume(vid)?;
-        let dir = self.vm_dir_if_exists(vid)?;
-        self.list_revisions(vid, dir.as_ref())
+        let dir = self.kept_vm_dir(vid)?;
+        self.list_revisions(vid, dir.as_deref())
     }
 
     /// The signature of a running volume's dirty image, read through the
@@ -244,7 +244,7 @@ impl Pool {
         if !snap.config.optional || snap.config.kind() != VolumeKind::Origin || snap.running {
             return true;
         }
-        self.vm_dir_if_exists(vid)
+        self.kept_vm_dir(vid)
             .ok()
             .flatten()
             .is_some_and(|d| matches!(regular_entry(&d, vid, &Names::of(vid).img()), Ok(Some(_))))
