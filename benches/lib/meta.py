@@ -238,7 +238,7 @@ def cmd_profile(args):
         if tool == "strace":
             cmd = ["strace", "-c", "-f", "-o", out, "-p", str(pid)]
         else:
-            cmd = ["perf", "stat", "-e", "task-clock,instructions:u,instructions:k", "-o", out, "-p", str(pid)]
+            cmd = ["perf", "stat", "-e", "task-clock,context-switches,instructions:u,instructions:k", "-o", out, "-p", str(pid)]
         p = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
         time.sleep(1.0)
         r = work()
@@ -251,6 +251,13 @@ def cmd_profile(args):
     ls_cold(mnt)
     for _ in range(runs):
         print(f"{ls_cold(mnt):.4f} {ls_cold(pool):.4f}")
+    for d in (mnt, pool):
+        out = os.path.join(fsdir, "client.txt")
+        drop_caches()
+        subprocess.run(["strace", "-c", "-o", out, "ls", "-lR", d], stdout=subprocess.DEVNULL, check=True)
+        with open(out) as f:
+            print(f"== ls -lR of {'the mount' if d == mnt else 'the pool directory'}, cold, under strace -c")
+            print(f.read())
     for tool in ("strace", "perf"):
         if tool == "perf" and subprocess.run(["perf", "stat", "-e", "instructions", "true"], capture_output=True).returncode:
             print("== perf does not work here")
@@ -261,6 +268,18 @@ def cmd_profile(args):
         t, rep = traced(tool, lambda: timed(lookups_cold))
         print(f"== the daemon under {tool} during 200 cold lookups ({t:.3f} s)")
         print(rep)
+    if subprocess.run(["perf", "record", "-o", "/dev/null", "true"], capture_output=True).returncode == 0:
+        data = os.path.join(fsdir, "perf.data")
+        p = subprocess.Popen(["perf", "record", "-F", "4999", "-g", "-o", data, "-p", str(pid)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)
+        t = ls_cold(mnt)
+        p.send_signal(signal.SIGINT)
+        p.wait()
+        rep = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children", "--sort", "dso,symbol",
+                              "-g", "none", "--percent-limit", "0.7"], capture_output=True, text=True).stdout
+        print(f"== the daemon's CPU samples during one cold ls -lR of the mount ({t:.3f} s), by function")
+        print("\n".join(l for l in rep.splitlines() if l.strip() and not l.startswith("#")))
     unmount(binary, mnt)
 
 
