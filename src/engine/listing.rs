@@ -50,28 +50,44 @@ impl Pool {
         out
     }
 
-    /// The VMs of `class` that have a volume the mount shows, sorted.
+    /// The VMs of `class` that have a volume the mount shows, sorted: one
+    /// pass over the class's range of the sorted map. A VM with a volume
+    /// that is not optional is shown without a look at the disk; only one
+    /// with nothing but optional volumes asks [`Pool::is_shown`] (after the
+    /// map's lock is let go: the lock order).
     pub fn shown_vms(&self, class: &str) -> Vec<String> {
-        let mut out = Vec::new();
-        let (mut from, end) = (
+        let (lo, hi) = (
             ValidVid::vm_bounds(class, "").0,
             ValidVid::vm_bounds(class, "\u{7f}").0,
         );
-        loop {
-            let next = self
-                .table
-                .volumes
-                .read()
-                .range(from.clone()..end.clone())
-                .next()
-                .map(|(v, _)| v.vm().to_owned());
-            let Some(vm) = next else { break };
-            if !self.shown_in_vm(class, &vm).is_empty() {
-                out.push(vm.clone());
+        // Each VM once, with its optional volumes when it has only those.
+        let mut vms: Vec<(String, Vec<ValidVid>)> = Vec::new();
+        {
+            let vols = self.table.volumes.read();
+            let mut sure = false;
+            for (vid, vol) in vols.range(lo..hi) {
+                if vms.last().is_none_or(|(vm, _)| vm != vid.vm()) {
+                    vms.push((vid.vm().to_owned(), Vec::new()));
+                    sure = false;
+                }
+                let optional = &mut vms.last_mut().expect("pushed above").1;
+                if sure {
+                    continue;
+                }
+                if vol.config().optional {
+                    optional.push(vid.clone());
+                } else {
+                    sure = true;
+                    optional.clear();
+                }
             }
-            from = ValidVid::vm_bounds(class, &vm).1;
         }
-        out
+        vms.into_iter()
+            .filter(|(_, optional)| {
+                optional.is_empty() || optional.iter().any(|v| self.is_shown(v))
+            })
+            .map(|(vm, _)| vm)
+            .collect()
     }
 
     /// Whether a class has a volume the mount shows. Stops at the first

@@ -12,6 +12,7 @@ mod check;
 mod commit;
 pub mod config;
 pub mod delta;
+mod dirs;
 pub mod failpoint;
 pub mod fsops;
 pub mod guard;

@@ -63,6 +63,8 @@ pub struct Pool {
     pub(crate) table: VolumeTable,
     /// Told of every change to a volume's files or properties.
     pub(crate) hooks: Arc<Hooks>,
+    /// Open VM directories, for the mount's lookups (`dirs.rs`).
+    pub(crate) vm_dirs: super::dirs::VmDirs,
 }
 
 impl std::fmt::Debug for Pool {
@@ -250,6 +252,7 @@ impl Pool {
             starts: Default::default(),
             table: VolumeTable::default(),
             hooks: Arc::new(Hooks::default()),
+            vm_dirs: Default::default(),
         };
         let loaded = super::table::load(&pool.volmeta, &pool.config.read(), &pool.hooks)?;
         pool.table.fill(loaded);

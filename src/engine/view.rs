@@ -2,13 +2,15 @@
 //! volume's files, and the opens of its committed image and revisions.
 
 use super::config::{VolumeConfig, VolumeKind};
-use super::fsops::FileSig;
+use super::fsops::{Dir, FileSig};
 use super::lifecycle::{open_image, regular_entry};
 use super::pool::{Names, Pool};
+use super::revision::{parse_revision_name, Parsed, Revision};
 use super::vid::ValidVid;
 use super::volume::{LifeState, Snapshot};
 use crate::error::{Error, Result};
 use crate::sys::{self, FsStats};
+use std::collections::HashSet;
 use std::fs::File;
 use std::sync::Arc;
 
@@ -46,6 +48,16 @@ impl std::fmt::Display for IoMode {
     }
 }
 
+/// One volume of a VM directory's listing ([`Pool::vm_listing`]).
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub vid: ValidVid,
+    pub view: VolumeView,
+    /// Its revisions, sorted, each with its file's signature (`None` when
+    /// it went since the listing, or is not a regular file).
+    pub revisions: Vec<(Revision, Option<FileSig>)>,
+}
+
 /// A volume as the mount shows it.
 #[derive(Debug, Clone)]
 pub struct VolumeView {
@@ -69,33 +81,102 @@ pub struct VolumeView {
 impl Pool {
     /// The view of one volume: a snapshot of its config and state, taken
     /// without waiting, and the signatures of its files, read after.
-    /// Planted symlinks and other non-regular files show as absent.
+    /// Planted symlinks and other non-regular files show as absent. The
+    /// dirty image is only looked at while the volume runs: stopped, it
+    /// does not exist, and a lookup that finds that out costs a miss in
+    /// the VM directory on every view.
     pub fn volume_view(&self, vid: &ValidVid) -> Result<VolumeView> {
         let snap = self.volume(vid)?.snapshot();
+        let dir = self.kept_vm_dir(vid)?;
+        Ok(self.view_in(vid, snap, dir.as_deref(), None))
+    }
+
+    /// A view from a snapshot, with the files looked at in `dir` (the VM
+    /// directory, if it exists). With `names` (the directory's listing),
+    /// a file that is not listed is not looked at.
+    fn view_in(
+        &self,
+        vid: &ValidVid,
+        snap: Snapshot,
+        dir: Option<&Dir>,
+        names: Option<&HashSet<&str>>,
+    ) -> VolumeView {
         let n = Names::of(vid);
-        let dir = self.vm_dir_if_exists(vid)?;
-        let (img, dirty) = match &dir {
-            Some(d) => (
-                regular_entry(d, vid, &n.img()).ok().flatten(),
-                regular_entry(d, vid, &n.dirty()).ok().flatten(),
-            ),
-            None => (None, None),
+        let look = |want: bool, name: String| match dir {
+            Some(d) if want && names.is_none_or(|l| l.contains(name.as_str())) => {
+                regular_entry(d, vid, &name).ok().flatten()
+            }
+            _ => None,
         };
+        let origin = snap.config.kind() == VolumeKind::Origin;
+        let img = look(origin, n.img());
+        let dirty = look(snap.running, n.dirty());
         let config = snap.config;
-        Ok(VolumeView {
+        VolumeView {
             nominal_size: self.nominal_size(&config),
             generation: config.generation,
-            img: if config.kind() == VolumeKind::Origin {
-                img
-            } else {
-                None
-            },
+            img,
             dirty,
             running: snap.running,
             held: snap.held.is_some(),
             state: snap.state,
             config,
-        })
+        }
+    }
+
+    /// The shown volumes of one VM directory as the mount lists them: each
+    /// one's view and its revisions with their signatures, from one open
+    /// and one listing of the directory, and a stat of each file the
+    /// listing has (the mount's readdir; looking each volume up on its own
+    /// opened and listed the directory once per file).
+    pub fn vm_listing(&self, class: &str, vm: &str) -> Result<Vec<Listed>> {
+        let vids = self.shown_in_vm(class, vm);
+        let Some(first) = vids.first() else {
+            return Ok(Vec::new());
+        };
+        let dir = self.kept_vm_dir(first)?;
+        let names = match &dir {
+            Some(d) => d
+                .names()
+                .map_err(|e| Error::io(format!("listing {}", d.path().display()), e))?,
+            None => Vec::new(),
+        };
+        let listed: HashSet<&str> = names.iter().map(String::as_str).collect();
+        let mut out = Vec::with_capacity(vids.len());
+        for vid in vids {
+            // A volume removed since the range query is left out.
+            let Ok(vol) = self.volume(&vid) else { continue };
+            let view = self.view_in(&vid, vol.snapshot(), dir.as_deref(), Some(&listed));
+            let mut revisions: Vec<(Revision, Option<FileSig>)> = names
+                .iter()
+                .filter_map(|f| match parse_revision_name(vid.name(), f) {
+                    Parsed::Revision(r) => Some(r),
+                    Parsed::Malformed | Parsed::NotOurs => None,
+                })
+                .map(|r| {
+                    let sig = dir
+                        .as_ref()
+                        .and_then(|d| regular_entry(d, &vid, &r.file_name).ok().flatten());
+                    (r, sig)
+                })
+                .collect();
+            revisions.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+            out.push(Listed {
+                vid,
+                view,
+                revisions,
+            });
+        }
+        Ok(out)
+    }
+
+    /// A volume's revisions by file name, id and time: one listing of its
+    /// VM directory, no file opened (what the mount's lookups need;
+    /// [`Pool::revisions`] also reads each one's id and usage).
+    pub fn revision_files(&self, vid: &ValidVid) -> Result<Vec<Revision>> {
+        self.volume(vid)?;
+        let dir = self.kept_vm_dir(vid)?;
+        self.list_revisions(vid, dir.as_deref())
     }
 
     /// The signature of a running volume's dirty image, read through the
@@ -184,7 +265,7 @@ impl Pool {
         if !snap.config.optional || snap.config.kind() != VolumeKind::Origin || snap.running {
             return true;
         }
-        self.vm_dir_if_exists(vid)
+        self.kept_vm_dir(vid)
             .ok()
             .flatten()
             .is_some_and(|d| matches!(regular_entry(&d, vid, &Names::of(vid).img()), Ok(Some(_))))

@@ -167,6 +167,16 @@ pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
     Ok(unsafe { st.assume_init() })
 }
 
+/// The soft limit on open files (`RLIMIT_NOFILE`), or `None` when it
+/// cannot be read.
+pub fn open_files_limit() -> Option<u64> {
+    let mut r = std::mem::MaybeUninit::<libc::rlimit>::uninit();
+    // SAFETY: getrlimit writes the struct behind a valid pointer.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, r.as_mut_ptr()) }).ok()?;
+    // SAFETY: getrlimit succeeded, so the struct is initialised.
+    Some(unsafe { r.assume_init() }.rlim_cur)
+}
+
 /// `fsync(fd)`: also used on directory fds after a rename, link or unlink.
 /// Errors: `EIO`, `ENOSPC` (delayed allocation), `EDQUOT`.
 pub fn fsync(fd: BorrowedFd<'_>) -> io::Result<()> {

@@ -77,7 +77,11 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
     }
 
     pub(super) fn attr_of(&self, ino: u64, node: &Node) -> FsResult<Attr> {
-        crate::engine::failpoint::panic_if("fuse.getattr", &format!("{node:?}"));
+        // The subject is formatted only where a failpoint can be armed: not
+        // on every getattr of a service build.
+        if cfg!(feature = "failpoints") {
+            crate::engine::failpoint::panic_if("fuse.getattr", &format!("{node:?}"));
+        }
         match node {
             Node::Root | Node::Class(_) | Node::Vm(..) => Ok(self.dir_attr(ino)),
             Node::Dirty(vid, _) => {
@@ -89,45 +93,9 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
                         ..sig_attr(ino, &sig, self.file_perm(rw))
                     });
                 }
-                let view = self.view(vid)?;
-                let perm = self.file_perm(view.config.rw);
-                match (view.running, view.dirty) {
-                    (true, Some(sig)) => Ok(Attr {
-                        cacheable: false,
-                        ..sig_attr(ino, &sig, perm)
-                    }),
-                    _ => {
-                        let (mtime, ctime, blocks) = view
-                            .img
-                            .map(|s| (time_of(s.mtime), time_of(s.ctime), s.blocks))
-                            .unwrap_or((self.started, self.started, 0));
-                        Ok(Attr {
-                            ino,
-                            kind: Kind::File,
-                            size: view.nominal_size,
-                            blocks,
-                            perm,
-                            mtime,
-                            ctime,
-                            cacheable: true,
-                        })
-                    }
-                }
+                Ok(self.dirty_attr(ino, &self.view(vid)?))
             }
-            Node::Img(vid, _, generation) => {
-                // An older generation's image never changes: it keeps the
-                // attributes it had, whatever replaced the name since.
-                let remembered = self.inodes.lock().sig(ino);
-                let view = self.view(vid)?;
-                if view.generation != *generation {
-                    return remembered
-                        .map(|s| sig_attr(ino, &s, 0o400))
-                        .ok_or(libc::ENOENT);
-                }
-                let sig = view.img.ok_or(libc::ENOENT)?;
-                self.inodes.lock().remember(ino, sig);
-                Ok(sig_attr(ino, &sig, 0o400))
-            }
+            Node::Img(vid, _, generation) => self.img_attr(ino, *generation, &self.view(vid)?),
             Node::Revision(vid, _, name) => {
                 let f = self
                     .pool
@@ -140,9 +108,57 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
         }
     }
 
+    /// The attributes of `N-dirty.img` from a view of its volume: the
+    /// dirty image's while it runs, else the committed image's times and
+    /// blocks with the volume's size.
+    fn dirty_attr(&self, ino: u64, view: &VolumeView) -> Attr {
+        let perm = self.file_perm(view.config.rw);
+        match (view.running, view.dirty) {
+            (true, Some(sig)) => Attr {
+                cacheable: false,
+                ..sig_attr(ino, &sig, perm)
+            },
+            _ => {
+                let (mtime, ctime, blocks) = view
+                    .img
+                    .map(|s| (time_of(s.mtime), time_of(s.ctime), s.blocks))
+                    .unwrap_or((self.started, self.started, 0));
+                Attr {
+                    ino,
+                    kind: Kind::File,
+                    size: view.nominal_size,
+                    blocks,
+                    perm,
+                    mtime,
+                    ctime,
+                    cacheable: true,
+                }
+            }
+        }
+    }
+
+    /// The attributes of `N.img` of one generation. An older generation's
+    /// image never changes: it keeps the attributes it had, whatever
+    /// replaced the name since.
+    fn img_attr(&self, ino: u64, generation: u64, view: &VolumeView) -> FsResult<Attr> {
+        if view.generation != generation {
+            return self
+                .inodes
+                .lock()
+                .sig(ino)
+                .map(|s| sig_attr(ino, &s, 0o400))
+                .ok_or(libc::ENOENT);
+        }
+        let sig = view.img.ok_or(libc::ENOENT)?;
+        self.inodes.lock().remember(ino, sig);
+        Ok(sig_attr(ino, &sig, 0o400))
+    }
+
     /// Which node `name` in directory `parent` is, if it exists. One range
     /// query of the pool's sorted volumes: as cheap with 10,000 volumes as
-    /// with 10.
+    /// with 10. Only `N.img` (whether it exists) and a revision's name (the
+    /// directory's listing) look at the disk; `N-dirty.img` is known from
+    /// the volume table alone.
     pub(super) fn child(&self, parent: &Node, name: &str) -> FsResult<Node> {
         match parent {
             Node::Root => self
@@ -155,26 +171,33 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
                 .ok_or(libc::ENOENT),
             Node::Vm(c, vm) => {
                 for v in self.pool.shown_in_vm(c, vm) {
-                    let n = crate::engine::Names::of(&v);
-                    if !name.starts_with(v.name()) {
+                    // NAME-dirty.img, NAME.img or NAME.img.K@TIME
+                    let Some(rest) = name.strip_prefix(v.name()) else {
+                        continue;
+                    };
+                    if rest == "-dirty.img" {
+                        let snap = self.pool.snapshot(&v).map_err(|e| errno_of("lookup", &e))?;
+                        return Ok(Node::Dirty(v, snap.config.incarnation));
+                    }
+                    if !rest.starts_with(".img") {
                         continue;
                     }
-                    if name == n.dirty() {
+                    if rest == ".img" {
                         let view = self.view(&v)?;
-                        return Ok(Node::Dirty(v.clone(), view.config.incarnation));
+                        return match view.img {
+                            Some(_) => Ok(Node::Img(v, view.config.incarnation, view.generation)),
+                            None => Err(libc::ENOENT),
+                        };
                     }
-                    if name == n.img() || name.starts_with(&format!("{}.img", v.name())) {
-                        let view = self.view(&v)?;
-                        let inc = view.config.incarnation;
-                        if name == n.img() {
-                            return match view.img {
-                                Some(_) => Ok(Node::Img(v.clone(), inc, view.generation)),
-                                None => Err(libc::ENOENT),
-                            };
-                        }
-                        if self.revisions(&v)?.iter().any(|r| r.file_name == name) {
-                            return Ok(Node::Revision(v.clone(), inc, name.to_owned()));
-                        }
+                    let known = self
+                        .pool
+                        .revision_files(&v)
+                        .map_err(|e| errno_of("lookup", &e))?
+                        .iter()
+                        .any(|r| r.file_name == name);
+                    if known {
+                        let snap = self.pool.snapshot(&v).map_err(|e| errno_of("lookup", &e))?;
+                        return Ok(Node::Revision(v, snap.config.incarnation, name.to_owned()));
                     }
                 }
                 Err(libc::ENOENT)
@@ -230,65 +253,106 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
 
     /// The entries of a directory, without `.` and `..`.
     pub fn readdir(&self, ino: u64) -> FsResult<Vec<(u64, Kind, String)>> {
-        let node = self.node(ino)?;
-        let mut out = Vec::new();
-        match &node {
-            Node::Root => {
-                for c in self.pool.shown_classes() {
-                    let n = Node::Class(c.clone());
-                    out.push((self.ino_of(&n), Kind::Dir, c));
-                }
-            }
-            Node::Class(c) => {
-                for vm in self.pool.shown_vms(c) {
-                    let n = Node::Vm(c.clone(), vm.clone());
-                    out.push((self.ino_of(&n), Kind::Dir, vm));
-                }
-            }
-            Node::Vm(c, vm) => {
-                for v in self.pool.shown_in_vm(c, vm) {
-                    let names = crate::engine::Names::of(&v);
-                    let Ok(view) = self.pool.volume_view(&v) else {
-                        continue;
-                    };
-                    let inc = view.config.incarnation;
-                    out.push((
-                        self.ino_of(&Node::Dirty(v.clone(), inc)),
-                        Kind::File,
-                        names.dirty(),
-                    ));
-                    if view.img.is_some() {
-                        out.push((
-                            self.ino_of(&Node::Img(v.clone(), inc, view.generation)),
-                            Kind::File,
-                            names.img(),
-                        ));
-                    }
-                    for r in self.revisions(&v).unwrap_or_default() {
-                        let n = Node::Revision(v.clone(), inc, r.file_name.clone());
-                        out.push((self.ino_of(&n), Kind::File, r.file_name));
-                    }
-                }
-            }
-            _ => return Err(libc::ENOTDIR),
-        }
-        Ok(out)
+        Ok(self
+            .listing(ino, false)?
+            .into_iter()
+            .map(|(ino, kind, name, _)| (ino, kind, name))
+            .collect())
     }
 
     /// readdirplus: the entries with their attributes. Each one the
     /// adapter sends counts as a lookup (see [`ReflinkFs::looked_up`]).
     pub fn readdir_plus(&self, ino: u64) -> FsResult<Vec<(Kind, String, Attr)>> {
-        let mut out = Vec::new();
-        for (eino, kind, name) in self.readdir(ino)? {
-            let Some(node) = self.inodes.lock().node(eino) else {
-                continue;
-            };
-            // An entry gone since the listing is left out.
-            if let Ok(a) = self.attr_of(eino, &node) {
-                out.push((kind, name, a));
+        Ok(self
+            .listing(ino, true)?
+            .into_iter()
+            .filter_map(|(_, kind, name, a)| Some((kind, name, a?)))
+            .collect())
+    }
+
+    /// A directory's entries, with their attributes when `plus` asks for
+    /// them (an entry gone since the listing has none, and is left out of
+    /// a readdirplus). A VM directory is read once, by
+    /// [`Pool::vm_listing`]: its files' attributes come from that listing,
+    /// not from a view per file (which opened and looked up the VM
+    /// directory again for each). The inode table is locked once.
+    #[allow(clippy::type_complexity)]
+    fn listing(&self, ino: u64, plus: bool) -> FsResult<Vec<(u64, Kind, String, Option<Attr>)>> {
+        let node = self.node(ino)?;
+        let dirs = |names: Vec<String>, node: &dyn Fn(String) -> Node| {
+            let mut inodes = self.inodes.lock();
+            names
+                .into_iter()
+                .map(|name| {
+                    let ino = inodes.ino_of(&node(name.clone()));
+                    let a = plus.then(|| self.dir_attr(ino));
+                    (ino, Kind::Dir, name, a)
+                })
+                .collect()
+        };
+        match &node {
+            Node::Root => Ok(dirs(self.pool.shown_classes(), &|c| Node::Class(c))),
+            Node::Class(c) => Ok(dirs(self.pool.shown_vms(c), &|vm| Node::Vm(c.clone(), vm))),
+            Node::Vm(c, vm) => {
+                let listed = self
+                    .pool
+                    .vm_listing(c, vm)
+                    .map_err(|e| errno_of("readdir", &e))?;
+                let mut out = Vec::new();
+                for l in listed {
+                    self.list_volume(l, plus, &mut out);
+                }
+                Ok(out)
             }
+            _ => Err(libc::ENOTDIR),
         }
-        Ok(out)
+    }
+
+    /// One volume's files in a VM directory's listing.
+    fn list_volume(
+        &self,
+        l: crate::engine::view::Listed,
+        plus: bool,
+        out: &mut Vec<(u64, Kind, String, Option<Attr>)>,
+    ) {
+        let names = crate::engine::Names::of(&l.vid);
+        let view = &l.view;
+        let inc = view.config.incarnation;
+        let (dirty_ino, img_ino, rev_inos) = {
+            let mut inodes = self.inodes.lock();
+            let dirty = inodes.ino_of(&Node::Dirty(l.vid.clone(), inc));
+            let img = view
+                .img
+                .map(|_| inodes.ino_of(&Node::Img(l.vid.clone(), inc, view.generation)));
+            let revs: Vec<u64> = l
+                .revisions
+                .iter()
+                .map(|(r, _)| {
+                    inodes.ino_of(&Node::Revision(l.vid.clone(), inc, r.file_name.clone()))
+                })
+                .collect();
+            (dirty, img, revs)
+        };
+        // A running volume's dirty image: one fstat through the run's own
+        // descriptor, as getattr does.
+        let dirty_attr = plus.then(|| match self.pool.running_dirty(&l.vid) {
+            Ok(Some((sig, rw))) => Attr {
+                cacheable: false,
+                ..sig_attr(dirty_ino, &sig, self.file_perm(rw))
+            },
+            _ => self.dirty_attr(dirty_ino, view),
+        });
+        out.push((dirty_ino, Kind::File, names.dirty(), dirty_attr));
+        if let Some(img_ino) = img_ino {
+            let a = plus
+                .then(|| self.img_attr(img_ino, view.generation, view).ok())
+                .flatten();
+            out.push((img_ino, Kind::File, names.img(), a));
+        }
+        for ((r, sig), ino) in l.revisions.into_iter().zip(rev_inos) {
+            let a = sig.filter(|_| plus).map(|s| sig_attr(ino, &s, 0o400));
+            out.push((ino, Kind::File, r.file_name, a));
+        }
     }
 
     /// An entry of a readdirplus reply went out: the kernel holds a lookup.
@@ -356,5 +420,169 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The listings against the lookups: a readdirplus answers for each
+    //! entry what a LOOKUP and a GETATTR of it would, although it reads
+    //! the VM directory once for all of them.
+    use super::*;
+    use crate::engine::{CreateOptions, InitOptions};
+    use std::collections::BTreeMap;
+
+    struct Fake;
+
+    fn setup() -> (tempfile::TempDir, ReflinkFs<Fake>) {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Pool::init(
+            &dir.path().join("pool"),
+            &InitOptions {
+                setup_check: false,
+                revisions_to_keep: 1,
+                read_only: false,
+            },
+        )
+        .unwrap();
+        for v in ["c/v/a", "c/v/b", "c/v/priv", "c/w/x"] {
+            pool.create(&v.parse().unwrap(), &CreateOptions::origin(1 << 20))
+                .unwrap();
+        }
+        let fs = ReflinkFs::<Fake>::new(
+            Arc::new(pool),
+            FsOptions {
+                passthrough: false,
+                committers: 1,
+            },
+        );
+        (dir, fs)
+    }
+
+    fn lookup_path(fs: &ReflinkFs<Fake>, path: &str) -> u64 {
+        path.split('/')
+            .fold(ROOT, |ino, part| fs.lookup(ino, part).unwrap().ino)
+    }
+
+    const ROOT: u64 = crate::fuse::inodes::ROOT_INO;
+
+    fn same(a: &Attr, b: &Attr) -> bool {
+        (
+            a.ino,
+            a.kind,
+            a.size,
+            a.blocks,
+            a.perm,
+            a.mtime,
+            a.ctime,
+            a.cacheable,
+        ) == (
+            b.ino,
+            b.kind,
+            b.size,
+            b.blocks,
+            b.perm,
+            b.mtime,
+            b.ctime,
+            b.cacheable,
+        )
+    }
+
+    #[test]
+    fn a_listing_answers_what_lookups_answer() {
+        let (_dir, fs) = setup();
+        let register = |_: &File| Ok(Fake);
+        // c/v/a gets a revision: one run that writes, committed.
+        let fh = fs
+            .open(
+                lookup_path(&fs, "c/v/a-dirty.img"),
+                libc::O_RDWR,
+                &register,
+                true,
+            )
+            .map_err(|_| "open")
+            .unwrap()
+            .fh;
+        fs.write(fh, 0, b"data").unwrap();
+        fs.release(fh);
+        let a: ValidVid = "c/v/a".parse().unwrap();
+        let end = Instant::now() + Duration::from_secs(30);
+        while fs.pool.snapshot(&a).unwrap().state != crate::engine::volume::LifeState::Stopped {
+            assert!(Instant::now() < end, "c/v/a did not stop");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // c/v/b runs while the directory is listed.
+        let running = fs
+            .open(
+                lookup_path(&fs, "c/v/b-dirty.img"),
+                libc::O_RDWR,
+                &register,
+                true,
+            )
+            .map_err(|_| "open")
+            .unwrap()
+            .fh;
+        fs.write(running, 4096, b"more").unwrap();
+
+        let names = |ino| -> Vec<String> {
+            fs.readdir(ino)
+                .unwrap()
+                .into_iter()
+                .map(|(_, _, n)| n)
+                .collect()
+        };
+        assert_eq!(names(ROOT), ["c"]);
+        assert_eq!(names(lookup_path(&fs, "c")), ["v", "w"]);
+        let vm = lookup_path(&fs, "c/v");
+        let plain: BTreeMap<String, (u64, Kind)> = fs
+            .readdir(vm)
+            .unwrap()
+            .into_iter()
+            .map(|(ino, kind, name)| (name, (ino, kind)))
+            .collect();
+        let plus = fs.readdir_plus(vm).unwrap();
+        let revision = plus
+            .iter()
+            .find(|(_, n, _)| n.starts_with("a.img."))
+            .map(|(_, n, _)| n.clone());
+        assert!(
+            revision.is_some(),
+            "the run of c/v/a left a revision: {plus:?}"
+        );
+        assert_eq!(
+            plain.keys().cloned().collect::<Vec<_>>(),
+            plus.iter().map(|(_, n, _)| n.clone()).collect::<Vec<_>>(),
+            "readdir and readdirplus list the same names"
+        );
+        assert_eq!(
+            plus.len(),
+            7,
+            "3 dirty, 3 committed images, 1 revision: {plus:?}"
+        );
+        for (kind, name, listed) in &plus {
+            assert_eq!(plain[name], (listed.ino, *kind), "{name}: readdir's entry");
+            let looked = fs.lookup(vm, name).unwrap();
+            let got = fs.getattr(looked.ino, None).unwrap();
+            assert!(
+                same(&looked, listed),
+                "{name}: lookup {looked:?}, listing {listed:?}"
+            );
+            assert!(
+                same(&got, listed),
+                "{name}: getattr {got:?}, listing {listed:?}"
+            );
+        }
+        let b_dirty = plus.iter().find(|(_, n, _)| n == "b-dirty.img").unwrap();
+        assert!(
+            !b_dirty.2.cacheable,
+            "a running image's attributes are not cached"
+        );
+        assert_eq!(
+            fs.lookup(vm, "a.img.999@20200101T000000Z").unwrap_err(),
+            libc::ENOENT
+        );
+        assert_eq!(fs.lookup(vm, "b.img.1").unwrap_err(), libc::ENOENT);
+        assert_eq!(fs.lookup(vm, "nobody-dirty.img").unwrap_err(), libc::ENOENT);
+        fs.release(running);
     }
 }
