@@ -135,26 +135,7 @@ fn serve(
     let signals = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
     sys::block_signals(&signals).map_err(|e| fail(&mut pipe, Error::io("blocking signals", e)))?;
 
-    let pool = match Pool::open(pool_path) {
-        Ok(p) => p,
-        Err(Error::NotAPool { .. }) if is_empty_dir(pool_path) => {
-            log::info!(
-                "{} is an empty directory: initialising a pool there",
-                pool_path.display()
-            );
-            let init = InitOptions {
-                setup_check: opts.setup_check,
-                ..InitOptions::default()
-            };
-            Pool::init(pool_path, &init).map_err(|e| fail(&mut pipe, e))?
-        }
-        Err(e) => {
-            let e = mounts::explain_not_a_pool(e, |pool| {
-                format!("the pool is {}, mounted there already", pool.display())
-            });
-            return Err(fail(&mut pipe, e));
-        }
-    };
+    let pool = open_pool(pool_path, opts).map_err(|e| fail(&mut pipe, e))?;
     let pool = Arc::new(pool);
     // The detached daemon's log, opened through the metadata directory's fd,
     // never through a symlink a pool owner planted there: a mount that
@@ -183,71 +164,9 @@ fn serve(
             committers: 2,
         },
     ));
-    let mut mount_options = vec![
-        MountOption::FSName(pool.path().display().to_string()),
-        MountOption::Subtype("reflinkfs".into()),
-        MountOption::DefaultPermissions,
-        MountOption::NoSuid,
-        MountOption::NoDev,
-    ];
-    if opts.read_only {
-        mount_options.push(MountOption::RO);
-    }
-    if opts.noexec {
-        mount_options.push(MountOption::NoExec);
-    }
-    if opts.noatime {
-        mount_options.push(MountOption::NoAtime);
-    }
-    let mut config = Config::default();
-    config.mount_options = mount_options;
-    config.acl = if opts.allow_other {
-        SessionACL::All
-    } else {
-        SessionACL::Owner
-    };
-    config.n_threads = Some(opts.threads);
-    config.clone_fd = true;
+    let config = fuse_config(opts, &pool);
 
-    let owner = pool.owner().map_err(|e| {
-        fail(
-            &mut pipe,
-            Error::io(format!("examining {}", pool.path().display()), e),
-        )
-    })?;
-    let conn = Arc::new(Connection::default());
-    let session = fuser::Session::new(
-        Adapter {
-            fs: fs.clone(),
-            conn: conn.clone(),
-            read_only: opts.read_only,
-            owner,
-        },
-        mnt,
-        &config,
-    )
-    .map_err(|e| {
-        fail(
-            &mut pipe,
-            Error::io(
-                format!("mounting {} on {}", pool.path().display(), mnt.display()),
-                e,
-            ),
-        )
-    })?;
-    // The daemon's own descriptor of the connection, for passthrough
-    // registrations that can be taken back whenever their last open goes,
-    // even after the session (see `Connection`).
-    let own = session.as_fd().try_clone_to_owned().map_err(|e| {
-        fail(
-            &mut pipe,
-            Error::io("duplicating the FUSE connection's descriptor", e),
-        )
-    })?;
-    conn.set(own);
-    // Entries and attributes are cached by the kernel from now on, and
-    // dropped at every change of a volume.
-    fs.set_invalidator(Box::new(crate::fuse::Notify(session.notifier())));
+    let session = start_session(&pool, &fs, mnt, opts, &config).map_err(|e| fail(&mut pipe, e))?;
     log::info!(
         "mounted pool {} on {} (I/O mode: {}, {} threads{}{})",
         pool.path().display(),
@@ -278,6 +197,130 @@ fn serve(
             ),
         )
     })?;
+    spawn_threads(&fs, &daemon, mnt, signals).map_err(|e| fail(&mut pipe, e))?;
+
+    if let Some(p) = pipe.take() {
+        detach(p, log_file, &sink, &pool);
+    }
+    let result = session.run();
+    fs.shutdown();
+    // The mount is gone; the daemon, its control socket and housekeeping
+    // stay until every held volume is committed.
+    fs.wait_held();
+    crate::control::server::remove(&pool);
+    match result {
+        Ok(()) => {
+            log::info!("unmounted {}; the pool is closed", mnt.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => Err(Error::io(format!("serving {}", mnt.display()), e)),
+    }
+}
+
+/// Opens the pool to mount; an empty directory becomes a new pool.
+fn open_pool(pool_path: &Path, opts: &MountOpts) -> Result<Pool> {
+    match Pool::open(pool_path) {
+        Ok(p) => Ok(p),
+        Err(Error::NotAPool { .. }) if is_empty_dir(pool_path) => {
+            log::info!(
+                "{} is an empty directory: initialising a pool there",
+                pool_path.display()
+            );
+            let init = InitOptions {
+                setup_check: opts.setup_check,
+                ..InitOptions::default()
+            };
+            Pool::init(pool_path, &init)
+        }
+        Err(e) => {
+            let e = mounts::explain_not_a_pool(e, |pool| {
+                format!("the pool is {}, mounted there already", pool.display())
+            });
+            Err(e)
+        }
+    }
+}
+
+/// Mounts the pool on `mnt`: the FUSE session, the daemon's own
+/// descriptor of its connection, and the kernel cache invalidator.
+fn start_session(
+    pool: &Arc<Pool>,
+    fs: &Arc<ReflinkFs>,
+    mnt: &Path,
+    opts: &MountOpts,
+    config: &Config,
+) -> Result<fuser::Session<Adapter>> {
+    let owner = pool
+        .owner()
+        .map_err(|e| Error::io(format!("examining {}", pool.path().display()), e))?;
+    let conn = Arc::new(Connection::default());
+    let session = fuser::Session::new(
+        Adapter {
+            fs: fs.clone(),
+            conn: conn.clone(),
+            read_only: opts.read_only,
+            owner,
+        },
+        mnt,
+        config,
+    )
+    .map_err(|e| {
+        Error::io(
+            format!("mounting {} on {}", pool.path().display(), mnt.display()),
+            e,
+        )
+    })?;
+    // The daemon's own descriptor of the connection, for passthrough
+    // registrations that can be taken back whenever their last open goes,
+    // even after the session (see `Connection`).
+    let own = session
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| Error::io("duplicating the FUSE connection's descriptor", e))?;
+    conn.set(own);
+    // Entries and attributes are cached by the kernel from now on, and
+    // dropped at every change of a volume.
+    fs.set_invalidator(Box::new(crate::fuse::Notify(session.notifier())));
+    Ok(session)
+}
+
+/// The FUSE session's options.
+fn fuse_config(opts: &MountOpts, pool: &Pool) -> Config {
+    let mut mount_options = vec![
+        MountOption::FSName(pool.path().display().to_string()),
+        MountOption::Subtype("reflinkfs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoSuid,
+        MountOption::NoDev,
+    ];
+    if opts.read_only {
+        mount_options.push(MountOption::RO);
+    }
+    if opts.noexec {
+        mount_options.push(MountOption::NoExec);
+    }
+    if opts.noatime {
+        mount_options.push(MountOption::NoAtime);
+    }
+    let mut config = Config::default();
+    config.mount_options = mount_options;
+    config.acl = if opts.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(opts.threads);
+    config.clone_fd = true;
+    config
+}
+
+/// Starts the daemon's housekeeping and signal threads.
+fn spawn_threads(
+    fs: &Arc<ReflinkFs>,
+    daemon: &Arc<DaemonState>,
+    mnt: &Path,
+    signals: [i32; 3],
+) -> Result<()> {
     // Housekeeping: commits the runs held by a writer outside reflinkfs
     // once it lets go (every second), drops the imports whose writer's
     // process exited (every second), and drops inode numbers of files
@@ -304,7 +347,7 @@ fn serve(
                 });
             }
         })
-        .map_err(|e| fail(&mut pipe, Error::io("starting the housekeeping thread", e)))?;
+        .map_err(|e| Error::io("starting the housekeeping thread", e))?;
     let mnt_owned = mnt.to_owned();
     let fs_sig = fs.clone();
     let id = daemon.mount_id;
@@ -315,31 +358,20 @@ fn serve(
                 signals::signal_loop(&signals, &mnt_owned, id, &fs_sig)
             })
         })
-        .map_err(|e| fail(&mut pipe, Error::io("starting the signal thread", e)))?;
+        .map_err(|e| Error::io("starting the signal thread", e))?;
+    Ok(())
+}
 
-    if let Some(mut p) = pipe.take() {
-        // Detach: logs go to the pool's log file, stdio to /dev/null.
-        if let Some(f) = log_file {
-            sink.switch_to(pool.clone(), f, log_cap());
-        }
-        let _ = p.write_all(format!("ok {}\n", std::process::id()).as_bytes());
-        drop(p);
-        if let Ok(null) = File::options().read(true).write(true).open("/dev/null") {
-            let _ = sys::redirect_stdio(null.as_fd());
-        }
+/// Detaches from the parent: logs go to the pool's log file, stdio to
+/// /dev/null, and the parent hears that the mount is up.
+fn detach(mut p: File, log_file: Option<File>, sink: &LogSink, pool: &Arc<Pool>) {
+    if let Some(f) = log_file {
+        sink.switch_to(pool.clone(), f, log_cap());
     }
-    let result = session.run();
-    fs.shutdown();
-    // The mount is gone; the daemon, its control socket and housekeeping
-    // stay until every held volume is committed.
-    fs.wait_held();
-    crate::control::server::remove(&pool);
-    match result {
-        Ok(()) => {
-            log::info!("unmounted {}; the pool is closed", mnt.display());
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(e) => Err(Error::io(format!("serving {}", mnt.display()), e)),
+    let _ = p.write_all(format!("ok {}\n", std::process::id()).as_bytes());
+    drop(p);
+    if let Ok(null) = File::options().read(true).write(true).open("/dev/null") {
+        let _ = sys::redirect_stdio(null.as_fd());
     }
 }
 

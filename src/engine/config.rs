@@ -294,29 +294,6 @@ pub fn store_json<T: Serialize>(
         .map_err(|e| Error::io(format!("writing {}", shown.display()), e))
 }
 
-impl super::pool::Pool {
-    /// The one way a volume's config changes: under the volume's config
-    /// writer, `change` gets the config as it is now (never a copy read
-    /// before another change), and what it makes is stored (validated,
-    /// atomically) and then shown to readers. Nothing is written when
-    /// `change` leaves the config as it was, or fails.
-    pub(crate) fn update_config<T>(
-        &self,
-        vol: &super::volume::Volume,
-        change: impl FnOnce(&mut VolumeConfig) -> Result<T>,
-    ) -> Result<T> {
-        let writer = vol.write_config();
-        let old = writer.current();
-        let mut cfg = (*old).clone();
-        let out = change(&mut cfg)?;
-        if cfg != *old {
-            self.store_volume(&cfg)?;
-            writer.publish(&mut vol.lock(), cfg);
-        }
-        Ok(out)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,7 +17,6 @@
 //! opens of images; past that, directories are opened by path each time.
 
 use super::fsops::Dir;
-use super::pool::Pool;
 use super::vid::ValidVid;
 use crate::error::Result;
 use crate::sys;
@@ -49,60 +48,57 @@ impl VmDirs {
     }
 }
 
-impl Pool {
+/// Opens the VM directory of a volume (`None` when it does not exist).
+pub(crate) type OpenVmDir<'a> = &'a dyn Fn(&ValidVid) -> Result<Option<Dir>>;
+
+impl VmDirs {
     /// The VM directory of `vid`, for reading, kept open; `None` when it
-    /// does not exist.
-    pub(crate) fn kept_vm_dir(&self, vid: &ValidVid) -> Result<Option<Arc<Dir>>> {
-        self.vm_dirs.seeded.call_once(|| self.keep_every_vm_dir());
+    /// does not exist. The first call opens the directories of the VMs
+    /// `vms(limit)` names (one volume of each), up to the limit.
+    pub(crate) fn get(
+        &self,
+        vid: &ValidVid,
+        open: OpenVmDir<'_>,
+        vms: &dyn Fn(usize) -> Vec<ValidVid>,
+    ) -> Result<Option<Arc<Dir>>> {
+        self.seeded
+            .call_once(|| self.keep_every(open, vms(VmDirs::limit())));
         let key = (vid.class().to_owned(), vid.vm().to_owned());
-        let kept = self.vm_dirs.dirs.read().get(&key).cloned();
+        let kept = self.dirs.read().get(&key).cloned();
         if let Some(d) = kept {
             if sys::fstat(d.fd()).is_ok_and(|st| st.st_nlink > 0) {
                 return Ok(Some(d));
             }
-            self.vm_dirs.dirs.write().remove(&key);
+            self.dirs.write().remove(&key);
         }
-        let Some(d) = self.vm_dir_if_exists(vid)? else {
+        let Some(d) = open(vid)? else {
             return Ok(None);
         };
         let d = Arc::new(d);
-        let mut dirs = self.vm_dirs.dirs.write();
+        let mut dirs = self.dirs.write();
         if dirs.len() < VmDirs::limit() {
             dirs.insert(key, d.clone());
         }
         Ok(Some(d))
     }
 
-    /// Opens every VM directory the volume table names, up to the limit.
-    fn keep_every_vm_dir(&self) {
-        let limit = VmDirs::limit();
-        let mut vms: Vec<ValidVid> = Vec::new();
-        for vid in self.table.volumes.read().keys() {
-            if vms.len() >= limit {
-                break;
-            }
-            if vms
-                .last()
-                .is_none_or(|l| l.class() != vid.class() || l.vm() != vid.vm())
-            {
-                vms.push(vid.clone());
-            }
-        }
+    /// Opens the VM directories of `vms`.
+    fn keep_every(&self, open: OpenVmDir<'_>, vms: Vec<ValidVid>) {
         let mut kept = HashMap::with_capacity(vms.len());
         for vid in vms {
-            if let Ok(Some(d)) = self.vm_dir_if_exists(&vid) {
+            if let Ok(Some(d)) = open(&vid) {
                 kept.insert((vid.class().to_owned(), vid.vm().to_owned()), Arc::new(d));
             }
         }
         log::debug!("keeping {} VM directories open for lookups", kept.len());
-        self.vm_dirs.dirs.write().extend(kept);
+        self.dirs.write().extend(kept);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{CreateOptions, InitOptions};
+    use crate::engine::{CreateOptions, InitOptions, Pool};
     use std::os::unix::fs::MetadataExt;
 
     #[test]

@@ -407,6 +407,49 @@ impl Pool {
             .map_err(io_at(&class.shown(vid.vm()), "opening"))
     }
 
+    /// The one way a volume's config changes: under the volume's config
+    /// writer, `change` gets the config as it is now (never a copy read
+    /// before another change), and what it makes is stored (validated,
+    /// atomically) and then shown to readers. Nothing is written when
+    /// `change` leaves the config as it was, or fails.
+    pub(crate) fn update_config<T>(
+        &self,
+        vol: &Volume,
+        change: impl FnOnce(&mut VolumeConfig) -> Result<T>,
+    ) -> Result<T> {
+        let writer = vol.write_config();
+        let old = writer.current();
+        let mut cfg = (*old).clone();
+        let out = change(&mut cfg)?;
+        if cfg != *old {
+            self.store_volume(&cfg)?;
+            writer.publish(&mut vol.lock(), cfg);
+        }
+        Ok(out)
+    }
+
+    /// The VM directory of `vid`, for reading, kept open (see `dirs.rs`);
+    /// `None` when it does not exist.
+    pub(crate) fn kept_vm_dir(&self, vid: &ValidVid) -> Result<Option<Arc<Dir>>> {
+        let first_of_each_vm = |limit: usize| {
+            let mut vms: Vec<ValidVid> = Vec::new();
+            for vid in self.table.volumes.read().keys() {
+                if vms.len() >= limit {
+                    break;
+                }
+                if vms
+                    .last()
+                    .is_none_or(|l| l.class() != vid.class() || l.vm() != vid.vm())
+                {
+                    vms.push(vid.clone());
+                }
+            }
+            vms
+        };
+        self.vm_dirs
+            .get(vid, &|v| self.vm_dir_if_exists(v), &first_of_each_vm)
+    }
+
     /// Writes a volume's config atomically, after validating it.
     pub(crate) fn store_volume(&self, config: &VolumeConfig) -> Result<()> {
         config
