@@ -68,6 +68,7 @@ fn init_logging(verbose: u8) {
         .format_timestamp(None)
         .format_target(false)
         .init();
+    crate::engine::failpoint::warn_if_ignored();
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {

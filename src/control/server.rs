@@ -218,7 +218,7 @@ fn serve(mut stream: UnixStream, pool: &Pool, daemon: &dyn Daemon, owner: u32) {
         return;
     }
     log::info!("control: {req:?} from PID {pid} (uid {uid})");
-    crate::engine::failpoint::panic_if("control", &format!("{req:?}"));
+    crate::engine::failpoint::panic_if!("control", format!("{req:?}"));
     let result = execute(pool, req, fd, Some(daemon), Some(pid));
     daemon.settled();
     match result {

@@ -201,7 +201,7 @@ impl Pool {
                 dir.rename(&v, &tmp, &n.img())
                     .map_err(io_ctx(&dir, "renaming", &tmp))?;
                 dir.sync().map_err(io_ctx(&dir, "syncing", ""))?;
-                failpoint::hit("create.image");
+                failpoint::hit!("create.image");
                 let mut config = config;
                 config.size = config_size;
                 self.store_volume(&config)?;
@@ -322,7 +322,7 @@ impl Pool {
             }
             log::warn!("{vid}: removing it with its pinned revisions {which} (--force)");
         }
-        failpoint::pause("pause.remove", &vid.to_string());
+        failpoint::pause!("pause.remove", vid.to_string());
         let v = vid.to_string();
         let n = Names::of(vid);
         if let Some(dir) = self.vm_dir_if_exists(vid)? {

@@ -128,7 +128,7 @@ impl Pool {
         let new_size = sys::fstat(new.as_fd())
             .map_err(io_ctx(dir, "examining", new_name))?
             .st_size as u64;
-        failpoint::hit(&format!("{op}.synced"));
+        failpoint::hit!(format!("{op}.synced"));
         // A revert links a revision whose changes were recorded when it was
         // committed; mapping it again would read every extent of both.
         if revert_target.is_none() {
@@ -166,7 +166,7 @@ impl Pool {
                 ..cfg.clone()
             },
         );
-        failpoint::hit(&format!("{op}.config"));
+        failpoint::hit!(format!("{op}.config"));
 
         if let (Some(k), Some(img_sig)) = (revision, img) {
             // The timestamp is when the old content was committed: the
@@ -175,7 +175,7 @@ impl Pool {
             dir.link(&v, &n.img(), &name)
                 .map_err(io_ctx(dir, "saving revision", &name))?;
             dir.sync().map_err(io_ctx(dir, "syncing", ""))?;
-            failpoint::hit(&format!("{op}.linked"));
+            failpoint::hit!(format!("{op}.linked"));
         }
         {
             let mut life = vol.lock();
@@ -184,7 +184,7 @@ impl Pool {
             writer.publish(&mut life, cfg.clone());
         }
         drop(writer);
-        failpoint::hit(&format!("{op}.renamed"));
+        failpoint::hit!(format!("{op}.renamed"));
         dir.sync().map_err(io_ctx(dir, "syncing", ""))?;
         log::info!(
             "{vid}: {op} done{}",
@@ -279,7 +279,7 @@ impl Pool {
         for r in &doomed {
             dir.remove(&cfg.vid.to_string(), &r.file_name)
                 .map_err(io_ctx(dir, "pruning", &r.file_name))?;
-            failpoint::hit("prune.removed");
+            failpoint::hit!("prune.removed");
         }
         dir.sync().map_err(io_ctx(dir, "syncing", ""))?;
         log::info!(

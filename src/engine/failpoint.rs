@@ -66,6 +66,48 @@ pub const ALL: &[&str] = &[
 /// Whether this build has failpoints (the cargo feature `failpoints`).
 pub const ENABLED: bool = cfg!(feature = "failpoints");
 
+/// Aborts at failpoint `$name` ([`abort_at`]). In a build without
+/// failpoints it is a constant-false branch the compiler drops: its
+/// argument (often a `format!`) is never evaluated.
+macro_rules! hit {
+    ($name:expr) => {
+        if $crate::engine::failpoint::ENABLED {
+            $crate::engine::failpoint::abort_at(&$name);
+        }
+    };
+}
+
+/// Panics at panic point `$name` for `$subject` ([`panic_at`]); nothing,
+/// and no argument evaluated, without failpoints.
+macro_rules! panic_if {
+    ($name:expr, $subject:expr) => {
+        if $crate::engine::failpoint::ENABLED {
+            $crate::engine::failpoint::panic_at($name, &$subject);
+        }
+    };
+}
+
+/// Pauses at pause point `$name` for `$subject` ([`pause_at`]); nothing,
+/// and no argument evaluated, without failpoints.
+macro_rules! pause {
+    ($name:expr, $subject:expr) => {
+        if $crate::engine::failpoint::ENABLED {
+            $crate::engine::failpoint::pause_at($name, &$subject);
+        }
+    };
+}
+
+pub(crate) use {hit, panic_if, pause};
+
+/// Says once, in a build without failpoints, that `REFLINKFS_FAILPOINT` is
+/// ignored (the process's start calls it: no failpoint is ever reached to
+/// say so).
+pub fn warn_if_ignored() {
+    if !ENABLED {
+        let _ = armed();
+    }
+}
+
 fn armed() -> Option<&'static str> {
     static ARMED: OnceLock<Option<String>> = OnceLock::new();
     ARMED
@@ -81,8 +123,8 @@ fn armed() -> Option<&'static str> {
 }
 
 /// Aborts the process if `name` is the armed failpoint (only in a build
-/// with failpoints).
-pub fn hit(name: &str) {
+/// with failpoints). Called through [`hit!`].
+pub fn abort_at(name: &str) {
     debug_assert!(ALL.contains(&name), "failpoint {name} is not listed in ALL");
     if armed() == Some(name) {
         log::error!("failpoint {name} reached: aborting");
@@ -100,7 +142,7 @@ pub fn hit(name: &str) {
 /// commas. The points of [`PANICS_ONCE`] panic once per subject (the
 /// second time, the work goes on: a test then checks the volume is
 /// usable); [`panic_once`] arms one for one subject in-process.
-pub fn panic_if(name: &str, subject: &str) {
+pub fn panic_at(name: &str, subject: &str) {
     debug_assert!(PANICS.contains(&name), "panic point {name} is not listed");
     if !ENABLED {
         return;
@@ -174,7 +216,7 @@ fn pauses() -> &'static Mutex<HashMap<(String, String), Gate>> {
 ///   that mentions "pause" until the file named by
 ///   `REFLINKFS_FAILPOINT_GATE` exists (a daemon under test);
 /// - in-process, [`pause_for`] pauses one subject until [`resume`].
-pub fn pause(name: &str, subject: &str) {
+pub fn pause_at(name: &str, subject: &str) {
     debug_assert!(PAUSES.contains(&name), "pause point {name} is not listed");
     if !ENABLED {
         return;

@@ -422,7 +422,7 @@ impl Pool {
     /// committed image itself, not a leftover), which nobody has written.
     fn start_io(&self, vol: &Arc<Volume>, made_copy: &Cell<bool>) -> Result<Started> {
         let vid = &vol.vid;
-        failpoint::pause("pause.start", &vid.to_string());
+        failpoint::pause!("pause.start", vid.to_string());
         let dir = self.vm_dir(vid, true)?;
         let n = Names::of(vid);
         let kind = vol.config().kind();
@@ -477,7 +477,7 @@ impl Pool {
                         path: dir.shown(&n.img()),
                     });
                 }
-                failpoint::hit("start.copied");
+                failpoint::hit!("start.copied");
                 // Under the lock: a reader of the committed image sees it
                 // or its absence, never a half state.
                 let _life = vol.lock();
@@ -499,7 +499,7 @@ impl Pool {
             VolumeKind::Volatile => {
                 dir.create_sparse(&v, &n.dirty_tmp(), cfg.size)
                     .map_err(io_ctx(&dir, "creating", &n.dirty_tmp()))?;
-                failpoint::hit("start.copied");
+                failpoint::hit!("start.copied");
                 dir.rename(&v, &n.dirty_tmp(), &n.dirty()).map_err(io_ctx(
                     &dir,
                     "renaming",
@@ -508,8 +508,8 @@ impl Pool {
             }
         }
         made_copy.set(!(kind == VolumeKind::Origin && cfg.revisions_to_keep == -1));
-        failpoint::hit("start.renamed");
-        failpoint::panic_if("start.io", &v);
+        failpoint::hit!("start.renamed");
+        failpoint::panic_if!("start.io", v);
         dir.sync().map_err(io_ctx(&dir, "syncing", ""))?;
         let file = open_image(&dir, vid, &n.dirty(), libc::O_RDWR)?;
         let sig = FileSig::from_stat(&sys::fstat(file.as_fd()).map_err(io_ctx(
@@ -538,8 +538,8 @@ impl Pool {
         limit: u64,
     ) -> Result<StopOutcome> {
         let vid = &vol.vid;
-        failpoint::pause("pause.commit", &vid.to_string());
-        failpoint::panic_if("stop.io", &vid.to_string());
+        failpoint::pause!("pause.commit", vid.to_string());
+        failpoint::panic_if!("stop.io", vid.to_string());
         let dir = self.vm_dir(vid, false)?;
         let n = Names::of(vid);
         let outcome = match cfg.kind() {
@@ -598,7 +598,7 @@ impl Pool {
                 sys::ftruncate(tmp.as_fd(), min).map_err(io_ctx(dir, "growing", &n.dirty_tmp()))?;
             }
         }
-        failpoint::hit("start.copied");
+        failpoint::hit!("start.copied");
         dir.rename(&v, &n.dirty_tmp(), &n.dirty())
             .map_err(io_ctx(dir, "renaming", &n.dirty_tmp()))
     }

@@ -166,7 +166,7 @@ impl Pool {
             cfg.pending = Some(pending.clone());
             Ok(())
         })?;
-        failpoint::hit("pending.stored");
+        failpoint::hit!("pending.stored");
         log::info!("{vid}: queued: {}", pending.describe());
         Ok(pending)
     }
@@ -214,7 +214,7 @@ impl Pool {
                 dir.shown(&n.dirty()).display()
             );
         }
-        failpoint::hit("pending.dropped");
+        failpoint::hit!("pending.dropped");
         match pending {
             Pending::Discard => {
                 self.update_config(vol, clear_pending)?;
@@ -284,7 +284,7 @@ impl Pool {
             .map_err(io_ctx(dir, "removing", &tmp))?;
         dir.link(&v, file_name, &tmp)
             .map_err(io_ctx(dir, "linking", file_name))?;
-        failpoint::hit("revert.copied");
+        failpoint::hit!("revert.copied");
         let f = open_image(dir, vid, &tmp, libc::O_RDONLY).inspect_err(|_| {
             let _ = dir.remove(&v, &tmp);
         })?;

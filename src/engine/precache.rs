@@ -115,10 +115,10 @@ impl Pool {
                 CopyStrategy::ReflinkOnly,
             )
             .map_err(io_ctx(dir, "reflinking to", &tmp))?;
-        failpoint::hit("precache.made");
+        failpoint::hit!("precache.made");
         dir.rename(&v, &tmp, &n.precache())
             .map_err(io_ctx(dir, "renaming", &tmp))?;
-        failpoint::hit("precache.renamed");
+        failpoint::hit!("precache.renamed");
         let src_sig = FileSig::from_stat(&sys::fstat(src.as_fd()).map_err(io_ctx(
             dir,
             "examining",
@@ -204,7 +204,7 @@ impl Pool {
         if !self.precache_valid(&cfg, dir, &copy)? {
             return unused(&format!("does not match {}", dir.shown(&n.img()).display()));
         }
-        failpoint::hit("start.copied");
+        failpoint::hit!("start.copied");
         dir.rename(&v, &n.precache(), &n.dirty()).map_err(io_ctx(
             dir,
             "renaming",

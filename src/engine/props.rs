@@ -112,7 +112,7 @@ impl Pool {
             self.apply_property(vid, &prop, running, cfg)?;
             Ok((old, cfg.clone()))
         })?;
-        failpoint::hit("set.stored");
+        failpoint::hit!("set.stored");
         log::info!("{vid}: set {prop:?}");
         if cfg.revisions_to_keep < old.revisions_to_keep {
             if let Some(dir) = self.vm_dir_if_exists(vid)? {

@@ -145,7 +145,7 @@ impl Pool {
         let (f, _) = dir
             .copy_from(&v, &src, &dir.shown(&n.img()), &tmp, self.copy_strategy())
             .map_err(io_ctx(dir, "copying to", &tmp))?;
-        failpoint::hit("resize.copied");
+        failpoint::hit!("resize.copied");
         let done = sys::ftruncate(f.as_fd(), size)
             .and_then(|()| sys::fsync(f.as_fd()))
             .map_err(io_ctx(dir, "resizing", &tmp));
@@ -153,7 +153,7 @@ impl Pool {
             let _ = dir.remove(&v, &tmp);
             return Err(e);
         }
-        failpoint::hit("resize.truncated");
+        failpoint::hit!("resize.truncated");
         let writer = claim.volume.write_config();
         let mut new = (*writer.current()).clone();
         new.size = size;
@@ -162,7 +162,7 @@ impl Pool {
             let _ = dir.remove(&v, &tmp);
             return Err(e);
         }
-        failpoint::hit("resize.config");
+        failpoint::hit!("resize.config");
         {
             // The image and its generation change together for readers.
             let mut life = claim.lock();
@@ -171,7 +171,7 @@ impl Pool {
             writer.publish(&mut life, new);
         }
         drop(writer);
-        failpoint::hit("resize.renamed");
+        failpoint::hit!("resize.renamed");
         dir.sync().map_err(io_ctx(dir, "syncing", ""))?;
         self.refresh_precache(&claim.volume, dir);
         log::info!("{vid}: resized from {current} to {size} bytes");

@@ -63,7 +63,7 @@ fn fill_import(
         if len != size {
             return Err(FillError::Length(format!("the source file is {len} bytes long, but the volume is to be {size} bytes; nothing was changed")));
         }
-        failpoint::hit("import.partial");
+        failpoint::hit!("import.partial");
         return Ok(copy_into(source, out, strategy)?);
     }
     // A stream: copy every byte, leaving all-zero blocks as holes.
@@ -89,7 +89,7 @@ fn fill_import(
             write_all_at(out, &buf[..got], off)?;
         }
         off += got as u64;
-        failpoint::hit("import.partial");
+        failpoint::hit!("import.partial");
     }
     let mut extra = [0u8; 1];
     loop {
@@ -181,7 +181,7 @@ impl Pool {
             dir.shown(&tmp).display(),
             kind.as_str()
         );
-        failpoint::hit("import.copied");
+        failpoint::hit!("import.copied");
         self.replace_committed(&claim.volume, &dir, &f, &tmp, "import", None)
             .inspect_err(|_| {
                 let _ = dir.remove(&v, &tmp);
@@ -391,7 +391,7 @@ impl Pool {
             .inspect_err(|_| {
                 let _ = dir.remove_if_exists(&v, &tmp);
             })?;
-        failpoint::hit("clone.copied");
+        failpoint::hit!("clone.copied");
         dst_pool
             .replace_committed(&claim.volume, &dir, &f, &tmp, "clone", None)
             .inspect_err(|_| {

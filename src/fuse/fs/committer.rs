@@ -126,7 +126,7 @@ impl Committer {
     /// Runs one queued stop, saying what it did.
     fn run_stop(pool: &Pool, p: PendingStop) {
         let vid = p.vid.clone();
-        crate::engine::failpoint::panic_if("committer", &vid.to_string());
+        crate::engine::failpoint::panic_if!("committer", vid.to_string());
         match pool.finish_stop(p) {
             Ok(None) => log::debug!("{vid}: opened again before its stop; it runs on"),
             // The engine said at WARN what holds it; the daemon commits

@@ -80,7 +80,7 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
         // The subject is formatted only where a failpoint can be armed: not
         // on every getattr of a service build.
         if cfg!(feature = "failpoints") {
-            crate::engine::failpoint::panic_if("fuse.getattr", &format!("{node:?}"));
+            crate::engine::failpoint::panic_if!("fuse.getattr", format!("{node:?}"));
         }
         match node {
             Node::Root | Node::Class(_) | Node::Vm(..) => Ok(self.dir_attr(ino)),
