@@ -471,6 +471,19 @@ pub fn refused(vid: impl ToString, reason: impl Into<String>) -> Error {
     Error::refused(vid, reason)
 }
 
+/// `Display` of a type by its `as_str()`: the names of states and kinds
+/// read the same in text and on the wire.
+macro_rules! display_as_str {
+    ($t:ty) => {
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+pub(crate) use display_as_str;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,6 @@
 # The demo's commands, each echoed as it can be pasted into a shell (with
 # `reflinkfs` on PATH and no REFLINKFS_POOL), then run as echoed. Source
-# this file: scripts/demo does, and tests/front_door.rs runs demo_pool and
+# this file: scripts/demo does, and tests/mount/front_door.rs runs demo_pool and
 # pastes what it echoes.
 #
 #   shown CMD ARGS...   prints "+ CMD ARGS", quoted for a shell, and runs it

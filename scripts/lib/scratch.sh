@@ -127,7 +127,7 @@ install_packages() {
         # qemu-system-x86 and busybox-static: the real VMs of tests/vm
         # (tests/vm/build-guest fetches the guest's kernel package itself).
         # ceph-mon, ceph-osd, ceph-common: the single-node Ceph cluster of
-        # tests/delta.rs (../shared/ceph-single-node.sh) and `rbd`.
+        # tests/admin/delta.rs (../shared/ceph-single-node.sh) and `rbd`.
         local pkgs="xfsprogs btrfs-progs e2fsprogs util-linux fuse3 fio attr qemu-utils python3 python3-pytest qemu-system-x86 busybox-static ceph-mon ceph-osd ceph-common"
         echo "apt-get install: $pkgs"
         apt-get update -qq

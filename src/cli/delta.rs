@@ -1,10 +1,10 @@
 //! The CLI of incremental export and import: `volume diff`, `volume export
 //! --delta/--since` and `volume import --delta` (doc/DELTA.md).
 
-use super::{dispatch, open_input, open_output};
+use super::{dispatch, open_input};
 use crate::control::Request;
 use crate::engine::delta::DeltaResponse;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -16,25 +16,14 @@ pub(super) fn export(
     since: Option<String>,
     json: bool,
 ) -> Result<ExitCode> {
-    let to_stdout = file == Path::new("-");
-    if to_stdout && json {
-        return Err(Error::InvalidValue {
-            property: "--json".into(),
-            reason: "an export to stdout (-) prints the stream there; give a FILE to get JSON"
-                .into(),
-        });
-    }
-    let dest = open_output(file)?;
-    let req = Request::VolumeExportDelta {
-        vid,
-        since,
-        dest: file.display().to_string(),
-    };
-    let result = dispatch(pool, req, Some(dest), json);
-    if result.is_err() && !to_stdout {
-        let _ = std::fs::remove_file(file);
-    }
-    result
+    super::export_into(file, json, "the stream", |dest, _| {
+        let req = Request::VolumeExportDelta {
+            vid,
+            since,
+            dest: file.display().to_string(),
+        };
+        dispatch(pool, req, Some(dest), json)
+    })
 }
 
 /// `volume import VID --delta FILE|-`.

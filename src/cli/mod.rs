@@ -262,6 +262,29 @@ fn volume_info(pool: &Path, vid: &str) -> Result<crate::engine::VolumeInfo> {
     }
 }
 
+/// An export into `file` (`-`: stdout, where `--json` is refused since
+/// `what` goes there): `run` gets the open destination and whether it is
+/// stdout. A failed export leaves no partial FILE behind.
+fn export_into(
+    file: &Path,
+    json: bool,
+    what: &str,
+    run: impl FnOnce(File, bool) -> Result<ExitCode>,
+) -> Result<ExitCode> {
+    let to_stdout = file == Path::new("-");
+    if to_stdout && json {
+        return Err(Error::InvalidValue {
+            property: "--json".into(),
+            reason: format!("an export to stdout (-) prints {what} there; give a FILE to get JSON"),
+        });
+    }
+    let result = run(open_output(file)?, to_stdout);
+    if result.is_err() && !to_stdout {
+        let _ = std::fs::remove_file(file);
+    }
+    result
+}
+
 /// Checks the syntax of a volume id as typed (`CLASS/VM/NAME` or
 /// `VM:NAME`) before any file is touched (SPEC §2.1).
 fn precheck_vid(input: &str) -> Result<()> {

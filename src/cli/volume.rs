@@ -126,29 +126,18 @@ fn export(
     revision: Option<String>,
     json: bool,
 ) -> Result<ExitCode> {
-    let to_stdout = file == Path::new("-");
-    if to_stdout && json {
-        return Err(Error::InvalidValue {
-            property: "--json".into(),
-            reason: "an export to stdout (-) prints the image there; give a FILE to get JSON"
-                .into(),
-        });
-    }
-    let dest = open_output(file)?;
-    let bar = match to_stdout {
-        true => None,
-        false => export_progress(pool, &vid, file, &dest),
-    };
-    let req = Request::VolumeExport {
-        vid,
-        revision,
-        dest: file.display().to_string(),
-    };
-    let result = progress::during(bar, || dispatch(pool, req, Some(dest), json));
-    if result.is_err() && !to_stdout {
-        let _ = std::fs::remove_file(file);
-    }
-    result
+    super::export_into(file, json, "the image", |dest, to_stdout| {
+        let bar = match to_stdout {
+            true => None,
+            false => export_progress(pool, &vid, file, &dest),
+        };
+        let req = Request::VolumeExport {
+            vid,
+            revision,
+            dest: file.display().to_string(),
+        };
+        progress::during(bar, || dispatch(pool, req, Some(dest), json))
+    })
 }
 
 /// The subcommands that change or show a volume without moving its data.

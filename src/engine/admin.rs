@@ -1,7 +1,7 @@
 //! The administration operations of SPEC §5: create, remove, resize,
 //! revert, set, import, export and clone.
 
-use super::config::{check_pool_constraints, VolumeConfig, VolumeKind, FORMAT_VERSION};
+use super::config::{check_pool_constraints, VolumeConfig, VolumeKind};
 use super::failpoint;
 use super::fsops::Dir;
 use super::lifecycle::{io_ctx, regular_entry};
@@ -254,26 +254,12 @@ impl Pool {
         };
         let rw = opts.rw.unwrap_or(!pool_cfg.read_only);
         check_pool_constraints(&pool_cfg, rw, revisions_to_keep).map_err(|r| refused(vid, r))?;
-        let (snap_on_start, save_on_stop) = kind.flags();
         let config = VolumeConfig {
-            format: FORMAT_VERSION,
-            vid: vid.clone(),
-            snap_on_start,
-            save_on_stop,
-            size,
             rw,
             revisions_to_keep,
             source: source.clone(),
             optional: opts.optional,
-            next_revision: 1,
-            generation: 0,
-            kept_by_revert: None,
-            dirty_size: None,
-            incarnation: crate::sys::random_u64(),
-            attached: None,
-            pins: Default::default(),
-            pending: None,
-            precache: None,
+            ..VolumeConfig::new(vid.clone(), kind, size)
         };
         config.validate(&pool_cfg).map_err(|r| refused(vid, r))?;
         Ok(config)

@@ -183,6 +183,33 @@ fn is_zero(n: &u64) -> bool {
 }
 
 impl VolumeConfig {
+    /// A new volume's config: of `kind`, `size` bytes, read-write, keeping
+    /// no revisions, with nothing run, pinned or queued yet and a new
+    /// incarnation. Callers set what differs.
+    pub fn new(vid: ValidVid, kind: VolumeKind, size: u64) -> VolumeConfig {
+        let (snap_on_start, save_on_stop) = kind.flags();
+        VolumeConfig {
+            format: FORMAT_VERSION,
+            vid,
+            snap_on_start,
+            save_on_stop,
+            size,
+            rw: true,
+            revisions_to_keep: 0,
+            source: None,
+            optional: false,
+            next_revision: 1,
+            generation: 0,
+            kept_by_revert: None,
+            dirty_size: None,
+            incarnation: crate::sys::random_u64(),
+            attached: None,
+            pins: Default::default(),
+            pending: None,
+            precache: None,
+        }
+    }
+
     /// The size a leftover dirty image of this volume is held to.
     pub fn dirty_contract(&self) -> u64 {
         self.dirty_size.unwrap_or(self.size)
@@ -310,24 +337,13 @@ mod tests {
 
     fn origin() -> VolumeConfig {
         VolumeConfig {
-            format: FORMAT_VERSION,
-            vid: "appvms/vm/private".parse().unwrap(),
-            snap_on_start: false,
-            save_on_stop: true,
-            size: 1 << 20,
-            rw: true,
             revisions_to_keep: 1,
-            source: None,
-            optional: false,
-            next_revision: 1,
-            generation: 0,
-            kept_by_revert: None,
-            dirty_size: None,
             incarnation: 0,
-            attached: None,
-            pins: Default::default(),
-            pending: None,
-            precache: None,
+            ..VolumeConfig::new(
+                "appvms/vm/private".parse().unwrap(),
+                VolumeKind::Origin,
+                1 << 20,
+            )
         }
     }
 

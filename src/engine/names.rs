@@ -48,7 +48,7 @@ impl<'a> Names<'a> {
     /// whose names parse. Nothing else: a name that merely starts like one
     /// of ours (`p.img.7.img`, the image of volume `p.img.7`) is not `p`'s.
     /// Given the id rules (no `@` or `~`, no reserved suffix), no file is
-    /// owned by two volumes of one VM; `tests/names.rs` checks it.
+    /// owned by two volumes of one VM; `tests/engine/names.rs` checks it.
     pub fn owns(&self, file: &str) -> bool {
         file == self.img()
             || file == self.dirty()

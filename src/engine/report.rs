@@ -90,11 +90,7 @@ impl VolumeStateName {
     }
 }
 
-impl std::fmt::Display for VolumeStateName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+crate::error::display_as_str!(VolumeStateName);
 
 /// Bytes held by the files of a volume (SPEC §1.5).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -134,11 +134,7 @@ impl LifeState {
     }
 }
 
-impl std::fmt::Display for LifeState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+crate::error::display_as_str!(LifeState);
 
 /// Something the user of a run attaches to it once, at its start (the
 /// mount's passthrough registration and write lock), and that lives as

@@ -4,7 +4,7 @@
 use super::qubes_xml::{QubesXml, VolAttrs, XmlPoolDef};
 use super::scan::{Scan, VolFiles};
 use super::{reason_of, AdoptReport, ConfigFrom, FileAction, NotAdopted};
-use crate::engine::config::{PoolConfig, VolumeConfig, VolumeKind, FORMAT_VERSION};
+use crate::engine::config::{PoolConfig, VolumeConfig, VolumeKind};
 use crate::engine::size::check_size;
 use crate::engine::vid::ValidVid;
 use crate::error::Result;
@@ -533,27 +533,13 @@ pub(super) fn finish_configs(
                     cands[&origin].size.expect("origins have a size")
                 }
             };
-            let (snap_on_start, save_on_stop) = c.kind.flags();
             let next_revision = scan.vols.get(vid).map(VolFiles::next_revision).unwrap_or(1);
             let cfg = VolumeConfig {
-                format: FORMAT_VERSION,
-                vid: vid.clone(),
-                snap_on_start,
-                save_on_stop,
-                size,
                 rw: c.rw,
                 revisions_to_keep: c.revisions_to_keep,
                 source: c.source.clone(),
-                optional: false,
                 next_revision,
-                generation: 0,
-                kept_by_revert: None,
-                dirty_size: None,
-                incarnation: crate::sys::random_u64(),
-                attached: None,
-                pins: Default::default(),
-                pending: None,
-                precache: None,
+                ..VolumeConfig::new(vid.clone(), c.kind, size)
             };
             if let Err(reason) = cfg.validate(pool) {
                 not_adopted(report, vid, reason);

@@ -1,8 +1,7 @@
 //! The volume scenarios of issue 2, each run on XFS, btrfs and ext4 (copy
 //! mode) through the engine's library API.
-#![allow(clippy::unwrap_used)] // in tests, a failed unwrap fails the test
 
-mod common;
+use crate::common;
 
 use common::*;
 use reflinkfs::engine::{

@@ -22,9 +22,8 @@
 //!
 //! `REFLINKFS_MODEL_CASES` and `REFLINKFS_MODEL_SEED` override the number
 //! of cases and the random seed (the seed in use is always printed).
-#![allow(clippy::unwrap_used)] // in tests, a failed unwrap fails the test
 
-mod common;
+use crate::common;
 
 use common::TestFs;
 use proptest::prelude::*;

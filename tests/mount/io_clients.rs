@@ -6,9 +6,8 @@
 //! is a guard of `common::mount`, declared in the order that makes the drops
 //! right when a test fails: `Mounted` first, then `Loop`, then the
 //! `BlockMount` of the ext4 inside it (dropped first).
-#![allow(clippy::unwrap_used)] // in tests, a failed unwrap fails the test
 
-mod common;
+use crate::common;
 
 use common::mount::*;
 use common::*;

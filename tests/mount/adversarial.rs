@@ -16,9 +16,8 @@
 //! - a start that fails reports EIO, not EROFS;
 //! - `status` after `umount -l`; a loop device across `umount -l`, and an
 //!   unmount with a held volume, which the daemon waits to commit.
-#![allow(clippy::unwrap_used)] // in tests, a failed unwrap fails the test
 
-mod common;
+use crate::common;
 
 use common::cli::*;
 use common::mount::*;

@@ -2,9 +2,8 @@
 //! volume's committed image, made after every replacement of it, which a
 //! start renames to `NAME-dirty.img` instead of copying. On XFS and btrfs;
 //! copy-mode pools (ext4) keep none. A stale precache is never run.
-#![allow(clippy::unwrap_used)] // in tests, a failed unwrap fails the test
 
-mod common;
+use crate::common;
 
 use common::mount::*;
 use common::*;

@@ -1,9 +1,8 @@
 //! The differences from Qubes' `file-reflink` that a port of its storage
 //! tests found (issue 12, part 1), each fixed or documented, and the filling
 //! of a read-only (kernel) pool.
-#![allow(clippy::unwrap_used)] // in tests, a failed unwrap fails the test
 
-mod common;
+use crate::common;
 
 use common::cli::*;
 use common::mount::*;

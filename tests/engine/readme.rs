@@ -1,9 +1,8 @@
 //! The README's worked example really runs: the shell block after
 //! `<!-- worked-example -->` is run with bash against a fresh pool on a
 //! filesystem with reflinks, with the built `reflinkfs` first on PATH.
-#![allow(clippy::unwrap_used)] // in tests, a failed unwrap fails the test
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::process::Command;

@@ -1,7 +1,6 @@
 //! The module layers of `src/` (see `src/lib.rs`): each layer uses only the
 //! layers below it. `cli` → `daemon` → `fuse` | `control` → `engine` →
 //! `sys` (and `error`, which every layer shares).
-#![allow(clippy::unwrap_used)] // in tests, a failed unwrap fails the test
 
 use std::path::{Path, PathBuf};
 

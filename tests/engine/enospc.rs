@@ -2,9 +2,8 @@
 //! import and a resize fail cleanly (or succeed whole), and the old state
 //! stays intact. Runs on the small XFS and ext4 filesystems that
 //! scripts/test makes for this test alone.
-#![allow(clippy::unwrap_used)] // in tests, a failed unwrap fails the test
 
-mod common;
+use crate::common;
 
 use common::*;
 use reflinkfs::engine::{Pool, Property, StopOutcome};

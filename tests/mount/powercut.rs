@@ -8,9 +8,8 @@
 //!
 //! Each test makes its own small filesystem on a loop device (the shutdown
 //! kills it), on XFS (reflink=1) and on ext4 (copy mode).
-#![allow(clippy::unwrap_used)] // in tests, a failed unwrap fails the test
 
-mod common;
+use crate::common;
 
 use common::cli::*;
 use common::mount::*;

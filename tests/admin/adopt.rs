@@ -4,9 +4,8 @@
 //! filesystem of `REFLINKFS_TEST_FS`. The adopted pools are then used
 //! through the CLI and through a real mount, and bad input is shown to
 //! change nothing at all.
-#![allow(clippy::unwrap_used)] // in tests, a failed unwrap fails the test
 
-mod common;
+use crate::common;
 
 use common::cli::*;
 use common::mount::{open_rw, require, Mounted};

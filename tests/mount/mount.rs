@@ -2,9 +2,8 @@
 //! `reflinkfs mount` on scratch XFS (and btrfs and ext4 where marked), and
 //! files are opened, written and closed by this process, as a hypervisor
 //! would.
-#![allow(clippy::unwrap_used)] // in tests, a failed unwrap fails the test
 
-mod common;
+use crate::common;
 
 use common::mount::*;
 use common::*;

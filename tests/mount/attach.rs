@@ -2,9 +2,8 @@
 //! a volume's running image, online and offline; its refusal while in use,
 //! a crash with an attached volume, a resize, two at once; and the linger
 //! that absorbs qemu's probe opens.
-#![allow(clippy::unwrap_used)] // in tests, a failed unwrap fails the test
 
-mod common;
+use crate::common;
 
 use common::cli::*;
 use common::mount::*;

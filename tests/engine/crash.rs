@@ -2,9 +2,8 @@
 //! no destructors run), the pool is reopened, and recovery must leave the
 //! latest committed data whole (old or new), no temporary files, no
 //! duplicate revisions, and a volume that starts and stops.
-#![allow(clippy::unwrap_used)] // in tests, a failed unwrap fails the test
 
-mod common;
+use crate::common;
 
 use common::*;
 use reflinkfs::engine::failpoint;
@@ -270,7 +269,7 @@ fn every_failpoint_recovers() {
             let out = Command::new(&exe)
                 .args([
                     "--exact",
-                    "crash_child",
+                    "crash::crash_child",
                     "--ignored",
                     "--nocapture",
                     "--test-threads=1",

@@ -10,9 +10,8 @@
 //! `N.img` keeps its attributes across a resize and across remove and
 //! create; an import from a file on the same mount), a request that panics,
 //! and FORGET keeping the inode table bounded.
-#![allow(clippy::unwrap_used)] // in tests, a failed unwrap fails the test
 
-mod common;
+use crate::common;
 
 use common::cli::*;
 use common::mount::*;

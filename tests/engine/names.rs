@@ -7,9 +7,8 @@
 //! - removing, pruning, reverting, committing or checking one volume never
 //!   touches another's files, on a real pool;
 //! - new names that look like another volume's files are refused.
-#![allow(clippy::unwrap_used)] // in tests, a failed unwrap fails the test
 
-mod common;
+use crate::common;
 
 use common::tree::dir_files;
 use common::*;

@@ -3,9 +3,8 @@
 //! --since` and `volume import --delta` work offline and through a mount,
 //! Ceph's own `rbd` reads our streams and we read its, and a real Ceph
 //! cluster takes and gives deltas.
-#![allow(clippy::unwrap_used)] // in tests, a failed unwrap fails the test
 
-mod common;
+use crate::common;
 
 use common::cli::*;
 use common::mount::{require, Mounted};

@@ -1,9 +1,8 @@
 //! Administration of a mounted pool through its daemon's control socket:
 //! online-offline parity, import and export round trips, clone, online
 //! resize of a volume in use, and the socket's own defences.
-#![allow(clippy::unwrap_used)] // in tests, a failed unwrap fails the test
 
-mod common;
+use crate::common;
 
 use common::cli::*;
 use common::mount::*;

@@ -2,9 +2,8 @@
 //! common mistakes, sizes that read two ways, a volume larger than its
 //! filesystem, users other than root, an unmount while busy, and a daemon
 //! log that stays quiet during ordinary use.
-#![allow(clippy::unwrap_used)] // in tests, a failed unwrap fails the test
 
-mod common;
+use crate::common;
 
 use common::cli::*;
 use common::mount::*;
