@@ -123,7 +123,7 @@ fn armed() -> Option<&'static str> {
 }
 
 /// Aborts the process if `name` is the armed failpoint (only in a build
-/// with failpoints). Called through [`hit!`].
+/// with failpoints). Called through `hit!`.
 pub fn abort_at(name: &str) {
     debug_assert!(ALL.contains(&name), "failpoint {name} is not listed in ALL");
     if armed() == Some(name) {
@@ -179,7 +179,7 @@ fn panics_fired() -> &'static Mutex<std::collections::HashSet<(String, String)>>
     P.get_or_init(Default::default)
 }
 
-/// The panic points: the work panics there (see [`panic_if`]). A FUSE
+/// The panic points: the work panics there (see `panic_if!` and [`panic_at`]). A FUSE
 /// request's getattr; a start's I/O after its copy is in place; a stop's
 /// I/O before its commit; a committer thread before it runs a stop; a
 /// control request before it is executed.

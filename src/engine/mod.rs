@@ -4,6 +4,28 @@
 //! release ([`Pool::release`]), and runs the stop the last one asks for
 //! ([`Pool::finish_stop`]) on its committer threads. Each volume is a state
 //! machine (`volume.rs`) whose lock is never held across I/O.
+//!
+//! # Shape
+//!
+//! [`Pool`] is the one entry point, and its methods are grouped by service,
+//! a file (or folder) each; the modules form no cycle (`tests/engine/layers.rs`
+//! checks it). From the bottom up:
+//! - the base: the volume table (`table.rs`: lookup, corrupt configs, ids
+//!   being created, held runs), each volume's state and config writer
+//!   (`volume.rs`), the pool's open, lock and one config update
+//!   (`pool.rs`), and the leaves (`config`, `names`, `revision`, `ident`,
+//!   `fsops`, `vid`, `size`, `failpoint`);
+//! - lifecycle: start, stop, commit, recovery and the precache
+//!   (`lifecycle`, `phase`, `commit`, `stopping`, `recovery`, `precache`,
+//!   `source`);
+//! - administration (`admin`, `resize`, `props`, `pins`, `attach`);
+//! - transfers (`transfer`, `delta/`);
+//! - reports and the mount's views (`report`, `check`, `listing`, `view`,
+//!   `dirs`), and `adopt/`.
+//!
+//! A service reaches a lower one through `Pool`'s methods and the few
+//! helpers the lower one exports (`lifecycle::open_image`, `io_ctx`, …);
+//! never the other way.
 
 pub mod admin;
 pub mod adopt;
