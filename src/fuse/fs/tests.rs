@@ -2,7 +2,7 @@
 //! temporary directory (copy mode), driven through the same calls the
 //! adapter makes, with a fake passthrough registration.
 use super::*;
-use crate::engine::{CreateOptions, InitOptions, Property};
+use crate::engine::Property;
 use std::os::unix::fs::FileExt;
 use std::time::Instant;
 
@@ -23,19 +23,7 @@ struct Setup {
 
 fn setup(volumes: &[&str], passthrough: bool) -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let pool = Pool::init(
-        &dir.path().join("pool"),
-        &InitOptions {
-            setup_check: false,
-            revisions_to_keep: 1,
-            read_only: false,
-        },
-    )
-    .unwrap();
-    for v in volumes {
-        pool.create(&v.parse().unwrap(), &CreateOptions::origin(MIB))
-            .unwrap();
-    }
+    let pool = crate::engine::pool::scratch_pool(&dir.path().join("pool"), volumes, MIB);
     let fs = ReflinkFs::<FakeBacking>::new(
         Arc::new(pool),
         FsOptions {

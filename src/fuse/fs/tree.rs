@@ -429,26 +429,17 @@ mod tests {
     //! entry what a LOOKUP and a GETATTR of it would, although it reads
     //! the VM directory once for all of them.
     use super::*;
-    use crate::engine::{CreateOptions, InitOptions};
     use std::collections::BTreeMap;
 
     struct Fake;
 
     fn setup() -> (tempfile::TempDir, ReflinkFs<Fake>) {
         let dir = tempfile::tempdir().unwrap();
-        let pool = Pool::init(
+        let pool = crate::engine::pool::scratch_pool(
             &dir.path().join("pool"),
-            &InitOptions {
-                setup_check: false,
-                revisions_to_keep: 1,
-                read_only: false,
-            },
-        )
-        .unwrap();
-        for v in ["c/v/a", "c/v/b", "c/v/priv", "c/w/x"] {
-            pool.create(&v.parse().unwrap(), &CreateOptions::origin(1 << 20))
-                .unwrap();
-        }
+            &["c/v/a", "c/v/b", "c/v/priv", "c/w/x"],
+            1 << 20,
+        );
         let fs = ReflinkFs::<Fake>::new(
             Arc::new(pool),
             FsOptions {
@@ -492,17 +483,14 @@ mod tests {
     fn a_listing_answers_what_lookups_answer() {
         let (_dir, fs) = setup();
         let register = |_: &File| Ok(Fake);
+        let open_rw = |path: &str| {
+            fs.open(lookup_path(&fs, path), libc::O_RDWR, &register, true)
+                .map_err(|_| "open")
+                .unwrap()
+                .fh
+        };
         // c/v/a gets a revision: one run that writes, committed.
-        let fh = fs
-            .open(
-                lookup_path(&fs, "c/v/a-dirty.img"),
-                libc::O_RDWR,
-                &register,
-                true,
-            )
-            .map_err(|_| "open")
-            .unwrap()
-            .fh;
+        let fh = open_rw("c/v/a-dirty.img");
         fs.write(fh, 0, b"data").unwrap();
         fs.release(fh);
         let a: ValidVid = "c/v/a".parse().unwrap();
@@ -512,16 +500,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         // c/v/b runs while the directory is listed.
-        let running = fs
-            .open(
-                lookup_path(&fs, "c/v/b-dirty.img"),
-                libc::O_RDWR,
-                &register,
-                true,
-            )
-            .map_err(|_| "open")
-            .unwrap()
-            .fh;
+        let running = open_rw("c/v/b-dirty.img");
         fs.write(running, 4096, b"more").unwrap();
 
         let names = |ino| -> Vec<String> {
