@@ -384,7 +384,10 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
                 put("read_bytes", n(&self.stats.read_bytes));
                 put("write_bytes", n(&self.stats.write_bytes));
                 put("getxattr_requests", n(&self.stats.getxattrs));
-                put("panics", n(&self.stats.panics));
+                // Requests that panicked, and other work the guards caught.
+                let panics = self.stats.panics.load(std::sync::atomic::Ordering::Relaxed)
+                    + crate::engine::guard::panics();
+                put("panics", panics.to_string());
                 put("open_volumes", self.open_volumes().to_string());
                 put("starts", self.pool.starts().to_string());
                 put("inodes", self.inode_count().to_string());
