@@ -342,10 +342,19 @@ pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> io::Result<usize> {
 
 /// Lists the names in a directory, without `.` and `..`.
 pub fn read_dir_names(dir: BorrowedFd<'_>) -> io::Result<Vec<String>> {
-    // Read through a duplicate so that the directory stream's position and
-    // lifetime never affect the caller's fd.
-    // SAFETY: plain syscall on an open fd.
-    let dup = cvt(unsafe { libc::fcntl(dir.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) })?;
+    // Read through a new open file description of the same directory: a
+    // duplicated fd would share the caller's position, and one directory
+    // fd kept open for the mount's lookups is listed by several threads
+    // at once.
+    // SAFETY: the name is a NUL-terminated literal; plain syscall on an
+    // open fd.
+    let dup = cvt(unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            c".".as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    })?;
     // SAFETY: `dup` is a fresh directory fd that fdopendir takes ownership of.
     let dirp = unsafe { libc::fdopendir(dup) };
     if dirp.is_null() {
@@ -424,6 +433,28 @@ pub fn path_in_dir_fd(dir: BorrowedFd<'_>, name: &str) -> std::path::PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_directory_fd_can_be_listed_by_several_threads_at_once() {
+        let d = tempfile::tempdir().unwrap();
+        for i in 0..300 {
+            std::fs::write(d.path().join(format!("f{i}")), b"").unwrap();
+        }
+        let dir = std::sync::Arc::new(open_dir_path(d.path()).unwrap());
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let dir = dir.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..100 {
+                        assert_eq!(read_dir_names(dir.as_fd()).unwrap().len(), 300);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
     use std::os::fd::AsFd;
 
     #[test]
