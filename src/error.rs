@@ -397,23 +397,6 @@ impl Error {
         }
     }
 
-    /// A volume busy with something that ends by itself (a start, a
-    /// commit, an operation): the client may retry.
-    pub fn busy(vid: impl ToString, reason: impl Into<String>) -> Error {
-        Error::Busy {
-            vid: vid.to_string(),
-            reason: reason.into(),
-        }
-    }
-
-    /// A request this volume's state or kind does not allow.
-    pub fn refused(vid: impl ToString, reason: impl Into<String>) -> Error {
-        Error::Refused {
-            vid: vid.to_string(),
-            reason: reason.into(),
-        }
-    }
-
     /// A busy or refused volume, with the cause a client acts on.
     pub fn because(vid: impl ToString, cause: Cause, reason: impl Into<String>) -> Error {
         Error::Because {
@@ -461,14 +444,21 @@ impl Error {
     }
 }
 
-/// [`Error::busy`], as a function.
+/// A volume busy with something that ends by itself (a start, a commit,
+/// an operation): the client may retry.
 pub fn busy(vid: impl ToString, reason: impl Into<String>) -> Error {
-    Error::busy(vid, reason)
+    Error::Busy {
+        vid: vid.to_string(),
+        reason: reason.into(),
+    }
 }
 
-/// [`Error::refused`], as a function.
+/// A request this volume's state or kind does not allow.
 pub fn refused(vid: impl ToString, reason: impl Into<String>) -> Error {
-    Error::refused(vid, reason)
+    Error::Refused {
+        vid: vid.to_string(),
+        reason: reason.into(),
+    }
 }
 
 /// `Display` of a type by its `as_str()`: the names of states and kinds

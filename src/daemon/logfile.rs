@@ -130,6 +130,7 @@ pub(super) fn init_daemon_logging(verbose: u8) -> LogSink {
     if log::set_boxed_logger(Box::new(Demote(logger))).is_ok() {
         log::set_max_level(max);
     }
+    crate::engine::failpoint::warn_if_ignored();
     sink
 }
 

@@ -67,7 +67,6 @@ pub fn mount(
     }
     if foreground {
         let sink = init_daemon_logging(verbose);
-        crate::engine::failpoint::warn_if_ignored();
         sink.set_foreground();
         return serve(pool, &mnt, &opts, None, sink);
     }
@@ -101,7 +100,6 @@ pub fn mount(
             drop(rd);
             let _ = sys::setsid();
             let sink = init_daemon_logging(verbose);
-            crate::engine::failpoint::warn_if_ignored();
             let code = match serve(pool, &mnt, &opts, Some(File::from(wr)), sink.clone()) {
                 Ok(_) => 0,
                 Err(e) => {

@@ -81,7 +81,6 @@ impl Pool {
         Ok(())
     }
 
-    /// Volumes whose run is held by a writer outside reflinkfs.
     /// Waits until `vid`'s run is over: committed (durably) or discarded.
     /// At once for a volume that is not running (qubesd asks after every
     /// VM stop, and for every halted VM when it starts). A run still open

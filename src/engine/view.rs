@@ -38,15 +38,18 @@ pub enum IoMode {
     Unknown,
 }
 
-impl std::fmt::Display for IoMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+impl IoMode {
+    /// Its name, as on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
             IoMode::Passthrough => "passthrough",
             IoMode::Daemon => "daemon",
             IoMode::Unknown => "unknown",
-        })
+        }
     }
 }
+
+crate::error::display_as_str!(IoMode);
 
 /// One volume of a VM directory's listing ([`Pool::vm_listing`]).
 #[derive(Debug, Clone)]
