@@ -481,3 +481,20 @@ fn not_running(vid: &ValidVid, life: &Life, what: &str) -> Result<()> {
         None => Ok(()),
     }
 }
+
+/// A copy-mode pool in `path` with an origin volume of `size` bytes for
+/// each id of `volumes`, for unit tests.
+#[cfg(test)]
+pub(crate) fn scratch_pool(path: &std::path::Path, volumes: &[&str], size: u64) -> Pool {
+    let opts = super::InitOptions {
+        setup_check: false,
+        ..Default::default()
+    };
+    let pool = Pool::init(path, &opts).expect("a scratch pool");
+    for v in volumes {
+        let vid = v.parse().expect("a valid volume id");
+        pool.create(&vid, &CreateOptions::origin(size))
+            .expect("a volume of the scratch pool");
+    }
+    pool
+}

@@ -556,20 +556,3 @@ fn take_lock(pool: &Path, meta: &Dir) -> Result<File> {
     }
     Ok(file)
 }
-
-/// A copy-mode pool in `path` with an origin volume of `size` bytes for
-/// each id of `volumes`, for unit tests.
-#[cfg(test)]
-pub(crate) fn scratch_pool(path: &Path, volumes: &[&str], size: u64) -> Pool {
-    let opts = InitOptions {
-        setup_check: false,
-        ..Default::default()
-    };
-    let pool = Pool::init(path, &opts).expect("a scratch pool");
-    for v in volumes {
-        let vid = v.parse().expect("a valid volume id");
-        pool.create(&vid, &super::CreateOptions::origin(size))
-            .expect("a volume of the scratch pool");
-    }
-    pool
-}

@@ -23,7 +23,7 @@ struct Setup {
 
 fn setup(volumes: &[&str], passthrough: bool) -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let pool = crate::engine::pool::scratch_pool(&dir.path().join("pool"), volumes, MIB);
+    let pool = crate::engine::admin::scratch_pool(&dir.path().join("pool"), volumes, MIB);
     let fs = ReflinkFs::<FakeBacking>::new(
         Arc::new(pool),
         FsOptions {

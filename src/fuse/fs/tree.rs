@@ -436,7 +436,7 @@ mod tests {
 
     fn setup() -> (tempfile::TempDir, ReflinkFs<Fake>) {
         let dir = tempfile::tempdir().unwrap();
-        let pool = crate::engine::pool::scratch_pool(
+        let pool = crate::engine::admin::scratch_pool(
             &dir.path().join("pool"),
             &["c/v/a", "c/v/b", "c/v/priv", "c/w/x"],
             1 << 20,
