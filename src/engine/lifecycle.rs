@@ -5,11 +5,11 @@
 use super::config::{VolumeConfig, VolumeKind};
 use super::failpoint;
 use super::fsops::{Dir, Entry, FileSig};
-use super::phase::PhaseGuard;
+use super::phase::{PhaseGuard, StopParts};
 use super::pool::{Names, Pool};
 use super::stopping::held_reason;
 use super::vid::ValidVid;
-use super::volume::{Attachment, Lease, Life, PendingStop, Phase, Run, RunState, Volume};
+use super::volume::{Attachment, HeldBy, Lease, Life, PendingStop, Phase, Run, RunState, Volume};
 use crate::error::{Cause, Error, Result};
 use crate::sys;
 use parking_lot::MutexGuard;
@@ -166,8 +166,8 @@ impl Pool {
                     }
                     let lease = lease_of(vid, &vol, run);
                     return lease.ok_or_else(|| {
-                        let holders = run.held().unwrap_or_default();
-                        Error::because(vid, Cause::Held, held_reason(holders))
+                        let why = run.held().map(held_reason).unwrap_or_default();
+                        Error::because(vid, Cause::Held, why)
                     });
                 }
                 Phase::Stopped => {
@@ -187,7 +187,7 @@ impl Pool {
             }
         }
         drop(life);
-        let guard = PhaseGuard::new(self, &vol, Phase::Starting);
+        let guard = PhaseGuard::starting(self, &vol);
         let started = self.start_io(&vol, &guard.made_copy);
         let attachment = match (&started, attach) {
             (Ok(s), Some(f)) => f(&s.file),
@@ -340,7 +340,7 @@ impl Pool {
         let cfg = life.config.clone();
         drop(life);
         let vid = &vol.vid;
-        let was_held = run.held().is_some();
+        let was_held = run.held().cloned();
         // Our descriptors go first: the commit looks for writers.
         let Run {
             started_sig,
@@ -350,14 +350,24 @@ impl Pool {
             ..
         } = *run;
         drop(state);
-        let guard = PhaseGuard::new(self, vol, Phase::Committing);
+        let tries = match was_held {
+            Some(HeldBy::InterruptedStop { tries }) => tries,
+            _ => 0,
+        };
+        let parts = StopParts {
+            started_sig,
+            started_from: started_from.clone(),
+            limit: limit.clone(),
+            tries,
+        };
+        let guard = PhaseGuard::committing(self, vol, parts);
         let result = self.stop_io(vol, &cfg, started_sig, limit.load(Ordering::SeqCst));
         guard.disarm();
         vol.changed();
         let mut life = vol.lock();
         let outcome = match result {
             Ok(StopOutcome::Held { holders }) => {
-                if !was_held && log_hold {
+                if !matches!(was_held, Some(HeldBy::Writers(_))) && log_hold {
                     log::warn!(
                         "{vid}: not committed yet: its dirty image is still open for writing by {holders}; it is committed once that lets go, and the volume cannot start again until then",
                     );
@@ -367,9 +377,7 @@ impl Pool {
                     started_sig,
                     started_from,
                     limit,
-                    state: RunState::Held {
-                        holders: holders.clone(),
-                    },
+                    state: RunState::Held(HeldBy::Writers(holders.clone())),
                 }));
                 self.table.set_held(vid, true);
                 Ok(StopOutcome::Held { holders })
@@ -377,8 +385,14 @@ impl Pool {
             Ok(outcome) => {
                 life.phase = Phase::Stopped;
                 self.table.set_held(vid, false);
-                if was_held {
-                    log::info!("{vid}: the outside writer let go of its dirty image");
+                match was_held {
+                    Some(HeldBy::Writers(_)) => {
+                        log::info!("{vid}: the outside writer let go of its dirty image")
+                    }
+                    Some(HeldBy::InterruptedStop { .. }) => {
+                        log::info!("{vid}: the retry of its interrupted stop went through")
+                    }
+                    None => {}
                 }
                 log::info!("{vid}: stopped ({outcome:?})");
                 Ok(outcome)
@@ -438,7 +452,11 @@ impl Pool {
                 if let StopOutcome::Held { holders } =
                     self.commit_dirty(vol, &dir, None, contract)?
                 {
-                    return Err(Error::because(vid, Cause::Held, held_reason(&holders)));
+                    return Err(Error::because(
+                        vid,
+                        Cause::Held,
+                        held_reason(&HeldBy::Writers(holders)),
+                    ));
                 }
             } else {
                 dir.remove(&vid.to_string(), &n.dirty()).map_err(io_ctx(

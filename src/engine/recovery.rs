@@ -8,7 +8,7 @@ use super::fsops::{Dir, FileSig};
 use super::lifecycle::*;
 use super::pool::{Names, Pool};
 use super::revision::{parse_revision_name, Parsed};
-use super::volume::{Phase, Run, RunState, Volume};
+use super::volume::{HeldBy, Phase, Run, RunState, Volume};
 use crate::error::Result;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -207,7 +207,7 @@ impl Pool {
             started_sig: None,
             started_from: None,
             limit: Arc::new(AtomicU64::new(contract)),
-            state: RunState::Held { holders },
+            state: RunState::Held(HeldBy::Writers(holders)),
         }));
         self.table.set_held(vid, true);
         Ok(Dirty::RunsOn)

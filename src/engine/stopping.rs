@@ -7,7 +7,7 @@ use super::fsops::Dir;
 use super::fsops::FileSig;
 use super::pool::{Names, Pool};
 use super::vid::ValidVid;
-use super::volume::{LifeState, PendingStop, Phase};
+use super::volume::{HeldBy, LifeState, PendingStop, Phase};
 use crate::error::{Cause, Error, Result};
 use crate::sys;
 use std::fs::File;
@@ -21,8 +21,11 @@ const HOLD_PROBES: u32 = 5;
 const HOLD_PROBE_GAP: Duration = Duration::from_millis(10);
 
 /// Why a held volume cannot start or be changed.
-pub(crate) fn held_reason(holders: &str) -> String {
-    format!("its last run is not committed yet: its dirty image is still open for writing by {holders}; detach or close that first")
+pub(crate) fn held_reason(by: &HeldBy) -> String {
+    match by {
+        HeldBy::Writers(holders) => format!("its last run is not committed yet: its dirty image is still open for writing by {holders}; detach or close that first"),
+        HeldBy::InterruptedStop { .. } => "its last run is not committed yet: its stop was interrupted by an internal error (see the daemon's log); the daemon retries the commit every second".into(),
+    }
 }
 
 /// Names what may hold `dirty` open for writing: the loop devices whose

@@ -193,10 +193,32 @@ pub(crate) enum RunState {
         /// holds one of the leases, given back by `volume detach`.
         attached: Option<super::config::AttachedLoop>,
     },
+    /// The run is over for reflinkfs, but not committed yet: the daemon
+    /// retries its stop every second (see [`HeldBy`]).
+    Held(HeldBy),
+}
+
+/// Why a held run is not committed yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum HeldBy {
     /// A stop found the dirty image still open for writing outside
-    /// reflinkfs (by `holders`): the run is over for reflinkfs, but it is
-    /// not committed until that writer lets go.
-    Held { holders: String },
+    /// reflinkfs, by these holders: it is committed once they let go.
+    Writers(String),
+    /// A stop panicked (a bug) with the dirty image still there: the
+    /// retry commits it. `tries`: the stops that panicked in a row.
+    InterruptedStop { tries: u32 },
+}
+
+impl HeldBy {
+    /// What the status and the log say holds it.
+    pub fn describe(&self) -> String {
+        match self {
+            HeldBy::Writers(holders) => holders.clone(),
+            HeldBy::InterruptedStop { .. } => {
+                "no one (its stop was interrupted by an internal error, and is retried)".into()
+            }
+        }
+    }
 }
 
 impl Run {
@@ -204,10 +226,10 @@ impl Run {
         self.limit.load(Ordering::SeqCst)
     }
 
-    /// What holds a held run's dirty image.
-    pub fn held(&self) -> Option<&str> {
+    /// Why a held run is not committed yet.
+    pub fn held(&self) -> Option<&HeldBy> {
         match &self.state {
-            RunState::Held { holders } => Some(holders),
+            RunState::Held(by) => Some(by),
             RunState::Live { .. } => None,
         }
     }
@@ -216,7 +238,7 @@ impl Run {
     pub fn file(&self) -> Option<&Arc<File>> {
         match &self.state {
             RunState::Live { file, .. } => Some(file),
-            RunState::Held { .. } => None,
+            RunState::Held(_) => None,
         }
     }
 
@@ -224,7 +246,7 @@ impl Run {
     pub fn attached(&self) -> Option<super::config::AttachedLoop> {
         match &self.state {
             RunState::Live { attached, .. } => *attached,
-            RunState::Held { .. } => None,
+            RunState::Held(_) => None,
         }
     }
 
@@ -232,7 +254,7 @@ impl Run {
     pub fn attached_mut(&mut self) -> Option<&mut Option<super::config::AttachedLoop>> {
         match &mut self.state {
             RunState::Live { attached, .. } => Some(attached),
-            RunState::Held { .. } => None,
+            RunState::Held(_) => None,
         }
     }
 }
@@ -376,7 +398,7 @@ impl Volume {
             config: life.config.clone(),
             state: life.state_name(),
             running: run.is_some() || matches!(life.phase, Phase::Committing),
-            held: run.and_then(|r| r.held().map(str::to_owned)),
+            held: run.and_then(|r| r.held().map(HeldBy::describe)),
             leases: run.map_or(0, |r| r.leases),
             started_from: run.and_then(|r| r.started_from.clone()),
             limit: run.map(Run::limit),
