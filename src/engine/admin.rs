@@ -88,16 +88,7 @@ impl Pool {
         let cfg = claim.config();
         let dir = self.vm_dir(vid, true)?;
         self.check_clean(vid, Some(&dir), doing)?;
-        let kind = cfg.kind();
-        if kind != VolumeKind::Origin {
-            return Err(refused(
-                vid,
-                format!(
-                    "{doing} needs an origin volume; this is a {} one",
-                    kind.as_str()
-                ),
-            ));
-        }
+        cfg.kind().need_origin(vid, doing)?;
         if writes && !cfg.rw {
             return Err(refused(
                 vid,
@@ -186,17 +177,14 @@ impl Pool {
                 // A copy that fails (no space, a short source) leaves nothing.
                 let f = made
                     .map_err(io_ctx(&dir, "creating", &tmp))
-                    .inspect_err(|_| {
-                        let _ = dir.remove_if_exists(&v, &tmp);
-                    })?;
+                    .inspect_err(|_| dir.remove_tmp(&v, &tmp))?;
                 let actual = sys::fstat(f.as_fd())
                     .map_err(io_ctx(&dir, "examining", &tmp))?
                     .st_size as u64;
                 // Data of any length may come (a file passed with the
                 // request): its length must be a valid size.
-                let config_size = check_size(actual, &actual.to_string()).inspect_err(|_| {
-                    let _ = dir.remove_if_exists(&v, &tmp);
-                })?;
+                let config_size = check_size(actual, &actual.to_string())
+                    .inspect_err(|_| dir.remove_tmp(&v, &tmp))?;
                 sys::fsync(f.as_fd()).map_err(io_ctx(&dir, "syncing", &tmp))?;
                 dir.rename(&v, &tmp, &n.img())
                     .map_err(io_ctx(&dir, "renaming", &tmp))?;

@@ -37,6 +37,21 @@ pub enum VolumeKind {
 }
 
 impl VolumeKind {
+    /// Refuses `doing` (an operation, as the user named it) on a volume
+    /// that is not an origin volume.
+    pub fn need_origin(self, vid: &ValidVid, doing: &str) -> Result<()> {
+        match self {
+            VolumeKind::Origin => Ok(()),
+            kind => Err(crate::error::refused(
+                vid,
+                format!(
+                    "{doing} needs an origin volume; this is a {} one",
+                    kind.as_str()
+                ),
+            )),
+        }
+    }
+
     pub fn from_flags(snap_on_start: bool, save_on_stop: bool) -> Option<VolumeKind> {
         match (snap_on_start, save_on_stop) {
             (false, true) => Some(VolumeKind::Origin),

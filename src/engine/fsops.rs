@@ -236,6 +236,21 @@ impl Dir {
         }
     }
 
+    /// Removes the temporary file a failed operation was making, as best
+    /// it can, and never fails: a leftover is removed at the next pool
+    /// open (recovery).
+    pub fn remove_tmp(&self, vid: &str, name: &str) {
+        match self.remove_if_exists(vid, name) {
+            Ok(_) => {
+                let _ = self.sync();
+            }
+            Err(e) => log::warn!(
+                "{vid}: removing {}: {e}; the next pool open removes it",
+                self.shown(name).display()
+            ),
+        }
+    }
+
     /// fsync of the directory, making renames, links and unlinks durable.
     pub fn sync(&self) -> io::Result<()> {
         sys::fsync(self.fd())

@@ -285,14 +285,11 @@ impl Pool {
         dir.link(&v, file_name, &tmp)
             .map_err(io_ctx(dir, "linking", file_name))?;
         failpoint::hit!("revert.copied");
-        let f = open_image(dir, vid, &tmp, libc::O_RDONLY).inspect_err(|_| {
-            let _ = dir.remove(&v, &tmp);
-        })?;
+        let f =
+            open_image(dir, vid, &tmp, libc::O_RDONLY).inspect_err(|_| dir.remove_tmp(&v, &tmp))?;
         let saved = self
             .replace_committed(vol, dir, &f, &tmp, "revert", Some(file_name))
-            .inspect_err(|_| {
-                let _ = dir.remove(&v, &tmp);
-            })?;
+            .inspect_err(|_| dir.remove_tmp(&v, &tmp))?;
         // The revision gone back to stays beyond revisions_to_keep until the
         // next commit, so the revert can be undone; the one just saved is
         // the newest, so it stays too.

@@ -149,19 +149,14 @@ impl Pool {
         let done = sys::ftruncate(f.as_fd(), size)
             .and_then(|()| sys::fsync(f.as_fd()))
             .map_err(io_ctx(dir, "resizing", &tmp));
-        if let Err(e) = done {
-            let _ = dir.remove(&v, &tmp);
-            return Err(e);
-        }
+        done.inspect_err(|_| dir.remove_tmp(&v, &tmp))?;
         failpoint::hit!("resize.truncated");
         let writer = claim.volume.write_config();
         let mut new = (*writer.current()).clone();
         new.size = size;
         new.generation += 1;
-        if let Err(e) = self.store_volume(&new) {
-            let _ = dir.remove(&v, &tmp);
-            return Err(e);
-        }
+        self.store_volume(&new)
+            .inspect_err(|_| dir.remove_tmp(&v, &tmp))?;
         failpoint::hit!("resize.config");
         {
             // The image and its generation change together for readers.

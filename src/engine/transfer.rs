@@ -167,15 +167,7 @@ impl Pool {
                 reason,
             },
         });
-        let kind = match filled {
-            Ok(k) => k,
-            Err(e) => {
-                drop(f);
-                let _ = dir.remove(&v, &tmp);
-                let _ = dir.sync();
-                return Err(e);
-            }
-        };
+        let kind = filled.inspect_err(|_| dir.remove_tmp(&v, &tmp))?;
         log::info!(
             "{vid}: imported {size} bytes into {} ({})",
             dir.shown(&tmp).display(),
@@ -183,9 +175,7 @@ impl Pool {
         );
         failpoint::hit!("import.copied");
         self.replace_committed(&claim.volume, &dir, &f, &tmp, "import", None)
-            .inspect_err(|_| {
-                let _ = dir.remove(&v, &tmp);
-            })
+            .inspect_err(|_| dir.remove_tmp(&v, &tmp))
     }
 
     /// Begins an import whose data another process writes in place (qubesd
@@ -243,8 +233,7 @@ impl Pool {
         let v = vid.to_string();
         let drop_it = |why: &str| {
             log::warn!("{vid}: import into {} dropped: {why}", path.display());
-            let _ = dir.remove_if_exists(&v, &name);
-            let _ = dir.sync();
+            dir.remove_tmp(&v, &name);
         };
         if !success {
             drop_it("its writer failed");
@@ -388,15 +377,11 @@ impl Pool {
         let (f, _) = dir
             .copy_from(&v, &file, &shown, &tmp, dst_pool.copy_strategy())
             .map_err(io_ctx(&dir, "copying to", &tmp))
-            .inspect_err(|_| {
-                let _ = dir.remove_if_exists(&v, &tmp);
-            })?;
+            .inspect_err(|_| dir.remove_tmp(&v, &tmp))?;
         failpoint::hit!("clone.copied");
         dst_pool
             .replace_committed(&claim.volume, &dir, &f, &tmp, "clone", None)
-            .inspect_err(|_| {
-                let _ = dir.remove(&v, &tmp);
-            })?;
+            .inspect_err(|_| dir.remove_tmp(&v, &tmp))?;
         log::info!("{dst}: cloned from {src}");
         Ok(())
     }

@@ -6,7 +6,6 @@ use super::ids::{self, RevId};
 use super::io::{compare_data, is_zero, parallel_in_order, read_range, BLOCK, MAX_READ};
 use super::ranges::{clip, pieces, push, total, union};
 use super::stream::{Reader, Record, Writer};
-use crate::engine::config::VolumeKind;
 use crate::engine::lifecycle::{io_ctx, open_image};
 use crate::engine::pool::{Names, Pool};
 use crate::engine::vid::ValidVid;
@@ -101,15 +100,7 @@ impl Pool {
     /// before ids gets one now.
     fn open_point(&self, vid: &ValidVid, which: Option<&str>, assign: bool) -> Result<Point> {
         let kind = self.volume(vid)?.config().kind();
-        if kind != VolumeKind::Origin {
-            return Err(refused(
-                vid,
-                format!(
-                    "diffs and deltas need an origin volume; this is a {} one",
-                    kind.as_str()
-                ),
-            ));
-        }
+        kind.need_origin(vid, "a diff or delta")?;
         if let Some(want) = which.and_then(RevId::parse) {
             return self.point_by_id(vid, want);
         }
@@ -510,20 +501,10 @@ impl Pool {
                 ids::stamp(&f, to_id).map_err(io_ctx(&dir, "writing the id of", &tmp))?;
                 Ok(sums)
             });
-        let sums = match applied {
-            Ok(s) => s,
-            Err(e) => {
-                drop(f);
-                let _ = dir.remove(&v, &tmp);
-                let _ = dir.sync();
-                return Err(e);
-            }
-        };
+        let sums = applied.inspect_err(|_| dir.remove_tmp(&v, &tmp))?;
         let saved_as = self
             .replace_committed(&claim.volume, &dir, &f, &tmp, "import", None)
-            .inspect_err(|_| {
-                let _ = dir.remove(&v, &tmp);
-            })?;
+            .inspect_err(|_| dir.remove_tmp(&v, &tmp))?;
         log::info!("{vid}: imported a delta from {label}: now id {to_id}");
         Ok(ImportReport {
             vid: v,
