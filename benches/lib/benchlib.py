@@ -917,19 +917,20 @@ def render_markdown(doc, results):
             )
         L.append("")
 
-    if doc["warnings"]:
-        L.append("## Warnings")
-        L.append("")
-        for w in doc["warnings"]:
-            L.append(f"- {w} (not counted as a failure of the run)")
-        L.append("")
-    if doc["problems"]:
-        L.append("## Paths that did not run cleanly")
-        L.append("")
-        for p in doc["problems"]:
-            L.append(f"- {p}")
-        L.append("")
+    warnings = [f"{w} (not counted as a failure of the run)" for w in doc["warnings"]]
+    bullet_section(L, "Warnings", warnings)
+    bullet_section(L, "Paths that did not run cleanly", doc["problems"])
     return "\n".join(L)
+
+
+def bullet_section(L, title, items):
+    """Appends a `## title` section listing `items`, if there are any."""
+    if items:
+        L.append(f"## {title}")
+        L.append("")
+        for item in items:
+            L.append(f"- {item}")
+        L.append("")
 
 
 def write_plot_data(out_dir, results, jobs, paths, snaps):
