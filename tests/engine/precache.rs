@@ -21,16 +21,6 @@ fn ino(p: &Path) -> Option<u64> {
     std::fs::symlink_metadata(p).ok().map(|m| m.ino())
 }
 
-/// The volume's config file, as JSON.
-fn config_of(pool: &Path, v: &ValidVid) -> serde_json::Value {
-    let p = pool
-        .join(".reflinkfs/volumes")
-        .join(v.class())
-        .join(v.vm())
-        .join(format!("{}.json", v.name()));
-    serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
-}
-
 /// Starts `v` and gives the dirty image's inode and its first `len` bytes.
 fn start_ino(pool: &Pool, v: &ValidVid, len: usize) -> (u64, Vec<u8>) {
     let f = pool.start(v).unwrap();
@@ -74,7 +64,10 @@ fn a_start_after_a_commit_renames_the_precache() {
         let pc = precache_path(&path, &v);
         // Made at create, recorded in the config; none in copy mode.
         assert_eq!(pc.exists(), fs.reflink, "{ctx}: after create");
-        assert_eq!(config_of(&path, &v).get("precache").is_some(), fs.reflink);
+        assert_eq!(
+            config_on_disk(&path, &v).get("precache").is_some(),
+            fs.reflink
+        );
         write_cycle(&pool, &v, 0, &pattern(0x11, 8192));
         if !fs.reflink {
             assert!(!pc.exists(), "{ctx}: copy mode keeps no precache");
@@ -215,7 +208,7 @@ fn revisions_to_keep_minus_one_keeps_no_precache() {
         assert!(pc.exists(), "{ctx}");
         pool.set(&v, Property::RevisionsToKeep(-1)).unwrap();
         assert!(!pc.exists(), "{ctx}: removed at the set");
-        assert!(config_of(&path, &v).get("precache").is_none(), "{ctx}");
+        assert!(config_on_disk(&path, &v).get("precache").is_none(), "{ctx}");
         write_cycle(&pool, &v, 0, b"no snapshots");
         assert!(!pc.exists(), "{ctx}: none made at the stop");
         pool.set(&v, Property::RevisionsToKeep(1)).unwrap();
@@ -241,7 +234,7 @@ fn a_precache_that_cannot_be_made_costs_only_the_copy() {
             write_cycle(&pool, &v, 0, &pattern(0x31, 4096)),
             StopOutcome::Committed { .. }
         ));
-        assert!(config_of(&path, &v).get("precache").is_none(), "{ctx}");
+        assert!(config_on_disk(&path, &v).get("precache").is_none(), "{ctx}");
         assert_eq!(start_ino(&pool, &v, 4096).1, pattern(0x31, 4096), "{ctx}");
         pool.stop(&v).unwrap();
         let problems = pool.check(None).unwrap();
