@@ -21,6 +21,16 @@ fn ino(p: &Path) -> Option<u64> {
     std::fs::symlink_metadata(p).ok().map(|m| m.ino())
 }
 
+/// `pool check` finds a problem whose text contains `problem`.
+#[track_caller]
+fn check_finds(pool: &Pool, problem: &str, ctx: &str) {
+    let problems = pool.check(None).unwrap();
+    assert!(
+        problems.iter().any(|p| p.problem.contains(problem)),
+        "{ctx}: {problems:?}"
+    );
+}
+
 /// Starts `v` and gives the dirty image's inode and its first `len` bytes.
 fn start_ino(pool: &Pool, v: &ValidVid, len: usize) -> (u64, Vec<u8>) {
     let f = pool.start(v).unwrap();
@@ -157,13 +167,7 @@ fn a_stale_precache_is_never_run() {
             .unwrap();
         std::fs::rename(&hand, &img).unwrap();
         assert!(pc.exists());
-        let problems = pool.check(None).unwrap();
-        assert!(
-            problems
-                .iter()
-                .any(|p| p.problem.contains("stale precache")),
-            "{ctx}: {problems:?}"
-        );
+        check_finds(&pool, "stale precache", &ctx);
         let (running, data) = start_ino(&pool, &v, 4096);
         assert_ne!(Some(running), Some(made), "{ctx}: not the stale precache");
         assert_eq!(data, pattern(0xD4, 4096), "{ctx}: the hand-made image");
@@ -237,13 +241,7 @@ fn a_precache_that_cannot_be_made_costs_only_the_copy() {
         assert!(config_on_disk(&path, &v).get("precache").is_none(), "{ctx}");
         assert_eq!(start_ino(&pool, &v, 4096).1, pattern(0x31, 4096), "{ctx}");
         pool.stop(&v).unwrap();
-        let problems = pool.check(None).unwrap();
-        assert!(
-            problems
-                .iter()
-                .any(|p| p.problem.contains("not a regular file")),
-            "{ctx}: {problems:?}"
-        );
+        check_finds(&pool, "not a regular file", &ctx);
         std::fs::remove_dir_all(&pc).unwrap();
     }
 }
