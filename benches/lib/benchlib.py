@@ -216,23 +216,33 @@ def cmd_snaptime(args):
     block = os.urandom(4096)
     wait_stopped(path)
     for i in range(repeat):
-        t0 = time.perf_counter()
-        fd = os.open(path, os.O_RDWR)
-        t1 = time.perf_counter()
-        os.pwrite(fd, block, 0)
-        t2 = time.perf_counter()
-        os.close(fd)
-        t3 = wait_stopped(path)
+        start_ms, commit_ms = start_and_commit(path, block)
         print(
             json.dumps(
                 {
                     "repeat": i,
-                    "start_ms": (t1 - t0) * 1e3,
-                    "commit_ms": (t3 - t2) * 1e3,
+                    "start_ms": start_ms,
+                    "commit_ms": commit_ms,
                 }
             ),
             flush=True,
         )
+
+
+def start_and_commit(path, block):
+    """One cycle of a stopped volume through the mount: opens `path` (its
+    -dirty.img, which starts it), writes `block` at 0 so the commit is a
+    real one, closes it and waits for the commit. Returns (start_ms,
+    commit_ms): the open, and from the close until the state reads
+    `stopped`."""
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_RDWR)
+    t1 = time.perf_counter()
+    os.pwrite(fd, block, 0)
+    t2 = time.perf_counter()
+    os.close(fd)
+    t3 = wait_stopped(path)
+    return (t1 - t0) * 1e3, (t3 - t2) * 1e3
 
 
 # ---------------------------------------------------------------- mkimage
@@ -907,19 +917,20 @@ def render_markdown(doc, results):
             )
         L.append("")
 
-    if doc["warnings"]:
-        L.append("## Warnings")
-        L.append("")
-        for w in doc["warnings"]:
-            L.append(f"- {w} (not counted as a failure of the run)")
-        L.append("")
-    if doc["problems"]:
-        L.append("## Paths that did not run cleanly")
-        L.append("")
-        for p in doc["problems"]:
-            L.append(f"- {p}")
-        L.append("")
+    warnings = [f"{w} (not counted as a failure of the run)" for w in doc["warnings"]]
+    bullet_section(L, "Warnings", warnings)
+    bullet_section(L, "Paths that did not run cleanly", doc["problems"])
     return "\n".join(L)
+
+
+def bullet_section(L, title, items):
+    """Appends a `## title` section listing `items`, if there are any."""
+    if items:
+        L.append(f"## {title}")
+        L.append("")
+        for item in items:
+            L.append(f"- {item}")
+        L.append("")
 
 
 def write_plot_data(out_dir, results, jobs, paths, snaps):

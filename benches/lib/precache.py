@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-from benchlib import load_jsonl, wait_stopped
+from benchlib import load_jsonl, start_and_commit, wait_stopped
 
 
 def run(*args):
@@ -42,15 +42,9 @@ def cmd_cycles(args):
     wait_stopped(dirty)
     for i in range(repeat):
         had = os.path.exists(precache)
-        t0 = time.perf_counter()
-        fd = os.open(dirty, os.O_RDWR)
-        t1 = time.perf_counter()
-        os.pwrite(fd, block, 0)
-        t2 = time.perf_counter()
-        os.close(fd)
-        t3 = wait_stopped(dirty)
+        start_ms, commit_ms = start_and_commit(dirty, block)
         out = {"label": label, "via": "mount", "repeat": i, "precache_found": had,
-               "start_ms": (t1 - t0) * 1e3, "commit_ms": (t3 - t2) * 1e3}
+               "start_ms": start_ms, "commit_ms": commit_ms}
         print(json.dumps(out), flush=True)
     for i in range(repeat):
         had = os.path.exists(precache)

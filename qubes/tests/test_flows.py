@@ -46,6 +46,16 @@ def templates(app, *names):
     return made
 
 
+def work_vm(host, *names):
+    """A pool, its app, the templates `names` (see `templates`) and an
+    AppVM "work" on the first of them: (pool, app, work, templates)."""
+    pool = host.pool()
+    app = host.app(pool)
+    made = templates(app, *names)
+    work = app.add_vm("AppVM", "work", template=made[0])
+    return pool, app, work, made
+
+
 def wait_until(what, check, timeout=60):
     """Polls `check` until it is true; fails naming `what` after a
     generous `timeout` (a progress bound, not a timing assertion)."""
@@ -59,10 +69,7 @@ def wait_until(what, check, timeout=60):
 # -- 1. template change ----------------------------------------------------
 
 def test_a_template_change_reaches_the_root_at_its_next_start(host):
-    pool = host.pool()
-    app = host.app(pool)
-    tpl_a, tpl_b = templates(app, "tpl-a", "tpl-b")
-    work = app.add_vm("AppVM", "work", template=tpl_a)
+    pool, app, work, (_, tpl_b) = work_vm(host, "tpl-a", "tpl-b")
     assert run_vm(app, work) == data(1)
     # qvm-prefs work template tpl-b: a new Volume object, no create().
     work.set_template(tpl_b)
@@ -83,10 +90,7 @@ def test_a_template_change_reaches_the_root_at_its_next_start(host):
 def test_a_source_change_is_refused_while_the_volume_runs(host):
     """The daemon's side of the same: the driver hears `busy`/`running`
     as a StoragePoolException and changes nothing."""
-    pool = host.pool()
-    app = host.app(pool)
-    tpl_a, tpl_b = templates(app, "tpl-a", "tpl-b")
-    work = app.add_vm("AppVM", "work", template=tpl_a)
+    pool, app, work, _ = work_vm(host, "tpl-a", "tpl-b")
     devs = app.start(work)
     with pytest.raises(qubes.storage.StoragePoolException) as e:
         pool.call("volume_set", vid="appvms/work/root", property="source",
@@ -141,10 +145,7 @@ def test_the_old_template_stays_while_an_appvm_still_uses_it(host):
 # -- clone, DispVM, qubes.xml ------------------------------------------------
 
 def test_qvm_clone_and_a_dispvm_start(host):
-    pool = host.pool()
-    app = host.app(pool)
-    (tpl,) = templates(app, "tpl")
-    work = app.add_vm("AppVM", "work", template=tpl)
+    pool, app, work, (tpl,) = work_vm(host, "tpl")
     run_vm(app, work, tag=5, volume="private")
     work2 = app.clone_vm(work, "work2")
     assert run_vm(app, work2, volume="private") == data(5)
@@ -160,10 +161,7 @@ def test_qvm_clone_and_a_dispvm_start(host):
 
 
 def test_qubes_xml_save_and_reload_keeps_every_volume(host):
-    pool = host.pool()
-    app = host.app(pool)
-    (tpl,) = templates(app, "tpl")
-    work = app.add_vm("AppVM", "work", template=tpl)
+    pool, app, work, _ = work_vm(host, "tpl")
     run_vm(app, work, tag=3, volume="private")
     host.run(work.volumes["private"].resize(8 * MIB))
     before = app.save()
@@ -176,10 +174,7 @@ def test_qubes_xml_save_and_reload_keeps_every_volume(host):
 
 
 def test_qubesd_restarted_while_a_vm_runs(host):
-    pool = host.pool()
-    app = host.app(pool)
-    (tpl,) = templates(app, "tpl")
-    work = app.add_vm("AppVM", "work", template=tpl)
+    pool, app, work, _ = work_vm(host, "tpl")
     devs = app.start(work)
     write(devs["private"], data(4))
     again = app.reload()
@@ -210,10 +205,7 @@ def kill_daemon(pool):
 
 
 def test_a_killed_daemon_leaves_a_stale_mount_that_the_next_call_replaces(host):
-    pool = host.pool()
-    app = host.app(pool)
-    (tpl,) = templates(app, "tpl")
-    work = app.add_vm("AppVM", "work", template=tpl)
+    pool, app, work, _ = work_vm(host, "tpl")
     run_vm(app, work, tag=2, volume="private")
     old = kill_daemon(pool)
     with pytest.raises(OSError) as e:
@@ -287,10 +279,7 @@ def host_binary():
 # -- 4. an import killed before its end ----------------------------------------
 
 def test_an_import_whose_script_died_is_begun_anew_and_dropped_at_start(host):
-    pool = host.pool()
-    app = host.app(pool)
-    (tpl,) = templates(app, "tpl")
-    work = app.add_vm("AppVM", "work", template=tpl)
+    pool, app, work, _ = work_vm(host, "tpl")
     run_vm(app, work, tag=1, volume="private")
     # qvm-volume import work:private: qubesd's import_data, then the
     # Import script's dd, which is killed half-way: no import_data_end.

@@ -147,40 +147,56 @@ fn defaulted_request_fields_are_not_sent() {
         assert_eq!(serde_json::from_value::<Request>(v).unwrap(), r);
         keys.join(",")
     };
-    let create = Request::VolumeCreate {
-        vid: vid(),
-        size: 1,
-        snapshot_of: None,
-        volatile: false,
-        revisions_to_keep: None,
-        read_only: false,
-        optional: false,
-        with_data: false,
-    };
-    assert_eq!(sent(create), "op,size,vid");
-    let attach = Request::VolumeAttach {
-        vid: vid(),
-        read_only: false,
-        direct_io: None,
-        block_size: None,
-    };
-    assert_eq!(sent(attach), "op,vid");
-    let detach = Request::VolumeDetach {
-        vid: vid(),
-        force: false,
-        timeout_ms: None,
-    };
-    assert_eq!(sent(detach), "op,vid");
-    let export = Request::VolumeExport {
-        vid: vid(),
-        revision: None,
-        dest: String::new(),
-    };
-    assert_eq!(sent(export), "op,vid");
-    let info = Request::VolumeInfo {
-        vid: vid(),
-        brief: false,
-    };
-    assert_eq!(sent(info), "op,vid");
-    assert_eq!(sent(Request::PoolCheck { volume: None }), "op");
+    let cases = [
+        (
+            Request::VolumeCreate {
+                vid: vid(),
+                size: 1,
+                snapshot_of: None,
+                volatile: false,
+                revisions_to_keep: None,
+                read_only: false,
+                optional: false,
+                with_data: false,
+            },
+            "op,size,vid",
+        ),
+        (
+            Request::VolumeAttach {
+                vid: vid(),
+                read_only: false,
+                direct_io: None,
+                block_size: None,
+            },
+            "op,vid",
+        ),
+        (
+            Request::VolumeDetach {
+                vid: vid(),
+                force: false,
+                timeout_ms: None,
+            },
+            "op,vid",
+        ),
+        (
+            Request::VolumeExport {
+                vid: vid(),
+                revision: None,
+                dest: String::new(),
+            },
+            "op,vid",
+        ),
+        (
+            Request::VolumeInfo {
+                vid: vid(),
+                brief: false,
+            },
+            "op,vid",
+        ),
+        (Request::PoolCheck { volume: None }, "op"),
+    ];
+    for (request, keys) in cases {
+        let shown = format!("{request:?}");
+        assert_eq!(sent(request), keys, "{shown}");
+    }
 }

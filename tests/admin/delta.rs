@@ -221,6 +221,38 @@ fn scatter(path: &Path, v: &str, n: u64, rng: &mut Rng) {
 
 const V: &str = "appvms/work/private";
 
+/// A source pool on `src_fs` whose V is `size` large and a target pool on
+/// `dst_fs` whose V is 1 MiB (a full stream replaces it), both closed; and
+/// a directory for the streams. Gives the source's, the target's and the
+/// directory's paths.
+fn source_and_target(
+    src_fs: &TestFs,
+    dst_fs: &TestFs,
+    test: &str,
+    size: u64,
+) -> (PathBuf, PathBuf, PathBuf) {
+    let (a, a_path) = new_pool_with(src_fs, &format!("{test}-src"), 3);
+    let (b, b_path) = new_pool_with(dst_fs, &format!("{test}-dst"), 3);
+    create_origin(&a, V, size);
+    create_origin(&b, V, MIB);
+    drop((a, b));
+    (
+        a_path,
+        b_path,
+        scratch_dir(src_fs, &format!("{test}-streams")),
+    )
+}
+
+/// The committed images of V in the pools at `a` and `b` are equal.
+#[track_caller]
+fn assert_same_image(a: &Path, b: &Path, ctx: &str) {
+    assert_eq!(
+        sha256(&image_path(a, &vid(V))),
+        sha256(&image_path(b, &vid(V))),
+        "{ctx}"
+    );
+}
+
 /// Full export, three rounds of changes (offline, with the source pool
 /// mounted, with the target pool mounted) each sent with `export --since`
 /// and applied with `import --delta`: the images are equal at every step,
@@ -228,13 +260,7 @@ const V: &str = "appvms/work/private";
 #[test]
 fn delta_replicates_a_volume_across_two_pools() {
     let fs = xfs();
-    let other = other_fs(&fs);
-    let (a, a_path) = new_pool_with(&fs, "delta-src", 3);
-    let (b, b_path) = new_pool_with(&other, "delta-dst", 3);
-    create_origin(&a, V, 16 * MIB);
-    create_origin(&b, V, MIB);
-    drop((a, b));
-    let dir = scratch_dir(&fs, "delta-streams");
+    let (a_path, b_path, dir) = source_and_target(&fs, &other_fs(&fs), "delta", 16 * MIB);
     let mut rng = Rng(42);
     scatter(&a_path, V, 64, &mut rng);
 
@@ -245,10 +271,7 @@ fn delta_replicates_a_volume_across_two_pools() {
     let mut id = out["to_id"].as_str().unwrap().to_owned();
     assert_eq!(id, image_id(&a_path, V));
     rf_ok(&b_path, ["volume", "import", V, "--delta", &s(&full)]);
-    assert_eq!(
-        sha256(&image_path(&a_path, &vid(V))),
-        sha256(&image_path(&b_path, &vid(V)))
-    );
+    assert_same_image(&a_path, &b_path, "the full stream");
     assert_eq!(image_id(&b_path, V), id);
 
     let mut deltas = Vec::new();
@@ -287,11 +310,7 @@ fn delta_replicates_a_volume_across_two_pools() {
         let diff = rf_json(&b_path, ["volume", "import", V, "--delta", &s(&delta)]);
         assert_eq!(diff["to_id"].as_str(), Some(id.as_str()));
         drop((mounted_a, mounted_b));
-        assert_eq!(
-            sha256(&image_path(&a_path, &vid(V))),
-            sha256(&image_path(&b_path, &vid(V))),
-            "round {round}"
-        );
+        assert_same_image(&a_path, &b_path, &format!("round {round}"));
         deltas.push(delta);
     }
 
@@ -327,10 +346,7 @@ fn delta_replicates_a_volume_across_two_pools() {
         )
     );
     rf_ok(&b_path, ["volume", "import", V, "--delta", &s(&last)]);
-    assert_eq!(
-        sha256(&image_path(&a_path, &vid(V))),
-        sha256(&image_path(&b_path, &vid(V)))
-    );
+    assert_same_image(&a_path, &b_path, "the last delta");
 }
 
 /// `volume diff` in text and JSON, offline and through the mount, between
@@ -410,12 +426,7 @@ fn delta_streams_merge_with_rbd_merge_diff() {
         return;
     }
     let fs = xfs();
-    let (a, a_path) = new_pool_with(&fs, "delta-merge-a", 3);
-    let (b, b_path) = new_pool_with(&fs, "delta-merge-b", 3);
-    create_origin(&a, V, 8 * MIB);
-    create_origin(&b, V, MIB);
-    drop((a, b));
-    let dir = scratch_dir(&fs, "delta-merge");
+    let (a_path, b_path, dir) = source_and_target(&fs, &fs, "delta-merge", 8 * MIB);
     let mut rng = Rng(7);
     scatter(&a_path, V, 20, &mut rng);
     let full = dir.join("full.rbd");
@@ -439,10 +450,7 @@ fn delta_streams_merge_with_rbd_merge_diff() {
         &s(&merged),
     ]);
     rf_ok(&b_path, ["volume", "import", V, "--delta", &s(&merged)]);
-    assert_eq!(
-        sha256(&image_path(&a_path, &vid(V))),
-        sha256(&image_path(&b_path, &vid(V)))
-    );
+    assert_same_image(&a_path, &b_path, "the merged delta");
 }
 
 /// A real Ceph cluster, both ways: our full export and two deltas applied

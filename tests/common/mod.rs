@@ -288,17 +288,24 @@ pub fn revision_ids(pool: &Pool, v: &ValidVid) -> Vec<String> {
         .collect()
 }
 
+/// Where the config of volume `v` is stored.
+pub fn config_path(pool_path: &Path, v: &ValidVid) -> PathBuf {
+    pool_path
+        .join(".reflinkfs/volumes")
+        .join(v.class())
+        .join(v.vm())
+        .join(format!("{}.json", v.name()))
+}
+
+/// The config of volume `v` as stored on disk.
+pub fn config_on_disk(pool_path: &Path, v: &ValidVid) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(config_path(pool_path, v)).unwrap()).unwrap()
+}
+
 /// Writes the config of volume `v` by hand, as an older pool or a hand
 /// edit has it (the engine would refuse to make it).
 pub fn plant_config(pool_path: &Path, v: &ValidVid, cfg: serde_json::Value) {
-    let dir = pool_path
-        .join(".reflinkfs/volumes")
-        .join(v.class())
-        .join(v.vm());
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join(format!("{}.json", v.name())),
-        serde_json::to_vec_pretty(&cfg).unwrap(),
-    )
-    .unwrap();
+    let path = config_path(pool_path, v);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
 }

@@ -7,13 +7,17 @@ use crate::common;
 
 use common::*;
 use reflinkfs::engine::failpoint;
-use reflinkfs::engine::{CreateOptions, Pool, Property, StopOutcome};
+use reflinkfs::engine::{CreateOptions, Pool, Property, StopOutcome, ValidVid};
 use reflinkfs::error::Cause;
+use std::any::Any;
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::ExitStatusExt;
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::process::Command;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
 
 const ENV_POOL: &str = "REFLINKFS_CRASH_POOL";
 const ENV_SIDE: &str = "REFLINKFS_CRASH_SIDE";
@@ -348,6 +352,68 @@ fn recovery_scans_loop_devices_once_for_all_leftover_dirty_images() {
     drop(pool);
 }
 
+/// Runs `f` with the pool and the volume on a thread of its own and gives
+/// its result, or fails after 60 s: a volume left starting or committing
+/// makes the next call wait for ever. The thread is detached, so that a
+/// stuck call fails the test instead of hanging it.
+fn with_deadline<T: Send + 'static>(
+    what: &str,
+    pool: &Arc<Pool>,
+    v: &ValidVid,
+    f: impl FnOnce(&Pool, ValidVid) -> T + Send + 'static,
+) -> T {
+    let (pool, v) = (Arc::clone(pool), v.clone());
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(std::panic::catch_unwind(AssertUnwindSafe(|| f(&pool, v))));
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(Ok(out)) => out,
+        Ok(Err(panic)) => panic!("{what} panicked: {}", panic_text(&*panic)),
+        Err(_) => panic!("{what} waits for ever: the volume is stuck"),
+    }
+}
+
+fn panic_text(payload: &(dyn Any + Send)) -> &str {
+    payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("?")
+}
+
+type PanicHook = Box<dyn Fn(&std::panic::PanicHookInfo) + Sync + Send>;
+
+/// Silences the panics the test provokes at failpoints until dropped, and
+/// then puts back the panic hook before, also when the test fails. Other
+/// panics (a failed assertion, another test's) go to the hook before.
+struct QuietFailpoints(Option<Arc<PanicHook>>);
+
+impl QuietFailpoints {
+    fn new() -> QuietFailpoints {
+        let before: Arc<PanicHook> = Arc::new(std::panic::take_hook());
+        let others = Arc::clone(&before);
+        std::panic::set_hook(Box::new(move |info| {
+            if !panic_text(info.payload()).starts_with("failpoint ") {
+                others(info)
+            }
+        }));
+        QuietFailpoints(Some(before))
+    }
+}
+
+impl Drop for QuietFailpoints {
+    fn drop(&mut self) {
+        let before = self.0.take().unwrap();
+        // set_hook refuses a panicking thread (a failed assertion
+        // unwinding through here): another thread puts it back.
+        let _ = std::thread::spawn(move || {
+            std::panic::set_hook(Box::new(move |info| before(info)));
+        })
+        .join();
+    }
+}
+
 /// Issue 18: a panic in a start's or a stop's I/O puts the volume back
 /// instead of leaving it starting or committing until the process
 /// restarts: a start to stopped, a stop to its run, held, until a retry
@@ -361,37 +427,20 @@ fn a_panic_in_a_start_or_a_stop_leaves_the_volume_usable() {
         return;
     }
     let (pool, path) = new_pool(&xfs(), "panic-phases");
+    let pool = Arc::new(pool);
     let v = create_origin(&pool, "appvms/panic/private", 1 << 20);
     let dirty = vm_dir(&path, &v).join(format!("{}-dirty.img", v.name()));
-    let with_deadline = |what: &str, f: &(dyn Fn() -> bool + Sync)| {
-        // A volume left starting or committing makes the next call wait
-        // for ever: run it on a thread, and fail instead of hanging.
-        std::thread::scope(|s| {
-            let t = s.spawn(f);
-            let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
-            while !t.is_finished() {
-                assert!(
-                    std::time::Instant::now() < end,
-                    "{what} waits for ever: the volume is stuck"
-                );
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            t.join().unwrap()
-        })
-    };
-    let quiet = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
+    let quiet = QuietFailpoints::new();
 
     failpoint::panic_once("start.io", &v.to_string());
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pool.start(&v)));
     assert!(r.is_err(), "the start did not panic");
     assert!(!dirty.exists(), "the half-made dirty image stayed");
-    assert!(with_deadline("a start after a panicked start", &|| {
+    with_deadline("a start after a panicked start", &pool, &v, |pool, v| {
         let f = pool.start(&v).unwrap();
         write_at(&f, 0, &pattern(1, 4096));
         f.sync_all().unwrap();
-        true
-    }));
+    });
 
     failpoint::panic_once("stop.io", &v.to_string());
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pool.stop(&v)));
@@ -408,9 +457,10 @@ fn a_panic_in_a_start_or_a_stop_leaves_the_volume_usable() {
     let e = pool.start(&v).unwrap_err();
     assert_eq!(e.cause(), Some(Cause::Held), "{e}");
     // The daemon's held retry is a stop: it commits the run.
-    assert!(with_deadline("the retry of a panicked stop", &|| {
+    let retried = with_deadline("the retry of a panicked stop", &pool, &v, |pool, v| {
         matches!(pool.stop(&v).unwrap(), StopOutcome::Committed { .. })
-    }));
+    });
+    assert!(retried);
     assert!(pool.held_vids().is_empty(), "still in the held set");
     assert!(
         read_committed(&path, &v, 0, 4096) == pattern(1, 4096),
@@ -431,14 +481,15 @@ fn a_panic_in_a_start_or_a_stop_leaves_the_volume_usable() {
     }
     assert!(dirty.exists(), "the dirty image of a panicked stop is gone");
     assert!(pool.held_vids().is_empty(), "still in the held set");
-    std::panic::set_hook(quiet);
-    assert!(with_deadline("a start after panicked stops", &|| {
+    drop(quiet);
+    let committed = with_deadline("a start after panicked stops", &pool, &v, |pool, v| {
         let f = pool.start(&v).unwrap();
         assert!(read_at(&f, 8192, 4096) == pattern(2, 4096));
         write_at(&f, 16384, &pattern(3, 4096));
         drop(f);
         matches!(pool.stop(&v).unwrap(), StopOutcome::Committed { .. })
-    }));
+    });
+    assert!(committed);
     for (at, tag) in [(0, 1), (8192, 2), (16384, 3)] {
         assert!(
             read_committed(&path, &v, at, 4096) == pattern(tag, 4096),

@@ -21,14 +21,14 @@ fn ino(p: &Path) -> Option<u64> {
     std::fs::symlink_metadata(p).ok().map(|m| m.ino())
 }
 
-/// The volume's config file, as JSON.
-fn config_of(pool: &Path, v: &ValidVid) -> serde_json::Value {
-    let p = pool
-        .join(".reflinkfs/volumes")
-        .join(v.class())
-        .join(v.vm())
-        .join(format!("{}.json", v.name()));
-    serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+/// `pool check` finds a problem whose text contains `problem`.
+#[track_caller]
+fn check_finds(pool: &Pool, problem: &str, ctx: &str) {
+    let problems = pool.check(None).unwrap();
+    assert!(
+        problems.iter().any(|p| p.problem.contains(problem)),
+        "{ctx}: {problems:?}"
+    );
 }
 
 /// Starts `v` and gives the dirty image's inode and its first `len` bytes.
@@ -74,7 +74,10 @@ fn a_start_after_a_commit_renames_the_precache() {
         let pc = precache_path(&path, &v);
         // Made at create, recorded in the config; none in copy mode.
         assert_eq!(pc.exists(), fs.reflink, "{ctx}: after create");
-        assert_eq!(config_of(&path, &v).get("precache").is_some(), fs.reflink);
+        assert_eq!(
+            config_on_disk(&path, &v).get("precache").is_some(),
+            fs.reflink
+        );
         write_cycle(&pool, &v, 0, &pattern(0x11, 8192));
         if !fs.reflink {
             assert!(!pc.exists(), "{ctx}: copy mode keeps no precache");
@@ -164,13 +167,7 @@ fn a_stale_precache_is_never_run() {
             .unwrap();
         std::fs::rename(&hand, &img).unwrap();
         assert!(pc.exists());
-        let problems = pool.check(None).unwrap();
-        assert!(
-            problems
-                .iter()
-                .any(|p| p.problem.contains("stale precache")),
-            "{ctx}: {problems:?}"
-        );
+        check_finds(&pool, "stale precache", &ctx);
         let (running, data) = start_ino(&pool, &v, 4096);
         assert_ne!(Some(running), Some(made), "{ctx}: not the stale precache");
         assert_eq!(data, pattern(0xD4, 4096), "{ctx}: the hand-made image");
@@ -215,7 +212,7 @@ fn revisions_to_keep_minus_one_keeps_no_precache() {
         assert!(pc.exists(), "{ctx}");
         pool.set(&v, Property::RevisionsToKeep(-1)).unwrap();
         assert!(!pc.exists(), "{ctx}: removed at the set");
-        assert!(config_of(&path, &v).get("precache").is_none(), "{ctx}");
+        assert!(config_on_disk(&path, &v).get("precache").is_none(), "{ctx}");
         write_cycle(&pool, &v, 0, b"no snapshots");
         assert!(!pc.exists(), "{ctx}: none made at the stop");
         pool.set(&v, Property::RevisionsToKeep(1)).unwrap();
@@ -241,16 +238,10 @@ fn a_precache_that_cannot_be_made_costs_only_the_copy() {
             write_cycle(&pool, &v, 0, &pattern(0x31, 4096)),
             StopOutcome::Committed { .. }
         ));
-        assert!(config_of(&path, &v).get("precache").is_none(), "{ctx}");
+        assert!(config_on_disk(&path, &v).get("precache").is_none(), "{ctx}");
         assert_eq!(start_ino(&pool, &v, 4096).1, pattern(0x31, 4096), "{ctx}");
         pool.stop(&v).unwrap();
-        let problems = pool.check(None).unwrap();
-        assert!(
-            problems
-                .iter()
-                .any(|p| p.problem.contains("not a regular file")),
-            "{ctx}: {problems:?}"
-        );
+        check_finds(&pool, "not a regular file", &ctx);
         std::fs::remove_dir_all(&pc).unwrap();
     }
 }

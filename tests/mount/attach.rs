@@ -8,7 +8,7 @@ use crate::common;
 use common::cli::*;
 use common::mount::*;
 use common::*;
-use reflinkfs::engine::{Property, ValidVid};
+use reflinkfs::engine::Property;
 use reflinkfs::ErrorClass;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -488,16 +488,6 @@ impl Drop for Theirs {
     fn drop(&mut self) {
         let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
     }
-}
-
-/// The config of `v` as stored on disk.
-fn config_on_disk(pool: &Path, v: &ValidVid) -> serde_json::Value {
-    let p = pool
-        .join(".reflinkfs/volumes")
-        .join(v.class())
-        .join(v.vm())
-        .join(format!("{}.json", v.name()));
-    serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap()
 }
 
 /// Issue 18: every change of a volume's config re-reads it under the

@@ -19,7 +19,7 @@ use common::*;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -27,12 +27,54 @@ const IMPORT_SIZE: u64 = MIB;
 
 /// A pool of a few VMs, mounted with `opts` and `env`.
 fn pool_with(fs: &TestFs, test: &str, vols: &[&str], opts: &str, env: &[(&str, &str)]) -> Mounted {
-    let path = prepared_pool(fs, test, 1, |pool| {
+    pool_keeping(fs, test, 1, vols, opts, env)
+}
+
+/// [`pool_with`], keeping `keep` revisions.
+fn pool_keeping(
+    fs: &TestFs,
+    test: &str,
+    keep: i64,
+    vols: &[&str],
+    opts: &str,
+    env: &[(&str, &str)],
+) -> Mounted {
+    let path = prepared_pool(fs, test, keep, |pool| {
         for v in vols {
             create_origin(pool, v, MIB);
         }
     });
     Mounted::mount_with(&path, &path.parent().unwrap().join("mnt"), opts, env)
+}
+
+/// A pool of `vols` on XFS, keeping `keep` revisions, mounted with
+/// `threads` FUSE workers and the `pause.commit` failpoint: every commit
+/// waits while the gate file is absent. The gate starts open (the file
+/// made) if `open`. Gives the mount and the gate file.
+fn commits_held_at_a_gate(
+    test: &str,
+    vols: &[&str],
+    keep: i64,
+    threads: usize,
+    open: bool,
+) -> (Mounted, PathBuf) {
+    let fs = xfs();
+    let gate = scratch_dir(&fs, &format!("{test}-gate")).join("open");
+    if open {
+        File::create(&gate).unwrap();
+    }
+    let m = pool_keeping(
+        &fs,
+        test,
+        keep,
+        vols,
+        &format!("threads={threads}"),
+        &[
+            ("REFLINKFS_FAILPOINT", "pause.commit"),
+            ("REFLINKFS_FAILPOINT_GATE", &s(&gate)),
+        ],
+    );
+    (m, gate)
 }
 
 /// An import whose input the test holds: it waits on its pipe until fed.
@@ -171,18 +213,7 @@ fn one_worker_serves_every_volume_while_a_commit_is_held() {
     if !require(&["ls"]) || !require_failpoints() {
         return;
     }
-    let fs = xfs();
-    let gate = scratch_dir(&fs, "live-gate").join("open");
-    let m = pool_with(
-        &fs,
-        "live-held",
-        VOLS,
-        "threads=1",
-        &[
-            ("REFLINKFS_FAILPOINT", "pause.commit"),
-            ("REFLINKFS_FAILPOINT_GATE", &s(&gate)),
-        ],
-    );
+    let (m, gate) = commits_held_at_a_gate("live-held", VOLS, 1, 1, false);
     let dev = m.dev();
     let open = open_rw(&m.path("appvms/busy/open-dirty.img"));
     // The held volume's commit stops at the failpoint.
@@ -440,23 +471,13 @@ fn waiting_truncates_unlinks_renames_and_opens_take_no_fuse_worker() {
     if !require(&["ls"]) || !require_failpoints() {
         return;
     }
-    let fs = xfs();
-    let gate = scratch_dir(&fs, "live-wait-gate").join("open");
     // Open at first: the commits that make A's revisions go through.
-    File::create(&gate).unwrap();
-    let path = prepared_pool(&fs, "live-wait", 10, |pool| {
-        for v in ["appvms/ra/pause", "appvms/rb/pause", "appvms/free/c"] {
-            create_origin(pool, v, MIB);
-        }
-    });
-    let m = Mounted::mount_with(
-        &path,
-        &path.parent().unwrap().join("mnt"),
-        "threads=2",
-        &[
-            ("REFLINKFS_FAILPOINT", "pause.commit"),
-            ("REFLINKFS_FAILPOINT_GATE", &s(&gate)),
-        ],
+    let (m, gate) = commits_held_at_a_gate(
+        "live-wait",
+        &["appvms/ra/pause", "appvms/rb/pause", "appvms/free/c"],
+        10,
+        2,
+        true,
     );
     let dev = m.dev();
     let (a, b) = (
