@@ -7,8 +7,8 @@
 //! serving.
 
 use super::{
-    execute, major_of, protocol_version, version_mismatch, Daemon, Message, Reply, WireError,
-    MAX_REQUEST, PROTOCOL_MAJOR,
+    execute, major_of, protocol_version, version_mismatch, Daemon, Message, Reply, Request,
+    WireError, MAX_REQUEST, PROTOCOL_MAJOR,
 };
 use crate::engine::{guard, Pool};
 use crate::error::Error;
@@ -219,8 +219,14 @@ fn serve(mut stream: UnixStream, pool: &Pool, daemon: &dyn Daemon, owner: u32) {
     }
     log::info!("control: {req:?} from PID {pid} (uid {uid})");
     crate::engine::failpoint::panic_if!("control", format!("{req:?}"));
+    let changes = changes_the_mount(&req);
     let result = execute(pool, req, fd, Some(daemon), Some(pid));
-    daemon.settled();
+    // A change shows on the mount before its reply. A read-only request
+    // does not wait: an invalidation may wait for a directory's lock that
+    // an unlink or rename waiting for a volume's import holds.
+    if changes {
+        daemon.settled();
+    }
     match result {
         Ok(response) => send(&mut stream, &Reply::ok(response)),
         Err(e) => {
@@ -228,6 +234,22 @@ fn serve(mut stream: UnixStream, pool: &Pool, daemon: &dyn Daemon, owner: u32) {
             refuse(&mut stream, &e);
         }
     }
+}
+
+/// Whether a request may change what the mount shows (its reply then
+/// waits until the kernel's caches of it are dropped). `volume_wait_stopped`
+/// does: the commit it waits for changed the files.
+fn changes_the_mount(req: &Request) -> bool {
+    !matches!(
+        req,
+        Request::PoolInfo
+            | Request::Status
+            | Request::VolumeList
+            | Request::VolumeInfo { .. }
+            | Request::VolumeRevisions { .. }
+            | Request::VolumeExport { .. }
+            | Request::VolumeDiff { .. }
+    )
 }
 
 /// After refusing an oversized request, reads and drops the rest for a

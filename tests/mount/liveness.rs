@@ -625,3 +625,69 @@ fn waiting_truncates_unlinks_renames_and_opens_take_no_fuse_worker() {
     );
     m.unmount();
 }
+
+/// A read-only control request (`status`, `volume info`, `volume list`)
+/// does not wait for the mount's pending invalidations. Here one is stuck:
+/// an unlink of a revision of A waits in the daemon for A's commit (held
+/// by a failpoint) while the kernel holds A's VM directory locked for it,
+/// and the commit of B, A's sibling in that directory (its file opened
+/// before, its committed image looked up), queues an entry invalidation
+/// that waits for that lock.
+/// Before, every control reply waited behind it (qubesd's polls too),
+/// until A's commit ended.
+#[test]
+fn read_only_control_requests_do_not_wait_for_a_stuck_invalidation() {
+    if !require_failpoints() {
+        return;
+    }
+    let (m, gate) = commits_held_at_a_gate(
+        "live-barrier",
+        &["appvms/x/pause", "appvms/x/b"],
+        10,
+        4,
+        true,
+    );
+    let dev = m.dev();
+    let a = m.path("appvms/x/pause-dirty.img");
+    for tag in 1..=2 {
+        write_until(&a, &pattern(tag, 4096), "stopped");
+    }
+    let victim = m.path(&format!(
+        "appvms/x/{}",
+        revision_files(&m.pool, "appvms/x/pause")[0]
+    ));
+    // B runs; no lookup in the directory is made once the unlink waits
+    // (it would wait for the directory's lock too).
+    let b = open_rw(&m.path("appvms/x/b-dirty.img"));
+    // The kernel knows B's committed image: B's commit drops its entry.
+    std::fs::metadata(m.path("appvms/x/b.img")).unwrap();
+    // A's commit stays held from now on; the unlink waits for it.
+    std::fs::remove_file(&gate).unwrap();
+    write_until(&a, &pattern(3, 4096), "committing");
+    let unlink = std::thread::spawn(move || std::fs::remove_file(&victim));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!unlink.is_finished(), "the unlink waits for A's commit");
+    // B commits; its entry invalidations wait for the directory's lock.
+    b.write_all_at(&pattern(4, 4096), 0).unwrap();
+    drop(b);
+
+    let pool = m.pool.clone();
+    let (status, list) = must_return("read-only control requests", dev, move || {
+        wait_for("B to stop", 60, || {
+            rf_json(&pool, ["volume", "info", "appvms/x/b"])["state"] == "stopped"
+        });
+        (
+            rf_json(&pool, ["status"]),
+            rf_json(&pool, ["volume", "list"]),
+        )
+    });
+    assert_eq!(status["mounted"], true, "{status}");
+    assert!(list.to_string().contains("appvms/x/b"), "{list}");
+
+    File::create(&gate).unwrap();
+    must_return("the unlink once A's commit ends", dev, move || {
+        unlink.join().unwrap().unwrap();
+    });
+    m.wait_stopped("appvms/x/pause-dirty.img");
+    m.unmount();
+}
