@@ -691,3 +691,60 @@ fn read_only_control_requests_do_not_wait_for_a_stuck_invalidation() {
     m.wait_stopped("appvms/x/pause-dirty.img");
     m.unmount();
 }
+
+/// More volumes wait at once than the waiting pool keeps idle threads
+/// (here 10, each with an open whose start waits, held by a failpoint):
+/// another volume's open, which starts it, still gets a thread at once.
+/// Before, the pool had 8 threads at most, and that open waited for a
+/// turn until one of the held starts ended.
+#[test]
+fn an_open_never_waits_for_a_turn_behind_volumes_that_wait() {
+    if !require_failpoints() {
+        return;
+    }
+    let fs = xfs();
+    let gate = scratch_dir(&fs, "live-turns-gate").join("open");
+    let held: Vec<String> = (0..10).map(|i| format!("appvms/v{i}/pause")).collect();
+    let mut vols: Vec<&str> = held.iter().map(String::as_str).collect();
+    vols.push("appvms/free/c");
+    let m = pool_keeping(
+        &fs,
+        "live-turns",
+        1,
+        &vols,
+        "threads=2",
+        &[
+            ("REFLINKFS_FAILPOINT", "pause.start"),
+            ("REFLINKFS_FAILPOINT_GATE", &s(&gate)),
+        ],
+    );
+    let dev = m.dev();
+    let dirty = |v: &str| m.path(&format!("{v}-dirty.img"));
+    let mut waiting = Vec::new();
+    for v in &held {
+        let p = dirty(v);
+        waiting.push(std::thread::spawn(move || open_rw(&p).sync_all()));
+        wait_for(&format!("{v} to be starting"), 60, || {
+            xattr(&dirty(v), "user.reflinkfs.state").as_deref() == Some("starting")
+        });
+    }
+    for t in &waiting {
+        assert!(!t.is_finished(), "an open waits for its volume's start");
+    }
+    let c = dirty("appvms/free/c");
+    must_return("an open (a start) of another volume", dev, move || {
+        let f = open_rw(&c);
+        f.write_all_at(&pattern(9, 4096), 0).unwrap();
+        assert_eq!(read_at(&f, 0, 4096), pattern(9, 4096));
+    });
+    File::create(&gate).unwrap();
+    must_return("the waiting opens once the starts end", dev, move || {
+        for t in waiting {
+            t.join().unwrap().unwrap();
+        }
+    });
+    for v in held.iter().map(String::as_str).chain(["appvms/free/c"]) {
+        m.wait_stopped(&format!("{v}-dirty.img"));
+    }
+    m.unmount();
+}

@@ -33,7 +33,7 @@ pub use self::handles::{Opened, TryError};
 use self::invalidate::Notice;
 pub use self::invalidate::{in_request, Invalidate};
 use self::waiters::Waiters;
-pub use self::waiters::{Job, PER_VOLUME, QUEUED, THREADS};
+pub use self::waiters::{Job, IDLE_KEPT, MAX_THREADS, PER_VOLUME, QUEUED};
 use super::inodes::{Inodes, Node};
 use crate::engine::fsops::FileSig;
 use crate::engine::view::VolumeView;

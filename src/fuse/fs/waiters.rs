@@ -2,21 +2,26 @@
 //! whose start or commit is ahead, a truncate, an unlink of a revision, a
 //! rename that reverts) run here, never on a FUSE worker.
 //!
-//! A few threads, started as needed ([`THREADS`] at most), each serving
-//! one volume at a time: a volume's waiting requests run one after the
-//! other on one thread, so one held volume takes one thread however many
-//! requests wait on it, and the other volumes' requests go to the other
-//! threads. Volumes take turns request by request. The queue is bounded
-//! ([`PER_VOLUME`] requests of one volume, [`QUEUED`] in all): past that a
-//! request is answered EBUSY at once, as a busy volume's open is.
+//! Threads started as needed, each serving one volume at a time: a
+//! volume's waiting requests run one after the other on one thread, so one
+//! held volume takes one thread however many requests wait on it, and a
+//! volume with a request and no thread on it gets a new thread when none
+//! is idle ([`MAX_THREADS`] at most): volumes that wait long (an import
+//! waiting for its input, a copy-mode start) do not make the others wait
+//! for a turn. [`IDLE_KEPT`] idle threads stay; more end. Volumes take
+//! turns request by request. The queue is bounded ([`PER_VOLUME`]
+//! requests of one volume, [`QUEUED`] in all): past that a request is
+//! answered EBUSY at once, as a busy volume's open is.
 
 use super::*;
 use parking_lot::Condvar;
 use std::collections::{HashSet, VecDeque};
 
-/// Threads of the pool: as many volumes can wait at once without one
-/// waiting for another's turn.
-pub const THREADS: usize = 8;
+/// Threads of the pool at most: as many volumes can wait at once without
+/// one waiting for another's turn.
+pub const MAX_THREADS: usize = 256;
+/// Idle threads kept for the next requests; more end.
+pub const IDLE_KEPT: usize = 8;
 /// Requests that may queue on one volume.
 pub const PER_VOLUME: usize = 64;
 /// Requests that may queue in all.
@@ -89,7 +94,7 @@ impl Waiters {
         if first && !st.serving.contains(&vid) {
             st.ready.push_back(vid);
         }
-        if st.ready.len() > st.idle && st.threads < THREADS {
+        if st.ready.len() > st.idle && st.threads < MAX_THREADS {
             let shared = self.shared.clone();
             let spawned = std::thread::Builder::new()
                 .name("wait".into())
@@ -155,7 +160,7 @@ impl Shared {
         let mut st = self.state.lock();
         loop {
             let Some(vid) = st.ready.pop_front() else {
-                if st.closed {
+                if st.closed || st.idle >= IDLE_KEPT {
                     st.threads -= 1;
                     return;
                 }
