@@ -498,7 +498,8 @@ impl Drop for Theirs {
 /// threads on one volume, 2,000 rounds in all: two attach and detach it
 /// (real loop devices, 100 rounds each), three resize it and three set its
 /// `revisions_to_keep` (300 rounds each); each checks on disk, after each
-/// of its rounds, the field that only its kind of thread changes.
+/// of its rounds, the field that only its kind of thread changes, and at
+/// the end every field holds the last value written to it.
 #[test]
 fn concurrent_attach_resize_and_set_lose_no_config_write() {
     if !require(&["losetup"]) {
@@ -509,8 +510,9 @@ fn concurrent_attach_resize_and_set_lose_no_config_write() {
     let v = create_origin(&pool, "appvms/a/private", MIB);
     let pool = std::sync::Arc::new(pool);
     // One lock per field: the threads of one kind take turns, so each
-    // knows what the disk must say; the kinds run against each other.
-    let (attach, size, keep) = (Mutex::new(()), Mutex::new(()), Mutex::new(()));
+    // knows what the disk must say; the kinds run against each other. The
+    // size and keep locks hold the last value written, checked at the end.
+    let (attach, size, keep) = (Mutex::new(()), Mutex::new(MIB), Mutex::new(0u64));
     std::thread::scope(|s| {
         for t in 0..8u64 {
             let (pool, v, path) = (&pool, &v, &path);
@@ -546,9 +548,10 @@ fn concurrent_attach_resize_and_set_lose_no_config_write() {
                 }
                 2..=4 => {
                     for round in 0..300u64 {
-                        let _one = size.lock().unwrap_or_else(|e| e.into_inner());
+                        let mut last = size.lock().unwrap_or_else(|e| e.into_inner());
                         let want = MIB + 4096 * ((round + t) % 4);
                         pool.resize(v, want, true).unwrap();
+                        *last = want;
                         let on_disk = config_on_disk(path, v);
                         let got = on_disk["dirty_size"]
                             .as_u64()
@@ -559,9 +562,10 @@ fn concurrent_attach_resize_and_set_lose_no_config_write() {
                 }
                 _ => {
                     for round in 0..300u64 {
-                        let _one = keep.lock().unwrap_or_else(|e| e.into_inner());
+                        let mut last = keep.lock().unwrap_or_else(|e| e.into_inner());
                         let want = 1 + (round + t) % 3;
                         pool.set(v, Property::RevisionsToKeep(want as i64)).unwrap();
+                        *last = want;
                         let on_disk = config_on_disk(path, v);
                         assert_eq!(
                             on_disk["revisions_to_keep"],
@@ -573,7 +577,17 @@ fn concurrent_attach_resize_and_set_lose_no_config_write() {
             });
         }
     });
+    // Every field holds the last value its kind wrote: none was lost to
+    // another kind's write.
     let on_disk = config_on_disk(&path, &v);
     assert!(on_disk["attached"].is_null(), "{on_disk}");
     assert!(on_disk["dirty_size"].is_null(), "{on_disk}");
+    let last_size = *size.lock().unwrap();
+    let last_keep = *keep.lock().unwrap();
+    assert_eq!(on_disk["size"], serde_json::json!(last_size), "{on_disk}");
+    assert_eq!(
+        on_disk["revisions_to_keep"],
+        serde_json::json!(last_keep),
+        "{on_disk}"
+    );
 }
