@@ -431,23 +431,37 @@ impl Pool {
     /// The VM directory of `vid`, for reading, kept open (see `dirs.rs`);
     /// `None` when it does not exist.
     pub(crate) fn kept_vm_dir(&self, vid: &ValidVid) -> Result<Option<Arc<Dir>>> {
-        let first_of_each_vm = |limit: usize| {
-            let mut vms: Vec<ValidVid> = Vec::new();
-            for vid in self.table.volumes.read().keys() {
-                if vms.len() >= limit {
-                    break;
-                }
-                if vms
-                    .last()
-                    .is_none_or(|l| l.class() != vid.class() || l.vm() != vid.vm())
-                {
-                    vms.push(vid.clone());
-                }
-            }
-            vms
-        };
         self.vm_dirs
-            .get(vid, &|v| self.vm_dir_if_exists(v), &first_of_each_vm)
+            .get(vid, &|v| self.vm_dir_if_exists(v), &|limit| {
+                self.first_of_each_vm(limit)
+            })
+    }
+
+    /// Opens the VM directories the mount reads and keeps them open (see
+    /// `dirs.rs`): the daemon calls it before it mounts, so that no request
+    /// waits for it. Gives how many are kept.
+    pub fn keep_vm_dirs(&self) -> usize {
+        self.vm_dirs.seed(&|v| self.vm_dir_if_exists(v), &|limit| {
+            self.first_of_each_vm(limit)
+        });
+        self.vm_dirs.len()
+    }
+
+    /// One volume of each VM, in order, `limit` at most.
+    fn first_of_each_vm(&self, limit: usize) -> Vec<ValidVid> {
+        let mut vms: Vec<ValidVid> = Vec::new();
+        for vid in self.table.volumes.read().keys() {
+            if vms.len() >= limit {
+                break;
+            }
+            if vms
+                .last()
+                .is_none_or(|l| l.class() != vid.class() || l.vm() != vid.vm())
+            {
+                vms.push(vid.clone());
+            }
+        }
+        vms
     }
 
     /// Writes a volume's config atomically, after validating it.

@@ -748,3 +748,27 @@ fn an_open_never_waits_for_a_turn_behind_volumes_that_wait() {
     }
     m.unmount();
 }
+
+/// The daemon opens the VM directories it keeps for lookups before it
+/// mounts, so no request waits while thousands are opened: they are open
+/// before the first lookup. Before, the first lookup opened them all while
+/// every other request that needed one waited for it.
+#[test]
+fn the_kept_vm_directories_are_opened_before_the_first_lookup() {
+    let vids: Vec<String> = (0..20).map(|i| format!("appvms/vm{i}/private")).collect();
+    let vols: Vec<&str> = vids.iter().map(String::as_str).collect();
+    let m = pool_keeping(&xfs(), "live-kept-dirs", 1, &vols, "", &[]);
+    let pool = std::fs::canonicalize(&m.pool).unwrap();
+    let fds = format!("/proc/{}/fd", m.daemon_pid());
+    let kept: Vec<PathBuf> = std::fs::read_dir(&fds)
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+        .filter(|p| {
+            p.starts_with(pool.join("appvms"))
+                && p.components().count() == pool.components().count() + 2
+        })
+        .collect();
+    assert_eq!(kept.len(), 20, "kept before any lookup: {kept:?}");
+    std::fs::metadata(m.path("appvms/vm3/private.img")).unwrap();
+    m.unmount();
+}
