@@ -48,10 +48,12 @@ fn pool_keeping(
 }
 
 /// A pool of `vols` on XFS, keeping `keep` revisions, mounted with
-/// `threads` FUSE workers and the `pause.commit` failpoint: every commit
-/// waits while the gate file is absent. The gate starts open (the file
+/// `threads` FUSE workers and the pause failpoint `point` (`pause.commit`:
+/// every commit of a volume named `pause` waits while the gate file is
+/// absent; `pause.start`: every start). The gate starts open (the file
 /// made) if `open`. Gives the mount and the gate file.
-fn commits_held_at_a_gate(
+fn held_at_a_gate(
+    point: &str,
     test: &str,
     vols: &[&str],
     keep: i64,
@@ -70,7 +72,7 @@ fn commits_held_at_a_gate(
         vols,
         &format!("threads={threads}"),
         &[
-            ("REFLINKFS_FAILPOINT", "pause.commit"),
+            ("REFLINKFS_FAILPOINT", point),
             ("REFLINKFS_FAILPOINT_GATE", &s(&gate)),
         ],
     );
@@ -213,7 +215,7 @@ fn one_worker_serves_every_volume_while_a_commit_is_held() {
     if !require(&["ls"]) || !require_failpoints() {
         return;
     }
-    let (m, gate) = commits_held_at_a_gate("live-held", VOLS, 1, 1, false);
+    let (m, gate) = held_at_a_gate("pause.commit", "live-held", VOLS, 1, 1, false);
     let dev = m.dev();
     let open = open_rw(&m.path("appvms/busy/open-dirty.img"));
     // The held volume's commit stops at the failpoint.
@@ -472,7 +474,8 @@ fn waiting_truncates_unlinks_renames_and_opens_take_no_fuse_worker() {
         return;
     }
     // Open at first: the commits that make A's revisions go through.
-    let (m, gate) = commits_held_at_a_gate(
+    let (m, gate) = held_at_a_gate(
+        "pause.commit",
         "live-wait",
         &["appvms/ra/pause", "appvms/rb/pause", "appvms/free/c"],
         10,
@@ -640,7 +643,8 @@ fn read_only_control_requests_do_not_wait_for_a_stuck_invalidation() {
     if !require_failpoints() {
         return;
     }
-    let (m, gate) = commits_held_at_a_gate(
+    let (m, gate) = held_at_a_gate(
+        "pause.commit",
         "live-barrier",
         &["appvms/x/pause", "appvms/x/b"],
         10,
@@ -702,22 +706,10 @@ fn an_open_never_waits_for_a_turn_behind_volumes_that_wait() {
     if !require_failpoints() {
         return;
     }
-    let fs = xfs();
-    let gate = scratch_dir(&fs, "live-turns-gate").join("open");
     let held: Vec<String> = (0..10).map(|i| format!("appvms/v{i}/pause")).collect();
     let mut vols: Vec<&str> = held.iter().map(String::as_str).collect();
     vols.push("appvms/free/c");
-    let m = pool_keeping(
-        &fs,
-        "live-turns",
-        1,
-        &vols,
-        "threads=2",
-        &[
-            ("REFLINKFS_FAILPOINT", "pause.start"),
-            ("REFLINKFS_FAILPOINT_GATE", &s(&gate)),
-        ],
-    );
+    let (m, gate) = held_at_a_gate("pause.start", "live-turns", &vols, 1, 2, false);
     let dev = m.dev();
     let dirty = |v: &str| m.path(&format!("{v}-dirty.img"));
     let mut waiting = Vec::new();
