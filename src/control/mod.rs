@@ -45,6 +45,19 @@ pub trait Daemon: Send + Sync {
 /// A volume may be larger than the free space (its image is sparse, and
 /// that is how thin provisioning works), but its creator should know: the
 /// guest's writes fail with ENOSPC once the filesystem fills.
+/// Reads an optional structured field of a reply leniently: a value this
+/// build does not know (a newer daemon's new kind of change) reads as
+/// `None`, and the prose field beside it still tells the person, instead
+/// of failing the whole reply. (The same types on disk stay strict.)
+fn lenient<'de, D, T>(d: D) -> std::result::Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    let raw = <Option<serde_json::Value> as serde::Deserialize>::deserialize(d)?;
+    Ok(raw.and_then(|v| serde_json::from_value(v).ok()))
+}
+
 fn space_warning(pool: &Pool, vid: &ValidVid, size: u64) -> Option<String> {
     let st = pool.fs_stats().ok()?;
     let free = st.blocks_avail.saturating_mul(st.block_size);

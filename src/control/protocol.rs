@@ -307,8 +307,9 @@ pub struct PendingVolume {
     /// The change, for a person (what clients before 1.5 show).
     pub pending: String,
     /// (1.5) The change: `{"action": "discard"}` or `{"action":
-    /// "revert", "revision": FILE}`.
+    /// "revert", "revision": FILE}`; one this build does not know: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(deserialize_with = "super::lenient")]
     pub change: Option<Pending>,
 }
 
@@ -362,8 +363,9 @@ pub enum Response {
         vid: String,
         /// For a person (what clients before 1.5 show).
         pending: String,
-        /// (1.5) The change queued.
+        /// (1.5) The change queued (none: one this build does not know).
         #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(deserialize_with = "super::lenient")]
         change: Option<Pending>,
     },
     /// `volume_cancel_pending`: whether there was a queued change.

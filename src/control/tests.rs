@@ -6,7 +6,7 @@
 use super::*;
 use crate::engine::report::VolumeStateName;
 use crate::engine::view::IoMode;
-use crate::engine::LifeState;
+use crate::engine::{LifeState, Pending};
 use crate::error::{Cause, ErrorClass};
 use serde_json::{json, Value};
 
@@ -61,6 +61,45 @@ fn names_a_newer_daemon_adds_read_as_unknown() {
     assert_eq!(o, StopReport::Unknown);
     let s: VolumeStateName = serde_json::from_value(json!("hibernating")).unwrap();
     assert_eq!(s, VolumeStateName::Unknown);
+    // A queued change of a kind this build does not know: the reply reads,
+    // with its prose, and no structured change.
+    let change = json!({"action": "squash", "into": 3});
+    let r = reply(
+        json!({"protocol": "1.9", "ok": {"result": "status", "data": {
+        "pool": "/p", "mounted": true,
+        "pending": [{"vid": "a/b/c", "pending": "squash at stop", "change": change}]}}}),
+    );
+    let ReplyOutcome::Ok(resp) = r.outcome else {
+        panic!("not ok")
+    };
+    let Response::Status(st) = *resp else {
+        panic!("not a status")
+    };
+    assert_eq!(st.pending[0].pending, "squash at stop");
+    assert_eq!(st.pending[0].change, None);
+    let r = reply(
+        json!({"protocol": "1.9", "ok": {"result": "queued", "data": {
+        "vid": "a/b/c", "pending": "squash at stop", "change": change}}}),
+    );
+    let ReplyOutcome::Ok(resp) = r.outcome else {
+        panic!("not ok")
+    };
+    assert!(matches!(*resp, Response::Queued { change: None, .. }));
+    // One it knows still reads as itself.
+    let r = reply(
+        json!({"protocol": "1.5", "ok": {"result": "queued", "data": {
+        "vid": "a/b/c", "pending": "p", "change": {"action": "discard"}}}}),
+    );
+    let ReplyOutcome::Ok(resp) = r.outcome else {
+        panic!("not ok")
+    };
+    assert!(matches!(
+        *resp,
+        Response::Queued {
+            change: Some(Pending::Discard),
+            ..
+        }
+    ));
 }
 
 #[test]
