@@ -141,7 +141,8 @@ pub fn abort_at(name: &str) {
 /// `REFLINKFS_FAILPOINT` may name several panic points, separated by
 /// commas. The points of [`PANICS_ONCE`] panic once per subject (the
 /// second time, the work goes on: a test then checks the volume is
-/// usable); [`panic_once`] arms one for one subject in-process.
+/// usable), or N times with `NAME=N`; [`panic_once`] arms one for one
+/// subject in-process.
 pub fn panic_at(name: &str, subject: &str) {
     debug_assert!(PANICS.contains(&name), "panic point {name} is not listed");
     if !ENABLED {
@@ -151,10 +152,22 @@ pub fn panic_at(name: &str, subject: &str) {
     if panics_armed().lock().remove(&key) {
         panic!("failpoint {name} reached for {subject}");
     }
-    let in_env = armed().is_some_and(|a| a.split(',').any(|p| p == name));
-    if in_env && subject.contains("panic") {
-        if PANICS_ONCE.contains(&name) && !panics_fired().lock().insert(key) {
-            return;
+    // `NAME`, or `NAME=N` for a point of PANICS_ONCE to panic N times.
+    let times = armed().and_then(|a| {
+        a.split(',').find_map(|p| match p.split_once('=') {
+            None if p == name => Some(1),
+            Some((n, t)) if n == name => t.parse::<u32>().ok(),
+            _ => None,
+        })
+    });
+    if let (Some(times), true) = (times, subject.contains("panic")) {
+        if PANICS_ONCE.contains(&name) {
+            let mut fired = panics_fired().lock();
+            let n = fired.entry(key).or_insert(0);
+            if *n >= times {
+                return;
+            }
+            *n += 1;
         }
         panic!("failpoint {name} reached for {subject}");
     }
@@ -174,8 +187,8 @@ fn panics_armed() -> &'static Mutex<std::collections::HashSet<(String, String)>>
     P.get_or_init(Default::default)
 }
 
-fn panics_fired() -> &'static Mutex<std::collections::HashSet<(String, String)>> {
-    static P: OnceLock<Mutex<std::collections::HashSet<(String, String)>>> = OnceLock::new();
+fn panics_fired() -> &'static Mutex<HashMap<(String, String), u32>> {
+    static P: OnceLock<Mutex<HashMap<(String, String), u32>>> = OnceLock::new();
     P.get_or_init(Default::default)
 }
 

@@ -1113,3 +1113,45 @@ fn panics_in_committers_stops_starts_and_control_requests_leave_the_volume_usabl
     );
     m.unmount();
 }
+
+/// A stop that panics again at the unmount (the retry of a run its first
+/// panicked stop left held) fails alone: the daemon stops it as it can
+/// (after 3 panics in a row, stopped with its dirty image kept) and exits
+/// cleanly, and the next pool open commits the kept image. Before, the
+/// panic went up through fuser's `destroy` and killed the daemon.
+#[test]
+fn a_stop_that_keeps_panicking_does_not_kill_the_daemon_at_unmount() {
+    if !require_failpoints() {
+        return;
+    }
+    let path = prepared_pool(&xfs(), "panic-unmount", 1, |pool| {
+        create_origin(pool, "c/v/panic", MIB);
+    });
+    let m = Mounted::mount_with(
+        &path,
+        &path.parent().unwrap().join("mnt"),
+        "",
+        &[("REFLINKFS_FAILPOINT", "stop.io=3")],
+    );
+    let f = open_rw(&m.path("c/v/panic-dirty.img"));
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&pattern(7, 4096), 0).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let pool = m.pool.clone();
+    m.unmount();
+    let log = daemon_log(&pool);
+    for what in [
+        "its stop panicked; its dirty image is kept",
+        "its stop panicked 3 times in a row",
+        "the pool is closed",
+    ] {
+        assert!(log.contains(what), "no {what:?} in the log:\n{log}");
+    }
+    // The next pool open commits what the stops kept.
+    drop(reflinkfs::engine::Pool::open(&pool).unwrap());
+    assert!(
+        read_committed(&pool, &vid("c/v/panic"), 0, 4096) == pattern(7, 4096),
+        "the run's write is lost"
+    );
+}

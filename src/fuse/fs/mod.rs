@@ -37,7 +37,7 @@ pub use self::waiters::{Job, IDLE_KEPT, MAX_THREADS, PER_VOLUME, QUEUED};
 use super::inodes::{Inodes, Node};
 use crate::engine::fsops::FileSig;
 use crate::engine::view::VolumeView;
-use crate::engine::{Attachment, Lease, PendingStop, Pool, StopOutcome, ValidVid};
+use crate::engine::{guard, Attachment, Lease, PendingStop, Pool, StopOutcome, ValidVid};
 use crate::error::Error;
 use crate::sys;
 use parking_lot::Mutex;
@@ -245,10 +245,17 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
             return;
         };
         for vid in self.pool.held_vids() {
-            match self.pool.stop(&vid) {
+            // One volume's stop that panics (its run stays held, or is
+            // stopped after a few) does not keep the others waiting.
+            let Some(stopped) = guard::catch(&format!("{vid}: the retry of its held stop"), || {
+                self.pool.stop(&vid)
+            }) else {
+                continue;
+            };
+            match stopped {
                 Ok(StopOutcome::Held { .. }) => {}
-                Ok(outcome) => log::info!("{vid}: committed once its outside writer let go: {outcome:?}"),
-                Err(e) => log::error!("{vid}: stop after its outside writer let go failed: {e}; the dirty image is kept and will be committed at the next start or pool open"),
+                Ok(outcome) => log::info!("{vid}: its held run is over: {outcome:?}"),
+                Err(e) => log::error!("{vid}: the retry of its held stop failed: {e}; the dirty image is kept and will be committed at the next start or pool open"),
             }
         }
     }
@@ -288,11 +295,16 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
         // One grace period for all: N volumes held by writers that outlive
         // the mount must not make the unmount wait N times.
         let end = Instant::now() + Duration::from_secs(2);
+        // A stop that panics (a bug) fails alone: the other volumes are
+        // still stopped, and the daemon goes on to exit cleanly.
         let stop = |vid: &ValidVid| {
-            match self
-                .pool
-                .stop_within(vid, end.saturating_duration_since(Instant::now()))
-            {
+            let left = end.saturating_duration_since(Instant::now());
+            let Some(stopped) = guard::catch(&format!("{vid}: its stop at unmount"), || {
+                self.pool.stop_within(vid, left)
+            }) else {
+                return;
+            };
+            match stopped {
                 // `wait_held` says what holds it, and commits it later.
                 Ok(StopOutcome::Held { .. }) => {}
                 Ok(o) => log::info!("{vid}: stopped at unmount: {o:?}"),
