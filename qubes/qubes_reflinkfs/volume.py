@@ -312,8 +312,10 @@ class ReflinkfsVolume(qubes.storage.Volume):
                 kind="not-found" if info["state"] == "missing" else "corrupt")
         if info["state"] == "held":
             raise ReflinkfsError(
-                "{}: its last run is still written outside reflinkfs (a loop device "
-                "that outlived its VM?); see `reflinkfs status`".format(self.vid),
+                "{}: its last run is not committed yet: it is still written outside "
+                "reflinkfs (a loop device that outlived its VM?), or its stop was "
+                "interrupted and the daemon retries it; see `reflinkfs status` and "
+                "the daemon's log".format(self.vid),
                 kind="busy")
 
     @_locked

@@ -34,7 +34,7 @@ pub(super) fn signal_loop(
             match held.is_empty() {
                 true => log::info!("{name}: {} is unmounted; the daemon is exiting", mnt.display()),
                 false => log::warn!(
-                    "{name}: {} is unmounted; the daemon exits once it has committed {}, whose dirty image is still open for writing outside reflinkfs (a kill leaves it to the next pool open)",
+                    "{name}: {} is unmounted; the daemon exits once it has committed {}, whose last run is held (see `reflinkfs status`; a kill leaves it to the next pool open)",
                     mnt.display(),
                     held.join(", ")
                 ),

@@ -114,7 +114,7 @@ impl PhaseGuard<'_> {
         match parts {
             Some(p) if left && p.tries + 1 < INTERRUPTED_STOPS => {
                 log::error!(
-                    "{vid}: its stop panicked; its dirty image is kept, and the daemon retries the commit every second (the volume cannot start until then)"
+                    "{vid}: its stop panicked; its dirty image is kept, and the daemon retries the stop every second (the volume cannot start until then)"
                 );
                 self.pool.table.set_held(vid, true);
                 Phase::Running(Box::new(Run {

@@ -24,7 +24,7 @@ const HOLD_PROBE_GAP: Duration = Duration::from_millis(10);
 pub(crate) fn held_reason(by: &HeldBy) -> String {
     match by {
         HeldBy::Writers(holders) => format!("its last run is not committed yet: its dirty image is still open for writing by {holders}; detach or close that first"),
-        HeldBy::InterruptedStop { .. } => "its last run is not committed yet: its stop was interrupted by an internal error (see the daemon's log); the daemon retries the commit every second".into(),
+        HeldBy::InterruptedStop { .. } => "its last run is not committed yet: its stop was interrupted by an internal error (see the daemon's log); the daemon retries the stop every second".into(),
     }
 }
 
@@ -87,8 +87,10 @@ impl Pool {
     /// Waits until `vid`'s run is over: committed (durably) or discarded.
     /// At once for a volume that is not running (qubesd asks after every
     /// VM stop, and for every halted VM when it starts). A run still open
-    /// at `timeout` (its VM's loop device not detached), or held (written
-    /// outside reflinkfs), is an error that says which.
+    /// at `timeout` (its VM's loop device not detached), or held by a
+    /// writer outside reflinkfs (at once), is an error that says which. A
+    /// run held because its stop was interrupted is waited for: the
+    /// daemon's held retry commits it.
     pub fn wait_stopped(&self, vid: &ValidVid, timeout: Duration) -> Result<()> {
         let vol = self.volume(vid)?;
         let deadline = Instant::now() + timeout;
@@ -98,19 +100,25 @@ impl Pool {
                 Phase::Stopped => return Ok(()),
                 Phase::Removed => return Err(Error::NoSuchVolume(vid.to_string())),
                 Phase::Running(run) => {
-                    if let Some(holders) = run.held() {
-                        return Err(Error::because(vid, Cause::Held, held_reason(holders)));
-                    }
-                    // Its last lease went meanwhile: a lingering run stops
-                    // now rather than when its linger ends.
-                    if run.leases == 0 && life.op.is_none() {
-                        drop(life);
-                        self.finish_stop(PendingStop {
-                            vid: vid.clone(),
-                            volume: vol.clone(),
-                        })?;
-                        life = vol.lock();
-                        continue;
+                    match run.held() {
+                        // Only its writer can end it: no use waiting.
+                        Some(by @ HeldBy::Writers(_)) => {
+                            return Err(Error::because(vid, Cause::Held, held_reason(by)));
+                        }
+                        // The daemon's held retry commits it: waited for.
+                        Some(HeldBy::InterruptedStop { .. }) => {}
+                        // Its last lease went meanwhile: a lingering run
+                        // stops now rather than when its linger ends.
+                        None if run.leases == 0 && life.op.is_none() => {
+                            drop(life);
+                            self.finish_stop(PendingStop {
+                                vid: vid.clone(),
+                                volume: vol.clone(),
+                            })?;
+                            life = vol.lock();
+                            continue;
+                        }
+                        None => {}
                     }
                 }
                 Phase::Starting | Phase::Committing => {}

@@ -1096,7 +1096,7 @@ fn panics_in_committers_stops_starts_and_control_requests_leave_the_volume_usabl
     let log = daemon_log(&m.pool);
     for what in [
         "its start panicked",
-        "its stop panicked; its dirty image is kept, and the daemon retries the commit",
+        "its stop panicked; its dirty image is kept, and the daemon retries the stop",
         "the retry of its interrupted stop went through",
         "the stop at its last close panicked",
         "a control request panicked",

@@ -446,21 +446,24 @@ fn a_panic_in_a_start_or_a_stop_leaves_the_volume_usable() {
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pool.stop(&v)));
     assert!(r.is_err(), "the stop did not panic");
     assert!(dirty.exists(), "the dirty image of a panicked stop is gone");
-    // Not committed, so not stopped: the run is held. Whatever waits for
-    // the stop (qubesd's stop()) hears so, and it cannot start meanwhile.
+    // Not committed, so not stopped: the run is held, and it cannot start
+    // meanwhile. Whatever waits for the stop (qubesd's stop()) waits for
+    // the daemon's held retry, a stop, which commits the run.
     let snap = pool.snapshot(&v).unwrap();
     assert!(snap.held.is_some(), "a panicked stop is not held");
-    let e = pool
-        .wait_stopped(&v, std::time::Duration::from_millis(200))
-        .unwrap_err();
-    assert_eq!(e.cause(), Some(Cause::Held), "{e}");
     let e = pool.start(&v).unwrap_err();
     assert_eq!(e.cause(), Some(Cause::Held), "{e}");
-    // The daemon's held retry is a stop: it commits the run.
+    let (p, w) = (Arc::clone(&pool), v.clone());
+    let waiter = std::thread::spawn(move || p.wait_stopped(&w, Duration::from_secs(60)));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!waiter.is_finished(), "a wait for the stop did not wait");
     let retried = with_deadline("the retry of a panicked stop", &pool, &v, |pool, v| {
         matches!(pool.stop(&v).unwrap(), StopOutcome::Committed { .. })
     });
     assert!(retried);
+    with_deadline("the wait for the stop", &pool, &v, move |_, _| {
+        waiter.join().unwrap().unwrap()
+    });
     assert!(pool.held_vids().is_empty(), "still in the held set");
     assert!(
         read_committed(&path, &v, 0, 4096) == pattern(1, 4096),

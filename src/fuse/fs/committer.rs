@@ -109,8 +109,8 @@ impl Committer {
 
     /// A committer thread: runs the queued stops until the queue closes.
     /// A stop that panics is logged and counted, and the thread goes on
-    /// with the next: the volume's own guard put it back (stopped, its
-    /// dirty image kept for the next start); a panic before the stop began
+    /// with the next: the volume's own guard put it back (its run held,
+    /// for the held retry; see `engine/phase.rs`); a panic before the stop began
     /// leaves the run running, stopped by its next last close or unmount.
     fn commit_loop(pool: &Pool, rx: &Mutex<std::sync::mpsc::Receiver<PendingStop>>) {
         loop {
