@@ -52,6 +52,9 @@ struct State {
     queued: usize,
     threads: usize,
     idle: usize,
+    /// Threads started that have not taken the lock yet: they will take
+    /// a ready volume as an idle one would.
+    starting: usize,
     /// Requests running now (see [`Waiters::close`]).
     running: usize,
     closed: bool,
@@ -94,20 +97,31 @@ impl Waiters {
         if first && !st.serving.contains(&vid) {
             st.ready.push_back(vid);
         }
-        if st.ready.len() > st.idle && st.threads < MAX_THREADS {
-            let shared = self.shared.clone();
-            let spawned = std::thread::Builder::new()
-                .name("wait".into())
-                .spawn(move || {
-                    // A start may copy a whole image: it yields the CPU to
-                    // the threads answering requests.
-                    sys::lower_thread_priority(10);
-                    shared.serve();
-                });
-            match spawned {
-                Ok(_) => st.threads += 1,
-                Err(e) => log::error!("cannot start a waiting thread: {e}"),
-            }
+        let spawn = st.ready.len() > st.idle + st.starting && st.threads < MAX_THREADS;
+        if !spawn {
+            drop(st);
+            self.shared.wake.notify_one();
+            return;
+        }
+        // The thread's place is taken now, and it is started without the
+        // lock, which every request that waits takes.
+        st.threads += 1;
+        st.starting += 1;
+        drop(st);
+        let shared = self.shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("wait".into())
+            .spawn(move || {
+                // A start may copy a whole image: it yields the CPU to the
+                // threads answering requests.
+                sys::lower_thread_priority(10);
+                shared.serve();
+            });
+        if let Err(e) = spawned {
+            log::error!("cannot start a waiting thread: {e}");
+            let mut st = self.shared.state.lock();
+            st.threads -= 1;
+            st.starting -= 1;
             if st.threads == 0 {
                 // Nothing would ever run them: answered EIO.
                 let jobs: Vec<Job> = st.queues.drain().flat_map(|(_, q)| q).collect();
@@ -158,6 +172,7 @@ impl Shared {
     /// request, and puts it back in line if more wait on it.
     fn serve(&self) {
         let mut st = self.state.lock();
+        st.starting -= 1;
         loop {
             let Some(vid) = st.ready.pop_front() else {
                 if st.closed || st.idle >= IDLE_KEPT {
