@@ -366,7 +366,7 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
                         .ok()
                         .and_then(|s| s.held)
                         .unwrap_or_else(|| "something outside reflinkfs".into());
-                    log::warn!("{vid}: the mount is gone, but its last run is not committed yet: its dirty image is held by {holders}; the daemon commits it once it can");
+                    log::warn!("{vid}: the mount is gone, but its dirty image is still open for writing by {holders}; the daemon commits it once that lets go");
                 }
                 let list: Vec<String> = held.iter().map(|v| v.to_string()).collect();
                 log::warn!(
