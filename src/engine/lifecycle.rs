@@ -372,19 +372,13 @@ impl Pool {
                         "{vid}: not committed yet: its dirty image is still open for writing by {holders}; it is committed once that lets go, and the volume cannot start again until then",
                     );
                 }
-                life.phase = Phase::Running(Box::new(Run {
-                    leases: 0,
-                    started_sig,
-                    started_from,
-                    limit,
-                    state: RunState::Held(HeldBy::Writers(holders.clone())),
-                }));
-                self.table.set_held(vid, true);
+                let held = HeldBy::Writers(holders.clone());
+                let phase = Run::held_over(started_sig, started_from, limit, held);
+                self.table.set_phase(vid, &mut life, phase);
                 Ok(StopOutcome::Held { holders })
             }
             Ok(outcome) => {
-                life.phase = Phase::Stopped;
-                self.table.set_held(vid, false);
+                self.table.set_phase(vid, &mut life, Phase::Stopped);
                 match was_held {
                     Some(HeldBy::Writers(_)) => {
                         log::info!("{vid}: the outside writer let go of its dirty image")
@@ -398,8 +392,7 @@ impl Pool {
                 Ok(outcome)
             }
             Err(e) => {
-                life.phase = Phase::Stopped;
-                self.table.set_held(vid, false);
+                self.table.set_phase(vid, &mut life, Phase::Stopped);
                 Err(e)
             }
         };

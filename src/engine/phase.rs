@@ -4,7 +4,7 @@
 use super::fsops::{Entry, FileSig};
 use super::pool::{Names, Pool};
 use super::vid::ValidVid;
-use super::volume::{HeldBy, Phase, Run, RunState, Volume};
+use super::volume::{HeldBy, Phase, Run, Volume};
 use std::cell::Cell;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -116,14 +116,8 @@ impl PhaseGuard<'_> {
                 log::error!(
                     "{vid}: its stop panicked; its dirty image is kept, and the daemon retries the stop every second (the volume cannot start until then)"
                 );
-                self.pool.table.set_held(vid, true);
-                Phase::Running(Box::new(Run {
-                    leases: 0,
-                    started_sig: p.started_sig,
-                    started_from: p.started_from,
-                    limit: p.limit,
-                    state: RunState::Held(HeldBy::InterruptedStop { tries: p.tries + 1 }),
-                }))
+                let by = HeldBy::InterruptedStop { tries: p.tries + 1 };
+                Run::held_over(p.started_sig, p.started_from, p.limit, by)
             }
             _ => {
                 match left {
@@ -134,7 +128,6 @@ impl PhaseGuard<'_> {
                         "{vid}: its stop panicked after its dirty image was committed or dropped; it is stopped"
                     ),
                 }
-                self.pool.table.set_held(vid, false);
                 Phase::Stopped
             }
         }
@@ -151,12 +144,11 @@ impl Drop for PhaseGuard<'_> {
             Phase::Starting => {
                 log::error!("{vid}: its start panicked; it is stopped again");
                 self.remove_half_made_start();
-                self.pool.table.set_held(vid, false);
                 Phase::Stopped
             }
             _ => self.after_panicked_stop(),
         };
-        self.vol.lock().phase = phase;
+        self.pool.table.set_phase(vid, &mut self.vol.lock(), phase);
         // A hook that panics now would abort the process.
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.vol.changed()));
         self.vol.notify();

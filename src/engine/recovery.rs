@@ -8,7 +8,7 @@ use super::fsops::{Dir, FileSig};
 use super::lifecycle::*;
 use super::pool::{Names, Pool};
 use super::revision::{parse_revision_name, Parsed};
-use super::volume::{HeldBy, Phase, Run, RunState, Volume};
+use super::volume::{HeldBy, Run, Volume};
 use crate::error::Result;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -202,14 +202,13 @@ impl Pool {
             "{vid}: recovery: not committing {}: it is still open for writing by {holders}; it is committed once that lets go, and the volume cannot start again until then",
             dir.shown(&n.dirty()).display()
         );
-        vol.lock().phase = Phase::Running(Box::new(Run {
-            leases: 0,
-            started_sig: None,
-            started_from: None,
-            limit: Arc::new(AtomicU64::new(contract)),
-            state: RunState::Held(HeldBy::Writers(holders)),
-        }));
-        self.table.set_held(vid, true);
+        let held = Run::held_over(
+            None,
+            None,
+            Arc::new(AtomicU64::new(contract)),
+            HeldBy::Writers(holders),
+        );
+        self.table.set_phase(vid, &mut vol.lock(), held);
         Ok(Dirty::RunsOn)
     }
 

@@ -11,7 +11,7 @@
 use super::config::{parse_json, PoolConfig, VolumeConfig};
 use super::fsops::{read_small_file, Dir};
 use super::vid::{check_component, ValidVid};
-use super::volume::{Hooks, Volume};
+use super::volume::{Hooks, Life, Phase, Volume};
 use crate::error::{Error, Result};
 use crate::sys;
 use parking_lot::{Mutex, RwLock};
@@ -69,8 +69,18 @@ impl VolumeTable {
         self.corrupt.read().get(vid).cloned()
     }
 
+    /// Sets a volume's phase (its lock held), and the held set with it:
+    /// the daemon's held retry goes over the volumes whose run is held.
+    pub fn set_phase(&self, vid: &ValidVid, life: &mut Life, phase: Phase) {
+        self.set_held(
+            vid,
+            matches!(&phase, Phase::Running(r) if r.held().is_some()),
+        );
+        life.phase = phase;
+    }
+
     /// Notes whether `vid`'s run is held (the daemon retries its commit).
-    pub fn set_held(&self, vid: &ValidVid, held: bool) {
+    fn set_held(&self, vid: &ValidVid, held: bool) {
         let mut set = self.held.lock();
         if held {
             set.insert(vid.clone());

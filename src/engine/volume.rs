@@ -222,6 +222,23 @@ impl HeldBy {
 }
 
 impl Run {
+    /// The phase of a run that is over for reflinkfs but not committed yet
+    /// (see [`HeldBy`]).
+    pub fn held_over(
+        started_sig: Option<FileSig>,
+        started_from: Option<(ValidVid, u64)>,
+        limit: Arc<AtomicU64>,
+        by: HeldBy,
+    ) -> Phase {
+        Phase::Running(Box::new(Run {
+            leases: 0,
+            started_sig,
+            started_from,
+            limit,
+            state: RunState::Held(by),
+        }))
+    }
+
     pub fn limit(&self) -> u64 {
         self.limit.load(Ordering::SeqCst)
     }
