@@ -1036,6 +1036,20 @@ fn a_snapshot_volumes_source_changes_while_it_is_stopped() {
     m.unmount();
 }
 
+/// A pool with one origin volume, `c/v/panic`, mounted with the panic
+/// points `points` armed (REFLINKFS_FAILPOINT): they fire for it alone.
+fn panic_volume_mounted(test: &str, points: &str) -> Mounted {
+    let path = prepared_pool(&xfs(), test, 1, |pool| {
+        create_origin(pool, "c/v/panic", MIB);
+    });
+    Mounted::mount_with(
+        &path,
+        &path.parent().unwrap().join("mnt"),
+        "",
+        &[("REFLINKFS_FAILPOINT", points)],
+    )
+}
+
 /// Issue 18: a panic in a committer thread, in a stop or a start on the
 /// mount, or in a control request, fails that piece of work alone: the
 /// volume comes back usable (opens, takes writes, commits) and the mount
@@ -1046,15 +1060,7 @@ fn panics_in_committers_stops_starts_and_control_requests_leave_the_volume_usabl
     if !require_failpoints() {
         return;
     }
-    let path = prepared_pool(&xfs(), "panic-workers", 1, |pool| {
-        create_origin(pool, "c/v/panic", MIB);
-    });
-    let m = Mounted::mount_with(
-        &path,
-        &path.parent().unwrap().join("mnt"),
-        "",
-        &[("REFLINKFS_FAILPOINT", "start.io,stop.io,committer,control")],
-    );
+    let m = panic_volume_mounted("panic-workers", "start.io,stop.io,committer,control");
     let dirty = m.path("c/v/panic-dirty.img");
     let vid = vid("c/v/panic");
     // The start panics: that open fails, the next one starts it.
@@ -1124,15 +1130,7 @@ fn a_stop_that_keeps_panicking_does_not_kill_the_daemon_at_unmount() {
     if !require_failpoints() {
         return;
     }
-    let path = prepared_pool(&xfs(), "panic-unmount", 1, |pool| {
-        create_origin(pool, "c/v/panic", MIB);
-    });
-    let m = Mounted::mount_with(
-        &path,
-        &path.parent().unwrap().join("mnt"),
-        "",
-        &[("REFLINKFS_FAILPOINT", "stop.io=3")],
-    );
+    let m = panic_volume_mounted("panic-unmount", "stop.io=3");
     let f = open_rw(&m.path("c/v/panic-dirty.img"));
     use std::os::unix::fs::FileExt;
     f.write_all_at(&pattern(7, 4096), 0).unwrap();
