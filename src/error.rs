@@ -474,6 +474,33 @@ macro_rules! display_as_str {
 }
 pub(crate) use display_as_str;
 
+/// Serde of a state type as its `as_str()` name: a name read back is
+/// matched against `all()`, and one this build does not know (from a newer
+/// daemon) reads as `Unknown`. For enums that nest another (an operation
+/// in a state), which serde's derive would send as an object.
+macro_rules! serde_as_str {
+    ($t:ident) => {
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(
+                &self,
+                s: S,
+            ) -> std::result::Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<$t, D::Error> {
+                let name = std::borrow::Cow::<str>::deserialize(d)?;
+                Ok($t::all()
+                    .find(|x| x.as_str() == name)
+                    .unwrap_or($t::Unknown))
+            }
+        }
+    };
+}
+pub(crate) use serde_as_str;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,7 @@
 use super::*;
 use crate::engine::report::VolumeStateName;
 use crate::engine::view::IoMode;
-use crate::engine::{LifeState, Pending};
+use crate::engine::{LifeState, OpName, Pending};
 use crate::error::{Cause, ErrorClass};
 use serde_json::{json, Value};
 
@@ -138,40 +138,26 @@ fn same_names<T: serde::Serialize + std::fmt::Display>(all: &[T]) {
 
 #[test]
 fn states_show_as_they_are_sent() {
-    use LifeState as L;
-    same_names(&[
-        L::Stopped,
-        L::Starting,
-        L::Running,
-        L::Held,
-        L::Committing,
-        L::Removed,
-        L::Importing,
-        L::Cloning,
-        L::Resizing,
-        L::Reverting,
-        L::Setting,
-        L::Removing,
-        L::RemovingRevision,
-    ]);
-    assert_eq!(L::RemovingRevision.to_string(), "removing a revision");
-    use VolumeStateName as V;
-    same_names(&[
-        V::Stopped,
-        V::Running,
-        V::Starting,
-        V::Committing,
-        V::Importing,
-        V::Cloning,
-        V::Resizing,
-        V::Reverting,
-        V::Setting,
-        V::Removing,
-        V::Held,
-        V::Dirty,
-        V::Missing,
-        V::Corrupt,
-    ]);
+    let lives: Vec<LifeState> = LifeState::all().collect();
+    same_names(&lives);
+    assert_eq!(lives.len(), 13, "6 phases and 7 operations");
+    let names: Vec<VolumeStateName> = VolumeStateName::all().collect();
+    same_names(&names);
+    assert_eq!(names.len(), 15, "8 states and 7 operations");
+    for l in lives {
+        assert_eq!(
+            serde_json::from_value::<LifeState>(json!(l.as_str())).unwrap(),
+            l
+        );
+    }
+    for n in names {
+        let back: VolumeStateName = serde_json::from_value(json!(n.as_str())).unwrap();
+        assert_eq!(back, n);
+    }
+    assert_eq!(
+        LifeState::Busy(OpName::RemoveRevision).to_string(),
+        "removing a revision"
+    );
     same_names(&[IoMode::Passthrough, IoMode::Daemon]);
 }
 

@@ -8,16 +8,15 @@ use super::lifecycle::regular_entry;
 use super::pool::{Names, Pool};
 use super::revision::Revision;
 use super::vid::ValidVid;
-use super::volume::{LifeState, Snapshot};
+use super::volume::{LifeState, OpName, Snapshot};
 use crate::error::{Error, Result};
 use crate::sys;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::os::fd::AsFd;
 
-/// The state of a volume.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+/// The state of a volume, in `volume list` and `info`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VolumeStateName {
     Stopped,
     Running,
@@ -26,12 +25,7 @@ pub enum VolumeStateName {
     /// Its last run's commit (or discard) is in progress.
     Committing,
     /// An operation is in progress.
-    Importing,
-    Cloning,
-    Resizing,
-    Reverting,
-    Setting,
-    Removing,
+    Busy(OpName),
     /// Closed, but not committed: its dirty image is still open for
     /// writing outside reflinkfs (a loop device or program that outlived a
     /// daemon, or a mapping); it is committed once that lets go.
@@ -43,7 +37,6 @@ pub enum VolumeStateName {
     /// Its config file cannot be read.
     Corrupt,
     /// A state this build does not know (sent by a newer daemon).
-    #[serde(other)]
     Unknown,
 }
 
@@ -56,16 +49,21 @@ impl VolumeStateName {
             LifeState::Starting => VolumeStateName::Starting,
             LifeState::Committing => VolumeStateName::Committing,
             LifeState::Held => VolumeStateName::Held,
-            LifeState::Importing => VolumeStateName::Importing,
-            LifeState::Cloning => VolumeStateName::Cloning,
-            LifeState::Resizing => VolumeStateName::Resizing,
-            LifeState::Reverting => VolumeStateName::Reverting,
-            LifeState::Setting => VolumeStateName::Setting,
-            LifeState::Removing | LifeState::RemovingRevision => VolumeStateName::Removing,
+            LifeState::Busy(op) => VolumeStateName::Busy(op),
             LifeState::Stopped | LifeState::Running | LifeState::Removed | LifeState::Unknown => {
                 return None
             }
         })
+    }
+
+    /// Every state but `Unknown`.
+    pub fn all() -> impl Iterator<Item = VolumeStateName> {
+        use VolumeStateName::*;
+        [
+            Stopped, Running, Starting, Committing, Held, Dirty, Missing, Corrupt,
+        ]
+        .into_iter()
+        .chain(OpName::ALL.map(Busy))
     }
 
     /// Its name, as on the wire.
@@ -75,12 +73,7 @@ impl VolumeStateName {
             VolumeStateName::Running => "running",
             VolumeStateName::Starting => "starting",
             VolumeStateName::Committing => "committing",
-            VolumeStateName::Importing => "importing",
-            VolumeStateName::Cloning => "cloning",
-            VolumeStateName::Resizing => "resizing",
-            VolumeStateName::Reverting => "reverting",
-            VolumeStateName::Setting => "setting",
-            VolumeStateName::Removing => "removing",
+            VolumeStateName::Busy(op) => op.as_str(),
             VolumeStateName::Held => "held",
             VolumeStateName::Dirty => "dirty",
             VolumeStateName::Missing => "missing",
@@ -91,6 +84,7 @@ impl VolumeStateName {
 }
 
 crate::error::display_as_str!(VolumeStateName);
+crate::error::serde_as_str!(VolumeStateName);
 
 /// Bytes held by the files of a volume (SPEC §1.5).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -45,14 +45,13 @@ use super::fsops::FileSig;
 use super::vid::ValidVid;
 use crate::error::{Cause, Error, Result};
 use parking_lot::{Condvar, Mutex, MutexGuard};
-use serde::{Deserialize, Serialize};
 use std::any::Any;
 use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// An administration operation in progress on a volume.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum OpName {
     Import,
     Clone,
@@ -64,16 +63,27 @@ pub enum OpName {
 }
 
 impl OpName {
-    /// How the operation shows in `status`, `volume list` and `info`.
-    pub fn state(self) -> LifeState {
+    pub const ALL: [OpName; 7] = [
+        OpName::Import,
+        OpName::Clone,
+        OpName::Resize,
+        OpName::Revert,
+        OpName::Set,
+        OpName::Remove,
+        OpName::RemoveRevision,
+    ];
+
+    /// How the operation shows as a state in `status`, `volume list`,
+    /// `info` and the `state` xattr.
+    pub fn as_str(self) -> &'static str {
         match self {
-            OpName::Import => LifeState::Importing,
-            OpName::Clone => LifeState::Cloning,
-            OpName::Resize => LifeState::Resizing,
-            OpName::Revert => LifeState::Reverting,
-            OpName::Set => LifeState::Setting,
-            OpName::Remove => LifeState::Removing,
-            OpName::RemoveRevision => LifeState::RemovingRevision,
+            OpName::Import => "importing",
+            OpName::Clone => "cloning",
+            OpName::Resize => "resizing",
+            OpName::Revert => "reverting",
+            OpName::Set => "setting",
+            OpName::Remove => "removing",
+            OpName::RemoveRevision => "removing a revision",
         }
     }
 
@@ -87,10 +97,9 @@ impl OpName {
 
 /// A volume's state at one instant: an operation in progress, else its
 /// phase. `status` sends it as `busy[].state` (doc/CONTROL.md), under the
-/// names below; a name this build does not know (from a newer daemon)
-/// reads as `unknown`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+/// names of `as_str`; a name this build does not know (from a newer
+/// daemon) reads as `unknown`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LifeState {
     Stopped,
     Starting,
@@ -100,19 +109,20 @@ pub enum LifeState {
     Committing,
     /// Gone: every waiter fails.
     Removed,
-    Importing,
-    Cloning,
-    Resizing,
-    Reverting,
-    Setting,
-    Removing,
-    #[serde(rename = "removing a revision")]
-    RemovingRevision,
-    #[serde(other)]
+    /// An operation is in progress.
+    Busy(OpName),
     Unknown,
 }
 
 impl LifeState {
+    /// Every state but `Unknown`.
+    pub fn all() -> impl Iterator<Item = LifeState> {
+        use LifeState::*;
+        [Stopped, Starting, Running, Held, Committing, Removed]
+            .into_iter()
+            .chain(OpName::ALL.map(Busy))
+    }
+
     /// Its name, as on the wire.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -122,19 +132,14 @@ impl LifeState {
             LifeState::Held => "held",
             LifeState::Committing => "committing",
             LifeState::Removed => "removed",
-            LifeState::Importing => "importing",
-            LifeState::Cloning => "cloning",
-            LifeState::Resizing => "resizing",
-            LifeState::Reverting => "reverting",
-            LifeState::Setting => "setting",
-            LifeState::Removing => "removing",
-            LifeState::RemovingRevision => "removing a revision",
+            LifeState::Busy(op) => op.as_str(),
             LifeState::Unknown => "unknown",
         }
     }
 }
 
 crate::error::display_as_str!(LifeState);
+crate::error::serde_as_str!(LifeState);
 
 /// Something the user of a run attaches to it once, at its start (the
 /// mount's passthrough registration and write lock), and that lives as
@@ -310,7 +315,7 @@ impl Life {
     /// progress, then the phase.
     pub fn state_name(&self) -> LifeState {
         if let Some(op) = self.op {
-            return op.state();
+            return LifeState::Busy(op);
         }
         match &self.phase {
             Phase::Stopped => LifeState::Stopped,
@@ -441,7 +446,7 @@ impl Volume {
                     return Err(Error::because(
                         &self.vid,
                         cause,
-                        format!("it is {} (an operation in progress)", op.state()),
+                        format!("it is {} (an operation in progress)", op.as_str()),
                     ));
                 }
             }
