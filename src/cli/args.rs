@@ -228,9 +228,7 @@ pub enum VolumeCommand {
     #[command(after_help = exit_status_help())]
     Resize {
         #[command(flatten)]
-        pool: PoolArg,
-        /// The volume: CLASS/VM/NAME (e.g. appvms/work/private), or VM:NAME.
-        vid: String,
+        volume: VolumeArg,
         /// The new size in bytes, with an optional K, M, G or T suffix
         /// (powers of 1024).
         #[arg(allow_hyphen_values = true)]
@@ -248,9 +246,7 @@ pub enum VolumeCommand {
     #[command(after_help = exit_status_help())]
     Revert {
         #[command(flatten)]
-        pool: PoolArg,
-        /// The volume: CLASS/VM/NAME (e.g. appvms/work/private), or VM:NAME.
-        vid: String,
+        volume: VolumeArg,
         /// A revision number K, or a timestamp for a legacy revision.
         revision: Option<String>,
         #[command(flatten)]
@@ -261,9 +257,7 @@ pub enum VolumeCommand {
     #[command(after_help = exit_status_help())]
     Set {
         #[command(flatten)]
-        pool: PoolArg,
-        /// The volume: CLASS/VM/NAME (e.g. appvms/work/private), or VM:NAME.
-        vid: String,
+        volume: VolumeArg,
         /// revisions_to_keep, rw, or source (of a stopped snapshot volume:
         /// the volume it starts from, e.g. a new template's root).
         property: String,
@@ -281,9 +275,7 @@ pub enum VolumeCommand {
     #[command(after_help = exit_status_help())]
     Import {
         #[command(flatten)]
-        pool: PoolArg,
-        /// The volume: CLASS/VM/NAME (e.g. appvms/work/private), or VM:NAME.
-        vid: String,
+        volume: VolumeArg,
         /// The data: a file, a block device, or - for stdin.
         #[arg(required_unless_present = "abort")]
         file: Option<PathBuf>,
@@ -309,9 +301,7 @@ pub enum VolumeCommand {
     #[command(after_help = exit_status_help())]
     Export {
         #[command(flatten)]
-        pool: PoolArg,
-        /// The volume: CLASS/VM/NAME (e.g. appvms/work/private), or VM:NAME.
-        vid: String,
+        volume: VolumeArg,
         /// Where to write it: a new file, or - for stdout.
         file: PathBuf,
         /// Export revision K instead of the committed image.
@@ -334,9 +324,7 @@ pub enum VolumeCommand {
     #[command(after_help = exit_status_help())]
     Diff {
         #[command(flatten)]
-        pool: PoolArg,
-        /// The volume: CLASS/VM/NAME (e.g. appvms/work/private), or VM:NAME.
-        vid: String,
+        volume: VolumeArg,
         /// The older revision: a number K or a revision id.
         #[arg(long, value_name = "K")]
         from: String,
@@ -370,9 +358,7 @@ pub enum VolumeCommand {
     #[command(after_help = exit_status_help())]
     Attach {
         #[command(flatten)]
-        pool: PoolArg,
-        /// The volume: CLASS/VM/NAME (e.g. appvms/work/private), or VM:NAME.
-        vid: String,
+        volume: VolumeArg,
         /// A read-only device (the volume may be rw=false).
         #[arg(long)]
         read_only: bool,
@@ -397,9 +383,7 @@ pub enum VolumeCommand {
     #[command(after_help = exit_status_help())]
     Detach {
         #[command(flatten)]
-        pool: PoolArg,
-        /// The volume: CLASS/VM/NAME (e.g. appvms/work/private), or VM:NAME.
-        vid: String,
+        volume: VolumeArg,
         /// Detach even while the device is in use (a VM that crashed and
         /// left it claimed); the kernel clears it at its last close.
         #[arg(long)]
@@ -457,13 +441,20 @@ pub struct CreateArgs {
     pub json: JsonArg,
 }
 
-/// A command on one volume: its pool, its id, and `--json`.
+/// The volume a command acts on: its pool, and its id.
 #[derive(Debug, Args)]
-pub struct VolumeRef {
+pub struct VolumeArg {
     #[command(flatten)]
     pub pool: PoolArg,
     /// The volume: CLASS/VM/NAME (e.g. appvms/work/private), or VM:NAME.
     pub vid: String,
+}
+
+/// A command on one volume with no other argument but `--json`.
+#[derive(Debug, Args)]
+pub struct VolumeRef {
+    #[command(flatten)]
+    pub volume: VolumeArg,
     #[command(flatten)]
     pub json: JsonArg,
 }

@@ -1,5 +1,6 @@
-//! The CLI of incremental export and import: `volume diff`, `volume export
-//! --delta/--since` and `volume import --delta` (doc/DELTA.md).
+//! The CLI of incremental import, `volume import --delta`, and the text of
+//! `volume diff`, `volume export --delta/--since` and that import
+//! (doc/DELTA.md). The export is `volume export`'s, with its own request.
 
 use super::{dispatch, open_input};
 use crate::control::Request;
@@ -7,24 +8,6 @@ use crate::engine::delta::DeltaResponse;
 use crate::error::Result;
 use std::path::Path;
 use std::process::ExitCode;
-
-/// `volume export VID --delta [--since K] FILE|-`.
-pub(super) fn export(
-    pool: &Path,
-    vid: String,
-    file: &Path,
-    since: Option<String>,
-    json: bool,
-) -> Result<ExitCode> {
-    super::export_into(file, json, "the stream", |dest, _| {
-        let req = Request::VolumeExportDelta {
-            vid,
-            since,
-            dest: file.display().to_string(),
-        };
-        dispatch(pool, req, Some(dest), json)
-    })
-}
 
 /// `volume import VID --delta FILE|-`.
 pub(super) fn import(pool: &Path, vid: String, file: &Path, json: bool) -> Result<ExitCode> {
@@ -38,6 +21,12 @@ pub(super) fn import(pool: &Path, vid: String, file: &Path, json: bool) -> Resul
 
 fn id_or_none(id: &Option<String>) -> &str {
     id.as_deref().unwrap_or("no id")
+}
+
+/// `VID: VERB FROM -> TO`: the ids a delta stream goes between.
+fn span(vid: &str, verb: &str, from_id: &Option<String>, to_id: &str) -> String {
+    let from = from_id.as_deref().unwrap_or("(whole image)");
+    format!("{vid}: {verb} {from} -> {to_id}")
 }
 
 /// The human output of a delta response.
@@ -67,10 +56,8 @@ pub(super) fn text(d: &DeltaResponse) -> String {
         // The stream itself went to stdout: say nothing there.
         DeltaResponse::Exported(r) if r.dest == "-" => String::new(),
         DeltaResponse::Exported(r) => format!(
-            "{}: exported {} -> {} to {}: {} bytes of data, {} of zeros, {} records, {} bytes ({}, {} bytes read)\n",
-            r.vid,
-            r.from_id.as_deref().unwrap_or("(whole image)"),
-            r.to_id,
+            "{} to {}: {} bytes of data, {} of zeros, {} records, {} bytes ({}, {} bytes read)\n",
+            span(&r.vid, "exported", &r.from_id, &r.to_id),
             r.dest,
             r.data_bytes,
             r.zero_bytes,
@@ -80,10 +67,8 @@ pub(super) fn text(d: &DeltaResponse) -> String {
             r.bytes_read
         ),
         DeltaResponse::Imported(r) => format!(
-            "{}: applied {} -> {} from {}: now {} bytes, id {}{}\n",
-            r.vid,
-            r.from_id.as_deref().unwrap_or("(whole image)"),
-            r.to_id,
+            "{} from {}: now {} bytes, id {}{}\n",
+            span(&r.vid, "applied", &r.from_id, &r.to_id),
             r.source,
             r.size,
             r.to_id,

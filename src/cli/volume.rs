@@ -25,49 +25,26 @@ pub(super) fn run(cmd: VolumeCommand) -> Result<ExitCode> {
     }
     match cmd {
         VolumeCommand::Import {
-            pool,
-            vid,
+            volume,
             abort: true,
             json,
             ..
-        } => dispatch(
-            &pool.pool,
-            Request::VolumeImportAbort { vid },
-            None,
-            json.json,
-        ),
+        } => volume.send(|vid| Request::VolumeImportAbort { vid }, json.json),
         VolumeCommand::Import {
-            pool,
-            vid,
+            volume,
             file: Some(file),
             delta: true,
             json,
             ..
-        } => delta::import(&pool.pool, vid, &file, json.json),
+        } => delta::import(&volume.pool.pool, volume.vid, &file, json.json),
         VolumeCommand::Diff {
-            pool,
-            vid,
+            volume,
             from,
             to,
             json,
-        } => dispatch(
-            &pool.pool,
-            Request::VolumeDiff { vid, from, to },
-            None,
-            json.json,
-        ),
-        VolumeCommand::Export {
-            pool,
-            vid,
-            file,
-            delta,
-            since,
-            json,
-            ..
-        } if delta || since.is_some() => delta::export(&pool.pool, vid, &file, since, json.json),
+        } => volume.send(|vid| Request::VolumeDiff { vid, from, to }, json.json),
         VolumeCommand::Import {
-            pool,
-            vid,
+            volume,
             file,
             size,
             json,
@@ -76,22 +53,34 @@ pub(super) fn run(cmd: VolumeCommand) -> Result<ExitCode> {
             let file = file.expect("clap requires FILE without --abort");
             let size = size.as_deref().map(parse_size).transpose()?;
             let source = open_input(&file)?;
-            let bar = import_progress(&pool.pool, &vid, &file, &source, size);
+            let pool = &volume.pool.pool;
+            let bar = import_progress(pool, &volume.vid, &file, &source, size);
             let req = Request::VolumeImport {
-                vid,
+                vid: volume.vid,
                 size,
                 source: file.display().to_string(),
             };
-            progress::during(bar, || dispatch(&pool.pool, req, Some(source), json.json))
+            progress::during(bar, || dispatch(pool, req, Some(source), json.json))
         }
         VolumeCommand::Export {
-            pool,
-            vid,
+            volume,
             file,
             revision,
+            delta,
+            since,
             json,
-            ..
-        } => export(&pool.pool, vid, &file, revision, json.json),
+        } => {
+            let (vid, dest) = (volume.vid, file.display().to_string());
+            let req = match delta || since.is_some() {
+                true => Request::VolumeExportDelta { vid, since, dest },
+                false => Request::VolumeExport {
+                    vid,
+                    revision,
+                    dest,
+                },
+            };
+            export(&volume.pool.pool, &file, req, json.json)
+        }
         VolumeCommand::Clone {
             pool,
             src_vid,
@@ -116,25 +105,20 @@ pub(super) fn run(cmd: VolumeCommand) -> Result<ExitCode> {
     }
 }
 
-/// `volume export VID FILE` (or `-` for stdout): the committed image, or
-/// revision `revision`, with progress on a terminal; a failed export
-/// leaves no partial FILE behind.
-fn export(
-    pool: &Path,
-    vid: String,
-    file: &Path,
-    revision: Option<String>,
-    json: bool,
-) -> Result<ExitCode> {
-    super::export_into(file, json, "the image", |dest, to_stdout| {
-        let bar = match to_stdout {
-            true => None,
-            false => export_progress(pool, &vid, file, &dest),
-        };
-        let req = Request::VolumeExport {
-            vid,
-            revision,
-            dest: file.display().to_string(),
+/// `volume export VID FILE` (or `-` for stdout): the committed image or a
+/// revision, with progress on a terminal, or (`--delta`, `--since`) a
+/// delta stream; a failed export leaves no partial FILE behind.
+fn export(pool: &Path, file: &Path, req: Request, json: bool) -> Result<ExitCode> {
+    let what = match req {
+        Request::VolumeExportDelta { .. } => "the stream",
+        _ => "the image",
+    };
+    super::export_into(file, json, what, |dest, to_stdout| {
+        let bar = match &req {
+            Request::VolumeExport { vid, .. } if !to_stdout => {
+                export_progress(pool, vid, file, &dest)
+            }
+            _ => None,
         };
         progress::during(bar, || dispatch(pool, req, Some(dest), json))
     })
@@ -172,33 +156,26 @@ fn administer(cmd: VolumeCommand) -> Result<ExitCode> {
         VolumeCommand::DiscardChanges(v) => v.dispatch(|vid| Request::VolumeDiscardChanges { vid }),
         VolumeCommand::CancelPending(v) => v.dispatch(|vid| Request::VolumeCancelPending { vid }),
         VolumeCommand::Resize {
-            pool,
-            vid,
+            volume,
             size,
             allow_shrink,
             json,
         } => {
-            let req = Request::VolumeResize {
+            let size = parse_size(&size)?;
+            let req = |vid| Request::VolumeResize {
                 vid,
-                size: parse_size(&size)?,
+                size,
                 allow_shrink,
             };
-            dispatch(&pool.pool, req, None, json.json)
+            volume.send(req, json.json)
         }
         VolumeCommand::Revert {
-            pool,
-            vid,
+            volume,
             revision,
             json,
-        } => dispatch(
-            &pool.pool,
-            Request::VolumeRevert { vid, revision },
-            None,
-            json.json,
-        ),
+        } => volume.send(|vid| Request::VolumeRevert { vid, revision }, json.json),
         VolumeCommand::Set {
-            pool,
-            vid,
+            volume,
             property,
             value,
             json,
@@ -212,48 +189,42 @@ fn administer(cmd: VolumeCommand) -> Result<ExitCode> {
                 })?,
                 _ => drop(Property::parse(&property, &value)?),
             }
-            dispatch(
-                &pool.pool,
-                Request::VolumeSet {
-                    vid,
-                    property,
-                    value,
-                },
-                None,
-                json.json,
-            )
+            let req = |vid| Request::VolumeSet {
+                vid,
+                property,
+                value,
+            };
+            volume.send(req, json.json)
         }
         VolumeCommand::Remove { volume, force } => {
             volume.dispatch(|vid| Request::VolumeRemove { vid, force })
         }
         VolumeCommand::Attach {
-            pool,
-            vid,
+            volume,
             read_only,
             direct_io,
             block_size,
             json,
         } => {
-            let req = Request::VolumeAttach {
+            let req = |vid| Request::VolumeAttach {
                 vid,
                 read_only,
                 direct_io: Some(direct_io == "on"),
                 block_size: block_size.parse().ok(),
             };
-            dispatch(&pool.pool, req, None, json.json)
+            volume.send(req, json.json)
         }
         VolumeCommand::Detach {
-            pool,
-            vid,
+            volume,
             force,
             json,
         } => {
-            let req = Request::VolumeDetach {
+            let req = |vid| Request::VolumeDetach {
                 vid,
                 force,
                 timeout_ms: None,
             };
-            dispatch(&pool.pool, req, None, json.json)
+            volume.send(req, json.json)
         }
         VolumeCommand::Import { .. }
         | VolumeCommand::Export { .. }
@@ -272,29 +243,36 @@ fn vids_in(cmd: &VolumeCommand) -> Vec<&str> {
         VolumeCommand::Info(v)
         | VolumeCommand::DiscardChanges(v)
         | VolumeCommand::CancelPending(v)
-        | VolumeCommand::Remove { volume: v, .. } => vec![v.vid.as_str()],
+        | VolumeCommand::Remove { volume: v, .. } => vec![v.volume.vid.as_str()],
         VolumeCommand::Revisions { args, .. } => match args.as_slice() {
             [_, vid, _] | [vid] => vec![vid.as_str()],
             _ => Vec::new(),
         },
-        VolumeCommand::Resize { vid, .. }
-        | VolumeCommand::Revert { vid, .. }
-        | VolumeCommand::Set { vid, .. }
-        | VolumeCommand::Import { vid, .. }
-        | VolumeCommand::Export { vid, .. }
-        | VolumeCommand::Diff { vid, .. }
-        | VolumeCommand::Attach { vid, .. }
-        | VolumeCommand::Detach { vid, .. } => vec![vid.as_str()],
+        VolumeCommand::Resize { volume, .. }
+        | VolumeCommand::Revert { volume, .. }
+        | VolumeCommand::Set { volume, .. }
+        | VolumeCommand::Import { volume, .. }
+        | VolumeCommand::Export { volume, .. }
+        | VolumeCommand::Diff { volume, .. }
+        | VolumeCommand::Attach { volume, .. }
+        | VolumeCommand::Detach { volume, .. } => vec![volume.vid.as_str()],
         VolumeCommand::Clone {
             src_vid, dst_vid, ..
         } => vec![src_vid.as_str(), dst_vid.as_str()],
     }
 }
 
+impl args::VolumeArg {
+    /// Runs the request `make` builds from the volume id.
+    fn send(self, make: impl FnOnce(String) -> Request, json: bool) -> Result<ExitCode> {
+        dispatch(&self.pool.pool, make(self.vid), None, json)
+    }
+}
+
 impl args::VolumeRef {
     /// Runs the request `make` builds from the volume id.
     fn dispatch(self, make: impl FnOnce(String) -> Request) -> Result<ExitCode> {
-        dispatch(&self.pool.pool, make(self.vid), None, self.json.json)
+        self.volume.send(make, self.json.json)
     }
 }
 

@@ -1,6 +1,7 @@
 //! One handler per request of the control protocol (but the imports
-//! written in place, `imports.rs`, and the deltas, `delta.rs`): each
-//! resolves its volume ids, asks the engine, and answers data.
+//! written in place, `imports.rs`, and the requests that move data through
+//! a passed file, `transfers.rs`): each resolves its volume ids, asks the
+//! engine, and answers data.
 
 use super::{
     need_fd, new_vid, space_warning, vid_of, AttachedVolume, Daemon, PendingVolume, Request,
@@ -266,40 +267,6 @@ pub(super) fn set(pool: &Pool, vid: &str, property: String, value: String) -> Re
         vid: vid.to_string(),
         property,
         value,
-    })
-}
-
-pub(super) fn import(
-    pool: &Pool,
-    fd: Option<File>,
-    vid: &str,
-    size: Option<u64>,
-    source: String,
-) -> Result<Response> {
-    let file = need_fd(fd)?;
-    let vid = vid_of(pool, vid)?;
-    let saved_as = pool.import(&vid, &file, size)?;
-    Ok(Response::Imported {
-        vid: vid.to_string(),
-        source,
-        saved_as,
-    })
-}
-
-pub(super) fn export(
-    pool: &Pool,
-    fd: Option<File>,
-    vid: &str,
-    revision: Option<&str>,
-    dest: String,
-) -> Result<Response> {
-    let file = need_fd(fd)?;
-    let vid = vid_of(pool, vid)?;
-    let bytes = pool.export(&vid, &file, revision)?;
-    Ok(Response::Exported {
-        vid: vid.to_string(),
-        dest,
-        bytes,
     })
 }
 

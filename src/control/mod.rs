@@ -7,7 +7,6 @@
 //! client (the Qubes driver) gets data. `doc/CONTROL.md` documents it.
 
 pub mod client;
-mod delta;
 #[cfg(test)]
 mod doc_examples;
 mod handlers;
@@ -16,6 +15,7 @@ mod protocol;
 pub mod server;
 #[cfg(test)]
 mod tests;
+mod transfers;
 
 pub use imports::{reap_stale_imports, BegunImport, PendingImports};
 pub use protocol::*;
@@ -129,7 +129,7 @@ fn need_fd(fd: Option<File>) -> Result<File> {
 /// Executes a request against an open pool. `fd` is the file of an import
 /// (its source) or export (its destination); `peer` the PID of the process
 /// that sent it. Each request has its handler (`handlers.rs`, `imports.rs`,
-/// `delta.rs`).
+/// `transfers.rs`).
 pub fn execute(
     pool: &Pool,
     req: Request,
@@ -185,15 +185,11 @@ pub fn execute(
             property,
             value,
         } => h::set(pool, &vid, property, value),
-        Request::VolumeImport { vid, size, source } => h::import(pool, fd, &vid, size, source),
-        Request::VolumeExport {
-            vid,
-            revision,
-            dest,
-        } => h::export(pool, fd, &vid, revision.as_deref(), dest),
-        req @ (Request::VolumeDiff { .. }
+        req @ (Request::VolumeImport { .. }
+        | Request::VolumeExport { .. }
+        | Request::VolumeDiff { .. }
         | Request::VolumeExportDelta { .. }
-        | Request::VolumeImportDelta { .. }) => delta::execute(pool, req, fd),
+        | Request::VolumeImportDelta { .. }) => transfers::execute(pool, req, fd),
         Request::VolumeClone { src, dst } => h::clone(pool, &src, &dst),
         Request::VolumeRemove { vid, force } => h::remove(pool, &vid, force),
     }

@@ -1,7 +1,7 @@
 //! What the mounted filesystem needs from the engine: a cheap view of a
 //! volume's files, and the opens of its committed image and revisions.
 
-use super::config::{VolumeConfig, VolumeKind};
+use super::config::VolumeKind;
 use super::fsops::{Dir, FileSig};
 use super::lifecycle::{open_image, regular_entry};
 use super::pool::{Names, Pool};
@@ -64,21 +64,24 @@ pub struct Listed {
 /// A volume as the mount shows it.
 #[derive(Debug, Clone)]
 pub struct VolumeView {
-    pub config: Arc<VolumeConfig>,
-    pub running: bool,
-    /// The run is over but not committed: the dirty image is still open
-    /// for writing outside reflinkfs.
-    pub held: bool,
-    /// An operation in progress, else the phase.
-    pub state: LifeState,
-    /// Bumped whenever the committed image is replaced.
-    pub generation: u64,
+    /// Its config and state (`snap.held`: the run is over but not
+    /// committed, its dirty image still open for writing outside
+    /// reflinkfs; `snap.config.generation`: bumped whenever the committed
+    /// image is replaced).
+    pub snap: Snapshot,
     /// The committed image, for origin volumes that have one.
     pub img: Option<FileSig>,
     /// The dirty image, while the volume runs (or waits to be committed).
     pub dirty: Option<FileSig>,
     /// The size `N-dirty.img` shows while stopped.
     pub nominal_size: u64,
+}
+
+impl VolumeView {
+    /// Bumped whenever the committed image is replaced.
+    pub fn generation(&self) -> u64 {
+        self.snap.config.generation
+    }
 }
 
 impl Pool {
@@ -114,16 +117,11 @@ impl Pool {
         let origin = snap.config.kind() == VolumeKind::Origin;
         let img = look(origin, n.img());
         let dirty = look(snap.running, n.dirty());
-        let config = snap.config;
         VolumeView {
-            nominal_size: self.nominal_size(&config),
-            generation: config.generation,
+            nominal_size: self.nominal_size(&snap.config),
             img,
             dirty,
-            running: snap.running,
-            held: snap.held.is_some(),
-            state: snap.state,
-            config,
+            snap,
         }
     }
 

@@ -20,7 +20,7 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
             _ => return Err(libc::EISDIR.into()),
         };
         let view = self.view(&vid)?;
-        if matches!(node, Node::Img(..)) && view.running {
+        if matches!(node, Node::Img(..)) && view.snap.running {
             return Err(fail(
                 libc::EBUSY,
                 format_args!(
@@ -29,7 +29,7 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
             )
             .into());
         }
-        let current = if view.running {
+        let current = if view.snap.running {
             view.dirty.map(|d| d.size).unwrap_or(view.nominal_size)
         } else {
             view.nominal_size
@@ -49,7 +49,7 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
             .map_err(|e| errno_of("resize", &e))?;
         let node = match node {
             Node::Img(v, inc, _) => {
-                let g = self.view(&v)?.generation;
+                let g = self.view(&v)?.generation();
                 Node::Img(v, inc, g)
             }
             other => other,

@@ -110,8 +110,8 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
     /// dirty image's while it runs, else the committed image's times and
     /// blocks with the volume's size.
     fn dirty_attr(&self, ino: u64, view: &VolumeView) -> Attr {
-        let perm = self.file_perm(view.config.rw);
-        match (view.running, view.dirty) {
+        let perm = self.file_perm(view.snap.config.rw);
+        match (view.snap.running, view.dirty) {
             (true, Some(sig)) => Attr {
                 cacheable: false,
                 ..sig_attr(ino, &sig, perm)
@@ -139,7 +139,7 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
     /// image never changes: it keeps the attributes it had, whatever
     /// replaced the name since.
     fn img_attr(&self, ino: u64, generation: u64, view: &VolumeView) -> FsResult<Attr> {
-        if view.generation != generation {
+        if view.generation() != generation {
             return self
                 .inodes
                 .lock()
@@ -183,7 +183,11 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
                     if rest == ".img" {
                         let view = self.view(&v)?;
                         return match view.img {
-                            Some(_) => Ok(Node::Img(v, view.config.incarnation, view.generation)),
+                            Some(_) => Ok(Node::Img(
+                                v,
+                                view.snap.config.incarnation,
+                                view.generation(),
+                            )),
                             None => Err(libc::ENOENT),
                         };
                     }
@@ -315,13 +319,13 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
     ) {
         let names = crate::engine::Names::of(&l.vid);
         let view = &l.view;
-        let inc = view.config.incarnation;
+        let inc = view.snap.config.incarnation;
         let (dirty_ino, img_ino, rev_inos) = {
             let mut inodes = self.inodes.lock();
             let dirty = inodes.ino_of(&Node::Dirty(l.vid.clone(), inc));
             let img = view
                 .img
-                .map(|_| inodes.ino_of(&Node::Img(l.vid.clone(), inc, view.generation)));
+                .map(|_| inodes.ino_of(&Node::Img(l.vid.clone(), inc, view.generation())));
             let revs: Vec<u64> = l
                 .revisions
                 .iter()
@@ -343,7 +347,7 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
         out.push((dirty_ino, Kind::File, names.dirty(), dirty_attr));
         if let Some(img_ino) = img_ino {
             let a = plus
-                .then(|| self.img_attr(img_ino, view.generation, view).ok())
+                .then(|| self.img_attr(img_ino, view.generation(), view).ok())
                 .flatten();
             out.push((img_ino, Kind::File, names.img(), a));
         }
@@ -393,10 +397,10 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
             Node::Class(_) | Node::Vm(..) => {}
             Node::Dirty(vid, _) | Node::Img(vid, _, _) | Node::Revision(vid, _, _) => {
                 let view = self.view(vid)?;
-                let c = &view.config;
+                let c = &view.snap.config;
                 put("vid", vid.to_string());
                 put("type", c.kind().as_str().to_owned());
-                put("state", view.state.to_string());
+                put("state", view.snap.state.to_string());
                 put("size", view.nominal_size.to_string());
                 put("rw", c.rw.to_string());
                 put("revisions_to_keep", c.revisions_to_keep.to_string());
