@@ -19,36 +19,22 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKOUT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(HERE, "stubs"))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(CHECKOUT, "tests", "pylib"))
 
-IN_CI = os.environ.get("CI") == "true"
+from testenv import IN_CI, binary, require, scratch_xfs_from_env  # noqa: E402
+
 MIB = 1 << 20
-
-
-def binary():
-    path = os.environ.get("REFLINKFS_BIN") or os.path.join(CHECKOUT, "target/debug/reflinkfs")
-    if not os.access(path, os.X_OK):
-        pytest.fail("no reflinkfs binary at {} (cargo build, or set REFLINKFS_BIN)".format(path))
-    return path
 
 
 def scratch_root():
     """The scratch XFS of scripts/test, else (outside CI) a temporary
     directory, where pools are made in copy mode."""
-    for item in os.environ.get("REFLINKFS_TEST_FS", "").split(","):
-        name, _, path = item.partition("=")
-        if name == "xfs" and os.path.isdir(path):
-            return path, True
+    path = scratch_xfs_from_env()
+    if path is not None:
+        return path, True
     if IN_CI:
         pytest.fail("CI=true but REFLINKFS_TEST_FS names no xfs: run through scripts/test")
     return tempfile.gettempdir(), False
-
-
-def require(*tools):
-    for tool in tools:
-        if shutil.which(tool) is None:
-            if IN_CI:
-                pytest.fail("CI=true but {} is missing".format(tool))
-            pytest.skip("{} is missing".format(tool))
 
 
 class VM:

@@ -14,6 +14,7 @@ use super::config::AttachedLoop;
 use super::fsops::Dir;
 use super::lifecycle::{io_ctx, open_image, StopOutcome};
 use super::pool::{Names, Pool};
+use super::recovery::Found;
 use super::vid::ValidVid;
 use super::volume::{Lease, Phase, Run, RunState, Volume};
 use crate::error::{busy, refused};
@@ -43,18 +44,6 @@ pub(super) fn loop_on(n: u32, (dev, ino): (u64, u64)) -> bool {
     match sys::loop_backing(n) {
         Ok(Some(b)) => b.dev == dev && b.ino == ino,
         Ok(None) | Err(_) => true,
-    }
-}
-
-/// Every bound loop device's backing file, from one walk of `/sys/block`
-/// made when first asked: a recovery asks once per volume with a leftover
-/// dirty image, and walks once.
-#[derive(Default)]
-pub(crate) struct LoopMap(std::cell::OnceCell<Vec<(std::path::PathBuf, String)>>);
-
-impl LoopMap {
-    pub fn get(&self) -> &[(std::path::PathBuf, String)] {
-        self.0.get_or_init(sys::loop_backing_files)
     }
 }
 
@@ -328,12 +317,10 @@ impl Pool {
     /// At recovery: the loop device on `vid`'s leftover dirty image, from
     /// its record, or found by its backing file (a `losetup` of the pool's
     /// file by hand counts too). A record whose device is gone is cleared.
-    pub(crate) fn attached_loop(
-        &self,
-        vol: &Volume,
-        dir: &Dir,
-        loops: &LoopMap,
-    ) -> Result<Option<AttachedLoop>> {
+    pub(crate) fn attached_loop(&self, found: &Found) -> Result<Option<AttachedLoop>> {
+        let Found {
+            vol, dir, loops, ..
+        } = *found;
         let vid = &vol.vid;
         let dirty = Names::of(vid).dirty();
         let Ok(f) = open_image(dir, vid, &dirty, libc::O_RDONLY) else {

@@ -27,6 +27,7 @@ use super::failpoint;
 use super::fsops::{CopyStrategy, Dir, Entry, FileSig};
 use super::lifecycle::{io_ctx, open_image, regular_entry};
 use super::pool::{Names, Pool};
+use super::recovery::{Found, LoopMap};
 use super::volume::Volume;
 
 pub use super::ident::{FileIdent, PrecacheRecord};
@@ -271,13 +272,10 @@ impl Pool {
     /// the volume should not keep, and makes it again when it went or
     /// when an interrupted operation may have left none. Gives whether
     /// anything was removed.
-    pub(crate) fn recover_precache(
-        &self,
-        vol: &Volume,
-        dir: &Dir,
-        names: &[String],
-        changed: bool,
-    ) -> Result<bool> {
+    pub(crate) fn recover_precache(&self, found: &Found, changed: bool) -> Result<bool> {
+        let Found {
+            vol, dir, names, ..
+        } = *found;
         let n = Names::of(&vol.vid);
         let cfg = vol.config();
         // A record older than the image: the precache of a replacement was
@@ -361,7 +359,13 @@ impl Pool {
             };
             // As recovery does it: a stale one goes, a missing one is made.
             let before = claim.config().precache;
-            if let Err(e) = self.recover_precache(&claim.volume, &dir, &[], true) {
+            let found = Found {
+                vol: &claim.volume,
+                dir: &dir,
+                names: &[],
+                loops: &LoopMap::default(),
+            };
+            if let Err(e) = self.recover_precache(&found, true) {
                 log::warn!("{}: its precache: {e}", vol.vid);
             }
             let after = claim.config().precache;

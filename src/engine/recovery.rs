@@ -2,7 +2,6 @@
 //! image, a half-made revision, a temporary file) is committed, finished
 //! or removed, so that every volume is stopped and consistent.
 
-use super::attach::LoopMap;
 use super::config::VolumeKind;
 use super::fsops::{Dir, FileSig};
 use super::lifecycle::*;
@@ -10,8 +9,31 @@ use super::pool::{Names, Pool};
 use super::revision::{parse_revision_name, Parsed};
 use super::volume::{HeldBy, Run, Volume};
 use crate::error::Result;
+use crate::sys;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
+
+/// Every bound loop device's backing file, from one walk of `/sys/block`
+/// made when first asked: a recovery asks once per volume with a leftover
+/// dirty image, and walks once.
+#[derive(Default)]
+pub(crate) struct LoopMap(std::cell::OnceCell<Vec<(std::path::PathBuf, String)>>);
+
+impl LoopMap {
+    pub fn get(&self) -> &[(std::path::PathBuf, String)] {
+        self.0.get_or_init(sys::loop_backing_files)
+    }
+}
+
+/// What recovery works from, for one volume: the volume, its VM
+/// directory, that directory's names, listed once for all its volumes,
+/// and the loop devices' backing files, walked once for the whole pool.
+pub(crate) struct Found<'a> {
+    pub vol: &'a Arc<Volume>,
+    pub dir: &'a Dir,
+    pub names: &'a [String],
+    pub loops: &'a LoopMap,
+}
 
 impl Pool {
     /// Recovery of every volume (SPEC §4.4), before anything else can use
@@ -69,7 +91,13 @@ impl Pool {
     ) -> Result<()> {
         let vid = &vol.vid;
         let n = Names::of(vid);
-        let mut changed = self.remove_unfinished(vol, dir, names)?;
+        let found = Found {
+            vol,
+            dir,
+            names,
+            loops,
+        };
+        let mut changed = self.remove_unfinished(&found)?;
         let kind = vol.config().kind();
         let img = match kind {
             VolumeKind::Origin => regular_entry(dir, vid, &n.img())?,
@@ -79,7 +107,7 @@ impl Pool {
             changed |= self.remove_half_made_revision(vol, dir, &img)?;
         }
         if names.contains(&n.dirty()) && regular_entry(dir, vid, &n.dirty())?.is_some() {
-            match self.recover_dirty(vol, dir, loops)? {
+            match self.recover_dirty(&found)? {
                 Dirty::Done => changed = true,
                 Dirty::RunsOn => return Ok(()),
             }
@@ -105,11 +133,11 @@ impl Pool {
             if let Some(img) = img {
                 self.take_image_size(vol, dir, img.size)?;
             }
-            changed |= self.finish_prune(vol, dir, names, changed)?;
+            changed |= self.finish_prune(&found, changed)?;
         }
         // A stale precache goes (a crash between a commit and its
         // record, an image replaced by hand), and is made again.
-        changed |= self.recover_precache(vol, dir, names, changed)?;
+        changed |= self.recover_precache(&found, changed)?;
         if changed {
             dir.sync().map_err(io_ctx(dir, "syncing", ""))?;
         }
@@ -117,7 +145,10 @@ impl Pool {
     }
 
     /// Removes the temporary files and unfinished imports of a volume.
-    fn remove_unfinished(&self, vol: &Volume, dir: &Dir, names: &[String]) -> Result<bool> {
+    fn remove_unfinished(&self, found: &Found) -> Result<bool> {
+        let Found {
+            vol, dir, names, ..
+        } = *found;
         let vid = &vol.vid;
         let n = Names::of(vid);
         let mut changed = false;
@@ -164,12 +195,13 @@ impl Pool {
     /// A leftover dirty image: its run resumes when a loop device still
     /// writes it; else it is committed (origin; held when something that
     /// outlived the last daemon still writes it) or removed.
-    fn recover_dirty(&self, vol: &Arc<Volume>, dir: &Dir, loops: &LoopMap) -> Result<Dirty> {
+    fn recover_dirty(&self, found: &Found) -> Result<Dirty> {
+        let Found { vol, dir, .. } = *found;
         let vid = &vol.vid;
         let n = Names::of(vid);
         // A loop device of `volume attach` (or of a hand-made losetup)
         // still writes it: the run goes on.
-        if let Some(attached) = self.attached_loop(vol, dir, loops)? {
+        if let Some(attached) = self.attached_loop(found)? {
             self.resume_attached(vol, dir, attached)?;
             return Ok(Dirty::RunsOn);
         }
@@ -234,13 +266,10 @@ impl Pool {
     /// Finishes the prune of a commit (or revert, import, clone, or
     /// lowered revisions_to_keep) that a crash interrupted. Counted from
     /// the listing: no file is read when there is nothing to do.
-    fn finish_prune(
-        &self,
-        vol: &Volume,
-        dir: &Dir,
-        names: &[String],
-        changed: bool,
-    ) -> Result<bool> {
+    fn finish_prune(&self, found: &Found, changed: bool) -> Result<bool> {
+        let Found {
+            vol, dir, names, ..
+        } = *found;
         let vid = &vol.vid;
         let cfg = vol.config();
         let listed = names

@@ -159,6 +159,30 @@ fail_by_error!(
     ReplyXattr
 );
 
+/// A reply whose answer is one plain value: what [`Adapter::answer`]
+/// sends.
+trait Answer<T>: Fail {
+    fn answer(self, value: T);
+}
+
+impl Answer<()> for ReplyEmpty {
+    fn answer(self, (): ()) {
+        self.ok()
+    }
+}
+
+impl Answer<u32> for ReplyWrite {
+    fn answer(self, n: u32) {
+        self.written(n)
+    }
+}
+
+impl Answer<i64> for ReplyLseek {
+    fn answer(self, offset: i64) {
+        self.offset(offset)
+    }
+}
+
 impl Adapter {
     /// Runs one request's handler; a panic in it fails the request (its
     /// reply, dropped unsent, answers EIO) and is logged.
@@ -243,6 +267,11 @@ impl Adapter {
             Ok(v) => send(reply, v),
             Err(e) => reply.fail(e),
         })
+    }
+
+    /// [`Adapter::serve`] for a reply that carries one plain value.
+    fn answer<R: Answer<T>, T>(&self, op: &str, reply: R, f: impl FnOnce() -> FsResult<T>) {
+        self.serve(op, reply, f, R::answer)
     }
 
     /// Runs a request that may wait on a volume (an open, a truncate, an

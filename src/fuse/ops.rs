@@ -286,12 +286,7 @@ impl Filesystem for Adapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        self.serve(
-            "write",
-            reply,
-            || self.fs.write(fh.0, offset, data),
-            |r, n| r.written(n),
-        )
+        self.answer("write", reply, || self.fs.write(fh.0, offset, data))
     }
 
     fn flush(
@@ -332,12 +327,7 @@ impl Filesystem for Adapter {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.serve(
-            "fsync",
-            reply,
-            || self.fs.fsync(fh.0, datasync),
-            |r, ()| r.ok(),
-        )
+        self.answer("fsync", reply, || self.fs.fsync(fh.0, datasync))
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -603,12 +593,8 @@ impl Filesystem for Adapter {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        self.serve(
-            "fallocate",
-            reply,
-            || self.fs.fallocate(ino.0, fh.0, offset, length, mode),
-            |r, ()| r.ok(),
-        )
+        let f = || self.fs.fallocate(ino.0, fh.0, offset, length, mode);
+        self.answer("fallocate", reply, f)
     }
 
     fn lseek(
@@ -620,12 +606,7 @@ impl Filesystem for Adapter {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        self.serve(
-            "lseek",
-            reply,
-            || self.fs.lseek(fh.0, offset, whence),
-            |r, o| r.offset(o),
-        )
+        self.answer("lseek", reply, || self.fs.lseek(fh.0, offset, whence))
     }
 
     fn copy_file_range(
@@ -641,14 +622,10 @@ impl Filesystem for Adapter {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        self.serve(
-            "copy_file_range",
-            reply,
-            || {
-                self.fs
-                    .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len)
-            },
-            |r, n| r.written(n),
-        )
+        let f = || {
+            self.fs
+                .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len)
+        };
+        self.answer("copy_file_range", reply, f)
     }
 }

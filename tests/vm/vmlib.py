@@ -15,6 +15,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -22,7 +23,10 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKOUT = os.path.dirname(os.path.dirname(HERE))
-IN_CI = os.environ.get("CI") == "true"
+sys.path.insert(0, os.path.join(CHECKOUT, "tests", "pylib"))
+
+from testenv import binary, missing, require, scratch_xfs_from_env  # noqa: E402,F401
+
 MIB = 1 << 20
 
 # Generous bounds against hangs, never assertions of speed: an emulated
@@ -40,38 +44,8 @@ GUEST_MEMORY_MIB = 1024
 GUEST_CPUS = 2
 
 
-def missing(what):
-    """A capability the suite needs is not there: a skip on a developer's
-    machine, a failure in CI."""
-    if IN_CI:
-        pytest.fail("CI=true but " + what)
-    pytest.skip(what)
-
-
-def require(*tools):
-    for tool in tools:
-        if shutil.which(tool) is None:
-            missing("{} is missing".format(tool))
-
-
 def log(msg):
     print("vm: " + msg, flush=True)
-
-
-def binary():
-    path = os.environ.get("REFLINKFS_BIN") or os.path.join(CHECKOUT, "target/debug/reflinkfs")
-    if not os.access(path, os.X_OK):
-        pytest.fail("no reflinkfs binary at {} (cargo build, or set REFLINKFS_BIN)".format(path))
-    return path
-
-
-def scratch_xfs_from_env():
-    """The scratch XFS (reflink=1) that REFLINKFS_TEST_FS names, or None."""
-    for item in os.environ.get("REFLINKFS_TEST_FS", "").split(","):
-        name, _, path = item.partition("=")
-        if name == "xfs" and os.path.isdir(path):
-            return path
-    return None
 
 
 def scratch_xfs():
