@@ -102,6 +102,16 @@ pub struct PoolArg {
     pub pool: PathBuf,
 }
 
+/// `set PROPERTY VALUE`, of a pool or a volume.
+#[derive(Debug, Args)]
+pub struct PropertyArg {
+    /// The property (the command's description lists them).
+    pub property: String,
+    /// Its new value.
+    #[arg(allow_negative_numbers = true)]
+    pub value: String,
+}
+
 #[derive(Debug, Args)]
 pub struct JsonArg {
     /// Print stable, machine-readable JSON instead of text.
@@ -164,11 +174,8 @@ pub enum PoolCommand {
     Set {
         #[command(flatten)]
         pool: PoolArg,
-        /// revisions_to_keep.
-        property: String,
-        /// The new value.
-        #[arg(allow_negative_numbers = true)]
-        value: String,
+        #[command(flatten)]
+        set: PropertyArg,
         #[command(flatten)]
         json: JsonArg,
     },
@@ -252,19 +259,16 @@ pub enum VolumeCommand {
         #[command(flatten)]
         json: JsonArg,
     },
-    /// Set a property: revisions_to_keep (an integer >= -1) or rw (true or
-    /// false). Lowering revisions_to_keep prunes at once.
+    /// Set a property: revisions_to_keep (an integer >= -1), rw (true or
+    /// false), or source (of a stopped snapshot volume: the volume id it
+    /// starts from, e.g. a new template's root). Lowering
+    /// revisions_to_keep prunes at once.
     #[command(after_help = exit_status_help())]
     Set {
         #[command(flatten)]
         volume: VolumeArg,
-        /// revisions_to_keep, rw, or source (of a stopped snapshot volume:
-        /// the volume it starts from, e.g. a new template's root).
-        property: String,
-        /// An integer >= -1 for revisions_to_keep; true or false for rw; a
-        /// volume id for source.
-        #[arg(allow_negative_numbers = true)]
-        value: String,
+        #[command(flatten)]
+        set: PropertyArg,
         #[command(flatten)]
         json: JsonArg,
     },

@@ -29,12 +29,22 @@ fn span(vid: &str, verb: &str, from_id: &Option<String>, to_id: &str) -> String 
     format!("{vid}: {verb} {from} -> {to_id}")
 }
 
+/// What a stream's records carry: data, and ranges of zeros.
+fn carried(data: u64, zero: u64) -> String {
+    format!("{data} bytes of data, {zero} of zeros")
+}
+
+/// `(METHOD, N bytes read)`: how the changes were found.
+fn found_by(method: &str, bytes_read: u64) -> String {
+    format!("({method}, {bytes_read} bytes read)")
+}
+
 /// The human output of a delta response.
 pub(super) fn text(d: &DeltaResponse) -> String {
     match d {
         DeltaResponse::Diff(r) => {
             let mut s = format!(
-                "{}: {} ({}) -> {} ({}): {} bytes changed in {} ranges ({}, {} bytes read)\n",
+                "{}: {} ({}) -> {} ({}): {} bytes changed in {} ranges {}\n",
                 r.vid,
                 r.from,
                 id_or_none(&r.from_id),
@@ -42,8 +52,7 @@ pub(super) fn text(d: &DeltaResponse) -> String {
                 id_or_none(&r.to_id),
                 r.changed_bytes,
                 r.ranges.len(),
-                r.method,
-                r.bytes_read
+                found_by(&r.method, r.bytes_read)
             );
             if r.from_size != r.to_size {
                 s.push_str(&format!("size: {} -> {} bytes\n", r.from_size, r.to_size));
@@ -55,26 +64,22 @@ pub(super) fn text(d: &DeltaResponse) -> String {
         }
         // The stream itself went to stdout: say nothing there.
         DeltaResponse::Exported(r) if r.dest == "-" => String::new(),
-        DeltaResponse::Exported(r) => format!(
-            "{} to {}: {} bytes of data, {} of zeros, {} records, {} bytes ({}, {} bytes read)\n",
-            span(&r.vid, "exported", &r.from_id, &r.to_id),
-            r.dest,
-            r.data_bytes,
-            r.zero_bytes,
-            r.records,
-            r.stream_bytes,
-            r.method,
-            r.bytes_read
-        ),
-        DeltaResponse::Imported(r) => format!(
-            "{} from {}: now {} bytes, id {}{}\n",
-            span(&r.vid, "applied", &r.from_id, &r.to_id),
-            r.source,
-            r.size,
-            r.to_id,
-            r.saved_as
-                .map(|k| format!("; the previous image is revision {k}"))
-                .unwrap_or_default()
-        ),
+        DeltaResponse::Exported(r) => {
+            let ids = span(&r.vid, "exported", &r.from_id, &r.to_id);
+            let data = carried(r.data_bytes, r.zero_bytes);
+            let how = found_by(&r.method, r.bytes_read);
+            let (dest, records, bytes) = (&r.dest, r.records, r.stream_bytes);
+            format!("{ids} to {dest}: {data}, {records} records, {bytes} bytes {how}\n")
+        }
+        DeltaResponse::Imported(r) => {
+            let ids = span(&r.vid, "applied", &r.from_id, &r.to_id);
+            let data = carried(r.data_bytes, r.zero_bytes);
+            let kept = match r.saved_as {
+                Some(k) => format!("; the previous image is revision {k}"),
+                None => String::new(),
+            };
+            let (source, size, id) = (&r.source, r.size, &r.to_id);
+            format!("{ids} from {source}: {data}; now {size} bytes, id {id}{kept}\n")
+        }
     }
 }

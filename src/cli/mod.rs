@@ -169,8 +169,7 @@ fn run_pool(cmd: PoolCommand) -> Result<ExitCode> {
         }
         PoolCommand::Set {
             pool,
-            property,
-            value,
+            set: args::PropertyArg { property, value },
             json,
         } => {
             crate::engine::PoolProperty::parse(&property, &value)?;

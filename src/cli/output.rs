@@ -476,39 +476,25 @@ pub fn json(r: &Response) -> Value {
             saved_as,
             queued,
         } => json!({ "vid": vid, "revision": revision, "saved_as": saved_as, "queued": queued }),
-        Response::Pinned {
-            vid,
-            revision,
-            pinned,
-            changed,
-        } => json!({ "vid": vid, "revision": revision, "pinned": pinned, "changed": changed }),
         Response::Queued {
             vid,
             pending,
             change,
         } => json!({ "vid": vid, "pending": pending, "change": change }),
-        Response::Cancelled { vid, cancelled } => json!({ "vid": vid, "cancelled": cancelled }),
-        Response::Set {
-            vid,
-            property,
-            value,
-        } => json!({ "vid": vid, "property": property, "value": value }),
         Response::Imported { vid, saved_as, .. } => json!({ "vid": vid, "saved_as": saved_as }),
         Response::Exported { vid, bytes, .. } => json!({ "vid": vid, "bytes": bytes }),
-        Response::Cloned { src, dst, pool } => json!({ "src": src, "dst": dst, "pool": pool }),
         Response::Removed { vid } => json!({ "vid": vid, "removed": true }),
-        Response::PoolSet { property, value } => json!({ "property": property, "value": value }),
-        Response::ImportBegun { vid, path, size } => {
-            json!({ "vid": vid, "path": path, "size": size })
-        }
-        Response::ImportEnded {
-            vid,
-            committed,
-            saved_as,
-        } => json!({ "vid": vid, "committed": committed, "saved_as": saved_as }),
-        Response::ImportAborted { vid, aborted } => json!({ "vid": vid, "aborted": aborted }),
         Response::Stopped { vid } => json!({ "vid": vid, "stopped": true }),
         Response::Attached(a) => v(a),
+        // These send every field, always: their data as the protocol has it.
+        Response::Pinned { .. }
+        | Response::Cancelled { .. }
+        | Response::Set { .. }
+        | Response::Cloned { .. }
+        | Response::PoolSet { .. }
+        | Response::ImportBegun { .. }
+        | Response::ImportEnded { .. }
+        | Response::ImportAborted { .. } => v(r)["data"].take(),
         Response::Delta(d) => v(&**d),
         Response::Detached {
             vid,
@@ -535,5 +521,33 @@ pub fn exit_code(r: &Response) -> u8 {
     match r {
         Response::Problems(list) if !list.is_empty() => ErrorClass::Corrupt.exit_code(),
         _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A response whose `--json` is its protocol data has every field,
+    /// `null` included: the output is the same, whatever the daemon.
+    #[test]
+    fn the_json_of_a_plain_response_is_its_data_with_every_field() {
+        let ended = Response::ImportEnded {
+            vid: "appvms/a/private".into(),
+            committed: false,
+            saved_as: None,
+        };
+        assert_eq!(
+            json(&ended),
+            json!({"vid": "appvms/a/private", "committed": false, "saved_as": null})
+        );
+        let set = Response::PoolSet {
+            property: "revisions_to_keep".into(),
+            value: "2".into(),
+        };
+        assert_eq!(
+            json(&set),
+            json!({"property": "revisions_to_keep", "value": "2"})
+        );
     }
 }

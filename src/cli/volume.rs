@@ -176,8 +176,7 @@ fn administer(cmd: VolumeCommand) -> Result<ExitCode> {
         } => volume.send(|vid| Request::VolumeRevert { vid, revision }, json.json),
         VolumeCommand::Set {
             volume,
-            property,
-            value,
+            set: args::PropertyArg { property, value },
             json,
         } => {
             // A source is a volume id, checked like the others (it may be

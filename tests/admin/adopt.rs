@@ -9,6 +9,7 @@ use crate::common;
 
 use common::cli::*;
 use common::mount::{open_rw, require, Mounted};
+use common::need;
 use common::tree::{assert_same_tree, tree_metadata};
 use common::{pattern, s, scratch_dir, TestFs, MIB};
 use reflinkfs::engine::adopt::{adopt, AdoptOptions, ConfigFrom, ADOPT_DIR};
@@ -675,9 +676,7 @@ fn qubes_xml_of_a_pool_whose_directory_moved_is_matched_by_its_images() {
 
 #[test]
 fn an_adopted_pool_mounts_and_its_volumes_start_and_stop() {
-    if !require(&[]) {
-        return;
-    }
+    need!(require(&[]));
     for fs in common::filesystems() {
         let ctx = format!("[{}]", fs.name);
         let (dir, p, _) = adopted_from_xml(&fs, "adopt-mount");

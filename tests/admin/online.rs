@@ -190,9 +190,7 @@ fn strip_usage(v: &mut Value) {
 
 #[test]
 fn the_same_commands_give_the_same_results_offline_and_mounted() {
-    if !require(&["sha256sum"]) {
-        return;
-    }
+    need!(require(&["sha256sum"]));
     let fs = xfs();
     let (offline, _) = fresh_pool(&fs, "parity-off");
     let (online, mnt) = fresh_pool(&fs, "parity-on");
@@ -316,9 +314,7 @@ fn import_and_export_round_trips_through_files_and_pipes() {
 
 #[test]
 fn an_import_killed_midway_leaves_the_volume_unchanged() {
-    if !require(&["sh", "head"]) {
-        return;
-    }
+    need!(require(&["sh", "head"]));
     let fs = xfs();
     for mounted in [false, true] {
         let (pool, mnt) = fresh_pool(&fs, "killed");
@@ -362,9 +358,7 @@ fn an_import_killed_midway_leaves_the_volume_unchanged() {
 
 #[test]
 fn a_same_filesystem_import_of_4_gib_shares_every_extent() {
-    if !require(&["filefrag"]) {
-        return;
-    }
+    need!(require(&["filefrag"]));
     let Some(fs) = filesystems().into_iter().find(|f| f.reflink) else {
         assert!(
             std::env::var("CI").map(|v| v != "true").unwrap_or(true),
@@ -416,9 +410,7 @@ fn a_same_filesystem_import_of_4_gib_shares_every_extent() {
 
 #[test]
 fn clone_within_a_pool_and_to_another_filesystem() {
-    if !require(&[]) {
-        return;
-    }
+    need!(require(&[]));
     let fs = xfs();
     let other = other_fs(&fs);
     for mounted in [false, true] {
@@ -513,9 +505,7 @@ fn raw_request(sock: &Path, bytes: &[u8]) -> Value {
 
 #[test]
 fn the_socket_refuses_bad_requests_and_keeps_serving() {
-    if !require(&["runuser"]) {
-        return;
-    }
+    need!(require(&["runuser"]));
     // Under /tmp, so that another user can reach the socket's directory.
     let base = tempfile::Builder::new()
         .prefix("reflinkfs-sock")
@@ -875,9 +865,7 @@ fn reply_of(child: &mut std::process::Child) -> Value {
 /// must not wedge the volume until the pool is remounted.
 #[test]
 fn an_import_whose_writer_is_gone_is_dropped_and_changes_nothing() {
-    if !require(&["python3"]) {
-        return;
-    }
+    need!(require(&["python3"]));
     let fs = xfs();
     let (pool, mnt) = fresh_pool(&fs, "import-stale");
     rf_ok(&pool, "volume create appvms/a/private --size 4M");
@@ -1057,9 +1045,7 @@ fn panic_volume_mounted(test: &str, points: &str) -> Mounted {
 /// volume named `panic` (REFLINKFS_FAILPOINT lists them).
 #[test]
 fn panics_in_committers_stops_starts_and_control_requests_leave_the_volume_usable() {
-    if !require_failpoints() {
-        return;
-    }
+    need!(require_failpoints());
     let m = panic_volume_mounted("panic-workers", "start.io,stop.io,committer,control");
     let dirty = m.path("c/v/panic-dirty.img");
     let vid = vid("c/v/panic");
@@ -1127,9 +1113,7 @@ fn panics_in_committers_stops_starts_and_control_requests_leave_the_volume_usabl
 /// panic went up through fuser's `destroy` and killed the daemon.
 #[test]
 fn a_stop_that_keeps_panicking_does_not_kill_the_daemon_at_unmount() {
-    if !require_failpoints() {
-        return;
-    }
+    need!(require_failpoints());
     let m = panic_volume_mounted("panic-unmount", "stop.io=3");
     let f = open_rw(&m.path("c/v/panic-dirty.img"));
     use std::os::unix::fs::FileExt;

@@ -258,9 +258,7 @@ fn check_after_crash(fs: &TestFs, fp: &str, path: &Path) {
 
 #[test]
 fn every_failpoint_recovers() {
-    if !require_failpoints() {
-        return;
-    }
+    need!(require_failpoints());
     let exe = std::env::current_exe().unwrap();
     let mut exercised = 0usize;
     let mut names = std::collections::BTreeSet::new();
@@ -423,9 +421,7 @@ impl Drop for QuietFailpoints {
 /// its run was not committed.
 #[test]
 fn a_panic_in_a_start_or_a_stop_leaves_the_volume_usable() {
-    if !require_failpoints() {
-        return;
-    }
+    need!(require_failpoints());
     let (pool, path) = new_pool(&xfs(), "panic-phases");
     let pool = Arc::new(pool);
     let v = create_origin(&pool, "appvms/panic/private", 1 << 20);

@@ -533,9 +533,7 @@ impl Target {
 
 #[test]
 fn planted_symlinks_in_the_metadata_directory_are_never_followed() {
-    if !require(&["ln"]) {
-        return;
-    }
+    need!(require(&["ln"]));
     let fs = filesystems().into_iter().next().unwrap();
     let path = prepared_pool(&fs, "symlinks", 1, |pool| {
         create_origin(pool, V, SIZE);
@@ -687,9 +685,7 @@ fn removing_a_volume_online_leaves_a_running_sibling_alone() {
 
 #[test]
 fn recovery_finishes_a_prune_that_a_crash_interrupted() {
-    if !require_failpoints() {
-        return;
-    }
+    need!(require_failpoints());
     let fs = filesystems().into_iter().next().unwrap();
     let path = prepared_pool(&fs, "recovery-prune", 1, |pool| {
         create_origin(pool, V, SIZE);

@@ -115,9 +115,7 @@ fn pool_with(test: &str, vids: &[&str]) -> PathBuf {
 
 #[test]
 fn attach_and_detach_offline_start_and_commit_the_volume() {
-    if !require(&["losetup"]) {
-        return;
-    }
+    need!(require(&["losetup"]));
     let pool = pool_with("attach-offline", &["appvms/a/private"]);
     let lo = Attached::new(&pool, "a:private", "");
     // The process that attached it has exited: the record keeps the run.
@@ -147,9 +145,7 @@ fn attach_and_detach_offline_start_and_commit_the_volume() {
 
 #[test]
 fn an_attached_volume_shares_its_run_with_the_mount_and_is_refused_while_in_use() {
-    if !require(&["losetup", "mkfs.ext4"]) {
-        return;
-    }
+    need!(require(&["losetup", "mkfs.ext4"]));
     let pool = pool_with("attach-online", &["appvms/a/private"]);
     let m = Mounted::mount(&pool, &pool.parent().unwrap().join("mnt"), "");
     let lo = Attached::new(&pool, "a:private", "");
@@ -197,9 +193,7 @@ fn an_attached_volume_shares_its_run_with_the_mount_and_is_refused_while_in_use(
 
 #[test]
 fn a_crash_with_an_attached_volume_keeps_it_running_and_loses_nothing() {
-    if !require(&["losetup"]) {
-        return;
-    }
+    need!(require(&["losetup"]));
     let pool = pool_with("attach-crash", &["appvms/a/private"]);
     let mnt = pool.parent().unwrap().join("mnt");
     let m = Mounted::mount(&pool, &mnt, "");
@@ -233,9 +227,7 @@ fn a_crash_with_an_attached_volume_keeps_it_running_and_loses_nothing() {
 
 #[test]
 fn a_resize_of_an_attached_volume_reaches_its_device() {
-    if !require(&["losetup", "blockdev"]) {
-        return;
-    }
+    need!(require(&["losetup", "blockdev"]));
     let pool = pool_with("attach-resize", &["appvms/a/private"]);
     let lo = Attached::new(&pool, "a:private", "");
     rf_ok(&pool, "volume resize a:private 32M");
@@ -252,9 +244,7 @@ fn a_resize_of_an_attached_volume_reaches_its_device() {
 
 #[test]
 fn two_volumes_attached_at_once_commit_each_its_own() {
-    if !require(&["losetup"]) {
-        return;
-    }
+    need!(require(&["losetup"]));
     let pool = pool_with("attach-two", &["appvms/a/private", "appvms/b/private"]);
     let (a, b) = (
         Attached::new(&pool, "a:private", ""),
@@ -285,9 +275,7 @@ fn two_volumes_attached_at_once_commit_each_its_own() {
 
 #[test]
 fn attach_refusals_change_nothing() {
-    if !require(&["losetup"]) {
-        return;
-    }
+    need!(require(&["losetup"]));
     let (p, pool) = new_pool(&xfs(), "attach-refused");
     create_origin(&p, "appvms/a/private", 16 * MIB);
     let ro = create_origin(&p, "appvms/a/kernel", 16 * MIB);
@@ -313,9 +301,7 @@ fn attach_refusals_change_nothing() {
 
 #[test]
 fn qemus_probe_opens_make_one_start_per_launch() {
-    if !require(&["qemu-io"]) {
-        return;
-    }
+    need!(require(&["qemu-io"]));
     let (p, pool) = new_pool(&xfs(), "linger");
     let tpl = create_origin(&p, "vm-templates/t/root", 16 * MIB);
     create_kind(
@@ -362,9 +348,7 @@ fn qemus_probe_opens_make_one_start_per_launch() {
 
 #[test]
 fn the_device_keeps_512_byte_blocks_unless_asked_for_4096() {
-    if !require(&["losetup", "mkfs.ext4", "e2fsck"]) {
-        return;
-    }
+    need!(require(&["losetup", "mkfs.ext4", "e2fsck"]));
     let pool = pool_with("attach-blocks", &["appvms/a/private"]);
     // The default: the 512-byte sectors the image is laid out for, even
     // where direct I/O would need 4096 (XFS): a file system with 1 KiB
@@ -433,9 +417,7 @@ fn the_device_keeps_512_byte_blocks_unless_asked_for_4096() {
 
 #[test]
 fn a_detach_never_touches_a_device_that_is_no_longer_the_volumes() {
-    if !require(&["losetup"]) {
-        return;
-    }
+    need!(require(&["losetup"]));
     let pool = pool_with("attach-reused", &["appvms/a/private"]);
     // Mounted: the daemon keeps the attachment (offline, the next
     // command's recovery would find the device gone and clear it).
@@ -502,9 +484,7 @@ impl Drop for Theirs {
 /// the end every field holds the last value written to it.
 #[test]
 fn concurrent_attach_resize_and_set_lose_no_config_write() {
-    if !require(&["losetup"]) {
-        return;
-    }
+    need!(require(&["losetup"]));
     use std::sync::Mutex;
     let (pool, path) = new_pool(&xfs(), "config-writes");
     let v = create_origin(&pool, "appvms/a/private", MIB);

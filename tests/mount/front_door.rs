@@ -264,9 +264,7 @@ fn a_users_pool_mounted_by_root_shows_the_users_files() {
 
 #[test]
 fn an_unmount_while_busy_names_the_open_volumes_and_their_holders() {
-    if !require(&["losetup", "sleep"]) {
-        return;
-    }
+    need!(require(&["losetup", "sleep"]));
     let m = mounted_private("busy");
     let mnt = m.mnt.clone();
     let lo = Loop::attach(&m.path("appvms/work/private-dirty.img"), false, None);
@@ -315,9 +313,7 @@ fn a_failed_mount_prints_its_error_once() {
 
 #[test]
 fn ordinary_use_by_qemu_and_an_unmount_leave_no_warnings_in_the_log() {
-    if !require(&["qemu-io", "qemu-img"]) {
-        return;
-    }
+    need!(require(&["qemu-io", "qemu-img"]));
     let m = mounted_private("quiet");
     let pool = m.pool.clone();
     let dirty = m.path("appvms/work/private-dirty.img");

@@ -476,9 +476,7 @@ const FSX_OPS_ON: [&str; 11] = [
 ];
 
 fn fsx_case(opts: &str) {
-    if !require(&[]) {
-        return;
-    }
+    need!(require(&[]));
     let Some(fsx) = fsx_or_skip() else {
         return;
     };
@@ -698,9 +696,7 @@ fn getxattr_secs(path: &Path) -> f64 {
 }
 
 fn fio_case(opts: &str) {
-    if !require(&["fio", "filefrag"]) {
-        return;
-    }
+    need!(require(&["fio", "filefrag"]));
     let t0 = Instant::now();
     let fs = xfs();
     let ctx = format!("[{} fio {opts:?}]", fs.name);

@@ -178,9 +178,7 @@ const VOLS: &[&str] = &[
 
 #[test]
 fn nothing_waits_for_an_import_that_waits_for_its_input() {
-    if !require(&["ls"]) {
-        return;
-    }
+    need!(require(&["ls"]));
     let fs = xfs();
     let m = pool_with(&fs, "live-import", VOLS, "", &[]);
     let open = open_rw(&m.path("appvms/busy/open-dirty.img"));
@@ -212,9 +210,7 @@ fn nothing_waits_for_an_import_that_waits_for_its_input() {
 
 #[test]
 fn one_worker_serves_every_volume_while_a_commit_is_held() {
-    if !require(&["ls"]) || !require_failpoints() {
-        return;
-    }
+    need!(require(&["ls"]) || !require_failpoints());
     let (m, gate) = held_at_a_gate("pause.commit", "live-held", VOLS, 1, 1, false);
     let dev = m.dev();
     let open = open_rw(&m.path("appvms/busy/open-dirty.img"));
@@ -341,9 +337,7 @@ fn a_reader_of_an_old_image_keeps_its_attributes_across_resize_and_recreate() {
 
 #[test]
 fn a_request_that_panics_fails_alone() {
-    if !require_failpoints() {
-        return;
-    }
+    need!(require_failpoints());
     let fs = xfs();
     let m = pool_with(
         &fs,
@@ -370,9 +364,7 @@ fn a_request_that_panics_fails_alone() {
 
 #[test]
 fn forget_keeps_the_inode_table_bounded() {
-    if !require(&["sync"]) {
-        return;
-    }
+    need!(require(&["sync"]));
     let fs = xfs();
     let m = pool_with(&fs, "live-forget", &["c/v/n"], "", &[]);
     let dirty = m.path("c/v/n-dirty.img");
@@ -470,9 +462,7 @@ fn truncate_path(p: &Path, len: u64) -> std::io::Result<()> {
 /// commits are let go.
 #[test]
 fn waiting_truncates_unlinks_renames_and_opens_take_no_fuse_worker() {
-    if !require(&["ls"]) || !require_failpoints() {
-        return;
-    }
+    need!(require(&["ls"]) || !require_failpoints());
     // Open at first: the commits that make A's revisions go through.
     let (m, gate) = held_at_a_gate(
         "pause.commit",
@@ -640,9 +630,7 @@ fn waiting_truncates_unlinks_renames_and_opens_take_no_fuse_worker() {
 /// until A's commit ended.
 #[test]
 fn read_only_control_requests_do_not_wait_for_a_stuck_invalidation() {
-    if !require_failpoints() {
-        return;
-    }
+    need!(require_failpoints());
     let (m, gate) = held_at_a_gate(
         "pause.commit",
         "live-barrier",
@@ -703,9 +691,7 @@ fn read_only_control_requests_do_not_wait_for_a_stuck_invalidation() {
 /// turn until one of the held starts ended.
 #[test]
 fn an_open_never_waits_for_a_turn_behind_volumes_that_wait() {
-    if !require_failpoints() {
-        return;
-    }
+    need!(require_failpoints());
     let held: Vec<String> = (0..10).map(|i| format!("appvms/v{i}/pause")).collect();
     let mut vols: Vec<&str> = held.iter().map(String::as_str).collect();
     vols.push("appvms/free/c");

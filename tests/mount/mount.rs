@@ -86,9 +86,7 @@ fn an_open_and_close_without_writes_adds_no_revision() {
 
 #[test]
 fn a_snapshot_volume_shows_its_templates_last_commit() {
-    if !require(&[]) {
-        return;
-    }
+    need!(require(&[]));
     let path = prepared_pool(&xfs(), "snap", 1, |pool| {
         let tpl = create_origin(pool, "vm-templates/tpl/root", 4 * MIB);
         create_snapshot(pool, "appvms/app/root", 4 * MIB, &tpl);
@@ -388,9 +386,7 @@ fn four_volumes_in_parallel_fifty_cycles_each() {
 
 #[test]
 fn passthrough_reads_and_writes_never_reach_the_daemon() {
-    if !require(&[]) {
-        return;
-    }
+    need!(require(&[]));
     let fs = xfs();
     for (opts, expect_daemon) in [("", false), ("passthrough=off", true)] {
         let m = mounted(&fs, "counter", opts, |p| {
@@ -498,9 +494,7 @@ fn kill_9_with_fsynced_data_recovers_on_the_next_mount() {
 
 #[test]
 fn mount_and_umount_through_the_helper_and_fstab() {
-    if !require(&["mount", "umount"]) {
-        return;
-    }
+    need!(require(&["mount", "umount"]));
     assert!(
         Path::new("/usr/sbin/mount.reflinkfs").exists()
             || Path::new("/sbin/mount.reflinkfs").exists(),
@@ -632,9 +626,7 @@ fn a_second_mount_of_the_same_pool_is_refused_naming_the_holder() {
 
 #[test]
 fn a_non_root_user_cannot_read_an_image_without_allow_other() {
-    if !require(&["runuser"]) {
-        return;
-    }
+    need!(require(&["runuser"]));
     let fs = xfs();
     // The mountpoint must be reachable by other users for the test to
     // mean anything: /tmp, not the scratch directory (mode 0700).
