@@ -233,10 +233,11 @@ fn attached(s: &mut String, v: &Status) {
         s.push_str(&format!(
             "  {}  {}{}{}{}\n",
             a.vid,
-            a.device,
+            a.device.path,
             if a.read_only { ", read-only" } else { "" },
             if a.direct_io { ", direct I/O" } else { "" },
-            a.block_size
+            a.device
+                .block_size
                 .filter(|&b| b != 512)
                 .map(|b| format!(", {b}-byte blocks"))
                 .unwrap_or_default()
@@ -426,7 +427,7 @@ pub fn text(r: &Response) -> String {
         } => format!("{vid}: no import in progress\n"),
         Response::Stopped { vid } => format!("{vid}: stopped\n"),
         // The device alone, for `dev=$(reflinkfs volume attach …)`.
-        Response::Attached(a) => format!("{}\n", a.device),
+        Response::Attached(a) => format!("{}\n", a.device.path),
         Response::Delta(d) => super::delta::text(d),
         Response::Detached {
             vid,

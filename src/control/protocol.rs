@@ -447,29 +447,48 @@ pub enum Response {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttachedVolume {
     pub vid: String,
-    /// `/dev/loopN`.
-    pub device: String,
-    pub major: Option<u32>,
-    pub minor: Option<u32>,
+    #[serde(flatten)]
+    pub device: LoopDevice,
     /// The dirty image the device reads and writes.
     pub backing: String,
     pub read_only: bool,
     /// Whether the device does direct I/O (the kernel may refuse it).
     pub direct_io: bool,
+}
+
+/// A loop device as the kernel has it now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoopDevice {
+    /// `/dev/loopN`.
+    #[serde(rename = "device")]
+    pub path: String,
+    pub major: Option<u32>,
+    pub minor: Option<u32>,
     /// Its logical block size (512 unless asked for 4096). A consumer must
     /// use it (Xen's blkback does; give qemu `logical_block_size=`).
     #[serde(default)]
     pub block_size: Option<u32>,
 }
 
-impl AttachedVolume {
-    pub fn of(pool: &Pool, vid: &ValidVid, a: crate::engine::AttachedLoop) -> AttachedVolume {
-        let (major, minor) = crate::sys::loop_dev_numbers(a.number).unzip();
-        AttachedVolume {
-            vid: vid.to_string(),
-            device: a.device().display().to_string(),
+impl LoopDevice {
+    /// `/dev/loop{number}`, its numbers and its block size (`None` for
+    /// what the kernel does not say: the device went).
+    pub fn of(number: u32) -> LoopDevice {
+        let (major, minor) = crate::sys::loop_dev_numbers(number).unzip();
+        LoopDevice {
+            path: crate::sys::loop_path(number).display().to_string(),
             major,
             minor,
+            block_size: crate::sys::loop_block_size(number),
+        }
+    }
+}
+
+impl AttachedVolume {
+    pub fn of(pool: &Pool, vid: &ValidVid, a: crate::engine::AttachedLoop) -> AttachedVolume {
+        AttachedVolume {
+            vid: vid.to_string(),
+            device: LoopDevice::of(a.number),
             backing: pool
                 .path()
                 .join(vid.class())
@@ -479,7 +498,6 @@ impl AttachedVolume {
                 .to_string(),
             read_only: a.read_only,
             direct_io: a.direct_io,
-            block_size: crate::sys::loop_block_size(a.number),
         }
     }
 }
