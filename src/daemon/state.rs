@@ -9,6 +9,10 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// How long a control reply waits for the mount to drop what the kernel
+/// caches of the change it made (see `ReflinkFs::sync_invalidations`).
+const SETTLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The daemon of one mount, as the control server sees it.
 pub(super) struct DaemonState {
     pub(super) fs: Arc<ReflinkFs>,
@@ -111,7 +115,11 @@ impl crate::control::Daemon for DaemonState {
     }
 
     fn settled(&self) {
-        self.fs.sync_invalidations();
+        if !self.fs.sync_invalidations(SETTLE_LIMIT) {
+            log::warn!(
+                "control: answering before the mount dropped every name it caches of the change: one waits for a directory lock (an unlink or rename there waits for a volume's commit or import); the names show anew once it ends"
+            );
+        }
     }
 
     fn resized(&self, vid: &crate::engine::ValidVid) {

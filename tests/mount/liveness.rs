@@ -627,9 +627,10 @@ fn waiting_truncates_unlinks_renames_and_opens_take_no_fuse_worker() {
 /// before, its committed image looked up), queues an entry invalidation
 /// that waits for that lock.
 /// Before, every control reply waited behind it (qubesd's polls too),
-/// until A's commit ended.
+/// until A's commit ended. A request that changes a volume (`volume set`)
+/// waits for them 2 s at most.
 #[test]
-fn read_only_control_requests_do_not_wait_for_a_stuck_invalidation() {
+fn control_requests_do_not_wait_for_a_stuck_invalidation() {
     need!(require_failpoints());
     let (m, gate) = held_at_a_gate(
         "pause.commit",
@@ -675,6 +676,18 @@ fn read_only_control_requests_do_not_wait_for_a_stuck_invalidation() {
     });
     assert_eq!(status["mounted"], true, "{status}");
     assert!(list.to_string().contains("appvms/x/b"), "{list}");
+    // A request that changes something waits for them, but not without
+    // bound: it answers, and the log says why the wait was cut short.
+    let pool = m.pool.clone();
+    let set = must_return("a changing control request", dev, move || {
+        rf_json(&pool, "volume set appvms/x/b revisions_to_keep 3")
+    });
+    assert_eq!(set["value"], "3", "{set}");
+    let log = daemon_log(&m.pool);
+    assert!(
+        log.contains("answering before the mount dropped every name"),
+        "{log}"
+    );
 
     File::create(&gate).unwrap();
     must_return("the unlink once A's commit ends", dev, move || {

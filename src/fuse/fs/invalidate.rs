@@ -177,16 +177,25 @@ impl<B: Send + Sync + 'static> ReflinkFs<B> {
         }
     }
 
-    /// Waits until the invalidations queued so far are sent: the control
-    /// socket calls it before it answers, so a client that changed a volume
-    /// sees the change on the mount at once.
-    pub fn sync_invalidations(&self) {
+    /// Waits until the invalidations queued so far are sent, for `limit`
+    /// at most: the control socket calls it before it answers, so a client
+    /// that changed a volume sees the change on the mount at once. Only
+    /// entries are queued from outside a request (attributes and listings
+    /// are dropped at once), and an entry may wait for its directory's
+    /// lock, which an unlink or rename there holds while it waits for a
+    /// volume's commit or import: then the reply goes after `limit`, and
+    /// the name shows anew once that lock is free. Gives whether all were
+    /// sent.
+    pub fn sync_invalidations(&self, limit: std::time::Duration) -> bool {
         let tx = self.notices.lock().clone();
-        if let Some(tx) = tx {
-            let (done, wait) = std::sync::mpsc::channel();
-            if tx.send(Notice::Barrier(done)).is_ok() {
-                let _ = wait.recv();
-            }
+        let Some(tx) = tx else { return true };
+        let (done, wait) = std::sync::mpsc::channel();
+        if tx.send(Notice::Barrier(done)).is_err() {
+            return true;
+        }
+        match wait.recv_timeout(limit) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => false,
+            Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => true,
         }
     }
 }
