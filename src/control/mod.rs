@@ -13,12 +13,14 @@ mod handlers;
 mod imports;
 mod protocol;
 pub mod server;
+mod status;
 #[cfg(test)]
 mod tests;
 mod transfers;
 
 pub use imports::{reap_stale_imports, BegunImport, PendingImports};
 pub use protocol::*;
+pub use status::*;
 
 use crate::engine::{Pool, ValidVid};
 use crate::error::{Error, Result};

@@ -168,20 +168,36 @@ impl Pool {
         );
         failpoint::hit!(format!("{op}.config"));
 
-        if let (Some(k), Some(img_sig)) = (revision, img) {
-            // The timestamp is when the old content was committed: the
-            // ctime its rename into place gave it.
-            let name = revision_file_name(vid.name(), k, &format_utc(img_sig.ctime.0));
-            dir.link(&v, &n.img(), &name)
-                .map_err(io_ctx(dir, "saving revision", &name))?;
-            dir.sync().map_err(io_ctx(dir, "syncing", ""))?;
-            failpoint::hit!(format!("{op}.linked"));
-        }
-        {
+        let replaced = (|| {
+            if let (Some(k), Some(img_sig)) = (revision, img) {
+                // The timestamp is when the old content was committed: the
+                // ctime its rename into place gave it.
+                let name = revision_file_name(vid.name(), k, &format_utc(img_sig.ctime.0));
+                dir.link(&v, &n.img(), &name)
+                    .map_err(io_ctx(dir, "saving revision", &name))?;
+                dir.sync().map_err(io_ctx(dir, "syncing", ""))?;
+                failpoint::hit!(format!("{op}.linked"));
+            }
             let mut life = vol.lock();
             dir.rename(&v, new_name, &n.img())
                 .map_err(io_ctx(dir, "renaming", new_name))?;
             writer.publish(&mut life, cfg.clone());
+            Ok::<(), crate::error::Error>(())
+        })();
+        if let Err(e) = replaced {
+            // The image stays: so does the config that goes with it (its
+            // size, its queued change), on disk and in memory, but for the
+            // counter (a revision K may be linked). A crash here is put
+            // right by recovery instead.
+            let back = VolumeConfig {
+                next_revision: cfg.next_revision,
+                ..(*old).clone()
+            };
+            if let Err(b) = self.store_volume(&back) {
+                log::error!("{vid}: the {op} failed, and storing its config back failed too ({b}): the next pool open puts it right from the files");
+            }
+            writer.publish(&mut vol.lock(), back);
+            return Err(e);
         }
         drop(writer);
         failpoint::hit!(format!("{op}.renamed"));

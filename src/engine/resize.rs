@@ -158,12 +158,23 @@ impl Pool {
         self.store_volume(&new)
             .inspect_err(|_| dir.remove_tmp(&v, &tmp))?;
         failpoint::hit!("resize.config");
-        {
+        let renamed = {
             // The image and its generation change together for readers.
             let mut life = claim.lock();
-            dir.rename(&v, &tmp, &n.img())
-                .map_err(io_ctx(dir, "renaming", &tmp))?;
-            writer.publish(&mut life, new);
+            let renamed = dir.rename(&v, &tmp, &n.img());
+            if renamed.is_ok() {
+                writer.publish(&mut life, new);
+            }
+            renamed.map_err(io_ctx(dir, "renaming", &tmp))
+        };
+        if let Err(e) = renamed {
+            // The image stays: so does the config that names its size (a
+            // crash here is put right by recovery, from the image).
+            if let Err(back) = self.store_volume(&writer.current()) {
+                log::error!("{vid}: the resize failed, and storing its config back failed too ({back}): the next pool open takes the size from the image");
+            }
+            dir.remove_tmp(&v, &tmp);
+            return Err(e);
         }
         drop(writer);
         failpoint::hit!("resize.renamed");

@@ -421,6 +421,86 @@ fn resize_grows_a_stopped_origin_while_an_old_reader_reads_old_bytes() {
     });
 }
 
+/// `chattr FLAGS path`: the immutable flag makes a rename over the file
+/// fail (EPERM), a real error at the last step of a replacement.
+fn chattr(path: &std::path::Path, flags: &str) {
+    let out = std::process::Command::new("chattr")
+        .arg(flags)
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "chattr {flags}: {out:?}");
+}
+
+/// A resize of a stopped origin whose last step fails (the rename of the
+/// resized copy over `N.img`, here immutable) leaves the volume as it was,
+/// its config on disk included, and no temporary file. Before, the config
+/// stored before the rename kept the new size until its next write.
+#[test]
+fn a_resize_whose_rename_fails_leaves_the_volume_and_its_config_as_they_were() {
+    each_fs("resize-fails", |fs, pool, path| {
+        let v = create_origin(pool, "appvms/vm/private", MIB);
+        write_cycle(pool, &v, 0, &pattern(5, 4096));
+        let img = image_path(path, &v);
+        let before = config_on_disk(path, &v);
+        chattr(&img, "+i");
+        let failed = pool.resize(&v, 2 * MIB, false);
+        chattr(&img, "-i");
+        assert!(failed.is_err(), "[{}] {failed:?}", fs.name);
+        assert_eq!(config_on_disk(path, &v), before, "[{}] config", fs.name);
+        assert_eq!(pool.info(&v).unwrap().size, MIB, "[{}]", fs.name);
+        assert_eq!(std::fs::metadata(&img).unwrap().len(), MIB);
+        let names: Vec<String> = std::fs::read_dir(img.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            !names.iter().any(|n| n.contains('~')),
+            "[{}] no temporary file: {names:?}",
+            fs.name
+        );
+        assert_eq!(
+            pool.resize(&v, 2 * MIB, false).unwrap(),
+            ResizeOutcome::Committed
+        );
+        assert_eq!(config_on_disk(path, &v)["size"], 2 * MIB);
+        assert_eq!(read_committed(path, &v, 0, 4096), pattern(5, 4096));
+    });
+}
+
+/// A stop whose commit fails at its last step (the rename over `N.img`,
+/// here immutable) keeps the config that goes with the image it leaves:
+/// its size, and the grown size of its run still waiting in the dirty
+/// image, which the next start commits. Before, the config said the new
+/// size, with no run waiting for it.
+#[test]
+fn a_commit_whose_rename_fails_keeps_the_config_of_the_image_it_leaves() {
+    each_fs("commit-fails", |fs, pool, path| {
+        let v = create_origin(pool, "appvms/vm/private", MIB);
+        let f = pool.start(&v).unwrap();
+        write_at(&f, 0, &pattern(6, 4096));
+        pool.resize(&v, 2 * MIB, false).unwrap();
+        drop(f);
+        let before = config_on_disk(path, &v);
+        let img = image_path(path, &v);
+        chattr(&img, "+i");
+        let failed = pool.stop(&v);
+        chattr(&img, "-i");
+        assert!(failed.is_err(), "[{}] {failed:?}", fs.name);
+        let after = config_on_disk(path, &v);
+        for key in ["size", "dirty_size", "generation"] {
+            assert_eq!(after[key], before[key], "[{}] {key}", fs.name);
+        }
+        assert_eq!(pool.info(&v).unwrap().size, MIB, "[{}]", fs.name);
+        // The next start commits the run first, at its size.
+        drop(pool.start(&v).unwrap());
+        pool.stop(&v).unwrap();
+        assert_eq!(pool.info(&v).unwrap().size, 2 * MIB, "[{}]", fs.name);
+        assert_eq!(config_on_disk(path, &v)["size"], 2 * MIB);
+        assert_eq!(read_committed(path, &v, 0, 4096), pattern(6, 4096));
+    });
+}
+
 #[test]
 fn resize_of_a_running_volume_changes_only_the_dirty_image() {
     each_fs("resize-running", |fs, pool, path| {
