@@ -14,7 +14,7 @@ use super::config::AttachedLoop;
 use super::fsops::Dir;
 use super::lifecycle::{io_ctx, open_image, StopOutcome};
 use super::pool::{Names, Pool};
-use super::recovery::Found;
+use super::recovery::{Found, LoopMap};
 use super::vid::ValidVid;
 use super::volume::{Lease, Phase, Run, RunState, Volume};
 use crate::error::{busy, refused};
@@ -317,10 +317,12 @@ impl Pool {
     /// At recovery: the loop device on `vid`'s leftover dirty image, from
     /// its record, or found by its backing file (a `losetup` of the pool's
     /// file by hand counts too). A record whose device is gone is cleared.
-    pub(crate) fn attached_loop(&self, found: &Found) -> Result<Option<AttachedLoop>> {
-        let Found {
-            vol, dir, loops, ..
-        } = *found;
+    pub(crate) fn attached_loop(
+        &self,
+        found: &Found,
+        loops: &LoopMap,
+    ) -> Result<Option<AttachedLoop>> {
+        let Found { vol, dir, .. } = *found;
         let vid = &vol.vid;
         let dirty = Names::of(vid).dirty();
         let Ok(f) = open_image(dir, vid, &dirty, libc::O_RDONLY) else {

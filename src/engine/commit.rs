@@ -193,9 +193,7 @@ impl Pool {
                 next_revision: cfg.next_revision,
                 ..(*old).clone()
             };
-            if let Err(b) = self.store_volume(&back) {
-                log::error!("{vid}: the {op} failed, and storing its config back failed too ({b}): the next pool open puts it right from the files");
-            }
+            self.store_back(op, &back);
             writer.publish(&mut vol.lock(), back);
             return Err(e);
         }

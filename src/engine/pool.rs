@@ -477,6 +477,19 @@ impl Pool {
         store_json(dir.fd(), &file, config, &dir.shown(&file))
     }
 
+    /// Stores `config` back after `op` failed before its image was
+    /// replaced: the config on disk goes with the image that stayed. A
+    /// failure to do so is logged; the next pool open's recovery puts the
+    /// size right from the image.
+    pub(crate) fn store_back(&self, op: &str, config: &VolumeConfig) {
+        if let Err(e) = self.store_volume(config) {
+            log::error!(
+                "{}: the {op} failed, and storing its config back failed too ({e}): the next pool open puts it right from the files",
+                config.vid
+            );
+        }
+    }
+
     /// The revisions of a volume found on disk, oldest first. Names that
     /// look like ours but do not parse are logged and ignored.
     pub(crate) fn list_revisions(

@@ -27,7 +27,7 @@ use super::failpoint;
 use super::fsops::{CopyStrategy, Dir, Entry, FileSig};
 use super::lifecycle::{io_ctx, open_image, regular_entry};
 use super::pool::{Names, Pool};
-use super::recovery::{Found, LoopMap};
+use super::recovery::Found;
 use super::volume::Volume;
 
 pub use super::ident::{FileIdent, PrecacheRecord};
@@ -273,9 +273,7 @@ impl Pool {
     /// when an interrupted operation may have left none. Gives whether
     /// anything was removed.
     pub(crate) fn recover_precache(&self, found: &Found, changed: bool) -> Result<bool> {
-        let Found {
-            vol, dir, names, ..
-        } = *found;
+        let Found { vol, dir, names } = *found;
         let n = Names::of(&vol.vid);
         let cfg = vol.config();
         // A record older than the image: the precache of a replacement was
@@ -363,7 +361,6 @@ impl Pool {
                 vol: &claim.volume,
                 dir: &dir,
                 names: &[],
-                loops: &LoopMap::default(),
             };
             if let Err(e) = self.recover_precache(&found, true) {
                 log::warn!("{}: its precache: {e}", vol.vid);

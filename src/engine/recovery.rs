@@ -26,13 +26,11 @@ impl LoopMap {
 }
 
 /// What recovery works from, for one volume: the volume, its VM
-/// directory, that directory's names, listed once for all its volumes,
-/// and the loop devices' backing files, walked once for the whole pool.
+/// directory, and that directory's names, listed once for all its volumes.
 pub(crate) struct Found<'a> {
     pub vol: &'a Arc<Volume>,
     pub dir: &'a Dir,
     pub names: &'a [String],
-    pub loops: &'a LoopMap,
 }
 
 impl Pool {
@@ -91,12 +89,7 @@ impl Pool {
     ) -> Result<()> {
         let vid = &vol.vid;
         let n = Names::of(vid);
-        let found = Found {
-            vol,
-            dir,
-            names,
-            loops,
-        };
+        let found = Found { vol, dir, names };
         let mut changed = self.remove_unfinished(&found)?;
         let kind = vol.config().kind();
         let img = match kind {
@@ -107,7 +100,7 @@ impl Pool {
             changed |= self.remove_half_made_revision(vol, dir, &img)?;
         }
         if names.contains(&n.dirty()) && regular_entry(dir, vid, &n.dirty())?.is_some() {
-            match self.recover_dirty(&found)? {
+            match self.recover_dirty(&found, loops)? {
                 Dirty::Done => changed = true,
                 Dirty::RunsOn => return Ok(()),
             }
@@ -146,9 +139,7 @@ impl Pool {
 
     /// Removes the temporary files and unfinished imports of a volume.
     fn remove_unfinished(&self, found: &Found) -> Result<bool> {
-        let Found {
-            vol, dir, names, ..
-        } = *found;
+        let Found { vol, dir, names } = *found;
         let vid = &vol.vid;
         let n = Names::of(vid);
         let mut changed = false;
@@ -195,13 +186,13 @@ impl Pool {
     /// A leftover dirty image: its run resumes when a loop device still
     /// writes it; else it is committed (origin; held when something that
     /// outlived the last daemon still writes it) or removed.
-    fn recover_dirty(&self, found: &Found) -> Result<Dirty> {
+    fn recover_dirty(&self, found: &Found, loops: &LoopMap) -> Result<Dirty> {
         let Found { vol, dir, .. } = *found;
         let vid = &vol.vid;
         let n = Names::of(vid);
         // A loop device of `volume attach` (or of a hand-made losetup)
         // still writes it: the run goes on.
-        if let Some(attached) = self.attached_loop(found)? {
+        if let Some(attached) = self.attached_loop(found, loops)? {
             self.resume_attached(vol, dir, attached)?;
             return Ok(Dirty::RunsOn);
         }
@@ -267,9 +258,7 @@ impl Pool {
     /// lowered revisions_to_keep) that a crash interrupted. Counted from
     /// the listing: no file is read when there is nothing to do.
     fn finish_prune(&self, found: &Found, changed: bool) -> Result<bool> {
-        let Found {
-            vol, dir, names, ..
-        } = *found;
+        let Found { vol, dir, names } = *found;
         let vid = &vol.vid;
         let cfg = vol.config();
         let listed = names

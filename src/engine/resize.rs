@@ -170,9 +170,7 @@ impl Pool {
         if let Err(e) = renamed {
             // The image stays: so does the config that names its size (a
             // crash here is put right by recovery, from the image).
-            if let Err(back) = self.store_volume(&writer.current()) {
-                log::error!("{vid}: the resize failed, and storing its config back failed too ({back}): the next pool open takes the size from the image");
-            }
+            self.store_back("resize", &writer.current());
             dir.remove_tmp(&v, &tmp);
             return Err(e);
         }

@@ -421,8 +421,6 @@ fn resize_grows_a_stopped_origin_while_an_old_reader_reads_old_bytes() {
     });
 }
 
-/// `chattr FLAGS path`: the immutable flag makes a rename over the file
-/// fail (EPERM), a real error at the last step of a replacement.
 fn chattr(path: &std::path::Path, flags: &str) {
     let out = std::process::Command::new("chattr")
         .arg(flags)
@@ -430,6 +428,21 @@ fn chattr(path: &std::path::Path, flags: &str) {
         .output()
         .unwrap();
     assert!(out.status.success(), "chattr {flags}: {out:?}");
+}
+
+/// Runs `f` while `path` is immutable: a rename over it or a link of it
+/// fails (EPERM), a real error at the last step of a replacement. The flag
+/// goes again whatever `f` does, so the scratch filesystem can be emptied.
+fn while_immutable<T>(path: &std::path::Path, f: impl FnOnce() -> T) -> T {
+    struct Mutable<'a>(&'a std::path::Path);
+    impl Drop for Mutable<'_> {
+        fn drop(&mut self) {
+            chattr(self.0, "-i");
+        }
+    }
+    chattr(path, "+i");
+    let _back = Mutable(path);
+    f()
 }
 
 /// A resize of a stopped origin whose last step fails (the rename of the
@@ -443,9 +456,7 @@ fn a_resize_whose_rename_fails_leaves_the_volume_and_its_config_as_they_were() {
         write_cycle(pool, &v, 0, &pattern(5, 4096));
         let img = image_path(path, &v);
         let before = config_on_disk(path, &v);
-        chattr(&img, "+i");
-        let failed = pool.resize(&v, 2 * MIB, false);
-        chattr(&img, "-i");
+        let failed = while_immutable(&img, || pool.resize(&v, 2 * MIB, false));
         assert!(failed.is_err(), "[{}] {failed:?}", fs.name);
         assert_eq!(config_on_disk(path, &v), before, "[{}] config", fs.name);
         assert_eq!(pool.info(&v).unwrap().size, MIB, "[{}]", fs.name);
@@ -483,9 +494,7 @@ fn a_commit_whose_rename_fails_keeps_the_config_of_the_image_it_leaves() {
         drop(f);
         let before = config_on_disk(path, &v);
         let img = image_path(path, &v);
-        chattr(&img, "+i");
-        let failed = pool.stop(&v);
-        chattr(&img, "-i");
+        let failed = while_immutable(&img, || pool.stop(&v));
         assert!(failed.is_err(), "[{}] {failed:?}", fs.name);
         let after = config_on_disk(path, &v);
         for key in ["size", "dirty_size", "generation"] {
